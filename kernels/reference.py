@@ -110,3 +110,78 @@ def attention_backward(
     dq = torch.einsum("hgqk,khd->qhgd", ds, k.to(ct)).reshape(tq, hq, d) * scale
     dk = torch.einsum("hgqk,qhgd->khd", ds, q.to(ct).reshape(tq, hkv, g, d)) * scale
     return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------
+# MBR scoring (twins of sealong_kernels.mbr_scores / select_pairs; owner: kernels/mbr.py)
+# ----------------------------------------------------------------------------------------------------
+
+
+def mbr_scores_from_similarity(sim, mask=None, include_self=False):
+    """Mean similarity of each sample to the other valid samples of its row.
+
+    sim [B, N, N] (any utility: cosine, ROUGE-L, answer agreement), mask [B, N] bool (None = all valid).
+    score[b, i] = sum_{j valid, j != i} sim[b, i, j] / (n_valid - 1)       (include_self=False, the paper)
+    score[b, i] = sum_{j valid} sim[b, i, j] / n_valid                       (include_self=True, the authors' code)
+    Invalid samples get -inf. With include_self=False a valid sample with no valid peer gets 0.0.
+    Computed in float64 for float64 input, else float32.
+    """
+    b, n, _ = sim.shape
+    ct = torch.promote_types(sim.dtype, torch.float32)
+    valid = torch.ones(b, n, dtype=torch.bool, device=sim.device) if mask is None else mask.to(torch.bool)
+    pair = valid[:, :, None] & valid[:, None, :]
+    if not include_self:
+        pair = pair & ~torch.eye(n, dtype=torch.bool, device=sim.device)
+    total = torch.where(pair, sim.to(ct), torch.zeros((), dtype=ct, device=sim.device)).sum(-1)
+    count = pair.sum(-1)
+    scores = torch.where(count > 0, total / count.clamp(min=1).to(ct), torch.zeros((), dtype=ct, device=sim.device))
+    return scores.masked_fill(~valid, float("-inf"))
+
+
+def mbr_scores(emb, mask=None, normalize=True, include_self=False, eps=1e-12):
+    """MBR scores of N samples per row: emb [B, N, D] -> scores [B, N] (float64 for float64 input, else float32).
+
+    With normalize=True each embedding is divided by max(||e||, eps) (torch.nn.functional.normalize), so the
+    similarity is the cosine; a zero vector has similarity 0 to everything. Then
+    `mbr_scores_from_similarity(E @ E^T, mask, include_self)`: the [B, N, N] matrix is materialized here.
+    """
+    ct = torch.promote_types(emb.dtype, torch.float32)
+    e = emb.to(ct)
+    if normalize:
+        e = e / e.norm(dim=-1, keepdim=True).clamp(min=eps)
+    return mbr_scores_from_similarity(e @ e.transpose(1, 2), mask, include_self)
+
+
+def select_pairs(scores, generator=None, chosen_mask=None):
+    """Pick (chosen, rejected) per row from scores [B, N] (invalid samples are -inf) -> two int64 [B] tensors.
+
+    chosen: the argmax over valid samples (first index among ties); with chosen_mask [B, N] bool, the argmax
+    over valid samples where chosen_mask is true, when the row has any (sealong uses it so that an output
+    cut off at the token limit is never chosen while a finished one exists), else over all valid samples.
+    rejected: the authors' "random from the lower half": among the valid samples other than the chosen one,
+    sorted by score ascending (ties: higher index first), the first n_valid // 2 form the lower half (for
+    n_valid = 5: the 2 lowest); one of them is drawn uniformly with one torch.rand value per row from
+    `generator` (drawn on the CPU, so results do not depend on the device). When chosen is the argmax this is
+    exactly the bottom n_valid // 2 of all valid samples.
+    Rows with one valid sample: chosen = that sample, rejected = -1. Rows with none: both -1.
+    """
+    b, n = scores.shape
+    dev = scores.device
+    valid = scores > float("-inf")
+    n_valid = valid.sum(-1)
+    pool = valid if chosen_mask is None else valid & chosen_mask.to(device=dev, dtype=torch.bool)
+    pool = torch.where(pool.any(-1, keepdim=True), pool, valid)
+    neg_inf = torch.tensor(float("-inf"), dtype=scores.dtype, device=dev)
+    chosen = torch.where(pool, scores, neg_inf).argmax(-1)
+    chosen = torch.where(n_valid > 0, chosen, torch.full_like(chosen, -1))
+
+    is_chosen = torch.arange(n, device=dev)[None, :] == chosen[:, None]
+    key = torch.where(valid & ~is_chosen, scores, torch.tensor(float("inf"), dtype=scores.dtype, device=dev))
+    # stable ascending sort of the reversed row puts higher indices first among ties
+    order = (n - 1) - torch.sort(key.flip(-1), dim=-1, stable=True).indices
+    half = n_valid // 2
+    u = torch.rand(b, generator=generator, dtype=torch.float64).to(dev)
+    pick = torch.minimum((u * half).long(), (half - 1).clamp(min=0))
+    rejected = order.gather(1, pick[:, None])[:, 0]
+    rejected = torch.where(n_valid >= 2, rejected, torch.full_like(rejected, -1))
+    return chosen.long(), rejected.long()
