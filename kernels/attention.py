@@ -1,0 +1,521 @@
+"""Flash attention in Triton: packed sequences, GQA, segment visibility, global position offsets, LSE out.
+
+Layers, in reading order:
+  1. `@triton.jit` kernels: the visibility rule, forward (online softmax), backward preprocess (delta),
+     dK/dV (one program per key block and kv head, looping over the query heads of its group, no atomics),
+     dQ (one program per query block and query head).
+  2. Launch wrappers `attention_forward` / `attention_backward`: the raw ops, same signatures as their
+     twins in `sealong_kernels.reference` (the ring and Ulysses code calls them per step).
+  3. `_FlashAttention(torch.autograd.Function)` and the public `flash_attention`, with backend dispatch.
+
+Math (per query head h, kv head h // G, G = Hq // Hkv, scale = D ** -0.5 unless given):
+    S = scale * Q K^T (masked: -inf where not visible),  lse = logsumexp_j S,  O = exp(S - lse) V
+    backward:  P = exp(S - lse),  dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  delta = rowsum(dO * O)
+               dQ = scale * dS K,  dK = scale * dS^T Q
+The kernels use exp2 internally (S * log2(e)); the stored LSE is converted back to natural log, so partial
+results of a ring merge exactly with `lse = log(exp(lse_a) + exp(lse_b))`.
+
+Visibility (see `reference.attention_mask`): key j is visible from query i iff (not causal or
+q_start + i >= k_start + j) and (same packed sequence of cu_seqlens) and (kseg[j] == 0 or kseg[j] == qseg[i]).
+A query row that sees no key gets out = 0 and lse = -inf.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+
+LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
+LN2 = 0.6931471805599453  # ln(2): log(x) = log2(x) * LN2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. Kernels
+# ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _visible(qi, kj, q_ok, k_ok, q_start, k_start, qseq, kseq, qseg, kseg,
+             CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_SEG: tl.constexpr):
+    """The visibility rule, elementwise on broadcastable query / key index tensors (any orientation)."""
+    ok = q_ok & k_ok
+    if CAUSAL:  # causal by global position
+        ok = ok & (q_start + qi >= k_start + kj)
+    if HAS_SEQ:  # same packed sequence
+        ok = ok & (qseq == kseq)
+    if HAS_SEG:  # segment 0 (shared prompt) is seen by all, otherwise only the own segment
+        ok = ok & ((kseg == 0) | (kseg == qseg))
+    return ok
+
+
+@triton.jit
+def _key_range(start_m, Tq, Tk, q_start, k_start, SeqIdx, CuSeqlens, BLOCK_M: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """[lo, hi): the keys any query of the block [start_m, start_m + BLOCK_M) can see (block skipping)."""
+    last_m = tl.minimum(start_m + BLOCK_M, Tq) - 1
+    lo = tl.zeros([], dtype=tl.int32)
+    hi = tl.zeros([], dtype=tl.int32) + Tk
+    if CAUSAL:  # skip key blocks entirely above the diagonal
+        hi = tl.minimum(hi, q_start + last_m + 1 - k_start)
+    if HAS_SEQ:  # only the sequences of this query block (q and k are the same tokens)
+        lo = tl.maximum(lo, tl.load(CuSeqlens + tl.load(SeqIdx + start_m)))
+        hi = tl.minimum(hi, tl.load(CuSeqlens + tl.load(SeqIdx + last_m) + 1))
+    return lo, hi
+
+
+@triton.jit
+def _query_range(start_n, Tq, Tk, q_start, k_start, SeqIdx, CuSeqlens, BLOCK_N: tl.constexpr,
+                 CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """[lo, hi): the queries that can see any key of the block [start_n, start_n + BLOCK_N)."""
+    last_n = tl.minimum(start_n + BLOCK_N, Tk) - 1
+    lo = tl.zeros([], dtype=tl.int32)
+    hi = tl.zeros([], dtype=tl.int32) + Tq
+    if CAUSAL:  # queries before the block's first key (by global position) see none of it
+        lo = tl.maximum(lo, k_start + start_n - q_start)
+    if HAS_SEQ:
+        lo = tl.maximum(lo, tl.load(CuSeqlens + tl.load(SeqIdx + start_n)))
+        hi = tl.minimum(hi, tl.load(CuSeqlens + tl.load(SeqIdx + last_n) + 1))
+    return lo, hi
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, Out, Lse, SeqIdx, CuSeqlens, QSeg, KSeg,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    Tq, Tk, q_start, k_start, group, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_SEG: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One query block of one query head: O = softmax(S) V with an online softmax over key blocks."""
+    start_m = tl.program_id(0) * BLOCK_M
+    h = tl.program_id(1).to(tl.int64)
+    hk = h // group  # GQA: kv head, K/V never repeated in memory
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Tq
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + offs_m.to(tl.int64)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    qseq = tl.load(SeqIdx + offs_m, mask=m_ok, other=-1) if HAS_SEQ else 0
+    qseg = tl.load(QSeg + offs_m, mask=m_ok, other=-1) if HAS_SEG else 0
+    lo, hi = _key_range(start_m, Tq, Tk, q_start, k_start, SeqIdx, CuSeqlens, BLOCK_M, CAUSAL, HAS_SEQ)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of S * log2(e)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running normalizer
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        offs_n64 = offs_n.to(tl.int64)
+        kT = tl.load(K + offs_n64[None, :] * stride_kt + hk * stride_kh + offs_d[:, None],
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+        kseq = tl.load(SeqIdx + offs_n, mask=n_ok, other=-2) if HAS_SEQ else 0
+        kseg = tl.load(KSeg + offs_n, mask=n_ok, other=-2) if HAS_SEG else 0
+        ok = _visible(offs_m[:, None], offs_n[None, :], m_ok[:, None], n_ok[None, :], q_start, k_start,
+                      qseq[:, None] if HAS_SEQ else 0, kseq[None, :] if HAS_SEQ else 0,
+                      qseg[:, None] if HAS_SEG else 0, kseg[None, :] if HAS_SEG else 0, CAUSAL, HAS_SEQ, HAS_SEG)
+        s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale  # scores in log2 units
+        s = tl.where(ok, s, float("-inf"))
+        # update running max and normalizer (a row with no visible key so far keeps m = -inf, p = 0)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + offs_n64[:, None] * stride_vt + hk * stride_vh + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    # normalize; empty rows: out 0, lse -inf. LSE back to natural log.
+    seen = l_i > 0.0
+    acc = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(Out + offs_m.to(tl.int64)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+             acc.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(Lse + h * Tq + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(Out, DOut, Delta, stride_ot, stride_oh, stride_dt, stride_dh, T,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Backward preprocess: delta[h, t] = sum_d dO[t, h, d] * O[t, h, d] in float32."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    h = tl.program_id(1).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_m < T)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    rows = offs_m.to(tl.int64)[:, None]
+    o = tl.load(Out + rows * stride_ot + h * stride_oh + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(DOut + rows * stride_dt + h * stride_dh + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+    tl.store(Delta + h * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DOut, Lse, Delta, DK, DV, SeqIdx, CuSeqlens, QSeg, KSeg,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    Tq, Tk, q_start, k_start, group, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_SEG: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One key block of one kv head: dK, dV summed over the group's query heads and visible query blocks.
+
+    Works in the transposed orientation (rows = keys): P^T = exp2(K Q^T * scale * log2e - lse * log2e).
+    """
+    start_n = tl.program_id(0) * BLOCK_N
+    hk = tl.program_id(1).to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < Tk
+    d_ok = offs_d < HEAD_DIM
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    offs_n64 = offs_n.to(tl.int64)
+    k = tl.load(K + offs_n64[:, None] * stride_kt + hk * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + offs_n64[:, None] * stride_vt + hk * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+    kseq = tl.load(SeqIdx + offs_n, mask=n_ok, other=-2) if HAS_SEQ else 0
+    kseg = tl.load(KSeg + offs_n, mask=n_ok, other=-2) if HAS_SEG else 0
+    lo, hi = _query_range(start_n, Tq, Tk, q_start, k_start, SeqIdx, CuSeqlens, BLOCK_N, CAUSAL, HAS_SEQ)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(group):
+        h = hk * group + g
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < hi
+            offs_m64 = offs_m.to(tl.int64)
+            qT = tl.load(Q + offs_m64[None, :] * stride_qt + h * stride_qh + offs_d[:, None],
+                         mask=m_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_M]
+            do = tl.load(DOut + offs_m64[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
+                         mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+            lse = tl.load(Lse + h * Tq + offs_m, mask=m_ok, other=float("inf"))
+            lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634  # empty rows: P = 0
+            delta = tl.load(Delta + h * Tq + offs_m, mask=m_ok, other=0.0)
+            qseq = tl.load(SeqIdx + offs_m, mask=m_ok, other=-1) if HAS_SEQ else 0
+            qseg = tl.load(QSeg + offs_m, mask=m_ok, other=-1) if HAS_SEG else 0
+            ok = _visible(offs_m[None, :], offs_n[:, None], m_ok[None, :], n_ok[:, None], q_start, k_start,
+                          qseq[None, :] if HAS_SEQ else 0, kseq[:, None] if HAS_SEQ else 0,
+                          qseg[None, :] if HAS_SEG else 0, kseg[:, None] if HAS_SEG else 0, CAUSAL, HAS_SEQ, HAS_SEG)
+            # P^T from the saved (global) lse: no renormalization
+            pT = tl.exp2(tl.dot(k, qT, input_precision=PRECISION) * qk_scale - lse[None, :])
+            pT = tl.where(ok, pT, 0.0)
+            dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
+            # dS^T = P^T * (dP^T - delta), dP^T = V dO^T
+            dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            dsT = pT * (dpT - delta[None, :])
+            dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PRECISION)
+
+    tl.store(DK + offs_n64[:, None] * stride_dkt + hk * stride_dkh + offs_d[None, :], dk * sm_scale, mask=kv_mask)
+    tl.store(DV + offs_n64[:, None] * stride_dvt + hk * stride_dvh + offs_d[None, :], dv, mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DOut, Lse, Delta, DQ, SeqIdx, CuSeqlens, QSeg, KSeg,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh,
+    Tq, Tk, q_start, k_start, group, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_SEG: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One query block of one query head: dQ = scale * sum over visible key blocks of dS K."""
+    start_m = tl.program_id(0) * BLOCK_M
+    h = tl.program_id(1).to(tl.int64)
+    hk = h // group
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Tq
+    d_ok = offs_d < HEAD_DIM
+    q_mask = m_ok[:, None] & d_ok[None, :]
+    offs_m64 = offs_m.to(tl.int64)
+    q = tl.load(Q + offs_m64[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DOut + offs_m64[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=q_mask, other=0.0)
+    lse = tl.load(Lse + h * Tq + offs_m, mask=m_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634  # empty rows: P = 0
+    delta = tl.load(Delta + h * Tq + offs_m, mask=m_ok, other=0.0)
+    qseq = tl.load(SeqIdx + offs_m, mask=m_ok, other=-1) if HAS_SEQ else 0
+    qseg = tl.load(QSeg + offs_m, mask=m_ok, other=-1) if HAS_SEG else 0
+    lo, hi = _key_range(start_m, Tq, Tk, q_start, k_start, SeqIdx, CuSeqlens, BLOCK_M, CAUSAL, HAS_SEQ)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        offs_n64 = offs_n.to(tl.int64)
+        kT = tl.load(K + offs_n64[None, :] * stride_kt + hk * stride_kh + offs_d[:, None],
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+        vT = tl.load(V + offs_n64[None, :] * stride_vt + hk * stride_vh + offs_d[:, None],
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        kseq = tl.load(SeqIdx + offs_n, mask=n_ok, other=-2) if HAS_SEQ else 0
+        kseg = tl.load(KSeg + offs_n, mask=n_ok, other=-2) if HAS_SEG else 0
+        ok = _visible(offs_m[:, None], offs_n[None, :], m_ok[:, None], n_ok[None, :], q_start, k_start,
+                      qseq[:, None] if HAS_SEQ else 0, kseq[None, :] if HAS_SEQ else 0,
+                      qseg[:, None] if HAS_SEG else 0, kseg[None, :] if HAS_SEG else 0, CAUSAL, HAS_SEQ, HAS_SEG)
+        p = tl.exp2(tl.dot(q, kT, input_precision=PRECISION) * qk_scale - lse[:, None])
+        p = tl.where(ok, p, 0.0)
+        dp = tl.dot(do, vT, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
+    tl.store(DQ + offs_m64[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :], dq * sm_scale, mask=q_mask)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. Launch wrappers: the raw ops (same signatures as reference.attention_forward / attention_backward)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available(t):
+    """Our Triton kernels can run on tensor t: CUDA, or CPU under the Triton interpreter (TRITON_INTERPRET=1)."""
+    return t.is_cuda or (t.device.type == "cpu" and _interpreting())
+
+
+def _blocks(head_dim, kind):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages), conservative for GPUs this was not tuned on.
+
+    Shared memory per stage grows with head_dim; 256 uses smaller tiles (H100: 228 KiB per SM)."""
+    if _interpreting():
+        return 16, 16, 1, 1  # interpreted programs are slow per element: small tiles, many programs
+    block_d = triton.next_power_of_2(head_dim)
+    if block_d <= 64:
+        return (64, 64, 4, 3) if kind != "fwd" else (128, 64, 4, 3)
+    if block_d <= 128:
+        return (128, 64, 8, 3) if kind == "fwd" else (64, 64, 8, 2)
+    return (64, 32, 8, 2) if kind == "fwd" else (32, 32, 4, 2)
+
+
+def _precision(dtype):
+    # fp32 inputs (CPU tests, GPU checks) must not silently round to tf32; 16-bit inputs use the tensor cores
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check_inputs(q, k, v, q_start, k_start, cu_seqlens, segment_ids, k_segment_ids):
+    """Validate shapes; return (seq_idx, cu_seqlens, qseg, kseg) int32 tensors on q's device (or dummies)."""
+    if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
+        raise ValueError(f"q, k, v must be [T, H, D], got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    tq, hq, d = q.shape
+    tk, hkv, _ = k.shape
+    if k.shape != v.shape or k.shape[2] != d:
+        raise ValueError(f"k and v must be [Tk, Hkv, D={d}], got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if hq % hkv != 0:
+        raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hkv})")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one of float16/bfloat16/float32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if d > 256:
+        raise ValueError(f"head dim {d} is not supported (at most 256)")
+    dev = q.device
+    dummy = torch.zeros(1, dtype=torch.int32, device=dev)
+    seq_idx = cu = qseg = kseg = dummy
+    if cu_seqlens is not None:
+        if tq != tk or q_start != k_start:
+            raise ValueError(f"cu_seqlens needs q and k to be the same tokens (Tq={tq}, Tk={tk}, q_start={q_start}, k_start={k_start})")
+        cu = cu_seqlens.to(device=dev, dtype=torch.int32).contiguous()
+        if cu.ndim != 1 or cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != tq or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(f"cu_seqlens must be non-decreasing, start at 0 and end at T={tq}, got {cu.tolist()}")
+        lengths = (cu[1:] - cu[:-1]).to(torch.int64)
+        seq_idx = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=dev, dtype=torch.int32), lengths)
+    if segment_ids is not None or k_segment_ids is not None:
+        if segment_ids is None:
+            raise ValueError("k_segment_ids needs segment_ids for the queries")
+        qseg = segment_ids.to(device=dev, dtype=torch.int32).contiguous()
+        kseg = qseg if k_segment_ids is None else k_segment_ids.to(device=dev, dtype=torch.int32).contiguous()
+        if qseg.shape != (tq,) or kseg.shape != (tk,):
+            raise ValueError(f"segment_ids must be [Tq]={tq} and k_segment_ids [Tk]={tk}, got {tuple(qseg.shape)} and {tuple(kseg.shape)}")
+    return seq_idx, cu, qseg, kseg
+
+
+def _last_dim_contiguous(*ts):
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
+
+
+def _launch(kernel, grid, args, flags, head_dim, kind):
+    """kernel[grid(BLOCK_M, BLOCK_N)](*args, **flags) with the tile sizes for head_dim; a clear error if they do not fit."""
+    bm, bn, warps, stages = _blocks(head_dim, kind)
+    try:
+        kernel[grid(bm, bn)](*args, **flags, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    except triton.runtime.errors.OutOfResources as err:
+        raise ValueError(f"head dim {head_dim} does not fit this GPU's shared memory with tiles {bm}x{bn} ({err})") from err
+
+
+def attention_forward(q, k, v, *, causal=True, softmax_scale=None, q_start=0, k_start=0,
+                      cu_seqlens=None, segment_ids=None, k_segment_ids=None):
+    """Raw forward: -> (out [Tq, Hq, D] in q's dtype, lse [Hq, Tq] float32, natural log). See module docstring.
+
+    Runs our Triton kernel on CUDA (or on CPU under TRITON_INTERPRET=1), else the reference."""
+    if not triton_available(q):
+        return reference.attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale, q_start=q_start,
+                                           k_start=k_start, cu_seqlens=cu_seqlens, segment_ids=segment_ids,
+                                           k_segment_ids=k_segment_ids)
+    seq_idx, cu, qseg, kseg = _check_inputs(q, k, v, q_start, k_start, cu_seqlens, segment_ids, k_segment_ids)
+    q, k, v = _last_dim_contiguous(q, k, v)
+    tq, hq, d = q.shape
+    tk, hkv, _ = k.shape
+    scale = d**-0.5 if softmax_scale is None else float(softmax_scale)
+    out = torch.empty_like(q)
+    lse = torch.empty(hq, tq, dtype=torch.float32, device=q.device)
+    if tq == 0:
+        return out, lse
+    args = (q, k, v, out, lse, seq_idx, cu, qseg, kseg,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+            tq, tk, int(q_start), int(k_start), hq // hkv, scale * LOG2E)
+    flags = dict(CAUSAL=bool(causal), HAS_SEQ=cu_seqlens is not None, HAS_SEG=segment_ids is not None,
+                 PRECISION=_precision(q.dtype))
+    _launch(_attn_fwd_kernel, lambda bm, bn: (triton.cdiv(tq, bm), hq), args, flags, d, "fwd")
+    return out, lse
+
+
+def attention_backward(dout, q, k, v, out, lse, *, delta=None, causal=True, softmax_scale=None, q_start=0, k_start=0,
+                       cu_seqlens=None, segment_ids=None, k_segment_ids=None):
+    """Raw backward from the given (possibly global, merged) out and lse -> (dq, dk, dv), all float32.
+
+    delta = rowsum(dout * out) [Hq, Tq] float32 is computed by the preprocess kernel when not given (a ring
+    passes the global one). dk, dv are summed over the query heads of each kv head inside the kernel."""
+    if not triton_available(q):
+        return reference.attention_backward(dout, q, k, v, out, lse, delta=delta, causal=causal,
+                                            softmax_scale=softmax_scale, q_start=q_start, k_start=k_start,
+                                            cu_seqlens=cu_seqlens, segment_ids=segment_ids, k_segment_ids=k_segment_ids)
+    seq_idx, cu, qseg, kseg = _check_inputs(q, k, v, q_start, k_start, cu_seqlens, segment_ids, k_segment_ids)
+    q, k, v, dout = _last_dim_contiguous(q, k, v, dout.to(q.dtype))
+    tq, hq, d = q.shape
+    tk, hkv, _ = k.shape
+    if dout.shape != q.shape or lse.shape != (hq, tq):
+        raise ValueError(f"dout must be {tuple(q.shape)} and lse [Hq, Tq]={(hq, tq)}, got {tuple(dout.shape)}, {tuple(lse.shape)}")
+    scale = d**-0.5 if softmax_scale is None else float(softmax_scale)
+    lse = lse.to(torch.float32).contiguous()
+    if delta is None:
+        out = _last_dim_contiguous(out)[0]
+        delta = torch.empty(hq, tq, dtype=torch.float32, device=q.device)
+        if tq > 0:
+            bm = 16 if _interpreting() else 64
+            _attn_bwd_delta_kernel[(triton.cdiv(tq, bm), hq)](
+                out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), tq,
+                HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=bm)
+    delta = delta.to(torch.float32).contiguous()
+    if delta.shape != (hq, tq):
+        raise ValueError(f"delta must be [Hq, Tq]={(hq, tq)}, got {tuple(delta.shape)}")
+    dq = torch.zeros(tq, hq, d, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(tk, hkv, d, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(tk, hkv, d, dtype=torch.float32, device=q.device)
+    if tq == 0 or tk == 0:
+        return dq, dk, dv
+    flags = dict(CAUSAL=bool(causal), HAS_SEQ=cu_seqlens is not None, HAS_SEG=segment_ids is not None,
+                 PRECISION=_precision(q.dtype))
+    common = (tq, tk, int(q_start), int(k_start), hq // hkv, scale)
+    strides_in = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1))
+    _launch(_attn_bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(tk, bn), hkv),
+            (q, k, v, dout, lse, delta, dk, dv, seq_idx, cu, qseg, kseg, *strides_in,
+             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *common), flags, d, "bwd")
+    _launch(_attn_bwd_dq_kernel, lambda bm, bn: (triton.cdiv(tq, bm), hq),
+            (q, k, v, dout, lse, delta, dq, seq_idx, cu, qseg, kseg, *strides_in, dq.stride(0), dq.stride(1), *common),
+            flags, d, "bwd")
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. Autograd Function, backends, public function
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _FlashAttention(torch.autograd.Function):
+    """out, lse = attention(q, k, v); backward from the saved out and lse only (no recomputed normalizer)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, softmax_scale, q_start, k_start, cu_seqlens, segment_ids, k_segment_ids, use_ref):
+        kw = dict(causal=causal, softmax_scale=softmax_scale, q_start=q_start, k_start=k_start,
+                  cu_seqlens=cu_seqlens, segment_ids=segment_ids, k_segment_ids=k_segment_ids)
+        out, lse = (reference.attention_forward if use_ref else attention_forward)(q, k, v, **kw)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.kw, ctx.use_ref = kw, use_ref
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = (reference.attention_backward if ctx.use_ref else attention_backward)(dout, q, k, v, out, lse, **ctx.kw)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None
+
+
+def _flash_attn_fits(q, k, causal, q_start, k_start, segment_ids, k_segment_ids):
+    """flash-attn's varlen kernel computes this call exactly: CUDA, 16-bit, no segments, no causal offsets."""
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] % 8 != 0 or q.shape[-1] > 256:
+        return False
+    if segment_ids is not None or k_segment_ids is not None:
+        return False
+    return not causal or (q_start == k_start and q.shape[0] == k.shape[0])
+
+
+def _flash_attn_varlen(q, k, v, causal, softmax_scale, cu_seqlens):
+    import flash_attn
+
+    tq, tk = q.shape[0], k.shape[0]
+    if cu_seqlens is None:
+        cu_q = torch.tensor([0, tq], dtype=torch.int32, device=q.device)
+        cu_k = torch.tensor([0, tk], dtype=torch.int32, device=q.device)
+        max_q, max_k = tq, tk
+    else:
+        cu_q = cu_k = cu_seqlens.to(device=q.device, dtype=torch.int32)
+        max_q = max_k = int((cu_q[1:] - cu_q[:-1]).max())
+    out, lse, _ = flash_attn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0,
+                                                    softmax_scale=softmax_scale, causal=causal, return_attn_probs=True)
+    if lse.shape != (q.shape[1], tq):  # older releases pad the LSE per sequence: not this contract
+        raise RuntimeError(f"flash-attn returned lse of shape {tuple(lse.shape)}; use backend='triton'")
+    return out, lse.float()
+
+
+def flash_attention_backend(q, k, causal=True, *, q_start=0, k_start=0, segment_ids=None, k_segment_ids=None):
+    """The backend `flash_attention(..., backend="auto")` picks for this call: "flash_attn" (installed and the
+    call fits its varlen kernel), else "triton" (CUDA, or CPU with TRITON_INTERPRET=1), else "reference"."""
+    try:
+        import flash_attn  # noqa: F401
+        has_fa = True
+    except ImportError:
+        has_fa = False
+    if has_fa and _flash_attn_fits(q, k, causal, q_start, k_start, segment_ids, k_segment_ids):
+        return "flash_attn"
+    return "triton" if triton_available(q) else "reference"
+
+
+def flash_attention(q, k, v, causal=True, cu_seqlens=None, softmax_scale=None, *, segment_ids=None,
+                    k_segment_ids=None, q_start=0, k_start=0, backend="auto"):
+    """Exact attention over packed sequences -> (out [Tq, Hq, D], lse [Hq, Tq] float32, natural log).
+
+    q [Tq, Hq, D], k, v [Tk, Hkv, D] with Hq % Hkv == 0: query head h reads kv head h // (Hq // Hkv) (GQA/MQA,
+    K/V never repeated in memory). float16 / bfloat16 (float32 for tests), D up to 256. Differentiable in
+    q, k, v; lse carries no gradient. softmax_scale defaults to D ** -0.5.
+
+    Visibility of key j from query i (all must hold):
+      causal:       q_start + i >= k_start + j           causal, q_start = k_start = 0, T = 4:
+      cu_seqlens:   same packed sequence ([S+1] int32)        k 0 1 2 3
+      segment_ids:  kseg[j] == 0 or kseg[j] == qseg[i]     q0 x . . .
+                                                           q1 x x . .
+                                                           q2 x x x .
+                                                           q3 x x x x
+    Segment ids [T] int32 implement the shared-prompt preference packing: 0 = prompt, 1 = chosen, 2 = rejected
+    (rejected tokens see the prompt and themselves, never the chosen answer). q_start / k_start are global
+    positions of the first query / key, so one call computes a ring step. A row that sees no key: out 0, lse -inf.
+
+    backend: "auto" (see `flash_attention_backend`), "flash_attn", "triton" or "reference".
+    """
+    if backend == "auto":
+        backend = flash_attention_backend(q, k, causal, q_start=q_start, k_start=k_start, segment_ids=segment_ids,
+                                          k_segment_ids=k_segment_ids)
+    if backend == "flash_attn":
+        if not _flash_attn_fits(q, k, causal, q_start, k_start, segment_ids, k_segment_ids):
+            raise ValueError("backend='flash_attn' needs CUDA 16-bit inputs without segment_ids or causal offsets")
+        return _flash_attn_varlen(q, k, v, causal, softmax_scale, cu_seqlens)
+    if backend not in ("triton", "reference"):
+        raise ValueError(f"backend must be 'auto', 'flash_attn', 'triton' or 'reference', got {backend!r}")
+    if backend == "triton" and not triton_available(q):
+        raise ValueError(f"backend='triton' needs CUDA tensors or TRITON_INTERPRET=1, got device {q.device}")
+    return _FlashAttention.apply(q, k, v, causal, softmax_scale, q_start, k_start, cu_seqlens, segment_ids,
+                                 k_segment_ids, backend == "reference")
