@@ -185,3 +185,239 @@ def select_pairs(scores, generator=None, chosen_mask=None):
     rejected = order.gather(1, pick[:, None])[:, 0]
     rejected = torch.where(n_valid >= 2, rejected, torch.full_like(rejected, -1))
     return chosen.long(), rejected.long()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sequence parallelism (twins of kernels/ring.py building blocks; owner: ring.py / ulysses.py)
+# The reference for ring / Ulysses / hybrid attention itself is attention_forward on the whole sequence.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def merge_attention_partials(out_a, lse_a, out_b, lse_b):
+    """Merge two partial attention results over disjoint key sets: out [T, H, D], lse [H, T].
+
+    lse = log(e^lse_a + e^lse_b), out = e^(lse_a - lse) out_a + e^(lse_b - lse) out_b; a row that saw no key
+    in either part (lse = -inf) stays out = 0, lse = -inf.
+    """
+    lse = torch.logaddexp(lse_a, lse_b)
+    finite = lse.masked_fill(torch.isinf(lse), 0.0)
+    wa = torch.exp(lse_a - finite).transpose(0, 1)[..., None]
+    wb = torch.exp(lse_b - finite).transpose(0, 1)[..., None]
+    return wa * out_a + wb * out_b, lse
+
+
+def zigzag_index(seq_len, world, rank):
+    """Global positions held by `rank` in the zigzag layout: chunks rank and 2*world-1-rank of 2*world."""
+    c = seq_len // (2 * world)
+    return torch.cat([torch.arange(rank * c, (rank + 1) * c), torch.arange((2 * world - 1 - rank) * c, (2 * world - rank) * c)])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fused linear ORPO / SFT loss (twin of kernels/orpo.py). Three readable steps that the kernel shares:
+#   1. preference_entries: which (hidden row, target token, sequence) triples carry a loss, from the layout;
+#   2. sequence_logp_sums: per-sequence sums of log softmax(hidden @ W.T + b)[target] (here: full logits);
+#   3. orpo_objective: the nonlinear ORPO / SFT objective of those sums, and TRL-named metrics.
+# Sequences are numbered 2p (chosen response of pair p) and 2p + 1 (rejected response of pair p).
+# ---------------------------------------------------------------------------------------------------------
+
+LOGP_MAX = -1e-30  # per-sequence mean logp is clamped to at most this before log1mexp (logp = 0 -> finite)
+
+
+def log1mexp(x):
+    """log(1 - exp(x)) for x < 0, stable: log(-expm1(x)) for x > -ln 2, log1p(-exp(x)) otherwise.
+
+    Each branch only ever sees inputs from its own domain, so neither produces inf/NaN gradients that
+    torch.where would multiply by zero (0 * inf = NaN)."""
+    near_zero = x > -0.6931471805599453
+    a = torch.where(near_zero, x, torch.full_like(x, -1.0))
+    b = torch.where(near_zero, torch.full_like(x, -1.0), x)
+    return torch.where(near_zero, torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(b)))
+
+
+def preference_entries(labels, *, mode="orpo", sequence_ids=None, segment_ids=None, hidden_index=None,
+                       num_pairs=None, ignore_index=-100):
+    """The loss entries of a batch: (rows [M], targets [M], seq [M], num_pairs), all int64 but num_pairs.
+
+    Entry m predicts token targets[m] from row rows[m] of hidden.reshape(-1, H); it belongs to sequence
+    seq[m] = 2 * pair + (1 if rejected else 0). Only labels != ignore_index make entries.
+
+    classic layout (labels 2-D): ORPO `labels [2B, T]`, rows 0..B-1 chosen, rows B..2B-1 rejected, row b
+        pairs with row B + b; SFT `labels [B, T]`, every row a (chosen) sequence.
+    packed layout (labels 1-D, [M]): `sequence_ids [M]` = pair index 0..P-1 of each entry; ORPO also needs
+        `segment_ids [M]`: 1 = chosen response, 2 = rejected response (0 = prompt: must be unlabeled);
+        SFT takes segment_ids optionally (then only segment 1 counts). `hidden_index [M]` optionally maps
+        entry m to hidden row hidden_index[m] (default m): the shared-prompt packing needs it because the
+        last prompt token predicts the first token of both answers (see orpo.shared_prompt_targets).
+    """
+    if mode not in ("orpo", "sft"):
+        raise ValueError(f"mode must be 'orpo' or 'sft', got {mode!r}")
+    if labels.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    dev = labels.device
+    if labels.dim() == 2:
+        if sequence_ids is not None or segment_ids is not None or hidden_index is not None:
+            raise ValueError("sequence_ids / segment_ids / hidden_index belong to the packed layout (1-D labels); "
+                             "the classic layout (2-D labels) takes none")
+        n_rows, t = labels.shape
+        if mode == "orpo" and n_rows % 2:
+            raise ValueError(f"labels: the classic ORPO layout needs 2B rows (B chosen then B rejected), got {n_rows}")
+        pairs = n_rows // 2 if mode == "orpo" else n_rows
+        rows = (labels.reshape(-1) != ignore_index).nonzero()[:, 0]
+        row_of = rows // t
+        seq = 2 * (row_of % pairs) + (row_of >= pairs).long() if mode == "orpo" else 2 * row_of
+        targets = labels.reshape(-1)[rows].long()
+        return rows, targets, seq, num_pairs if num_pairs is not None else pairs
+    if labels.dim() != 1:
+        raise ValueError(f"labels must be [2B, T] (classic) or [M] (packed), got shape {tuple(labels.shape)}")
+    m = labels.shape[0]
+    if sequence_ids is None:
+        raise ValueError("sequence_ids is required with packed (1-D) labels: the pair index of every entry")
+    for name, t in (("sequence_ids", sequence_ids), ("segment_ids", segment_ids), ("hidden_index", hidden_index)):
+        if t is not None and tuple(t.shape) != (m,):
+            raise ValueError(f"{name} must have the shape of labels ({m},), got {tuple(t.shape)}")
+    if segment_ids is None and mode == "orpo":
+        raise ValueError("segment_ids is required in ORPO mode with packed labels (1 = chosen, 2 = rejected)")
+    valid = labels != ignore_index
+    if segment_ids is not None:
+        bad = valid & ~((segment_ids == 1) | (segment_ids == 2) if mode == "orpo" else (segment_ids == 1))
+        if mode == "sft":
+            valid = valid & (segment_ids == 1)
+        elif bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"segment_ids[{i}] = {int(segment_ids[i])} carries label {int(labels[i])}: "
+                             "only chosen (1) and rejected (2) tokens may have labels")
+    entries = valid.nonzero()[:, 0]
+    seq_of = sequence_ids[entries].long()
+    if seq_of.numel() and int(seq_of.min()) < 0:
+        raise ValueError("sequence_ids must be >= 0 on labeled entries")
+    if num_pairs is None:
+        num_pairs = int(seq_of.max()) + 1 if seq_of.numel() else 0
+    elif seq_of.numel() and int(seq_of.max()) >= num_pairs:
+        raise ValueError(f"sequence_ids has pair {int(seq_of.max())} >= num_pairs = {num_pairs}")
+    rejected = (segment_ids[entries] == 2).long() if segment_ids is not None else torch.zeros_like(seq_of)
+    rows = hidden_index[entries].long() if hidden_index is not None else entries
+    return rows.to(dev), labels[entries].long(), 2 * seq_of + rejected, num_pairs
+
+
+def check_empty_sequences(counts, mode="orpo", skip_empty=False):
+    """Pairs kept by the objective: bool [P]. Raises a clear error on an empty response unless skip_empty."""
+    n = counts.reshape(-1, 2)
+    keep = n[:, 0] > 0
+    if mode == "orpo":
+        keep = keep & (n[:, 1] > 0)
+    if not skip_empty and not bool(keep.all()):
+        p = int((~keep).nonzero()[0, 0])
+        which = "chosen" if int(n[p, 0]) == 0 else "rejected"
+        raise ValueError(f"pair {p}: the {which} response has no label tokens (all labels are ignore_index); "
+                         "fix the data or pass skip_empty=True to skip such pairs (they are counted in "
+                         "metrics['skipped_pairs'])")
+    return keep
+
+
+def orpo_objective(logp_sum, counts, *, mode="orpo", beta=0.1, nll_weight=1.0, skip_empty=False):
+    """ORPO / SFT loss and TRL-named metrics from per-sequence log-prob sums.
+
+    logp_sum [2P] (differentiable), counts [2P]: sums and numbers of label tokens of the chosen (2p) and
+    rejected (2p + 1) response of every pair. With c, r the mean logps of a kept pair's responses
+    (clamped to <= LOGP_MAX):
+        nll      = -(sum of chosen logp sums) / (number of chosen label tokens)     [token mean, batch-wide]
+        log_odds = (c - r) - (log1mexp(c) - log1mexp(r))
+        loss     = nll_weight * nll - mean_pairs(beta * logsigmoid(log_odds))        (ORPO)
+        loss     = nll_weight * nll                                                  (SFT)
+    Pairs with an empty response raise, or with skip_empty=True are left out of every term and counted in
+    metrics['skipped_pairs']. If no pair is left the loss is 0 (with zero gradients), never NaN.
+    """
+    keep = check_empty_sequences(counts, mode, skip_empty)
+    sums = logp_sum.reshape(-1, 2)
+    n = counts.reshape(-1, 2).to(sums.dtype)
+    sums_k, n_k = sums[keep], n[keep]
+    metrics = {"skipped_pairs": (~keep).sum().float()}
+    if sums_k.shape[0] == 0:
+        loss = logp_sum.sum() * 0
+        metrics["nll_loss"] = loss.detach().float()
+        return loss, metrics
+    nll = -sums_k[:, 0].sum() / n_k[:, 0].sum()
+    chosen = sums_k[:, 0] / n_k[:, 0]
+    loss = nll_weight * nll
+    metrics["nll_loss"] = nll.detach().float()
+    metrics["logps/chosen"] = chosen.detach().mean().float()
+    if mode == "sft":
+        return loss, metrics
+    rejected = sums_k[:, 1] / n_k[:, 1]
+    c, r = chosen.clamp(max=LOGP_MAX), rejected.clamp(max=LOGP_MAX)
+    log_odds = (c - r) - (log1mexp(c) - log1mexp(r))
+    ratio = torch.nn.functional.logsigmoid(log_odds)
+    loss = loss - beta * ratio.mean()
+    with torch.no_grad():
+        metrics.update({
+            "rewards/chosen": (beta * chosen).mean().float(),
+            "rewards/rejected": (beta * rejected).mean().float(),
+            "rewards/accuracies": (chosen > rejected).float().mean(),
+            "rewards/margins": (beta * (chosen - rejected)).mean().float(),
+            "logps/rejected": rejected.mean().float(),
+            "log_odds_ratio": ratio.mean().float(),
+            "log_odds_chosen": log_odds.mean().float(),
+        })
+    return loss, metrics
+
+
+def global_sum(local, group=None):
+    """Sum of `local` over a process group with the identity as gradient (straight through): every rank then
+    computes the same objective, and each rank's gradient is exact for its own shard of the tokens."""
+    if group is None:
+        return local
+    import torch.distributed as dist
+
+    total = local.detach().clone()
+    dist.all_reduce(total, group=group)
+    return local + (total - local.detach())
+
+
+def sequence_logp_sums(hidden, weight, rows, targets, seq, num_seqs, bias=None):
+    """Per-sequence sums of log softmax(hidden[rows] @ weight.T + bias)[targets] -> [num_seqs], full logits."""
+    h = hidden.reshape(-1, hidden.shape[-1])[rows]
+    logits = h @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    logp = logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
+    return torch.zeros(num_seqs, dtype=logp.dtype, device=logp.device).index_add(0, seq, logp)
+
+
+def fused_linear_orpo_loss(hidden, weight, labels, *, bias=None, beta=0.1, nll_weight=1.0, mode="orpo",
+                           sequence_ids=None, segment_ids=None, hidden_index=None, num_pairs=None,
+                           skip_empty=False, ignore_index=-100, group=None, **kernel_options):
+    """Twin of sealong_kernels.fused_linear_orpo_loss computed from the full [M, V] logits (same arguments;
+    chunk_size / strategy are accepted and ignored). Returns (loss, metrics)."""
+    rows, targets, seq, pairs = preference_entries(labels, mode=mode, sequence_ids=sequence_ids,
+                                                   segment_ids=segment_ids, hidden_index=hidden_index,
+                                                   num_pairs=num_pairs, ignore_index=ignore_index)
+    if group is not None:
+        import torch.distributed as dist
+
+        p = torch.tensor([pairs], device=labels.device)
+        dist.all_reduce(p, op=dist.ReduceOp.MAX, group=group)
+        pairs = int(p)
+    counts = global_sum(torch.bincount(seq, minlength=2 * pairs), group)
+    check_empty_sequences(counts, mode, skip_empty)
+    sums = global_sum(sequence_logp_sums(hidden, weight, rows, targets, seq, 2 * pairs, bias), group)
+    return orpo_objective(sums, counts, mode=mode, beta=beta, nll_weight=nll_weight, skip_empty=skip_empty)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared-prefix decode attention (twin of kernels/decode.py; owner: the sampler, sealong/sampler.py)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def prefix_decode_attention(q, k, v, cu_q, cu_prefix, softmax_scale=None):
+    """Decode queries against each prompt's shared prefix cache, no mask -> (out [M, Hq, D], lse [Hq, M]).
+
+    Rows cu_q[b]:cu_q[b+1] of q [M, Hq, D] (one token per sample of prompt b) attend to all of
+    k, v[cu_prefix[b]:cu_prefix[b+1]] ([P_total, Hkv, D] packed). An empty prefix gives out 0, lse -inf.
+    """
+    m, hq, d = q.shape
+    out = torch.zeros_like(q)
+    lse = torch.full((hq, m), float("-inf"), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
+    for b in range(cu_q.shape[0] - 1):
+        q0, q1, p0, p1 = int(cu_q[b]), int(cu_q[b + 1]), int(cu_prefix[b]), int(cu_prefix[b + 1])
+        out[q0:q1], lse[:, q0:q1] = attention_forward(q[q0:q1], k[p0:p1], v[p0:p1], causal=False, softmax_scale=softmax_scale)
+    return out, lse
