@@ -14,6 +14,7 @@ plain-torch twin in `sealong_kernels.reference` (the test oracle and the CPU fal
 
 from . import reference
 from .attention import flash_attention
+from .decode import prefix_decode_attention
 from .mbr import mbr_scores, select_pairs
 
 __version__ = "0.1.0"

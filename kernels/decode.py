@@ -1,0 +1,174 @@
+"""Shared-prefix decode attention: the N decode queries of a prompt against its one prefix KV cache.
+
+Math. Prompt b owns the decode queries q[cu_q[b]:cu_q[b+1]] (one token per sample, N_b samples) and the
+prefix keys/values k, v[cu_prefix[b]:cu_prefix[b+1]] (P_b tokens, stored once). No mask: every sample sees
+the whole prefix. For query row i of prompt b and query head h (kv head g = h // G, G = Hq // Hkv)
+
+    s_ij = scale * q_ih . k_jg,   lse_ih = log sum_j exp(s_ij),   out_ih = sum_j exp(s_ij - lse_ih) v_jg
+
+The caller merges (out, lse) with the attention over each sample's own suffix by log-sum-exp
+(`sealong_kernels.reference.merge_attention_partials`), which is exact.
+
+Why it is fast (Hydragen / FlashInfer cascade): for one (prompt, kv head) the N_b samples x G query heads
+form one [N_b * G, D] block of queries, so the prefix is read from memory once per kv head and multiplied
+as one matrix product, instead of once per sample. Long prefixes are split over programs (split-K, as in
+flash-decoding) so that a single prompt with few kv heads still fills the GPU; the splits' partial
+(out, lse) are merged in float32 by the launch wrapper.
+
+Layout: grid (row tiles, prompts * kv heads, splits). Each program owns BLOCK_M rows r of its
+(prompt, kv head) (sample r // G, head g * G + r % G) and loops over its split's keys in BLOCK_N tiles with
+the online softmax in base 2; it writes its partial out (float32) and lse (natural log).
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _prefix_decode_kernel(
+    Q, K, V, OUT, LSE, CuQ, CuP,
+    stride_qm, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_os, stride_om, stride_oh, stride_ls, stride_lh, stride_lm,
+    n_kv_heads, keys_per_split, scale_log2,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1) // n_kv_heads
+    g = tl.program_id(1) % n_kv_heads
+    split = tl.program_id(2).to(tl.int64)
+    q_lo = tl.load(CuQ + b).to(tl.int64)
+    n_rows = (tl.load(CuQ + b + 1).to(tl.int64) - q_lo) * G
+    p_lo = tl.load(CuP + b).to(tl.int64)
+    p_hi = tl.load(CuP + b + 1).to(tl.int64)
+    k_lo = p_lo + split * keys_per_split
+    k_hi = tl.minimum(k_lo + keys_per_split, p_hi)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_ok = rows < n_rows
+    sample = q_lo + rows // G  # [BLOCK_M] query token
+    head = g * G + rows % G  # [BLOCK_M] query head
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    q = tl.load(Q + sample[:, None] * stride_qm + head[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start in range(k_lo, k_hi, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N).to(tl.int64)
+        k_ok = keys < k_hi
+        kt = tl.load(K + keys[None, :] * stride_kt + g * stride_kh + d[:, None],
+                     mask=k_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+        v = tl.load(V + keys[:, None] * stride_vt + g * stride_vh + d[None, :],
+                    mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        if IEEE:
+            s = tl.dot(q, kt, input_precision="ieee")
+        else:
+            s = tl.dot(q, kt)
+        s = tl.where(k_ok[None, :], s * scale_log2, float("-inf"))  # base-2 logits
+        # update running max and normalizer (every tile has at least one valid key, so m_new is finite)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    empty = l_i == 0.0  # this split saw no key: out 0, lse -inf
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    tl.store(OUT + split * stride_os + sample[:, None] * stride_om + head[:, None] * stride_oh + d[None, :], out,
+             mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + split * stride_ls + head * stride_lh + sample * stride_lm, lse, mask=row_ok)
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check(q, k, v, cu_q, cu_prefix):
+    if q.ndim != 3 or k.ndim != 3 or k.shape != v.shape:
+        raise ValueError(f"q must be [M, Hq, D] and k, v [P, Hkv, D] of one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[2] != k.shape[2] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]}) with equal head_dim")
+    if cu_q.ndim != 1 or cu_q.shape != cu_prefix.shape:
+        raise ValueError(f"cu_q and cu_prefix must both be [B+1], got {tuple(cu_q.shape)} and {tuple(cu_prefix.shape)}")
+    if q.dtype != k.dtype or k.dtype != v.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def _launch_config(rows_max, head_dim, p_max, n_programs_2d, num_splits=None):
+    """(BLOCK_M, BLOCK_N, num_warps, splits, keys_per_split); conservative for GPUs this was not tuned on."""
+    if _interpreting():
+        block_m, block_n, warps, target = 16, 16, 1, 1
+    else:
+        block_m = min(128, max(16, triton.next_power_of_2(rows_max)))
+        block_n = 64 if head_dim <= 128 else 32
+        warps = 4 if block_m <= 64 else 8
+        target = 264  # about two programs per SM on an H100 (132 SMs)
+    splits = num_splits or max(1, min(triton.cdiv(target, n_programs_2d), triton.cdiv(p_max, 8 * block_n)))
+    keys_per_split = triton.cdiv(triton.cdiv(max(p_max, 1), splits), block_n) * block_n
+    splits = triton.cdiv(max(p_max, 1), keys_per_split)
+    return block_m, block_n, warps, splits, keys_per_split
+
+
+def prefix_decode_attention(q, k, v, cu_q, cu_prefix, softmax_scale=None, *, max_rows=None, max_prefix=None, num_splits=None):
+    """Decode queries of several prompts against each prompt's shared prefix cache -> (out, lse).
+
+    q [M, Hq, D]: one token per sample, samples grouped by prompt (rows cu_q[b]:cu_q[b+1] are prompt b's).
+    k, v [P_total, Hkv, D]: the prompts' prefix caches packed (rows cu_prefix[b]:cu_prefix[b+1]).
+    cu_q, cu_prefix [B+1] int32 on q's device. Hq % Hkv == 0, query head h reads kv head h // (Hq // Hkv).
+    Returns out [M, Hq, D] in q's dtype and lse [Hq, M] float32 (natural log; -inf for an empty prefix).
+    max_rows / max_prefix (max N_b and max P_b) avoid a device sync when the caller knows them; num_splits
+    overrides the number of key splits per (prompt, kv head) (default: enough programs to fill the GPU).
+    Runs the Triton kernel on CUDA tensors or under TRITON_INTERPRET=1, else the reference.
+    """
+    _check(q, k, v, cu_q, cu_prefix)
+    if not (q.is_cuda or _interpreting()):
+        return reference.prefix_decode_attention(q, k, v, cu_q, cu_prefix, softmax_scale)
+    m, hq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    n_prompts = cu_q.shape[0] - 1
+    scale = d**-0.5 if softmax_scale is None else softmax_scale
+    if max_rows is None:
+        max_rows = int((cu_q[1:] - cu_q[:-1]).max()) if n_prompts else 0
+    if max_prefix is None:
+        max_prefix = int((cu_prefix[1:] - cu_prefix[:-1]).max()) if n_prompts else 0
+    out = torch.zeros(m, hq, d, dtype=q.dtype, device=q.device)
+    lse = torch.full((hq, m), float("-inf"), dtype=torch.float32, device=q.device)
+    if m == 0 or max_prefix == 0 or n_prompts == 0:
+        return out, lse
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    block_m, block_n, warps, splits, per_split = _launch_config(max_rows * g, d, max_prefix, n_prompts * hkv, num_splits)
+    part_out = torch.empty(splits, m, hq, d, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(splits, hq, m, dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(max_rows * g, block_m), n_prompts * hkv, splits)
+    _prefix_decode_kernel[grid](
+        q, k, v, part_out, part_lse, cu_q, cu_prefix,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
+        hkv, per_split, scale * LOG2E,
+        G=g, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n,
+        IEEE=q.dtype == torch.float32, num_warps=warps,
+    )
+    if splits == 1:
+        return part_out[0].to(q.dtype), part_lse[0]
+    # merge the splits' partial results in float32 by log-sum-exp
+    lse = torch.logsumexp(part_lse, dim=0)  # [Hq, M]
+    w = torch.exp(part_lse - lse.masked_fill(torch.isinf(lse), 0.0))  # [S, Hq, M]
+    out = torch.einsum("shm,smhd->mhd", w, part_out)
+    return out.to(q.dtype), lse
