@@ -1,0 +1,349 @@
+"""Ring attention over torch.distributed: each rank holds a shard of the sequence, K/V shards travel round.
+
+Layouts (W ranks, sequence of T tokens):
+
+    zigzag (default): 2W chunks of T/(2W) tokens; rank r holds chunks r and 2W-1-r, in that order.
+                      Causal work is balanced: every step after the first costs each rank the same.
+        W=2:  chunks  0 1 2 3   ->  rank 0: [0, 3]   rank 1: [1, 2]
+    plain:            rank r holds tokens [r T/W, (r+1) T/W); the last ranks do most of the causal work.
+
+At step s rank r holds the K/V shard of rank (r - s) mod W. It sends that shard on to rank r+1 and receives
+the next one from rank r-1 (batched isend/irecv started before the step's compute, so the transfer overlaps
+it), and attends its queries to the shard's keys: the causal mask is applied by global position, so only the
+visible chunk pairs are computed (`step_blocks`). Each block returns a partial (out, lse); the partials are
+merged in float32 by the stable pairwise rule (`merge_partials_`):
+
+    out <- out - sigmoid(lse_b - lse) * (out - out_b),     lse <- logaddexp(lse, lse_b)
+
+with rows that have seen no key yet (lse = -inf) guarded, so they stay out = 0, lse = -inf, never NaN.
+
+Backward uses the final (merged) out and lse and delta = rowsum(dO * O), so no block renormalizes. dQ
+accumulates locally in float32; dK/dV of a shard accumulate in a float32 buffer that travels round the ring
+with the shard and arrives back at its owner after W sends.
+
+Segment ids (the preference packing: 0 = prompt, seen by all; 1 = chosen; 2 = rejected) are all-gathered
+once per call (T/W int32 per rank), so the block of every step knows its keys' segments.
+Packed sequences (cu_seqlens) are not supported across ranks; a single-process call (group=None) accepts them.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from . import reference
+
+LAYOUTS = ("zigzag", "plain")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building blocks (also used by bench/ to simulate a W-step ring on one device)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def attention_ops(device, backend="auto"):
+    """The raw (forward, backward) attention ops for tensors on `device`.
+
+    backend "auto": the Triton kernel (sealong_kernels.attention) on CUDA, the plain-torch twin elsewhere;
+    "triton": the Triton kernel anywhere (on a CPU only under TRITON_INTERPRET=1); "reference": the twin.
+    """
+    if backend not in ("auto", "triton", "reference"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+    if backend == "reference" or (backend == "auto" and torch.device(device).type != "cuda"):
+        return reference.attention_forward, reference.attention_backward
+    from . import attention  # the Triton kernel; imported lazily so the reference path needs no triton
+
+    return attention.attention_forward, attention.attention_backward
+
+
+def shard_ranges(seq_len, world, rank, layout="zigzag"):
+    """The global [start, end) token ranges that rank `rank` of `world` holds, in its local order."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is outside a group of {world}")
+    parts = 2 * world if layout == "zigzag" else world
+    if seq_len % parts != 0 or seq_len < parts:
+        raise ValueError(
+            f"a {layout} layout over {world} ranks splits the sequence into {parts} equal chunks: "
+            f"sequence length {seq_len} is not a positive multiple of {parts} (pad it)")
+    c = seq_len // parts
+    if layout == "plain":
+        return [(rank * c, (rank + 1) * c)]
+    return [(rank * c, (rank + 1) * c), ((parts - 1 - rank) * c, (parts - rank) * c)]
+
+
+@dataclass(frozen=True)
+class Block:
+    """One attention call of a ring step: local query rows [q_lo, q_hi) against local key rows [k_lo, k_hi).
+
+    causal=False means every key of the block is visible (by position); causal=True applies the mask with
+    the global positions q_start, k_start of the first query and key.
+    """
+
+    q_lo: int
+    q_hi: int
+    k_lo: int
+    k_hi: int
+    causal: bool
+    q_start: int = 0
+    k_start: int = 0
+
+
+def step_blocks(q_ranges, k_ranges, causal=True):
+    """The blocks to compute for local queries at global `q_ranges` against keys at global `k_ranges`.
+
+    Chunk pairs whose keys all lie after the queries are skipped; pairs whose keys all lie before are
+    computed without a mask; the others with the causal mask by global position. Unmasked blocks that
+    share their keys (or queries) and are adjacent are coalesced into one call.
+    """
+    blocks, q_off = [], 0
+    for qs, qe in q_ranges:
+        k_off = 0
+        for ks, ke in k_ranges:
+            rows, cols = (q_off, q_off + qe - qs), (k_off, k_off + ke - ks)
+            if qe > qs and ke > ks:
+                if not causal or ke - 1 <= qs:
+                    blocks.append(Block(*rows, *cols, causal=False))
+                elif ks <= qe - 1:
+                    blocks.append(Block(*rows, *cols, causal=True, q_start=qs, k_start=ks))
+            k_off += ke - ks
+        q_off += qe - qs
+    return _coalesce(blocks)
+
+
+def _coalesce(blocks):
+    merged = True
+    while merged:
+        merged = False
+        for i, a in enumerate(blocks):
+            for j, b in enumerate(blocks):
+                if i == j or a.causal or b.causal:
+                    continue
+                if (a.k_lo, a.k_hi) == (b.k_lo, b.k_hi) and a.q_hi == b.q_lo:
+                    new = Block(a.q_lo, b.q_hi, a.k_lo, a.k_hi, causal=False)
+                elif (a.q_lo, a.q_hi) == (b.q_lo, b.q_hi) and a.k_hi == b.k_lo:
+                    new = Block(a.q_lo, a.q_hi, a.k_lo, b.k_hi, causal=False)
+                else:
+                    continue
+                blocks = [x for n, x in enumerate(blocks) if n not in (i, j)] + [new]
+                merged = True
+                break
+            if merged:
+                break
+    return sorted(blocks, key=lambda b: (b.q_lo, b.k_lo))
+
+
+def ring_schedule(seq_len, world, rank, layout="zigzag", causal=True):
+    """Blocks of every step for `rank`: schedule[s] lists the Blocks against the K/V of rank (rank - s) % world."""
+    q_ranges = shard_ranges(seq_len, world, rank, layout)
+    return [step_blocks(q_ranges, shard_ranges(seq_len, world, (rank - s) % world, layout), causal)
+            for s in range(world)]
+
+
+def merge_partials_(out, lse, out_b, lse_b):
+    """Merge a partial result into the running one, in place: out [T, H, D], lse [H, T] (accumulators).
+
+    Stable pairwise form of out = (e^lse out + e^lse_b out_b) / (e^lse + e^lse_b); a row with lse = -inf
+    takes (out_b, lse_b) whole, and a row where both are -inf stays (0, -inf).
+    """
+    diff = lse_b - lse
+    diff = torch.where(torch.isinf(lse) & torch.isinf(lse_b), float("-inf"), diff)  # both empty: keep out = 0
+    weight = torch.sigmoid(diff).transpose(0, 1).unsqueeze(-1).to(out.dtype)  # [T, H, 1]
+    out.sub_(weight * (out - out_b.to(out.dtype)))
+    lse.copy_(torch.logaddexp(lse, lse_b.to(lse.dtype)))
+    return out, lse
+
+
+def attend_step(q, k, v, out, lse, blocks, forward_op, *, softmax_scale, q_seg=None, k_seg=None):
+    """Run one ring step's blocks of q against (k, v) and merge each into the accumulators (out, lse)."""
+    for b in blocks:
+        o, l = forward_op(
+            q[b.q_lo:b.q_hi], k[b.k_lo:b.k_hi], v[b.k_lo:b.k_hi], causal=b.causal, softmax_scale=softmax_scale,
+            q_start=b.q_start, k_start=b.k_start,
+            segment_ids=None if q_seg is None else q_seg[b.q_lo:b.q_hi],
+            k_segment_ids=None if k_seg is None else k_seg[b.k_lo:b.k_hi])
+        merge_partials_(out[b.q_lo:b.q_hi], lse[:, b.q_lo:b.q_hi], o, l)
+    return out, lse
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Communication
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _Ring:
+    """Rank, size and neighbours (as global ranks) of a ring group; group None is a ring of one."""
+
+    def __init__(self, group):
+        self.group = group
+        self.world = 1 if group is None else dist.get_world_size(group)
+        self.rank = 0 if group is None else dist.get_rank(group)
+        if group is not None:
+            self.next = dist.get_global_rank(group, (self.rank + 1) % self.world)
+            self.prev = dist.get_global_rank(group, (self.rank - 1) % self.world)
+
+    def start(self, sends=(), recvs=()):
+        """Post isends to the next rank and irecvs from the previous one, in list order; returns the works."""
+        ops = [dist.P2POp(dist.isend, t, self.next, self.group) for t in sends]
+        ops += [dist.P2POp(dist.irecv, t, self.prev, self.group) for t in recvs]
+        return dist.batch_isend_irecv(ops) if ops else []
+
+    def all_gather(self, x):
+        if self.group is None:
+            return [x]
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return parts
+
+
+def _wait(works):
+    for w in works:
+        w.wait()
+
+
+def _check_inputs(q, k, v, ring, segment_ids, layout):
+    if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
+        raise ValueError(f"q, k, v must be [T, H, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"k and v must be [T, Hkv, D] with q's T and D: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]})")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "zigzag" and q.shape[0] % 2 != 0:
+        raise ValueError(f"a zigzag shard holds two equal chunks: local length {q.shape[0]} is odd")
+    if segment_ids is not None and tuple(segment_ids.shape) != (q.shape[0],):
+        raise ValueError(f"segment_ids must be [T_local]={q.shape[0]}, got {tuple(segment_ids.shape)}")
+    # every rank must hold the same shapes: the K/V buffers that travel are sized from the local ones
+    header = torch.tensor([*q.shape, k.shape[1], segment_ids is not None], dtype=torch.int64, device=q.device)
+    shapes = [tuple(h.tolist()) for h in ring.all_gather(header)]
+    if len(set(shapes)) != 1:
+        raise ValueError(f"every rank of the ring must hold the same shard shape (T_local, Hq, D, Hkv, has_segments): got {shapes}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Forward and backward passes
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _acc_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _ring_forward(q, k, v, ring, causal, scale, q_seg, k_segs, layout, cu_seqlens, backend):
+    fwd, _ = attention_ops(q.device, backend)
+    t_local = q.shape[0]
+    seq_len = t_local * ring.world
+    out = torch.zeros(q.shape, dtype=_acc_dtype(q), device=q.device)
+    lse = torch.full((q.shape[1], t_local), float("-inf"), dtype=out.dtype, device=q.device)
+    if cu_seqlens is not None:  # single process only: one call over the whole sequence
+        o, l = fwd(q, k, v, causal=causal, softmax_scale=scale, cu_seqlens=cu_seqlens, segment_ids=q_seg)
+        return o, l.float() if l.dtype != torch.float64 else l
+    schedule = ring_schedule(seq_len, ring.world, ring.rank, layout, causal)
+    kv = torch.stack([k, v])  # one buffer travels: [2, T_local, Hkv, D]
+    for s in range(ring.world):
+        works, nxt = [], None
+        if s < ring.world - 1:
+            nxt = torch.empty_like(kv)
+            works = ring.start(sends=[kv], recvs=[nxt])
+        src = (ring.rank - s) % ring.world
+        attend_step(q, kv[0], kv[1], out, lse, schedule[s], fwd, softmax_scale=scale,
+                    q_seg=q_seg, k_seg=None if k_segs is None else k_segs[src])
+        _wait(works)
+        kv = nxt
+    return out.to(q.dtype), lse if lse.dtype == torch.float64 else lse.float()
+
+
+def _ring_backward(dout, q, k, v, out, lse, ring, causal, scale, q_seg, k_segs, layout, cu_seqlens, backend):
+    _, bwd = attention_ops(q.device, backend)
+    acc = _acc_dtype(q)
+    delta = (dout.to(acc) * out.to(acc)).sum(-1).transpose(0, 1).contiguous()  # [Hq, T_local], from the final out
+    if cu_seqlens is not None:
+        return bwd(dout, q, k, v, out, lse, delta=delta, causal=causal, softmax_scale=scale,
+                   cu_seqlens=cu_seqlens, segment_ids=q_seg)
+    schedule = ring_schedule(q.shape[0] * ring.world, ring.world, ring.rank, layout, causal)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    kv = torch.stack([k, v])
+    dkv_shape = (2, *k.shape)
+    pending = []  # the dK/dV send of the previous step
+    for s in range(ring.world):
+        # Per direction, messages must be posted in the order the neighbour sends them: its dK/dV of step
+        # s-1 (sent at the end of that step) before its K/V of step s.
+        recvs, sends, nxt, dkv_in = [], [], None, None
+        if s > 0:
+            dkv_in = torch.empty(dkv_shape, dtype=acc, device=q.device)
+            recvs.append(dkv_in)
+        if s < ring.world - 1:
+            nxt = torch.empty_like(kv)
+            sends.append(kv)
+            recvs.append(nxt)
+        works = ring.start(sends=sends, recvs=recvs)
+        src = (ring.rank - s) % ring.world
+        dkv = torch.zeros(dkv_shape, dtype=acc, device=q.device)
+        for b in schedule[s]:
+            rows, cols = slice(b.q_lo, b.q_hi), slice(b.k_lo, b.k_hi)
+            dq_b, dk_b, dv_b = bwd(
+                dout[rows], q[rows], kv[0, cols], kv[1, cols], out[rows], lse[:, rows].contiguous(),
+                delta=delta[:, rows].contiguous(), causal=b.causal, softmax_scale=scale,
+                q_start=b.q_start, k_start=b.k_start,
+                segment_ids=None if q_seg is None else q_seg[rows],
+                k_segment_ids=None if k_segs is None else k_segs[src][cols])
+            dq[rows] += dq_b
+            dkv[0, cols] += dk_b
+            dkv[1, cols] += dv_b
+        _wait(works + pending)
+        if dkv_in is not None:
+            dkv += dkv_in
+        pending = ring.start(sends=[dkv]) if ring.world > 1 else []
+        kv = nxt
+    if ring.world > 1:  # the buffer of our own shard, accumulated by every rank, comes home
+        dkv = torch.empty(dkv_shape, dtype=acc, device=q.device)
+        _wait(ring.start(recvs=[dkv]) + pending)
+    return dq, dkv[0], dkv[1]
+
+
+class RingAttentionFunction(torch.autograd.Function):
+    """Differentiable ring attention on local shards (q, k, v); returns (out, lse) with lse non-differentiable."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, group, causal, softmax_scale, segment_ids, layout, cu_seqlens, backend):
+        ring = _Ring(group)
+        if ring.world == 1 and layout in LAYOUTS:  # one shard: both layouts are the natural order
+            layout = "plain"
+        _check_inputs(q, k, v, ring, segment_ids, layout)
+        if cu_seqlens is not None and ring.world > 1:
+            raise ValueError(f"cu_seqlens (packed sequences) cannot be split over a ring of {ring.world} ranks; "
+                             "use one sequence per ring or Ulysses (which sees whole sequences)")
+        scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+        q_seg = None if segment_ids is None else segment_ids.to(torch.int32).contiguous()
+        k_segs = None if q_seg is None else torch.stack(ring.all_gather(q_seg))  # [W, T_local]
+        out, lse = _ring_forward(q, k, v, ring, causal, scale, q_seg, k_segs, layout, cu_seqlens, backend)
+        ctx.save_for_backward(q, k, v, out, lse, q_seg, k_segs, cu_seqlens)
+        ctx.setup = (ring, causal, scale, layout, backend)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, q_seg, k_segs, cu_seqlens = ctx.saved_tensors
+        ring, causal, scale, layout, backend = ctx.setup
+        dq, dk, dv = _ring_backward(dout.contiguous(), q, k, v, out, lse, ring, causal, scale, q_seg, k_segs,
+                                    layout, cu_seqlens, backend)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
+
+
+def ring_attention(q, k, v, group, causal=True, *, softmax_scale=None, segment_ids=None, layout="zigzag",
+                   cu_seqlens=None, backend="auto"):
+    """Attention over a sequence sharded across the ranks of `group`; each rank passes its own shard.
+
+    q [T_local, Hq, D], k, v [T_local, Hkv, D] (Hq % Hkv == 0; query head h uses kv head h // (Hq // Hkv)),
+    segment_ids [T_local] int (0 = prompt, visible to all; other ids see only their own segment and 0).
+    The shard is this rank's part of the global sequence in `layout` ("zigzag": chunks r and 2W-1-r of 2W;
+    "plain": chunk r of W); see `shard_ranges` and sealong.parallel for the sharding helpers.
+    Returns out [T_local, Hq, D] in q's dtype (differentiable in q, k, v) and lse [Hq, T_local] float32
+    (natural log, no gradient), equal to attention over the whole sequence restricted to this shard's rows.
+    group=None computes on one process (then cu_seqlens [S+1] for packed sequences is allowed).
+    backend: see `attention_ops`.
+    """
+    return RingAttentionFunction.apply(q, k, v, group, causal, softmax_scale, segment_ids, layout, cu_seqlens, backend)

@@ -1,0 +1,131 @@
+"""Ulysses (DeepSpeed-Ulysses) and hybrid Ulysses x ring sequence parallelism over torch.distributed.
+
+Ulysses over P ranks: each rank holds T/P consecutive tokens of every head. One all-to-all turns that into
+all T tokens of H/P heads; attention runs on whole sequences per head; a second all-to-all turns the output
+back. Each link carries 4 T h / P elements per layer forward (q, k, v, out; h = hidden size).
+
+    tokens x heads   before          after seq -> heads
+    rank 0: t0 t1 | h0 h1 h2 h3      rank 0: t0 t1 t2 t3 | h0 h1
+    rank 1: t2 t3 | h0 h1 h2 h3      rank 1: t0 t1 t2 t3 | h2 h3
+
+GQA when the degree P exceeds the number of K/V heads Hkv: each K/V head is replicated r = P / gcd(P, Hkv)
+times (the smallest r with Hkv r divisible by P), just before the all-to-all, so each rank receives the
+Hkv r / P K/V heads its Hq / P query heads read; r must divide the group size Hq / Hkv. Nothing is repeated
+up to Hq heads: with Hq=32, Hkv=8, P=16, r = 2 and each rank gets 2 query heads and 1 K/V head. The
+gradients of the replicas are summed back (autograd of repeat_interleave).
+
+Hybrid over U x R ranks (Ulysses degree U inside ring degree R, two process groups): the sequence is first
+laid out over the R ring ranks (zigzag by default), then each ring shard is split into U consecutive pieces
+over the Ulysses group. The all-to-all in the Ulysses group rebuilds the ring shard for H/U heads, ring
+attention runs over the ring group on it, and the reverse all-to-all restores the pieces. `sequence_index`
+gives the global token positions held by each rank (sealong.parallel shards data with it).
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from .ring import ring_attention, shard_ranges
+
+
+def kv_replication(num_q_heads, num_kv_heads, degree):
+    """How many times each K/V head is replicated for a Ulysses degree; raises when heads cannot be split."""
+    if num_q_heads % degree != 0:
+        raise ValueError(f"Ulysses degree {degree} must divide the number of query heads ({num_q_heads})")
+    if num_q_heads % num_kv_heads != 0:
+        raise ValueError(f"q heads ({num_q_heads}) must be a multiple of k/v heads ({num_kv_heads})")
+    r = degree // math.gcd(degree, num_kv_heads)
+    if (num_q_heads // num_kv_heads) % r != 0:
+        raise ValueError(
+            f"Ulysses degree {degree} cannot split {num_q_heads} query heads over {num_kv_heads} k/v heads: "
+            f"each k/v head would need {r} replicas but serves only {num_q_heads // num_kv_heads} query heads")
+    return r
+
+
+def sequence_index(seq_len, ring, ulysses, sp_rank, layout="zigzag"):
+    """Global positions [T / (ring ulysses)] int64 held by sequence-parallel rank `sp_rank`, in local order.
+
+    sp_rank = ring_rank * ulysses + ulysses_rank: the ring shard of ring_rank (see ring.shard_ranges) split
+    into `ulysses` consecutive pieces. ring=1 gives Ulysses' contiguous shards; ulysses=1 the ring layout.
+    """
+    if ring < 1 or ulysses < 1 or not 0 <= sp_rank < ring * ulysses:
+        raise ValueError(f"sp_rank {sp_rank} is outside ring {ring} x ulysses {ulysses}")
+    ranges = shard_ranges(seq_len, ring, sp_rank // ulysses, layout if ring > 1 else "plain")
+    shard = torch.cat([torch.arange(a, b) for a, b in ranges])
+    if shard.numel() % ulysses != 0:
+        raise ValueError(f"a ring shard of {shard.numel()} tokens cannot be split over Ulysses degree {ulysses} "
+                         f"(sequence length {seq_len} must be a multiple of {ulysses * ring * (2 if layout == 'zigzag' and ring > 1 else 1)})")
+    n = shard.numel() // ulysses
+    u = sp_rank % ulysses
+    return shard[u * n:(u + 1) * n]
+
+
+def _all_to_all(x, group, to_heads):
+    """seq -> heads: [T_local, H, D] -> [P T_local, H/P, D]; heads -> seq: the inverse."""
+    p = dist.get_world_size(group)
+    if to_heads:
+        t, h, d = x.shape
+        send = x.reshape(t, p, h // p, d).transpose(0, 1).contiguous()  # [P, T_local, H/P, D]: head chunk j to rank j
+    else:
+        send = x.reshape(p, x.shape[0] // p, *x.shape[1:]).contiguous()  # token chunk j back to rank j
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)  # recv[i] comes from rank i
+    if to_heads:
+        return recv.reshape(-1, *recv.shape[2:])
+    return recv.transpose(0, 1).reshape(recv.shape[1], -1, recv.shape[-1])
+
+
+class _SeqAllToAll(torch.autograd.Function):
+    """Differentiable all-to-all; the backward of seq -> heads is heads -> seq, and the other way round."""
+
+    @staticmethod
+    def forward(ctx, x, group, to_heads):
+        ctx.group, ctx.to_heads = group, to_heads
+        return _all_to_all(x, group, to_heads)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_to_all(grad.contiguous(), ctx.group, not ctx.to_heads), None, None
+
+
+def _gather_segments(segment_ids, group):
+    if segment_ids is None:
+        return None
+    seg = segment_ids.to(torch.int32).contiguous()
+    parts = [torch.empty_like(seg) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, seg, group=group)
+    return torch.cat(parts)
+
+
+def hybrid_attention(q, k, v, ulysses_group, ring_group, causal=True, *, softmax_scale=None, segment_ids=None,
+                     layout="zigzag", cu_seqlens=None, backend="auto"):
+    """Attention with Ulysses all-to-all inside `ulysses_group` and ring attention over `ring_group`.
+
+    q [T_local, Hq, D], k, v [T_local, Hkv, D], segment_ids [T_local]: this rank's tokens, laid out as
+    `sequence_index(T, ring, ulysses, sp_rank, layout)`. ring_group None is plain Ulysses (then `cu_seqlens`,
+    the global packed-sequence boundaries [S+1], is allowed). Returns out [T_local, Hq, D] in q's dtype,
+    differentiable in q, k, v. See the module docstring for the GQA replication rule.
+    """
+    if q.ndim != 3 or k.ndim != 3 or k.shape != v.shape or q.shape[0] != k.shape[0]:
+        raise ValueError(f"q must be [T, Hq, D] and k, v [T, Hkv, D]: got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    p = dist.get_world_size(ulysses_group)
+    r = kv_replication(q.shape[1], k.shape[1], p)
+    if r > 1:  # replica j of head i sits at i * r + j, so query heads keep reading head h // (Hq / Hkv)
+        k, v = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)
+    qh, kh, vh = (_SeqAllToAll.apply(x, ulysses_group, True) for x in (q, k, v))
+    seg = _gather_segments(segment_ids, ulysses_group)
+    out, _ = ring_attention(qh, kh, vh, ring_group, causal, softmax_scale=softmax_scale, segment_ids=seg,
+                            layout=layout, cu_seqlens=cu_seqlens, backend=backend)
+    return _SeqAllToAll.apply(out, ulysses_group, False)
+
+
+def ulysses_attention(q, k, v, group, causal=True, *, softmax_scale=None, segment_ids=None, cu_seqlens=None,
+                      backend="auto"):
+    """Ulysses attention: rank r of `group` (P ranks) holds tokens [r T/P, (r+1) T/P) of q, k, v, segment_ids.
+
+    q [T/P, Hq, D], k, v [T/P, Hkv, D]; Hq divisible by P; cu_seqlens [S+1] are global boundaries.
+    Returns out [T/P, Hq, D], differentiable in q, k, v. K/V heads are replicated only as far as P needs.
+    """
+    return hybrid_attention(q, k, v, group, None, causal, softmax_scale=softmax_scale, segment_ids=segment_ids,
+                            cu_seqlens=cu_seqlens, backend=backend)
