@@ -1,0 +1,60 @@
+"""The attention kernels compile for an H100 (sm_90) with the launch tile sizes, without a GPU.
+
+Triton compiles ahead of time from `ASTSource` for a given `GPUTarget` down to a cubin (its bundled ptxas),
+so shared-memory overflows, type errors in constexpr branches and unsupported dot shapes show up here rather
+than on the first GPU run. Runs in a subprocess because this test session interprets Triton (TRITON_INTERPRET=1).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+SCRIPT = r"""
+import json, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from sealong_kernels import attention as A
+
+ELEM = {"Lse": "*fp32", "Delta": "*fp32", "DK": "*fp32", "DV": "*fp32", "DQ": "*fp32",
+        "SeqIdx": "*i32", "CuSeqlens": "*i32", "QSeg": "*i32", "KSeg": "*i32"}
+TENSORS = {"Q", "K", "V", "Out", "DOut"}
+results = []
+for dtype, d, causal, seq, seg in [("bf16", 128, True, True, True), ("fp16", 64, False, False, False),
+                                   ("bf16", 256, True, False, True)]:
+    for fn, kind in [(A._attn_fwd_kernel, "fwd"), (A._attn_bwd_dkdv_kernel, "bwd"), (A._attn_bwd_dq_kernel, "bwd")]:
+        bm, bn, warps, stages = A._blocks(d, kind)
+        consts = dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, HAS_SEQ=seq, HAS_SEG=seg,
+                      PRECISION="tf32")
+        sig = {}
+        for name in fn.arg_names:
+            if name in consts:
+                sig[name] = "constexpr"
+            elif name in TENSORS:
+                sig[name] = "*" + dtype
+            elif name in ELEM:
+                sig[name] = ELEM[name]
+            else:
+                sig[name] = "fp32" if name in ("qk_scale", "sm_scale") else "i32"
+        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+        results.append(dict(kernel=fn.__name__, d=d, shared=kernel.metadata.shared, cubin=len(kernel.asm["cubin"])))
+print("RESULTS" + json.dumps(results))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernel tests compile and run the real thing")
+def test_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    results = json.loads(proc.stdout.split("RESULTS", 1)[1])
+    assert len(results) == 9
+    for r in results:
+        assert r["cubin"] > 0, r
+        assert r["shared"] <= 227 * 1024, f"{r['kernel']} at head dim {r['d']} needs {r['shared']} bytes of shared memory"
