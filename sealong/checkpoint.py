@@ -1,0 +1,125 @@
+"""Checkpoints of `sealong.train`: trained weights, configs, data position, loop, optimizer and RNG states.
+
+    output_dir/checkpoints/step_000040/
+        adapter/                 LoRA in PEFT format (adapter_config.json + adapter_model.safetensors),
+                                 loadable with PeftModel.from_pretrained onto transformers' model
+        model.safetensors        full fine-tuning only: every weight, Hugging Face names
+        state.json               train config, model config, step, data position, counts, loop state
+        optimizer.pt             optimizer, scheduler and loss-scaler states (read with weights_only=True)
+        rng_rank{r}.pt           each rank's torch RNG states (dropout), so a resumed run draws the same masks
+
+A checkpoint is written into `step_N.tmp` and renamed to `step_N` when complete: a crash during a save
+leaves the previous checkpoint untouched, and a `.tmp` folder is never read.
+"""
+
+import json
+import os
+import re
+import shutil
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .distributed import barrier
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_dir(output_dir, step):
+    return os.path.join(output_dir, "checkpoints", f"step_{step:06d}")
+
+
+def list_checkpoints(output_dir):
+    """Complete checkpoints in output_dir, oldest first, as (step, path)."""
+    root = os.path.join(output_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        match = STEP_DIR.match(name)
+        path = os.path.join(root, name)
+        if match and os.path.isfile(os.path.join(path, "state.json")):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir):
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def _rng_state():
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _trainable_state(model, finetune):
+    if finetune == "lora":
+        from peft import get_peft_model_state_dict
+        return get_peft_model_state_dict(model)
+    return {k: v for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(output_dir, step, *, model, optimizer, scheduler, scaler, state, finetune, rank, keep=2):
+    """Write a complete checkpoint for `step` (every rank calls this; rank 0 writes the shared files)."""
+    final = checkpoint_dir(output_dir, step)
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+    if rank == 0:
+        if finetune == "lora":
+            model.save_pretrained(os.path.join(tmp, "adapter"))
+        else:
+            weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            save_file(weights, os.path.join(tmp, "model.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None},
+                   os.path.join(tmp, "optimizer.pt"))
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump(state, f, indent=1)
+    barrier()  # every rank's RNG file is in place before the rename publishes the checkpoint
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        _prune(output_dir, keep)
+    barrier()
+    return final
+
+
+def _prune(output_dir, keep):
+    found = list_checkpoints(output_dir)
+    for _, path in found[:-keep] if keep > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def load_checkpoint(path, *, model, optimizer, scheduler, scaler, finetune, rank, device):
+    """Restore weights, optimizer, scheduler, scaler and this rank's RNG; return state.json's dict."""
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    if finetune == "lora":
+        from peft import set_peft_model_state_dict
+        weights = load_file(os.path.join(path, "adapter", "adapter_model.safetensors"), device=str(device))
+        result = set_peft_model_state_dict(model, weights)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise ValueError(f"{path}: adapter has weights the model lacks, e.g. {unexpected[:3]}")
+    else:
+        model.load_state_dict(load_file(os.path.join(path, "model.safetensors"), device=str(device)))
+    states = torch.load(os.path.join(path, "optimizer.pt"), map_location=device, weights_only=True)
+    optimizer.load_state_dict(states["optimizer"])
+    scheduler.load_state_dict(states["scheduler"])
+    if scaler is not None and states["scaler"] is not None:
+        scaler.load_state_dict(states["scaler"])
+    rng_file = os.path.join(path, f"rng_rank{rank}.pt")
+    if not os.path.isfile(rng_file):
+        raise FileNotFoundError(f"{path}: no RNG state for rank {rank}: resume with the world size that saved it")
+    rng = torch.load(rng_file, weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return state

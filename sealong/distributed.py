@@ -1,0 +1,94 @@
+"""Start-up, clean-up and rank-0 printing for `sealong.train`: torchrun, an existing process group, or one plain process.
+
+NCCL on GPUs, gloo on CPUs. Under torchrun the usual environment (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, ...) selects the rendezvous, so several nodes work through torchrun's own flags.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False   # we created the process group, so we destroy it
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def setup(device=None):
+    """Join (or create) the default process group and pick this rank's device.
+
+    A process group created by the caller (a test harness) is used as is; under torchrun one is created;
+    otherwise this is a single process. `device` forces "cpu" or "cuda"; the default is CUDA when present.
+    """
+    use_cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was asked for but CUDA is not available")
+    owns = False
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        backend = "nccl" if use_cuda else "gloo"
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+        owns = True
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    else:
+        rank, world, local_rank = 0, 1, 0
+    if use_cuda:
+        local_rank %= torch.cuda.device_count()
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    return DistInfo(rank, world, local_rank, dev, owns)
+
+
+def cleanup(info):
+    """Destroy the process group if `setup` created it."""
+    if info.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only (every process is rank 0 without a process group)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce_sum(tensor, group=None):
+    """In-place SUM over the group; a no-op in a single process."""
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def barrier():
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_grads(params, group=None):
+    """Sum the gradients of `params` over the group through one flat buffer (one collective per step)."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset:offset + n].view_as(g))
+        offset += n

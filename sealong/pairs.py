@@ -1,0 +1,214 @@
+"""Training data: read preference pairs (or SFT records), tokenize them, and lay them out for the model.
+
+Input records (JSON lines, one per question; the scoring stage writes them):
+    {"id": ..., "context": ..., "question": ..., "chosen_text": ..., "rejected_text": ...}
+A record may give its user message directly as `prompt` instead of `context` + `question`. SFT needs only
+`chosen_text`. A record with a `skipped` reason, or an empty chosen / rejected text, is skipped and counted.
+A malformed line stops loading with the file and line; nothing is read lazily, so a bad record never
+stops training in the middle of an epoch.
+
+Layouts of one pair (prompt p of P tokens, chosen c, rejected r; answers end with the EOS token):
+
+    packed   tokens    p0 .. p[P-2] | p[P-1] c0 .. c[C-1] | p[P-1] r0 .. r[R-1]
+             segment   0  ..  0     | 1      1  ..  1     | 2      2  ..  2
+             position  0  ..  P-2   | P-1    P  .. P+C-1  | P-1    P  .. P+R-1
+             labels    -100 ..      | c0     c1 .. -100   | r0     r1 .. -100
+    classic  two rows: p + c and p + r, positions from 0, labels on the answer tokens.
+
+Segment 0 is the shared prompt; chosen tokens (segment 1) see the prompt and themselves, rejected tokens
+(segment 2) see the prompt and themselves, never the chosen answer. The prompt's last token is repeated at
+the head of each answer segment, because its hidden state predicts the answer's first token: with that one
+extra token the packed layout gives exactly the logits of the classic layout over P + C + R + 1 tokens
+instead of 2P + C + R. `labels[t]` is the target predicted from `hidden[t]` (shifted once, here).
+`seq_index[t]` says whose log-probability token t counts for: 2j = chosen of the j-th pair of a
+micro-batch, 2j + 1 = its rejected, -1 = none.
+
+A pair whose longer sequence (prompt + the longer answer) exceeds `max_length` has its prompt cut from
+the middle (head and tail kept: the chat header and the question survive); the number of such pairs is
+counted. A pair whose answers alone leave no room for a prompt of `MIN_PROMPT` tokens is skipped and counted.
+"""
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+IGNORE = -100
+MIN_PROMPT = 8  # fewest prompt tokens kept by middle truncation
+
+
+@dataclass
+class Pair:
+    """One tokenized training example (rejected is None in SFT)."""
+    id: str
+    prompt: torch.Tensor              # [P] int64, chat template applied, generation prompt included
+    chosen: torch.Tensor              # [C] int64, ends with EOS
+    rejected: torch.Tensor | None     # [R] int64, ends with EOS
+    truncated: bool = False           # prompt was cut from the middle to fit max_length
+
+
+@dataclass
+class Row:
+    """One token sequence fed to the model: [T] tensors."""
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+    seq_index: torch.Tensor
+    segment_ids: torch.Tensor | None = None   # int32, packed layout only
+
+
+@dataclass
+class PairData:
+    pairs: list
+    skipped: Counter = field(default_factory=Counter)   # reason -> count
+    truncated: int = 0
+
+    def summary(self):
+        parts = [f"{len(self.pairs)} pairs", f"{self.truncated} prompts truncated from the middle"]
+        parts += [f"{n} skipped ({reason})" for reason, n in sorted(self.skipped.items())]
+        return ", ".join(parts)
+
+
+def read_jsonl(path):
+    """Yield (line_number, record) from a JSON-lines file; a malformed line raises naming the file and line."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: malformed JSON: {err.msg}") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{number}: a record must be a JSON object")
+            yield number, record
+
+
+def _text_field(record, key, where, required=True):
+    value = record.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def user_message(record, strategy, where):
+    """The single user message of the chat: `prompt` as given, or context + question through the strategy."""
+    if "prompt" in record:
+        return _text_field(record, "prompt", where)
+    context = _text_field(record, "context", where)
+    question = _text_field(record, "question", where)
+    from sealong.data import prompts  # the paper's prompt strategies (written by the sampler's owner)
+    return prompts.build_prompt(context, question, strategy)
+
+
+def encode_prompt(tokenizer, message):
+    """Token ids of the chat-templated user message with the generation prompt (one BOS, no re-tokenizing)."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": message}], add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):  # transformers may return a BatchEncoding
+            ids = ids["input_ids"]
+    else:
+        ids = tokenizer(message, add_special_tokens=True)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def encode_answer(tokenizer, text):
+    """Answer token ids followed by the end-of-turn token (the tokenizer's EOS, else its SEP)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if eos is not None:
+        ids = list(ids) + [eos]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def truncate_middle(ids, length):
+    """Keep the first ceil(length/2) and the last floor(length/2) tokens of ids."""
+    if ids.numel() <= length:
+        return ids
+    head = (length + 1) // 2
+    return torch.cat([ids[:head], ids[ids.numel() - (length - head):]])
+
+
+def load_pairs(path, tokenizer, *, mode="orpo", max_length=32768, strategy="plan_and_solve"):
+    """Read and tokenize every record of `path` -> PairData (pairs in file order, counted skips)."""
+    data = PairData(pairs=[])
+    for number, record in read_jsonl(path):
+        where = f"{path}:{number}"
+        if record.get("skipped"):
+            data.skipped["skipped by the scoring stage"] += 1
+            continue
+        chosen_text = _text_field(record, "chosen_text", where)
+        rejected_text = _text_field(record, "rejected_text", where, required=mode == "orpo")
+        if not chosen_text.strip() or (mode == "orpo" and not rejected_text.strip()):
+            data.skipped["empty chosen or rejected text"] += 1
+            continue
+        prompt = encode_prompt(tokenizer, user_message(record, strategy, where))
+        chosen = encode_answer(tokenizer, chosen_text)
+        rejected = encode_answer(tokenizer, rejected_text) if mode == "orpo" else None
+        answer = max(chosen.numel(), rejected.numel() if rejected is not None else 0)
+        room = max_length - answer
+        if room < MIN_PROMPT:
+            data.skipped[f"answer longer than max_length - {MIN_PROMPT}"] += 1
+            continue
+        truncated = prompt.numel() > room
+        if truncated:
+            prompt = truncate_middle(prompt, room)
+            data.truncated += 1
+        data.pairs.append(Pair(str(record.get("id", number)), prompt, chosen, rejected, truncated))
+    return data
+
+
+def _answer_labels(answer):
+    """Labels of an answer block that starts with the prompt's last token: each token predicts the next."""
+    return torch.cat([answer, torch.tensor([IGNORE])])
+
+
+def pack_pair(pair, index=0, layout="packed"):
+    """Rows for the j-th pair of a micro-batch (`index` = j): one packed row or two classic rows."""
+    p, c, r = pair.prompt, pair.chosen, pair.rejected
+    P = p.numel()
+    if layout == "classic" or r is None:
+        rows = []
+        for k, answer in enumerate([c] if r is None else [c, r]):
+            ids = torch.cat([p, answer])
+            labels = torch.cat([torch.full((P - 1,), IGNORE), _answer_labels(answer)])
+            seq = torch.where(labels != IGNORE, 2 * index + k, -1)
+            rows.append(Row(ids, torch.arange(ids.numel()), labels, seq))
+        return rows
+    if layout != "packed":
+        raise ValueError(f"layout must be 'packed' or 'classic', got {layout!r}")
+    last = p[-1:]
+    ids = torch.cat([p[:-1], last, c, last, r])
+    positions = torch.cat([torch.arange(P - 1), torch.arange(P - 1, P + c.numel()), torch.arange(P - 1, P + r.numel())])
+    labels = torch.cat([torch.full((P - 1,), IGNORE), _answer_labels(c), _answer_labels(r)])
+    segments = torch.cat([torch.zeros(P - 1), torch.ones(c.numel() + 1), torch.full((r.numel() + 1,), 2)]).int()
+    seq = torch.where(labels == IGNORE, -1, 2 * index + segments.long() - 1)
+    return [Row(ids, positions, labels, seq, segments)]
+
+
+def pad_row(row, multiple, pad_id=0):
+    """Pad a row at its end to a multiple of `multiple` tokens (label -100, positions continuing).
+
+    Padding at the end is invisible to every real token under the causal mask, so it changes nothing but
+    lets the row split evenly over the sequence-parallel ranks.
+    """
+    extra = -row.input_ids.numel() % multiple
+    if extra == 0:
+        return row
+    last_pos = int(row.position_ids[-1])
+    grow = lambda t, fill: torch.cat([t, torch.full((extra,), fill, dtype=t.dtype)])  # noqa: E731
+    positions = torch.cat([row.position_ids, torch.arange(last_pos + 1, last_pos + 1 + extra)])
+    segments = None if row.segment_ids is None else grow(row.segment_ids, int(row.segment_ids[-1]))
+    return Row(grow(row.input_ids, pad_id), positions, grow(row.labels, IGNORE), grow(row.seq_index, -1), segments)
+
+
+def label_counts(pair):
+    """(chosen label tokens, rejected label tokens) of a pair: the denominators of its mean log-probs."""
+    return pair.chosen.numel(), (pair.rejected.numel() if pair.rejected is not None else 0)

@@ -1,0 +1,369 @@
+"""`sealong.train`: fine-tune a model on SEALONG's self-supervision (ORPO on MBR pairs, or SFT on the best).
+
+One plain process (CPU or one GPU):
+
+    python -m sealong.train --config configs/train.yaml --model /models/Llama-3.1-8B-Instruct --data run/pairs.jsonl
+
+Eight GPUs, sequence parallel 8 (the paper's setting: ring 2 x Ulysses 4 here), one 32K-token pair per step:
+
+    torchrun --standalone --nproc_per_node=8 -m sealong.train --config configs/train.yaml \
+        --model /models/Llama-3.1-8B-Instruct --data run/pairs.jsonl --sp 8 --ulysses 4 --qlora true
+
+Several nodes: torchrun's usual rendezvous flags (`--nnodes 2 --rdzv_backend c10d --rdzv_endpoint host:29500`).
+Every key of `TrainConfig` (sealong/train_config.py) is a `--key value` flag; `--resume true` continues from
+the newest checkpoint in `output_dir`.
+
+The loop (nanoGPT's shape):
+* a mesh of dp x sp ranks (`sealong.parallel`): a pair's sequence is split over its sp group (ring, Ulysses
+  or hybrid attention) with global positions; dp groups take different pairs;
+* each optimizer step sees `batch_pairs` pairs: dp x micro_batch_pairs x accumulation (derived, asserted);
+* the loss of a micro-step is its share of the batch loss, normalised by the batch's chosen tokens and
+  pairs (sealong/train_loss.py), so gradients summed over micro-steps and all dp x sp ranks are exact;
+  gradients are all-reduced once, after the last micro-step;
+* AdamW, linear warmup then cosine to zero, clipping, float16 loss scaling when asked;
+* metrics.jsonl (every ORPO metric), TensorBoard when installed, a progress bar on rank 0;
+* checkpoints every `save_every` steps and at the end (sealong/checkpoint.py).
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+from . import checkpoint as ckpt
+from .distributed import all_reduce_grads, all_reduce_sum, cleanup, print0, setup
+from .pairs import label_counts, load_pairs, pack_pair, pad_row
+from .train_config import TrainConfig, lr_at, make_config, parse_overrides, read_config_file
+from .train_loss import METRIC_NAMES, micro_objective, row_logp_sums
+from .train_mesh import TrainMesh
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model: the lean model, optional NF4 base weights, LoRA through peft
+# ---------------------------------------------------------------------------------------------------------
+
+
+def quantize_base_linears(model, targets, compute_dtype):
+    """Replace the target nn.Linear layers by bitsandbytes NF4 (double-quantized) Linear4bit layers."""
+    import bitsandbytes as bnb
+
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name not in targets or type(child) is not torch.nn.Linear:
+                continue
+            layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
+                                      device=child.weight.device)
+            layer.weight = bnb.nn.Params4bit(child.weight.data.to(compute_dtype).cpu(), requires_grad=False,
+                                             compress_statistics=True, quant_type="nf4")
+            layer = layer.to(child.weight.device)  # moving quantizes
+            if child.bias is not None:
+                layer.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(module, child_name, layer)
+    return model
+
+
+def build_model(cfg, device):
+    """The model to train: (module to call, lm_head module, trainable parameters)."""
+    from sealong.model import load_model
+
+    dtype = DTYPES[cfg.dtype]
+    model = load_model(cfg.model, dtype=dtype, device=device)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    if cfg.finetune == "full":
+        return model, model.lm_head, [p for p in model.parameters() if p.requires_grad]
+    from peft import LoraConfig, get_peft_model
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if cfg.qlora:
+        quantize_base_linears(model, set(cfg.lora_targets), dtype)
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_targets), bias="none")
+    peft_model = get_peft_model(model, lora)  # adapters in float32 (peft's autocast_adapter_dtype)
+    return peft_model, model.lm_head, [p for p in peft_model.parameters() if p.requires_grad]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data order: every rank knows the whole batch (its counts are the loss denominators), takes its share
+# ---------------------------------------------------------------------------------------------------------
+
+
+def epoch_order(num_pairs, epoch, seed):
+    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    return torch.randperm(num_pairs, generator=g).tolist()
+
+
+def batch_indices(step, num_pairs, steps_per_epoch, cfg):
+    epoch, index = divmod(step, steps_per_epoch)
+    order = epoch_order(num_pairs, epoch, cfg.seed)
+    return epoch, order[index * cfg.batch_pairs:(index + 1) * cfg.batch_pairs]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One optimizer step
+# ---------------------------------------------------------------------------------------------------------
+
+
+def micro_step_sums(model, lm_head, pairs, cfg, mesh, device):
+    """Global per-sequence log-prob sums [2p] of a micro-batch's p pairs (chosen 2j, rejected 2j + 1), and
+    the number of tokens this rank ran through the model."""
+    num_seqs = 2 * len(pairs)
+    sums, tokens = torch.zeros(num_seqs, dtype=torch.float32, device=device), 0
+    for j, pair in enumerate(pairs):
+        for row in pack_pair(pair, j, cfg.layout):
+            local = mesh.shard_row(pad_row(row, mesh.pad_multiple))
+            to_dev = lambda t: None if t is None else t.to(device)  # noqa: E731
+            hidden = model(to_dev(local.input_ids), to_dev(local.position_ids), attention=mesh.attention,
+                           segment_ids=to_dev(local.segment_ids))
+            sums = sums + row_logp_sums(hidden, lm_head.weight, to_dev(local.labels), to_dev(local.seq_index),
+                                        num_seqs, bias=lm_head.bias, chunk_size=cfg.loss_chunk_size,
+                                        group=mesh.sp_group)
+            tokens += local.input_ids.numel()
+    return sums, tokens
+
+
+def sequence_counts(pairs):
+    """Label tokens of each sequence [2p]: chosen and rejected of every pair (rejected 0 in SFT)."""
+    return torch.tensor([n for pair in pairs for n in label_counts(pair)], dtype=torch.long)
+
+
+def train_step(model, lm_head, params, optimizer, scaler, batch, cfg, mesh, device):
+    """Forward/backward over this rank's micro-batches of `batch` (a list of pairs), reduce, clip, step."""
+    accum = cfg.grad_accum_steps(mesh.dp)
+    chosen_tokens = sum(label_counts(p)[0] for p in batch)
+    sums_of = torch.zeros(len(METRIC_NAMES) + 2, dtype=torch.float64)  # metric sums, loss, tokens
+    for m in range(accum):
+        start = (m * mesh.dp + mesh.dp_rank) * cfg.micro_batch_pairs
+        pairs = batch[start:start + cfg.micro_batch_pairs]
+        sums, tokens = micro_step_sums(model, lm_head, pairs, cfg, mesh, device)
+        loss, metrics = micro_objective(sums, sequence_counts(pairs).to(device), mode=cfg.mode, beta=cfg.beta,
+                                        nll_weight=cfg.nll_weight, batch_chosen_tokens=chosen_tokens,
+                                        batch_pairs=len(batch))
+        # `loss` is this micro-batch's share of the batch loss (batch-wide denominators): no 1/accum here
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        # every rank of an sp group computed the same (global) loss and metrics: count them once
+        sums_of[:len(METRIC_NAMES)] += metrics / mesh.sp
+        sums_of[-2] += loss.item() / mesh.sp
+        sums_of[-1] += tokens
+    all_reduce_grads(params)  # every rank holds part of the same batch: SUM over dp x sp
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+    if scaler is not None:
+        scaler.step(optimizer)  # skipped (and the scale lowered) when a gradient is inf / NaN
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    all_reduce_sum(sums_of)
+    record = {"loss": sums_of[-2].item()}
+    names = METRIC_NAMES if cfg.mode == "orpo" else ("logps/chosen", "nll_loss")
+    for name in names:
+        i = METRIC_NAMES.index(name)
+        record[name] = sums_of[i].item() / (chosen_tokens if name == "nll_loss" else len(batch))
+    record.update(grad_norm=float(grad_norm), tokens=int(sums_of[-1].item()))
+    if scaler is not None:
+        record["loss_scale"] = float(scaler.get_scale())
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Logger:
+    """metrics.jsonl (append; trimmed back to the resumed step), TensorBoard when installed, tqdm bar."""
+
+    def __init__(self, cfg, is_main, start_step, total_steps):
+        self.is_main, self.path = is_main, os.path.join(cfg.output_dir, "metrics.jsonl")
+        self.writer, self.bar = None, None
+        if not is_main:
+            return
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        self._trim(start_step)
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"))
+            except ImportError:
+                self.writer = None
+        if cfg.progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def _trim(self, start_step):
+        """Drop lines of steps after the resumed checkpoint (written before a crash), atomically."""
+        if not os.path.isfile(self.path):
+            return
+        with open(self.path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= start_step]
+        with open(self.path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(self.path + ".tmp", self.path)
+
+    def log(self, step, record, write):
+        if not self.is_main:
+            return
+        if write:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **record}) + "\n")
+            if self.writer is not None:
+                for key, value in record.items():
+                    self.writer.add_scalar(f"train/{key}", value, step)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            self.bar.update(1)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig, info, on_step=None):
+    """Train per `cfg` on this rank; returns {"steps", "losses", "checkpoint", "data"} (rank-local copy).
+
+    `on_step(step, record)` is called after every optimizer step (a hook for callers and tests).
+    """
+    device = info.device
+    mesh = TrainMesh.build(cfg, info)
+    cfg.grad_accum_steps(mesh.dp)  # fails early with the sizes when the batch does not divide
+    from sealong.model import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    data = load_pairs(cfg.data, tokenizer, mode=cfg.mode, max_length=cfg.max_length, strategy=cfg.prompt_strategy)
+    steps_per_epoch = len(data.pairs) // cfg.batch_pairs
+    if steps_per_epoch == 0:
+        raise ValueError(f"{cfg.data}: {data.summary()}: fewer usable pairs than batch_pairs={cfg.batch_pairs}")
+    total_steps = steps_per_epoch * cfg.epochs
+    print0(f"data: {data.summary()}; {steps_per_epoch} steps per epoch "
+           f"({len(data.pairs) % cfg.batch_pairs} pairs left out of each epoch), {total_steps} steps")
+    print0(f"mesh: dp={mesh.dp} sp={mesh.sp} (ulysses {cfg.ulysses} x ring {cfg.sp // cfg.ulysses}); "
+           f"batch {cfg.batch_pairs} pairs = dp {mesh.dp} x micro {cfg.micro_batch_pairs} x accumulation "
+           f"{cfg.grad_accum_steps(mesh.dp)}")
+
+    torch.manual_seed(cfg.seed)  # same LoRA initialisation on every rank
+    model, lm_head, params = build_model(cfg, device)
+    torch.manual_seed(cfg.seed + 7919 * (info.rank + 1))  # per-rank dropout streams
+    print0(f"model: {cfg.finetune}{' (QLoRA NF4)' if cfg.qlora else ''}, "
+           f"{sum(p.numel() for p in params):,} trainable parameters, {cfg.dtype}")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
+                                  weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps, cfg.warmup_ratio))
+    scaler = None
+    if cfg.dtype == "float16" and cfg.loss_scaling:
+        scaler = torch.amp.GradScaler(device.type)
+
+    step = 0
+    if cfg.resume:
+        path = ckpt.latest_checkpoint(cfg.output_dir)
+        if path is None:
+            print0(f"resume: no checkpoint in {cfg.output_dir}, starting from scratch")
+        else:
+            state = ckpt.load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                         finetune=cfg.finetune, rank=info.rank, device=device)
+            step = state["step"]
+            print0(f"resume: {path} (step {step} of {total_steps})")
+    stop = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps
+    logger = Logger(cfg, info.is_main, step, stop)
+    losses, saved = [], None
+
+    def save(at_step):
+        state = {"step": at_step, "total_steps": total_steps, "epoch": at_step // steps_per_epoch,
+                 "pairs_seen": at_step * cfg.batch_pairs, "world_size": info.world_size,
+                 "data": data.summary(), "train_config": cfg.to_dict(),
+                 "model_config": lm_head_config(model)}
+        return ckpt.save_checkpoint(cfg.output_dir, at_step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                    scaler=scaler, state=state, finetune=cfg.finetune, rank=info.rank,
+                                    keep=cfg.keep_checkpoints)
+
+    model.train()
+    try:
+        while step < stop:
+            started = time.perf_counter()
+            epoch, indices = batch_indices(step, len(data.pairs), steps_per_epoch, cfg)
+            record = train_step(model, lm_head, params, optimizer, scaler, [data.pairs[i] for i in indices],
+                                cfg, mesh, device)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            step += 1
+            elapsed = time.perf_counter() - started
+            record.update(epoch=epoch, lr=lr, tokens_per_s=record["tokens"] / max(elapsed, 1e-9),
+                          step_time_s=elapsed)
+            if not math.isfinite(record["loss"]) and scaler is None:
+                raise FloatingPointError(f"step {step}: loss is {record['loss']} (try dtype=float32 or a lower lr)")
+            losses.append(record["loss"])
+            logger.log(step, record, write=step % cfg.log_every == 0 or step == stop)
+            if cfg.save_every > 0 and step % cfg.save_every == 0 and step < stop:
+                saved = save(step)
+            if on_step is not None:
+                on_step(step, record)
+        if step > 0 and (saved is None or not saved.endswith(f"step_{step:06d}")):
+            saved = save(step)
+    finally:
+        logger.close()
+    return {"steps": step, "losses": losses, "checkpoint": saved, "data": data.summary()}
+
+
+def lm_head_config(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.config.to_dict() if hasattr(base.config, "to_dict") else dataclasses.asdict(base.config)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument("--config", help="YAML or JSON file of TrainConfig keys")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    for f in dataclasses.fields(TrainConfig):
+        parser.add_argument(f"--{f.name}", dest=f"cfg_{f.name}", default=None, metavar="VALUE",
+                            help=f"TrainConfig.{f.name} (default {f.default!r})")
+    return parser
+
+
+def config_from_args(args):
+    """TrainConfig from --config FILE and the --key value flags (flags win)."""
+    values = read_config_file(args.config) if getattr(args, "config", None) else {}
+    for f in dataclasses.fields(TrainConfig):
+        raw = getattr(args, f"cfg_{f.name}", None)
+        if raw is not None:
+            values.update(parse_overrides([f"--{f.name}", raw]))
+    return make_config(values).validate()
+
+
+def run(args) -> int:
+    cfg = config_from_args(args)
+    info = setup(getattr(args, "device", None))
+    try:
+        result = train(cfg, info)
+    finally:
+        cleanup(info)
+    print0(f"done: {result['steps']} steps; final checkpoint {result['checkpoint']}")
+    return 0
+
+
+def main(argv=None):
+    parser = add_arguments(argparse.ArgumentParser(prog="python -m sealong.train", description=__doc__.split("\n")[0]))
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The training objective over a data-parallel x sequence-parallel batch, built on the fused linear loss.
+
+ORPO (TRL's definition, REFERENCES.md) over the whole optimizer batch of P pairs:
+
+    loss = nll_weight * (-sum_i S_c,i / sum_i n_c,i) - beta * mean_i logsigmoid(log_odds_i)
+
+where S is a sequence's sum of log p(label) and n its number of label tokens. The NLL is a token mean over
+every chosen label token of the batch and the odds-ratio term a mean over its pairs, whatever the
+micro-batching and the number of ranks. A micro-step holding p of the P pairs and N_c of their chosen tokens
+contributes exactly its share
+
+    reference.orpo_objective(S, n, beta = beta * p / P, nll_weight = nll_weight * N_c / N_c,batch)
+
+so the gradients summed over micro-steps and over every rank are those of the batch loss (no averaging of
+per-micro-batch means). S comes from `sealong_kernels.sequence_logp_sums`, the fused kernel (no [T, V]
+logits); under sequence parallelism it is given the group, all-reduces each sequence's partial sums with an
+identity gradient, and every rank of the group computes the same loss and the exact gradient through its
+own tokens (so the loss value is counted once per group, the gradients summed).
+"""
+
+import os
+
+import torch
+
+import sealong_kernels as sk
+from sealong_kernels import reference
+from sealong_kernels.reference import orpo_objective
+
+METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                "logps/rejected", "log_odds_ratio", "log_odds_chosen", "nll_loss")
+PAIR_METRICS = ("rewards/accuracies", "logps/chosen", "logps/rejected", "log_odds_ratio", "log_odds_chosen")
+
+
+def row_logp_sums(hidden, weight, labels, seq_index, num_seqs, *, bias=None, chunk_size=0, group=None):
+    """Per-sequence sums of log p(labels[t] | hidden[t]) -> float32 [num_seqs], summed over `group`.
+
+    hidden [T, H] (this rank's tokens of one row), weight [V, H], labels [T] (-100: no loss), seq_index [T]
+    (sequence 2j / 2j + 1 = chosen / rejected answer of pair j, -1: none).
+    """
+    rows = torch.nonzero(labels != -100).flatten()
+    if hidden.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        return sk.sequence_logp_sums(hidden, weight, rows, labels[rows], seq_index[rows], num_seqs, bias,
+                                     chunk_size=chunk_size or None, group=group)
+    # CPU without the Triton interpreter: the plain-torch twin (full logits of the label rows only)
+    sums = reference.sequence_logp_sums(hidden, weight, rows, labels[rows], seq_index[rows], num_seqs, bias)
+    return reference.global_sum(sums.float(), group)
+
+
+def micro_objective(sums, counts, *, mode, beta, nll_weight, batch_chosen_tokens, batch_pairs):
+    """This micro-step's share of the batch loss and its metric sums.
+
+    sums [2p] float32 (the global per-sequence log-prob sums of its p pairs), counts [2p] label tokens.
+    Returns (loss share to backpropagate, metrics float64 [len(METRIC_NAMES)] summed over the p pairs, except
+    nll_loss: summed over chosen tokens). Divide by the batch's pairs / chosen tokens to get TRL's means.
+    """
+    pairs = counts.numel() // 2
+    chosen_tokens = float(counts[0::2].sum())
+    loss, m = orpo_objective(sums, counts, mode=mode, beta=beta * pairs / batch_pairs,
+                             nll_weight=nll_weight * chosen_tokens / batch_chosen_tokens)
+    out = torch.zeros(len(METRIC_NAMES), dtype=torch.float64)
+    out[METRIC_NAMES.index("nll_loss")] = float(m["nll_loss"]) * chosen_tokens
+    out[METRIC_NAMES.index("logps/chosen")] = float(m["logps/chosen"]) * pairs
+    if mode == "orpo":
+        for name in PAIR_METRICS:
+            out[METRIC_NAMES.index(name)] = float(m[name]) * pairs
+        # rewards are beta * logps with the true beta (the share above scales beta)
+        lc, lr = out[METRIC_NAMES.index("logps/chosen")], out[METRIC_NAMES.index("logps/rejected")]
+        out[0], out[1], out[3] = beta * lc, beta * lr, beta * (lc - lr)
+    return loss, out
