@@ -1,0 +1,156 @@
+"""The scoring stage (sealong.mbr): round trip, resume after a torn write, malformed input, empty outputs,
+N = 1, the truncation and near-duplicate rules, the other utilities, and the reference mode."""
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from sealong import mbr
+from sealong.jsonl import JsonlError
+from sealong_kernels import reference
+
+PARIS = ["The capital of France is Paris. So the answer is Paris.",
+         "Paris is the French capital; the answer is Paris.",
+         "I think it is Lyon. The answer is Lyon.",
+         "France's capital city: Paris. Answer: Paris",
+         "Marseille, the answer is Marseille."]
+SAMPLES = [
+    {"id": "q1", "question": "Capital of France?", "outputs": PARIS, "finish_reasons": ["stop"] * 5, "answers": ["Paris"]},
+    {"id": "q2", "question": "Two plus two?", "outputs": ["It is four.", "", "4, the answer is four.", "five"],
+     "finish_reasons": ["stop", "stop", "length", "stop"]},
+    {"id": "q3", "question": "One output", "outputs": ["only one"], "finish_reasons": ["stop"]},
+    {"id": "q4", "question": "All empty", "outputs": ["", "  "]},
+    {"id": "q5", "question": "No outputs", "outputs": []},
+]
+
+
+def _write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def _read(path):
+    return [json.loads(line) for line in open(path)]
+
+
+@pytest.fixture
+def files(tmp_path):
+    samples = _write(tmp_path / "samples.jsonl", SAMPLES)
+    prompts = _write(tmp_path / "prompts.jsonl", [{"id": r["id"], "context": f"context of {r['id']}"} for r in SAMPLES])
+    return samples, prompts, str(tmp_path / "scores.jsonl"), str(tmp_path / "pairs.jsonl")
+
+
+def test_round_trip_embedding(files):
+    samples, prompts, out, pairs = files
+    counts = mbr.score_file(samples, out, mbr.ScoreConfig(dedup_threshold=0.999), pairs=pairs, prompts=prompts, log=None)
+    assert counts["written"] == 5 and counts["pairs"] == 2
+    rows = {r["id"]: r for r in _read(out)}
+    q1 = rows["q1"]
+    assert q1["answers"] == ["Paris"] and q1["utility"] == "embedding" and "skipped" not in q1
+    emb = mbr.embed(PARIS, None, "cpu", 8)
+    expect = reference.mbr_scores(emb[None].double())[0]
+    assert torch.allclose(torch.tensor(q1["scores"], dtype=torch.float64), expect, atol=1e-5)
+    assert q1["chosen"] == int(expect.argmax()) and q1["chosen_text"] == PARIS[q1["chosen"]]
+    assert q1["rejected"] in set(expect.argsort()[:2].tolist())  # lower half of 5 = the 2 lowest
+    # q2: the empty output is invalid; the truncated one is never chosen
+    assert rows["q2"]["scores"][1] is None and rows["q2"]["chosen"] != 2 and rows["q2"]["rejected"] != 1
+    assert rows["q3"]["skipped"].startswith("fewer than 2 valid outputs (1 of 1)") and rows["q3"]["chosen"] == 0
+    assert rows["q3"]["scores"] == [0.0]
+    assert rows["q4"]["skipped"].startswith("fewer than 2") and rows["q4"]["chosen"] is None
+    assert rows["q5"]["scores"] == [] and "skipped" in rows["q5"]
+    pair_rows = _read(pairs)
+    assert [p["id"] for p in pair_rows] == ["q1", "q2"]
+    assert pair_rows[0]["context"] == "context of q1" and pair_rows[0]["rejected_text"] == PARIS[q1["rejected"]]
+
+
+def test_resume_after_torn_write_gives_the_same_files(files, tmp_path):
+    samples, prompts, out, pairs = files
+    cfg = mbr.ScoreConfig(utility="rouge", chunk=2)
+    mbr.score_file(samples, out, cfg, pairs=pairs, prompts=prompts, log=None)
+    full_out, full_pairs = open(out).read(), open(pairs).read()
+    # crash: both files end in a torn line (the pair of q2 was being written; scores stopped at q1)
+    lines, pair_lines = full_out.splitlines(keepends=True), full_pairs.splitlines(keepends=True)
+    open(out, "w").write(lines[0] + lines[1][:17])
+    open(pairs, "w").write(pair_lines[0] + pair_lines[1][:30])
+    counts = mbr.score_file(samples, out, cfg, pairs=pairs, prompts=prompts, log=None)
+    assert counts["already done"] == 1 and counts["written"] == 4 and counts["pairs"] == 1
+    assert open(out).read() == full_out and open(pairs).read() == full_pairs
+    # nothing to do on a third run
+    assert mbr.score_file(samples, out, cfg, pairs=pairs, prompts=prompts, log=None)["written"] == 0
+
+
+def test_results_do_not_depend_on_chunking(files, tmp_path):
+    samples, _, _, _ = files
+    a, b = str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")
+    mbr.score_file(samples, a, mbr.ScoreConfig(utility="random", chunk=1), log=None)
+    mbr.score_file(samples, b, mbr.ScoreConfig(utility="random", chunk=64), log=None)
+    assert open(a).read() == open(b).read()
+    c = str(tmp_path / "c.jsonl")
+    mbr.score_file(samples, c, mbr.ScoreConfig(utility="random", seed=1), log=None)
+    assert open(a).read() != open(c).read()
+
+
+def test_malformed_lines_name_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(SAMPLES[0]) + "\n\n{not json\n")
+    with pytest.raises(JsonlError, match=r"bad.jsonl:3:"):
+        mbr.read_samples(str(bad))
+    bad.write_text(json.dumps(SAMPLES[0]) + "\n" + json.dumps({"id": "x", "outputs": "text"}) + "\n")
+    with pytest.raises(JsonlError, match=r"bad.jsonl:2: `outputs` must be a list of strings"):
+        mbr.read_samples(str(bad))
+    bad.write_text(json.dumps(SAMPLES[0]) + "\n" + json.dumps(SAMPLES[0]) + "\n")
+    with pytest.raises(JsonlError, match=r"bad.jsonl:2: duplicate id 'q1'"):
+        mbr.read_samples(str(bad))
+    bad.write_text(json.dumps({"id": "x", "outputs": ["a", "b"], "finish_reasons": ["stop"]}) + "\n")
+    with pytest.raises(JsonlError, match=r"bad.jsonl:1: `finish_reasons`"):
+        mbr.read_samples(str(bad))
+
+
+def test_truncated_rule_dedup_and_reference_mode(tmp_path):
+    rec = {"id": "t", "outputs": ["alpha beta gamma", "alpha beta gamma", "alpha beta delta", "zeta"],
+           "finish_reasons": ["length", "stop", "stop", "stop"]}
+    samples = _write(tmp_path / "s.jsonl", [rec])
+    out = str(tmp_path / "o.jsonl")
+    mbr.score_file(samples, out, mbr.ScoreConfig(utility="rouge", dedup_threshold=0), log=None)
+    row = _read(out)[0]
+    assert row["chosen"] == 1 and row["rejected"] in (2, 3)  # output 0 ties for best but is truncated
+    ref = str(tmp_path / "r.jsonl")
+    mbr.score_file(samples, ref, mbr.ScoreConfig(utility="rouge", reference_mode=True), log=None)
+    row = _read(ref)[0]
+    assert row["chosen"] == 0 and "skipped" not in row  # the authors' code picks the first best, truncated or not
+    # with self-similarity in the row mean: (sum of others + 1) / 4
+    assert row["scores"][3] == pytest.approx((mbr.rouge_l("zeta", "alpha beta gamma") * 2 + mbr.rouge_l("zeta", "alpha beta delta") + 1) / 4)
+    dup = {"id": "d", "outputs": ["same text here", "same text here", "same text here"]}
+    samples = _write(tmp_path / "d.jsonl", [dup])
+    out = str(tmp_path / "do.jsonl")
+    counts = mbr.score_file(samples, out, mbr.ScoreConfig(utility="rouge", dedup_threshold=0.9), log=None)
+    assert counts["skipped: near-duplicate pair"] == 1 and _read(out)[0]["pair_similarity"] == 1.0
+    out0 = str(tmp_path / "keep.jsonl")
+    mbr.score_file(samples, out0, mbr.ScoreConfig(utility="rouge", dedup_threshold=0), log=None)
+    assert "skipped" not in _read(out0)[0] and _read(out0)[0]["rejected"] == 2
+
+
+def test_answer_agreement_utility():
+    assert mbr.extract_final_answer("blah\nSo the answer is The Paris.\nextra") == "paris"
+    assert mbr.extract_final_answer("reasoning...\nAnswer: 42") == "42"
+    assert mbr.extract_final_answer("no marker\n\nlast line here\n") == "last line here"
+    sim = mbr.answer_matrix(PARIS, [True] * 5)
+    assert sim[0, 1] == 1 and sim[0, 3] == 1 and sim[0, 2] == 0 and sim[2, 4] == 0
+    scores = reference.mbr_scores_from_similarity(sim[None])[0]
+    assert scores.tolist() == pytest.approx([0.5, 0.5, 0.0, 0.5, 0.0])
+
+
+def test_run_cli_with_run_dir(tmp_path, capsys):
+    _write(tmp_path / "samples.jsonl", SAMPLES[:2])
+    _write(tmp_path / "prompts.jsonl", [{"id": r["id"], "context": "ctx"} for r in SAMPLES[:2]])
+    parser = argparse.ArgumentParser()
+    mbr.add_arguments(parser)
+    assert mbr.run(parser.parse_args(["--run-dir", str(tmp_path), "--utility", "answer"])) == 0
+    assert len(_read(tmp_path / "scores.jsonl")) == 2 and len(_read(tmp_path / "pairs.jsonl")) == 2
+    (tmp_path / "samples.jsonl").write_text("{}\n")
+    assert mbr.run(parser.parse_args(["--run-dir", str(tmp_path)])) == 1
+    assert "samples.jsonl:1: missing field" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="utility"):
+        mbr.ScoreConfig(utility="bleu")
