@@ -16,5 +16,6 @@ from . import reference
 from .attention import flash_attention
 from .decode import prefix_decode_attention
 from .mbr import mbr_scores, select_pairs
+from .orpo import fused_linear_orpo_loss, sequence_logp_sums, shared_prompt_targets
 
 __version__ = "0.1.0"
