@@ -10,7 +10,7 @@ back. Each link carries 4 T h / P elements per layer forward (q, k, v, out; h = 
 
 GQA when the degree P exceeds the number of K/V heads Hkv: each K/V head is replicated r = P / gcd(P, Hkv)
 times (the smallest r with Hkv r divisible by P), just before the all-to-all, so each rank receives the
-Hkv r / P K/V heads its Hq / P query heads read; r must divide the group size Hq / Hkv. Nothing is repeated
+Hkv r / P K/V heads its Hq / P query heads read (r divides Hq / Hkv whenever P divides Hq). Nothing is repeated
 up to Hq heads: with Hq=32, Hkv=8, P=16, r = 2 and each rank gets 2 query heads and 1 K/V head. The
 gradients of the replicas are summed back (autograd of repeat_interleave).
 
@@ -35,12 +35,9 @@ def kv_replication(num_q_heads, num_kv_heads, degree):
         raise ValueError(f"Ulysses degree {degree} must divide the number of query heads ({num_q_heads})")
     if num_q_heads % num_kv_heads != 0:
         raise ValueError(f"q heads ({num_q_heads}) must be a multiple of k/v heads ({num_kv_heads})")
-    r = degree // math.gcd(degree, num_kv_heads)
-    if (num_q_heads // num_kv_heads) % r != 0:
-        raise ValueError(
-            f"Ulysses degree {degree} cannot split {num_q_heads} query heads over {num_kv_heads} k/v heads: "
-            f"each k/v head would need {r} replicas but serves only {num_q_heads // num_kv_heads} query heads")
-    return r
+    # r always divides the group size G = Hq / Hkv: with g = gcd(P, Hkv), P = r g and Hkv = g h with
+    # gcd(r, h) = 1, and P | G Hkv gives r | G h, so r | G. Each replica then serves G / r query heads.
+    return degree // math.gcd(degree, num_kv_heads)
 
 
 def sequence_index(seq_len, ring, ulysses, sp_rank, layout="zigzag"):
