@@ -17,5 +17,7 @@ from .attention import flash_attention
 from .decode import prefix_decode_attention
 from .mbr import mbr_scores, select_pairs
 from .orpo import fused_linear_orpo_loss, sequence_logp_sums, shared_prompt_targets
+from .ring import merge_partials_, ring_attention, ring_schedule, shard_ranges
+from .ulysses import hybrid_attention, sequence_index, ulysses_attention
 
 __version__ = "0.1.0"
