@@ -69,8 +69,8 @@ __global__ void __launch_bounds__(kThreads) mbr_scores_kernel(
   }
   __syncthreads();
 
-  // pass 2: chunks of DC columns
-  for (int64_t d0 = 0; d0 < D; d0 += DC) {
+  // pass 2: chunks of DC columns, last chunk first (pass 1 read it last: likeliest still in cache)
+  for (int64_t d0 = ((D - 1) / DC) * DC; d0 >= 0; d0 -= DC) {
     const int dc = static_cast<int>(D - d0 < DC ? D - d0 : DC);
     for (int64_t k = tid; k < N * dc; k += kThreads) {  // threads along d: coalesced when stride_d == 1
       const int64_t i = k / dc, dd = k % dc;

@@ -15,9 +15,9 @@ a few float32 ulps of n in the numerator, i.e. a few 1e-7 in s_i after dividing 
 of u_i . u_i ~ 1 costs at most a factor n/(n-1) <= 2). The tests bound it against float64.
 
 Kernel: one program per row b. Pass 1 walks D in blocks of BLOCK_D and accumulates the N squared norms;
-pass 2 walks D again, forms the block of S and adds each u_i's share of u_i . S and u_i . u_i. The row is
-read twice from global memory; the second read hits L2 while the row is small (N·D·bytes, e.g. 64-128 KB
-for N=32, D=1024). No tl.dot (so bfloat16 is right under the interpreter too) and no [B, N, N] buffer.
+pass 2 walks D again, backwards, forms the block of S and adds each u_i's share of u_i . S and u_i . u_i.
+The row is read twice from global memory; the second read hits L2 while the row is small (N·D·bytes, e.g.
+64-128 KB for N=32, D=1024), and walking backwards re-reads the most recently loaded blocks first. No tl.dot (so bfloat16 is right under the interpreter too) and no [B, N, N] buffer.
 
 Dispatch of `mbr_scores(..., backend="auto")`: CUDA tensors use the CUDA C++ kernel of `sealong_kernels._C`
 when it is built (same math, see csrc/mbr.cu), else this Triton kernel; CPU tensors use the plain-torch
@@ -65,11 +65,13 @@ def _mbr_scores_kernel(
     else:
         w = tl.where(valid, 1.0, 0.0)
 
-    # pass 2: S = sum_j u_j block by block; dot_i = u_i . S, self_i = u_i . u_i
+    # pass 2: S = sum_j u_j block by block; dot_i = u_i . S, self_i = u_i . u_i. Walks D backwards: the
+    # blocks pass 1 read last are the likeliest to still be in cache.
     dot = tl.zeros([BLOCK_N], dtype=tl.float32)
     self_sim = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
+    num_blocks = tl.cdiv(D, BLOCK_D)
+    for k in range(0, num_blocks):
+        offs_d = (num_blocks - 1 - k) * BLOCK_D + tl.arange(0, BLOCK_D)
         x = tl.load(rows + offs_d.to(tl.int64)[None, :] * stride_ed,
                     mask=valid[:, None] & (offs_d < D)[None, :], other=0.0).to(tl.float32)
         u = x * w[:, None]

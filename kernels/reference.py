@@ -163,10 +163,13 @@ def select_pairs(scores, generator=None, chosen_mask=None):
     n_valid = 5: the 2 lowest); one of them is drawn uniformly with one torch.rand value per row from
     `generator` (drawn on the CPU, so results do not depend on the device). When chosen is the argmax this is
     exactly the bottom n_valid // 2 of all valid samples.
-    Rows with one valid sample: chosen = that sample, rejected = -1. Rows with none: both -1.
+    Rows with one valid sample: chosen = that sample, rejected = -1. Rows with none (or N = 0): both -1.
     """
     b, n = scores.shape
     dev = scores.device
+    if n == 0:
+        none = torch.full((b,), -1, dtype=torch.long, device=dev)
+        return none, none.clone()
     valid = scores > float("-inf")
     n_valid = valid.sum(-1)
     pool = valid if chosen_mask is None else valid & chosen_mask.to(device=dev, dtype=torch.bool)

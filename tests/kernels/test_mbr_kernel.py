@@ -83,6 +83,12 @@ def test_reference_is_the_paper_definition():
     assert torch.equal(scores.argsort(-1), authors.argsort(-1))  # same ranking
 
 
+def test_empty_batch_and_empty_rows(device):
+    assert sk.mbr_scores(torch.randn(0, 5, 8, device=device), backend="triton").shape == (0, 5)
+    chosen, rejected = sk.select_pairs(torch.zeros(3, 0))
+    assert chosen.tolist() == rejected.tolist() == [-1, -1, -1]
+
+
 def test_auto_backend_on_cpu_is_the_reference():
     emb = torch.randn(3, 5, 8)
     assert torch.equal(sk.mbr_scores(emb), reference.mbr_scores(emb).float())
