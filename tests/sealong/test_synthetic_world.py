@@ -1,0 +1,87 @@
+"""The built-in offline world: valid MuSiQue records whose answers follow from their supporting passages."""
+
+import json
+import re
+from argparse import Namespace
+
+import pytest
+
+from sealong.data.musique import parse_record, read_musique
+from sealong.data.synthetic import RELATIONS, World, WorldConfig, run
+
+FACT = re.compile(r"The (\w+) of (.+?) is (.+?)\.")
+
+
+def _facts(text):
+    return {(s, r): o for r, s, o in FACT.findall(text)}
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_questions_follow_from_supporting_passages(seed):
+    questions = World(WorldConfig(seed=seed)).questions(30)
+    assert [len(q.chain) for q in questions[:6]] == [2, 3, 4, 2, 3, 4]
+    assert len({q.text for q in questions}) == 30
+    for q in questions:
+        rec = parse_record(q.to_json(), f"world:{q.id}")  # the official layout validates
+        assert rec.hops == len(q.chain) and rec.answers == (q.answer,)
+        # walk the question's relations through the supporting passages only
+        facts = {}
+        for p in rec.supporting:
+            facts.update(_facts(p.text))
+        node = q.chain[0][0]
+        for rel in re.findall(r"the (\w+) of", q.text)[::-1]:
+            assert rel in RELATIONS
+            node = facts[(node, rel)]
+        assert node == q.answer
+        assert len(rec.paragraphs) == WorldConfig().paragraphs_per_record
+        assert q.reasoning().endswith(f"The answer is {q.answer}.")
+        steps = q.to_json()["question_decomposition"]
+        assert [s["answer"] for s in steps] == [o for _, _, o in q.chain]
+        assert all(rec.paragraphs[s["paragraph_support_idx"]].is_supporting for s in steps)
+
+
+def test_world_is_seeded():
+    a = [q.to_json() for q in World(WorldConfig(seed=1)).questions(10)]
+    b = [q.to_json() for q in World(WorldConfig(seed=1)).questions(10)]
+    c = [q.to_json() for q in World(WorldConfig(seed=2)).questions(10)]
+    assert a == b and a != c
+
+
+def test_too_many_questions_for_a_tiny_world_is_an_error():
+    tiny = WorldConfig(num_people=2, num_cities=2, num_countries=2, num_companies=2, num_currencies=2, seed=0)
+    with pytest.raises(ValueError, match="too few distinct"):
+        World(tiny).questions(500, hops=(2,))
+
+
+def _args(tmp_path, **kw):
+    base = dict(out_dir=str(tmp_path / "run"), musique=None, tokenizer=None, num_examples=12, num_eval=4,
+                min_tokens=60, max_tokens=200, distractors="random", embed_model=None, seed=0,
+                include_unanswerable=False, overwrite=False)
+    base.update(kw)
+    return Namespace(**base)
+
+
+def test_synth_stage_writes_prompts_without_answers_and_a_heldout_eval(tmp_path, capsys):
+    assert run(_args(tmp_path)) == 0
+    run_dir = tmp_path / "run"
+    prompts = [json.loads(line) for line in (run_dir / "prompts.jsonl").open()]
+    evals = [json.loads(line) for line in (run_dir / "eval.jsonl").open()]
+    world = read_musique(run_dir / "world_musique.jsonl")
+    assert len(prompts) == len(world) == 12 and len(evals) == 4
+    answers = {r.id: r.answers[0] for r in world}
+    for p in prompts:
+        assert "answer" not in p and "answers" not in p
+        assert p["context_tokens"] <= p["target_tokens"] or p["supporting_over_budget"]
+    assert all(e["answers"] and e["dataset"] == "synthetic" for e in evals)
+    assert not {e["input"] for e in evals} & {p["question"] for p in prompts}  # held out: another world
+    assert len(answers) == 12
+    before = (run_dir / "prompts.jsonl").stat().st_mtime_ns
+    assert run(_args(tmp_path)) == 0 and "skipping" in capsys.readouterr().out  # done: skipped
+    assert (run_dir / "prompts.jsonl").stat().st_mtime_ns == before
+
+
+def test_synth_stage_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="--num-examples must be >= 1"):
+        run(_args(tmp_path, num_examples=0))
+    with pytest.raises(FileNotFoundError, match="MuSiQue file not found"):
+        run(_args(tmp_path, musique=str(tmp_path / "none.jsonl")))
