@@ -49,43 +49,50 @@ from .reference import check_empty_sequences, global_sum, orpo_objective, prefer
 
 
 @triton.jit
-def _logits_rows_kernel(logits_ptr, stride_row, targets_ptr, lse_ptr, target_logit_ptr, V,
-                        BLOCK_V: tl.constexpr, COMPUTE_LSE: tl.constexpr, WRITE_GRAD: tl.constexpr):
-    """One program per row of z = logits[row, :V].
+def _logits_rows_kernel(logits_ptr, stride_row, targets_ptr, lse_ptr, target_logit_ptr, C, V,
+                        BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, COMPUTE_LSE: tl.constexpr,
+                        WRITE_GRAD: tl.constexpr):
+    """One program per BLOCK_R rows of z = logits[row, :V] (BLOCK_R = 1 on a GPU).
 
     COMPUTE_LSE: lse[row] = log sum_v exp(z_v) by an online max / rescaled sum in float32, and
                  target_logit[row] = z[targets[row]]; otherwise lse[row] is read (saved by the forward).
     WRITE_GRAD:  overwrite the row in place with G = onehot(target) - exp(z - lse)  (d logp / d z).
     """
-    row = tl.program_id(0).to(tl.int64)
-    base = logits_ptr + row * stride_row
-    target = tl.load(targets_ptr + row)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    row_ok = rows < C
+    base = logits_ptr + rows[:, None] * stride_row                       # [BLOCK_R, 1] row pointers
+    target = tl.load(targets_ptr + rows, mask=row_ok, other=0)
     if COMPUTE_LSE:
-        m = float("-inf")
-        s = 0.0
+        m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        s = tl.zeros([BLOCK_R], tl.float32)
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
-            z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-            # update running max and the normalizer rescaled to it
-            m_new = tl.maximum(m, tl.max(z, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+            ok = row_ok[:, None] & (cols[None, :] < V)
+            z = tl.load(base + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
+            # update the running max and the normalizer rescaled to it (finite: every row has a column >= 0)
+            m_new = tl.maximum(m, tl.max(z, axis=1))
+            m_safe = tl.where(row_ok, m_new, 0.0)
+            s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
             m = m_new
-        lse = m + tl.log(s)
-        tl.store(lse_ptr + row, lse)
-        tl.store(target_logit_ptr + row, tl.load(base + target).to(tl.float32))
+        lse = tl.where(row_ok, m + tl.log(tl.where(row_ok, s, 1.0)), 0.0)
+        tl.store(lse_ptr + rows, lse, mask=row_ok)
+        tl.store(target_logit_ptr + rows, tl.load(logits_ptr + rows * stride_row + target, mask=row_ok).to(tl.float32),
+                 mask=row_ok)
     else:
-        lse = tl.load(lse_ptr + row)
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     if WRITE_GRAD:
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
-            z = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
-            g = (cols == target).to(tl.float32) - tl.exp(z - lse)
-            tl.store(base + cols, g.to(logits_ptr.dtype.element_ty), mask=cols < V)
+            ok = row_ok[:, None] & (cols[None, :] < V)
+            z = tl.load(base + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            g = (cols[None, :] == target[:, None]).to(tl.float32) - tl.exp(z - lse[:, None])
+            tl.store(base + cols[None, :], g.to(logits_ptr.dtype.element_ty), mask=ok)
 
 
-def logits_rows(logits, targets, lse=None, write_grad=False):
-    """Launch the row kernel on a contiguous [C, V] chunk. Returns (lse [C], target_logit [C]) float32
-    (target_logit is None when lse is given); with write_grad the chunk holds G afterwards."""
+def logits_rows(logits, targets, lse=None, write_grad=False, rows_per_program=None):
+    """Launch the row kernel on a [C, V] chunk (unit column stride). Returns (lse [C], target_logit [C])
+    float32 (target_logit is None when lse is given); with write_grad the chunk holds G afterwards.
+    rows_per_program: 1 on a GPU (a row of a 128K vocabulary is plenty of work), 16 under the interpreter."""
     c, v = logits.shape
     assert logits.stride(1) == 1 and targets.shape == (c,)
     compute = lse is None
@@ -95,9 +102,11 @@ def logits_rows(logits, targets, lse=None, write_grad=False):
     else:
         target_logit = lse  # unused by the kernel
     if c:
-        block = min(triton.next_power_of_2(v), 4096 if logits.is_cuda else 16384)
-        _logits_rows_kernel[(c,)](logits, logits.stride(0), targets, lse, target_logit, v, BLOCK_V=block,
-                                  COMPUTE_LSE=compute, WRITE_GRAD=write_grad, num_warps=8)
+        block_r = rows_per_program or (1 if logits.is_cuda else 16)
+        block_v = min(triton.next_power_of_2(v), 4096 if logits.is_cuda else 1024)
+        _logits_rows_kernel[(triton.cdiv(c, block_r),)](
+            logits, logits.stride(0), targets, lse, target_logit, c, v, BLOCK_R=block_r, BLOCK_V=block_v,
+            COMPUTE_LSE=compute, WRITE_GRAD=write_grad, num_warps=8 if logits.is_cuda else 1)
     return lse, (target_logit if compute else None)
 
 

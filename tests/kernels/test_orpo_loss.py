@@ -246,3 +246,24 @@ def test_bfloat16_on_gpu(strategy):
     kernel, reference, grads = run_both(hidden, weight, bias, labels, torch.bfloat16, strategy=strategy,
                                         chunk_size=128)
     check(kernel, reference, grads, 3e-2)
+
+
+@pytest.mark.parametrize("rows_per_program,dtype", [(1, torch.float32), (16, torch.float16)])
+def test_row_kernel_lse_target_and_gradient(rows_per_program, dtype, device):
+    """The Triton row kernel alone: several vocabulary blocks with a tail (V = 2500), C = 37 rows; 1 row per
+    program is the GPU configuration, 16 the interpreter's."""
+    from sealong_kernels.orpo import logits_rows
+
+    logits = (torch.randn(37, 2500, dtype=torch.float64, device=device) * 4).to(dtype)
+    targets = torch.randint(0, 2500, (37,), device=device)
+    z = logits.double()
+    lse_want = z.logsumexp(-1)
+    g_want = torch.nn.functional.one_hot(targets, 2500).double() - z.softmax(-1)
+    lse, target_logit = logits_rows(logits, targets, write_grad=True, rows_per_program=rows_per_program)
+    assert rel(lse, lse_want) <= 1e-6 and torch.equal(target_logit, z.gather(1, targets[:, None])[:, 0].float())
+    tol = 1e-6 if dtype == torch.float32 else 2e-3
+    assert rel(logits, g_want) <= tol
+    # the backward configuration: lse given, gradient only
+    again = z.to(dtype)
+    assert logits_rows(again, targets, lse=lse, write_grad=True, rows_per_program=rows_per_program)[1] is None
+    assert rel(again, g_want) <= tol

@@ -1,0 +1,56 @@
+"""Memory of the fused ORPO loss, provable on the CPU: record every tensor created during forward and backward
+with a TorchDispatchMode and check that none has T x V elements (T = loss tokens > chunk) or more; the
+float64 reference, recorded the same way, does (the recorder can fail)."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import sealong_kernels as sk
+from sealong_kernels import reference as ref
+
+
+class SizeRecorder(TorchDispatchMode):
+    """Largest tensor (in bytes) any op returns (factories, matmuls, in-place results alike), with its op.
+    Bytes, not elements: the Triton interpreter copies kernel arguments through uint8 views."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = (0, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.numel() * t.element_size() > self.largest[0]:
+                self.largest = (t.numel() * t.element_size(), str(func))
+        return out
+
+
+def record(loss_fn, hidden, weight, bias, labels):
+    with SizeRecorder() as rec:
+        loss, _ = loss_fn(hidden, weight, labels, bias=bias)
+        loss.backward()
+    return rec.largest
+
+
+@pytest.mark.parametrize("strategy,train_head", [("deferred", False), ("deferred", True), ("recompute", True)])
+def test_no_tensor_has_tokens_times_vocab_elements(strategy, train_head):
+    t, h, v, chunk = 100, 16, 257, 32
+    hidden = torch.randn(2, t, h, requires_grad=True)
+    weight = torch.randn(v, h, requires_grad=train_head)
+    bias = torch.randn(v, requires_grad=train_head)
+    labels = torch.randint(0, v, (2, t))                     # every token labeled: 2T loss tokens
+    tokens = int((labels != -100).sum())
+    assert tokens > chunk
+
+    def ours(*a, **k):
+        return sk.fused_linear_orpo_loss(*a, chunk_size=chunk, strategy=strategy, **k)
+
+    f32 = 4  # bytes per element: everything here is float32
+    nbytes, op = record(ours, hidden, weight, bias, labels)
+    assert nbytes < tokens * v * f32, (nbytes, op)
+    # nothing beyond one logits chunk, the deferred per-sequence accumulators [2, V, H], hidden-sized buffers
+    assert nbytes <= f32 * max(chunk * v, 2 * v * h, 2 * t * h), (nbytes, op)
+    nbytes_ref, _ = record(ref.fused_linear_orpo_loss, hidden, weight, bias, labels)
+    assert nbytes_ref >= tokens * v * f32
