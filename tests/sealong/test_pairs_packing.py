@@ -1,0 +1,119 @@
+"""Pairs data: shared-prompt packing == the classic two-sequence layout (sums, loss and gradients), middle
+truncation, counted skips and file:line errors."""
+
+import json
+
+import pytest
+import torch
+from train_fixtures import build_tokenizer, make_model_folder, write_pairs
+
+from sealong.model import load_model
+from sealong.pairs import IGNORE, Pair, load_pairs, pack_pair, pad_row, truncate_middle
+from sealong.train_loss import micro_objective, row_logp_sums
+
+RTOL = 1e-5  # float32: the two layouts differ only in the order of sums (packed attention over more keys)
+
+
+def _random_pair(vocab, p, c, r, seed):
+    g = torch.Generator().manual_seed(seed)
+    draw = lambda n: torch.randint(6, vocab, (n,), generator=g)  # noqa: E731
+    return Pair(f"p{seed}", draw(p), draw(c), draw(r))
+
+
+def _sums_and_grads(model, pairs, layout):
+    model.zero_grad(set_to_none=True)
+    sums = torch.zeros(2 * len(pairs))
+    for j, pair in enumerate(pairs):
+        for row in pack_pair(pair, j, layout):
+            hidden = model(row.input_ids, row.position_ids, segment_ids=row.segment_ids)
+            sums = sums + row_logp_sums(hidden, model.lm_head.weight, row.labels, row.seq_index, 2 * len(pairs))
+    counts = torch.tensor([n for p in pairs for n in (p.chosen.numel(), p.rejected.numel())])
+    loss, metrics = micro_objective(sums, counts, mode="orpo", beta=0.1, nll_weight=1.0,
+                                    batch_chosen_tokens=int(counts[0::2].sum()), batch_pairs=len(pairs))
+    loss.backward()
+    return sums.detach(), loss.detach(), metrics, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def test_packed_equals_two_sequences(tmp_path):
+    model = load_model(make_model_folder(str(tmp_path / "m")), dtype=torch.float32)
+    vocab = model.config.vocab_size
+    pairs = [_random_pair(vocab, 23, 7, 11, 1), _random_pair(vocab, 9, 13, 5, 2)]
+    packed = _sums_and_grads(model, pairs, "packed")
+    classic = _sums_and_grads(model, pairs, "classic")
+    assert _rel(packed[0], classic[0]) < RTOL
+    assert _rel(packed[1], classic[1]) < RTOL
+    assert _rel(packed[2], classic[2]) < RTOL
+    for name, grad in classic[3].items():
+        assert _rel(packed[3][name], grad) < RTOL, name
+    # the packed row is P + C + R + 1 tokens (one repeated prompt token), the classic rows 2P + C + R
+    rows = pack_pair(pairs[0], 0, "packed")
+    assert len(rows) == 1 and rows[0].input_ids.numel() == 23 + 7 + 11 + 1
+
+
+def test_packed_layout_fields():
+    pair = Pair("x", torch.tensor([10, 11, 12]), torch.tensor([20, 21]), torch.tensor([30]))
+    (row,) = pack_pair(pair, index=1)
+    assert row.input_ids.tolist() == [10, 11, 12, 20, 21, 12, 30]
+    assert row.position_ids.tolist() == [0, 1, 2, 3, 4, 2, 3]
+    assert row.segment_ids.tolist() == [0, 0, 1, 1, 1, 2, 2]
+    assert row.labels.tolist() == [IGNORE, IGNORE, 20, 21, IGNORE, 30, IGNORE]
+    assert row.seq_index.tolist() == [-1, -1, 2, 2, -1, 3, -1]
+    padded = pad_row(row, 4)
+    assert padded.input_ids.numel() == 8 and padded.labels[-1] == IGNORE and padded.position_ids[-1] == 4
+
+
+def test_truncate_middle_keeps_head_and_tail():
+    ids = torch.arange(10)
+    assert truncate_middle(ids, 5).tolist() == [0, 1, 2, 8, 9]
+    assert truncate_middle(ids, 12).tolist() == list(range(10))
+
+
+def test_load_counts_truncation_and_skips(tmp_path):
+    tok = build_tokenizer()
+    extra = [json.dumps({"id": "e1", "prompt": "w1 w2", "chosen_text": "  ", "rejected_text": "w3"}),
+             json.dumps({"id": "e2", "skipped": "all outputs identical"}),
+             json.dumps({"id": "e3", "prompt": "w1", "chosen_text": " ".join(["w5"] * 40), "rejected_text": "w3"})]
+    path = write_pairs(str(tmp_path / "pairs.jsonl"), 5, prompt_len=(30, 40), answer_len=(3, 5), extra=extra)
+    data = load_pairs(path, tok, max_length=24)
+    assert len(data.pairs) == 5 and data.truncated == 5
+    assert sum(data.skipped.values()) == 3 and len(data.skipped) == 3
+    for pair in data.pairs:
+        longest = max(pair.chosen.numel(), pair.rejected.numel())
+        assert pair.truncated and pair.prompt.numel() + longest == 24
+        assert pair.prompt[0] == tok.bos_token_id  # the chat header survives the middle cut
+        assert pair.chosen[-1] == tok.eos_token_id and pair.rejected[-1] == tok.eos_token_id
+    full = load_pairs(path, tok, max_length=4096)
+    assert full.truncated == 0 and len(full.pairs) == 6  # e3 fits now
+    first = json.loads(open(path).readline())["prompt"]
+    want = tok("<s> user: " + first + " assistant:", add_special_tokens=False)["input_ids"]
+    assert full.pairs[0].prompt.tolist() == want  # the chat template, one BOS
+
+
+@pytest.mark.parametrize("line,message", [
+    ("{not json", "malformed JSON"),
+    ("[1, 2]", "must be a JSON object"),
+    (json.dumps({"prompt": "w1", "chosen_text": 3, "rejected_text": "w2"}), "'chosen_text' must be a string"),
+    (json.dumps({"prompt": "w1", "chosen_text": "w2"}), "'rejected_text' must be a string"),
+])
+def test_bad_records_name_file_and_line(tmp_path, line, message):
+    path = write_pairs(str(tmp_path / "pairs.jsonl"), 2, extra=[line])
+    with pytest.raises(ValueError, match=rf"pairs.jsonl:3: .*{message}"):
+        load_pairs(path, build_tokenizer())
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.jsonl"):
+        load_pairs(str(tmp_path / "nothing.jsonl"), build_tokenizer())
+
+
+def test_sft_needs_only_chosen(tmp_path):
+    path = tmp_path / "sft.jsonl"
+    path.write_text(json.dumps({"id": 1, "prompt": "w1 w2", "chosen_text": "w3 w4"}) + "\n")
+    data = load_pairs(str(path), build_tokenizer(), mode="sft")
+    assert len(data.pairs) == 1 and data.pairs[0].rejected is None
+    (row,) = pack_pair(data.pairs[0], 0, "packed")
+    assert (row.seq_index[row.labels != IGNORE] == 0).all()
