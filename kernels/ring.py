@@ -167,6 +167,72 @@ def attend_step(q, k, v, out, lse, blocks, forward_op, *, softmax_scale, q_seg=N
     return out, lse
 
 
+def attend_step_backward(dout, q, k, v, out, lse, delta, dq, dkv, blocks, backward_op, *, softmax_scale,
+                         q_seg=None, k_seg=None):
+    """Add one ring step's gradients in place: dq [T, Hq, D] and dkv [2, Tk, Hkv, D] (dK, dV), float32.
+
+    out, lse and delta = rowsum(dout * out) [Hq, T] are the final (merged) ones of the local queries.
+    """
+    for b in blocks:
+        rows, cols = slice(b.q_lo, b.q_hi), slice(b.k_lo, b.k_hi)
+        dq_b, dk_b, dv_b = backward_op(
+            dout[rows], q[rows], k[cols], v[cols], out[rows], lse[:, rows].contiguous(),
+            delta=delta[:, rows].contiguous(), causal=b.causal, softmax_scale=softmax_scale,
+            q_start=b.q_start, k_start=b.k_start,
+            segment_ids=None if q_seg is None else q_seg[rows],
+            k_segment_ids=None if k_seg is None else k_seg[cols])
+        dq[rows] += dq_b
+        dkv[0, cols] += dk_b
+        dkv[1, cols] += dv_b
+    return dq, dkv
+
+
+def simulate_ring(q, k, v, world, *, causal=True, layout="zigzag", softmax_scale=None, segment_ids=None, dout=None,
+                  backend="auto"):
+    """Run on one device, one rank after another, the per-step blocks and merges of a `world`-rank ring.
+
+    q [T, Hq, D], k, v [T, Hkv, D], segment_ids [T] are whole sequences (global order). Returns (out, lse)
+    in global order, plus (dq, dk, dv) float32 when dout is given. For benchmarks (the total work of all
+    ranks against one monolithic call) and for checking the schedule without processes.
+    """
+    fwd, bwd = attention_ops(q.device, backend)
+    seq_len = q.shape[0]
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    index = [torch.cat([torch.arange(a, b) for a, b in shard_ranges(seq_len, world, r, layout)]).to(q.device)
+             for r in range(world)]
+    acc = _acc_dtype(q)
+    shards = [(q[i], k[i], v[i], None if segment_ids is None else segment_ids[i]) for i in index]
+    results = []
+    for r in range(world):
+        out = torch.zeros(shards[r][0].shape, dtype=acc, device=q.device)
+        lse = torch.full((q.shape[1], out.shape[0]), float("-inf"), dtype=acc, device=q.device)
+        for s, blocks in enumerate(ring_schedule(seq_len, world, r, layout, causal)):
+            _, ks, vs, kseg = shards[(r - s) % world]
+            attend_step(shards[r][0], ks, vs, out, lse, blocks, fwd, softmax_scale=scale, q_seg=shards[r][3], k_seg=kseg)
+        results.append((out.to(q.dtype), lse))
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[1], seq_len, dtype=acc, device=q.device)
+    for i, (o, l) in zip(index, results):
+        out[i], lse[:, i] = o, l
+    if dout is None:
+        return out, lse
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dkv = torch.zeros((2, *k.shape), dtype=acc, device=q.device)
+    for r in range(world):
+        i = index[r]
+        delta = (dout[i].to(acc) * out[i].to(acc)).sum(-1).transpose(0, 1).contiguous()
+        dq_r = torch.zeros(i.numel(), *q.shape[1:], dtype=acc, device=q.device)
+        for s, blocks in enumerate(ring_schedule(seq_len, world, r, layout, causal)):
+            src = index[(r - s) % world]
+            dkv_src = torch.zeros((2, src.numel(), *k.shape[1:]), dtype=acc, device=q.device)
+            _, ks, vs, kseg = shards[(r - s) % world]
+            attend_step_backward(dout[i], q[i], ks, vs, out[i], lse[:, i], delta, dq_r, dkv_src, blocks, bwd,
+                                 softmax_scale=scale, q_seg=shards[r][3], k_seg=kseg)
+            dkv[:, src] += dkv_src
+        dq[i] = dq_r
+    return out, lse, dq, dkv[0], dkv[1]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Communication
 # ---------------------------------------------------------------------------------------------------------
@@ -215,11 +281,19 @@ def _check_inputs(q, k, v, ring, segment_ids, layout):
         raise ValueError(f"a zigzag shard holds two equal chunks: local length {q.shape[0]} is odd")
     if segment_ids is not None and tuple(segment_ids.shape) != (q.shape[0],):
         raise ValueError(f"segment_ids must be [T_local]={q.shape[0]}, got {tuple(segment_ids.shape)}")
-    # every rank must hold the same shapes: the K/V buffers that travel are sized from the local ones
-    header = torch.tensor([*q.shape, k.shape[1], segment_ids is not None], dtype=torch.int64, device=q.device)
+    # Every rank must hold the same shapes: the K/V buffers that travel are sized from the local ones. The
+    # check reads the gathered shapes on the host (a device sync), so it runs once per group and shape.
+    local = (*q.shape, k.shape[1], int(segment_ids is not None))
+    if ring.group is None or (id(ring.group), local) in _CHECKED_SHAPES:
+        return
+    header = torch.tensor(local, dtype=torch.int64, device=q.device)
     shapes = [tuple(h.tolist()) for h in ring.all_gather(header)]
     if len(set(shapes)) != 1:
         raise ValueError(f"every rank of the ring must hold the same shard shape (T_local, Hq, D, Hkv, has_segments): got {shapes}")
+    _CHECKED_SHAPES.add((id(ring.group), local))
+
+
+_CHECKED_SHAPES = set()  # (group, local shape) pairs already verified on every rank of the group
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -281,17 +355,8 @@ def _ring_backward(dout, q, k, v, out, lse, ring, causal, scale, q_seg, k_segs, 
         works = ring.start(sends=sends, recvs=recvs)
         src = (ring.rank - s) % ring.world
         dkv = torch.zeros(dkv_shape, dtype=acc, device=q.device)
-        for b in schedule[s]:
-            rows, cols = slice(b.q_lo, b.q_hi), slice(b.k_lo, b.k_hi)
-            dq_b, dk_b, dv_b = bwd(
-                dout[rows], q[rows], kv[0, cols], kv[1, cols], out[rows], lse[:, rows].contiguous(),
-                delta=delta[:, rows].contiguous(), causal=b.causal, softmax_scale=scale,
-                q_start=b.q_start, k_start=b.k_start,
-                segment_ids=None if q_seg is None else q_seg[rows],
-                k_segment_ids=None if k_segs is None else k_segs[src][cols])
-            dq[rows] += dq_b
-            dkv[0, cols] += dk_b
-            dkv[1, cols] += dv_b
+        attend_step_backward(dout, q, kv[0], kv[1], out, lse, delta, dq, dkv, schedule[s], bwd, softmax_scale=scale,
+                             q_seg=q_seg, k_seg=None if k_segs is None else k_segs[src])
         _wait(works + pending)
         if dkv_in is not None:
             dkv += dkv_in
