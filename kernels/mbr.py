@@ -17,7 +17,8 @@ of u_i . u_i ~ 1 costs at most a factor n/(n-1) <= 2). The tests bound it agains
 Kernel: one program per row b. Pass 1 walks D in blocks of BLOCK_D and accumulates the N squared norms;
 pass 2 walks D again, backwards, forms the block of S and adds each u_i's share of u_i . S and u_i . u_i.
 The row is read twice from global memory; the second read hits L2 while the row is small (N·D·bytes, e.g.
-64-128 KB for N=32, D=1024), and walking backwards re-reads the most recently loaded blocks first. No tl.dot (so bfloat16 is right under the interpreter too) and no [B, N, N] buffer.
+64-128 KB for N=32, D=1024), and walking backwards re-reads the most recently loaded blocks first. No
+tl.dot (so bfloat16 is right under the interpreter too) and no [B, N, N] buffer.
 
 Dispatch of `mbr_scores(..., backend="auto")`: CUDA tensors use the CUDA C++ kernel of `sealong_kernels._C`
 when it is built (same math, see csrc/mbr.cu), else this Triton kernel; CPU tensors use the plain-torch
@@ -33,7 +34,7 @@ import triton.language as tl
 
 from . import reference
 
-MAX_N = 1024
+MAX_N = 512  # BLOCK_N = 1024 spills registers on sm_90
 
 
 @triton.jit
@@ -91,10 +92,12 @@ def _mbr_scores_kernel(
 
 
 def _block_sizes(n, d):
-    """BLOCK_N covers the whole row; BLOCK_D keeps the register tile near 8K elements."""
+    """BLOCK_N covers the whole row; BLOCK_D keeps the tile near 4096 elements and num_warps gives each thread
+    at most 16 of them: about 128 registers on sm_90 and no spills up to N = 512 (checked by
+    tests/kernels/test_mbr_cuda_build.py with cuobjdump), so two or more programs fit on an SM."""
     block_n = max(16, triton.next_power_of_2(n))
-    block_d = max(16, min(256, 8192 // block_n, triton.next_power_of_2(d)))
-    num_warps = 4 if block_n * block_d <= 4096 else 8
+    block_d = max(16, min(256, 4096 // block_n, triton.next_power_of_2(d)))
+    num_warps = max(4, min(16, block_n * block_d // 512))
     return block_n, block_d, num_warps
 
 
@@ -172,7 +175,7 @@ def _check(emb, mask):
 def mbr_scores(emb, mask=None, normalize=True, *, include_self=False, eps=1e-12, backend="auto"):
     """MBR score of every sample: its mean similarity to the other valid samples of its row.
 
-    emb [B, N, D] float32/float16/bfloat16 (N <= 1024, any B and D), mask [B, N] bool (None = all valid; an
+    emb [B, N, D] float32/float16/bfloat16 (N <= 512, any B and D), mask [B, N] bool (None = all valid; an
     empty or failed output is invalid) -> scores [B, N] float32 on emb's device.
         scores[b, i] = mean_{j valid, j != i} cos(emb[b, i], emb[b, j])     (dot products if normalize=False)
     Invalid samples: -inf. A valid sample with no valid peer: 0.0. include_self=True reproduces the authors'
