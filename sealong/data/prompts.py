@@ -1,0 +1,45 @@
+"""The paper's prompting strategies (SEALONG, arXiv 2411.08147, Tables 9 and 10) and the chat-template wrapping.
+
+The user message is laid out as the authors' code does it, for sampling and evaluation alike:
+
+    "\\n" + context + "\\n\\n" + (question + "\\n" + instruction).strip() + "\\n"
+
+so the default strategy (empty instruction) ends with the question line. The message is wrapped by the
+tokenizer's own chat template (with the generation prompt) and the template's text is tokenized WITHOUT
+adding special tokens again: one BOS, not the two that re-tokenizing with special tokens gives Llama.
+"""
+
+STRATEGIES = {
+    "default": "",
+    "direct_answer": "Let's answer the question directly.",
+    "step_by_step": "Let's think step by step.",
+    "fact_and_reflection": (
+        "Let's first identify the relevant information from the long context and list it. Then, carry out "
+        "step-by-step reasoning based on that information, and finally, provide the answer."
+    ),
+    "plan_and_solve": (
+        "Let's first understand the problem and devise a plan to solve it. Then, let's carry out the plan and "
+        "solve the problem step-by-step."
+    ),
+}
+DEFAULT_STRATEGY = "plan_and_solve"
+
+
+def user_message(context: str, question: str, strategy: str = DEFAULT_STRATEGY) -> str:
+    """The single user message: context, a blank line, the question, then the strategy's instruction."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown prompt strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    return "\n" + context + "\n\n" + f"{question}\n{STRATEGIES[strategy]}".strip() + "\n"
+
+
+def chat_prompt(tokenizer, context: str, question: str, strategy: str = DEFAULT_STRATEGY) -> str:
+    """The message wrapped by the tokenizer's chat template, ending with the assistant's generation prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no chat template; the prompts need one")
+    messages = [{"role": "user", "content": user_message(context, question, strategy)}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def prompt_token_ids(tokenizer, context: str, question: str, strategy: str = DEFAULT_STRATEGY) -> list[int]:
+    """Token ids of the templated prompt; the template already holds BOS, so no special tokens are added."""
+    return tokenizer(chat_prompt(tokenizer, context, question, strategy), add_special_tokens=False)["input_ids"]

@@ -1,0 +1,198 @@
+"""The shared-prefix sampler against a naive sampler that repeats the prompt per sample, and the sampling stage."""
+
+import json
+import os
+
+import pytest
+import torch
+from tiny_checkpoint import build_checkpoint
+
+from sealong import sampler as S
+from sealong.jsonl import JsonlError, completed_ids, read_jsonl
+from sealong.model import eos_token_ids, load_model, load_tokenizer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: one thread is much faster than several fighting over shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    return load_model(ckpt, dtype=torch.float32)
+
+
+def naive_generate(model, prompt, seeds, params):
+    """The prompt repeated for every sample: a full forward over prompt + generated tokens at every step."""
+    out = []
+    for seed in seeds:
+        tokens, lp_sum, reason = [], 0.0, "length"
+        for step in range(params.max_new_tokens):
+            ids = torch.tensor(prompt + tokens)
+            with torch.no_grad():
+                logits = model(ids, torch.arange(len(ids)), return_logits=True)[-1:]
+            tok, lp = S.choose_tokens(logits, S.uniform(torch.tensor([seed]), step), params)
+            tokens.append(int(tok))
+            lp_sum += float(lp)
+            if int(tok) in params.eos_token_ids:
+                reason = "stop"
+                break
+        out.append((tokens, reason, lp_sum))
+    return out
+
+
+def count_embedded(model):
+    """Forward hook counting every token that enters the model (prefill and decode)."""
+    counter = {"tokens": 0}
+    handle = model.model.embed_tokens.register_forward_hook(lambda m, inp, out: counter.__setitem__("tokens", counter["tokens"] + inp[0].numel()))
+    return counter, handle
+
+
+@pytest.mark.parametrize("temperature, top_p, top_k", [(0.9, 1.0, 0), (0.7, 0.9, 20)])
+def test_shared_prefix_equals_naive(model, temperature, top_p, top_k):
+    prompts = [torch.randint(0, 96, (23,)).tolist(), torch.randint(0, 96, (9,)).tolist()]
+    seeds = [[11, 12, 13], [21, 22]]
+    params = S.SamplingParams(num_samples=3, max_new_tokens=7, temperature=temperature, top_p=top_p, top_k=top_k,
+                              eos_token_ids=(2, 3), prefill_chunk=8)
+    counter, handle = count_embedded(model)
+    try:
+        got = S.generate(model, prompts, seeds, params)
+    finally:
+        handle.remove()
+    # every prompt token entered the model once (not once per sample); then one token per live sample per step
+    decoded = sum(len(c.tokens) - 1 for cs in got for c in cs)  # the last sampled token is never fed back
+    assert counter["tokens"] == 23 + 9 + decoded
+    assert params.stats["prefill_tokens"] == 32
+    for prompt, ss, completions in zip(prompts, seeds, got):
+        for (tokens, reason, lp), c in zip(naive_generate(model, prompt, ss, params), completions):
+            assert c.tokens == tokens and c.finish_reason == reason
+            assert abs(c.logprob_sum - lp) < 1e-4
+            assert (reason == "stop") == (tokens[-1] in (2, 3)) and (reason == "stop" or len(tokens) == 7)
+
+
+def test_same_seed_same_output_whatever_the_batch(model):
+    a, b = torch.randint(0, 96, (17,)).tolist(), torch.randint(0, 96, (30,)).tolist()
+    params = S.SamplingParams(num_samples=2, max_new_tokens=6, temperature=1.0, eos_token_ids=(2,))
+    alone = S.generate(model, [a], [[5, 6]], params)[0]
+    together = S.generate(model, [b, a], [[7, 8, 9], [5, 6]], params)[1]
+    assert [c.tokens for c in alone] == [c.tokens for c in together]
+
+
+def test_eos_and_max_length_stops(model):
+    prompt = torch.randint(0, 96, (12,)).tolist()
+    free = S.generate(model, [prompt], [[1, 2, 3, 4]], S.SamplingParams(max_new_tokens=5, temperature=1.0))[0]
+    assert all(c.finish_reason == "length" and len(c.tokens) == 5 for c in free)
+    stop_tok = free[0].tokens[2]  # make the third token of sample 0 an EOS id
+    stopped = S.generate(model, [prompt], [[1, 2, 3, 4]], S.SamplingParams(max_new_tokens=5, temperature=1.0, eos_token_ids=(stop_tok,)))[0]
+    for c, f in zip(stopped, free):
+        cut = f.tokens.index(stop_tok) + 1 if stop_tok in f.tokens else 5
+        assert c.tokens == f.tokens[:cut]
+        assert c.finish_reason == ("stop" if stop_tok in f.tokens else "length")
+    assert stopped[0].finish_reason == "stop" and len(stopped[0].tokens) <= 3
+
+
+def test_greedy_and_chunked_prefill(model):
+    prompt = torch.randint(0, 96, (29,)).tolist()
+    greedy = S.SamplingParams(max_new_tokens=4, temperature=0.0, prefill_chunk=4)
+    out = S.generate(model, [prompt], [[1, 2]], greedy)[0]
+    want = naive_generate(model, prompt, [0], greedy)[0][0]
+    assert out[0].tokens == out[1].tokens == want
+
+
+def test_triton_backend_matches_reference(model):
+    """Triton prefix-decode and flash-attention prefill (interpreted on CPU) give the reference's tokens."""
+    prompt = torch.randint(0, 96, (21,)).tolist()
+    runs = [S.generate(model, [prompt], [[3, 4]], S.SamplingParams(max_new_tokens=3, temperature=0.8, backend=b))[0]
+            for b in ("reference", "triton")]
+    assert [c.tokens for c in runs[0]] == [c.tokens for c in runs[1]]
+
+
+def test_uniform_is_counter_based():
+    seeds = torch.tensor([S.sample_seed(0, "q1", i) for i in range(4000)])
+    u = S.uniform(seeds, 3)
+    assert u.dtype == torch.float64 and (u >= 0).all() and (u < 1).all()
+    assert abs(u.mean().item() - 0.5) < 0.03 and abs((u < 0.1).double().mean().item() - 0.1) < 0.03
+    assert torch.equal(S.uniform(seeds[7:9], 3), u[7:9])  # a row's number depends on its seed and step only
+    assert not torch.equal(S.uniform(seeds, 4), u)
+    assert S.sample_seed(0, "q1", 0) != S.sample_seed(0, "q1", 1) != S.sample_seed(1, "q1", 1)
+
+
+def test_choose_tokens_truncation():
+    logits = torch.tensor([[0.0, 3.0, 2.9, -1.0]]).repeat(200, 1)
+    u = torch.rand(200, dtype=torch.float64)
+    top1 = S.choose_tokens(logits, u, S.SamplingParams(temperature=1.0, top_k=1))[0]
+    assert (top1 == 1).all()
+    top2 = S.choose_tokens(logits, u, S.SamplingParams(temperature=1.0, top_p=0.6))[0]
+    assert set(top2.tolist()) == {1, 2}  # p(1) ~ 0.49 < 0.6: the nucleus needs tokens 1 and 2
+    greedy, logp = S.choose_tokens(logits, u, S.SamplingParams(temperature=0.0))
+    assert (greedy == 1).all() and torch.allclose(logp, torch.log_softmax(logits, -1)[:, 1])
+
+
+def write_prompts(path, n=3):
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"q{i}", "context": "passage 1 : paris is a city " * (i + 1), "question": "where is paris ?",
+                                "answers": ["paris"]}) + "\n")
+
+
+def stage_args(ckpt, tmp_path, *extra):
+    return S.parser.parse_args(["--model", ckpt, "--prompts", str(tmp_path / "prompts.jsonl"), "--output", str(tmp_path / "samples.jsonl"),
+                                "--num-samples", "3", "--max-new-tokens", "4", "--dtype", "float32", "--device", "cpu",
+                                "--batch-prompts", "2", *extra])
+
+
+def test_stage_writes_and_resumes(ckpt, tmp_path):
+    write_prompts(tmp_path / "prompts.jsonl")
+    out = tmp_path / "samples.jsonl"
+    assert S.run(stage_args(ckpt, tmp_path)) == 0
+    records = list(read_jsonl(out))
+    assert [r["id"] for r in records] == ["q0", "q1", "q2"]
+    tokenizer = load_tokenizer(ckpt)
+    for r in records:
+        assert "context" not in r and r["answers"] == ["paris"] and r["question"] == "where is paris ?"
+        assert len(r["outputs"]) == len(r["num_tokens"]) == len(r["finish_reasons"]) == len(r["logprob_sum"]) == 3
+        assert r["logprob_count"] == r["num_tokens"] and all(1 <= n <= 4 for n in r["num_tokens"])
+        assert all(s <= 0 for s in r["logprob_sum"]) and not r["truncated"]
+        for n, reason in zip(r["num_tokens"], r["finish_reasons"]):
+            assert reason == ("length" if n == 4 else "stop")
+    assert eos_token_ids(ckpt, tokenizer) == [2, 3]
+    # crash after the first record, in the middle of writing the second: resume redoes only what is missing
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text(lines[0] + lines[1][:15])
+    assert completed_ids(str(out)) == {"q0"}
+    assert S.run(stage_args(ckpt, tmp_path)) == 0
+    again = list(read_jsonl(out))  # same seeds -> the same samples again (q1 now shares its batch with q2)
+    assert [r["outputs"] for r in again] == [r["outputs"] for r in records]
+    for r, r0 in zip(again, records):
+        assert r["num_tokens"] == r0["num_tokens"] and r["logprob_sum"] == pytest.approx(r0["logprob_sum"], rel=1e-5)
+    assert S.run(stage_args(ckpt, tmp_path)) == 0 and len(out.read_text().splitlines()) == 3
+
+
+def test_stage_long_prompt_error_or_middle_truncation(ckpt, tmp_path):
+    write_prompts(tmp_path / "prompts.jsonl", n=2)
+    with pytest.raises(ValueError, match="prompt 'q0' has .* tokens, over the limit of 30"):
+        S.run(stage_args(ckpt, tmp_path, "--max-prompt-tokens", "30"))
+    assert S.run(stage_args(ckpt, tmp_path, "--max-prompt-tokens", "30", "--truncate", "middle")) == 0
+    records = list(read_jsonl(tmp_path / "samples.jsonl"))
+    assert [r["prompt_tokens"] for r in records] == [30, 30] and all(r["truncated"] for r in records)
+    assert S.fit_prompt(list(range(10)), 5, True, "x") == ([0, 1, 7, 8, 9], True)
+
+
+def test_bad_prompts_file_named(ckpt, tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"id": "a", "context": "c", "question": "q"}\n{"id": "b", "context": "c"}\n')
+    with pytest.raises(JsonlError, match=r"prompts.jsonl:2: missing field\(s\) 'question'"):
+        S.run(stage_args(ckpt, tmp_path))
+    path.write_text('{"id": "a", "context": "c", "question": "q"}\n{"id": "a", "context": "c", "question": "q"}\n')
+    with pytest.raises(JsonlError, match="duplicate id 'a'"):
+        S.run(stage_args(ckpt, tmp_path))
+    assert not os.path.exists(tmp_path / "samples.jsonl")
