@@ -1,0 +1,153 @@
+"""The training loop in one process: the logged batch loss and metrics equal the reference ORPO of the batch
+(computed independently from transformers' model), micro-batching does not change the result, the saved
+adapter loads into transformers + peft with the same logits, QLoRA and the command line run, and bad
+configs fail with the valid keys listed."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_fixtures import tiny_setup
+
+import sealong_kernels as sk
+from sealong.distributed import setup
+from sealong.pairs import IGNORE, load_pairs
+from sealong.train import add_arguments, batch_indices, run, train
+from sealong.train_config import load_config, make_config
+
+RTOL = 1e-5  # float32 throughout
+
+
+def _config(model, data, out, **overrides):
+    values = dict(model=model, data=data, output_dir=out, batch_pairs=4, lr=5e-3, lora_r=4, lora_alpha=8,
+                  lora_dropout=0.0, dtype="float32", progress=False, tensorboard=False)
+    values.update(overrides)
+    return make_config(values).validate()
+
+
+def _capture():
+    records = []
+    return records, lambda step, record: records.append(record)
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _reference_batch_loss(model_dir, cfg, data):
+    """ORPO of the first batch from transformers' LlamaForCausalLM on the classic padded layout [2B, T]."""
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    _, indices = batch_indices(0, len(data.pairs), len(data.pairs) // cfg.batch_pairs, cfg)
+    pairs = [data.pairs[i] for i in indices]
+    seqs = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
+    width = max(a.numel() + b.numel() for a, b in seqs)
+    hidden = torch.zeros(len(seqs), width, hf.config.hidden_size)
+    labels = torch.full((len(seqs), width), IGNORE)
+    with torch.no_grad():
+        for i, (prompt, answer) in enumerate(seqs):
+            ids = torch.cat([prompt, answer])
+            hidden[i, :ids.numel()] = hf.model(ids[None]).last_hidden_state[0]
+            labels[i, prompt.numel() - 1:ids.numel() - 1] = answer  # labels[t] is predicted from hidden[t]
+    return sk.reference.fused_linear_orpo_loss(hidden.double(), hf.lm_head.weight.double(), labels, beta=cfg.beta)
+
+
+def test_batch_loss_matches_reference_and_micro_batching(tmp_path):
+    model, data = tiny_setup(str(tmp_path), n_pairs=8)
+    cfg = _config(model, data, str(tmp_path / "a"))
+    records, hook = _capture()
+    result = train(cfg, setup("cpu"), on_step=hook)  # 4 micro-steps of 1 pair per step
+    pairs = load_pairs(data, __import__("sealong.model", fromlist=["x"]).load_tokenizer(model))
+    loss, metrics = _reference_batch_loss(model, cfg, pairs)  # LoRA B starts at 0: step 1 sees the base model
+    assert abs(records[0]["loss"] - loss.item()) / loss.item() < RTOL
+    for name, value in metrics.items():
+        if name != "skipped_pairs":
+            assert records[0][name] == pytest.approx(value.item(), rel=RTOL, abs=1e-7), name
+    assert records[0]["rewards/chosen"] == pytest.approx(0.1 * records[0]["logps/chosen"])
+
+    records2, hook2 = _capture()
+    other = train(_config(model, data, str(tmp_path / "b"), micro_batch_pairs=2), setup("cpu"), on_step=hook2)
+    assert _rel(torch.tensor(other["losses"]), torch.tensor(result["losses"])) < RTOL
+    a = load_file(os.path.join(result["checkpoint"], "adapter", "adapter_model.safetensors"))
+    b = load_file(os.path.join(other["checkpoint"], "adapter", "adapter_model.safetensors"))
+    assert all(_rel(b[k], a[k]) < 1e-4 for k in a)
+    assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)  # training moved the adapter
+
+
+def test_adapter_loads_into_transformers_peft(tmp_path):
+    from peft import PeftModel, get_peft_model, LoraConfig, set_peft_model_state_dict
+    from transformers import LlamaForCausalLM
+
+    from sealong.model import load_model
+
+    model, data = tiny_setup(str(tmp_path), n_pairs=4)
+    result = train(_config(model, data, str(tmp_path / "out"), lr=5e-2), setup("cpu"))
+    adapter_dir = os.path.join(result["checkpoint"], "adapter")
+    ids = torch.randint(6, 96, (37,))
+    hf = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(model, dtype=torch.float32), adapter_dir).eval()
+    with torch.no_grad():
+        want = hf(ids[None]).logits[0]
+        base = hf.get_base_model()
+        with hf.disable_adapter():
+            plain = base(ids[None]).logits[0]
+    assert _rel(want, plain) > 1e-3  # the adapter changes the logits
+    ours = load_model(model, dtype=torch.float32)
+    peft_ours = get_peft_model(ours, LoraConfig(r=4, lora_alpha=8, target_modules=list(_config(model, data, "x").lora_targets)))
+    set_peft_model_state_dict(peft_ours, load_file(os.path.join(adapter_dir, "adapter_model.safetensors")))
+    with torch.no_grad():
+        got = peft_ours(ids, torch.arange(37), return_logits=True)
+    assert _rel(got, want) < RTOL
+
+
+def test_qlora_trains_on_nf4_base(tmp_path):
+    import bitsandbytes as bnb
+
+    from sealong.train import build_model
+
+    model, data = tiny_setup(str(tmp_path), n_pairs=4)
+    cfg = _config(model, data, str(tmp_path / "q"), qlora=True, batch_pairs=2)
+    peft_model, _, params = build_model(cfg, torch.device("cpu"))
+    linears = [m for m in peft_model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(linears) == 2 * 7 and all(m.weight.quant_type == "nf4" for m in linears)
+    assert all(p.dtype == torch.float32 for p in params)
+    result = train(cfg, setup("cpu"))
+    assert result["steps"] == 2 and all(torch.isfinite(torch.tensor(result["losses"])))
+
+
+def test_command_line_writes_metrics(tmp_path):
+    import argparse
+
+    model, data = tiny_setup(str(tmp_path), n_pairs=4)
+    config = tmp_path / "train.yaml"
+    config.write_text(f"model: {model}\ndata: {data}\nbatch_pairs: 2\nlora_r: 4\ndtype: float32\n")
+    out = str(tmp_path / "cli")
+    args = add_arguments(argparse.ArgumentParser()).parse_args(
+        ["--config", str(config), "--output_dir", out, "--lr", "1e-3", "--progress", "false", "--max_steps", "1"])
+    assert run(args) == 0
+    lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert len(lines) == 1 and lines[0]["step"] == 1 and lines[0]["lr"] == pytest.approx(1e-3)
+    for key in ("loss", "nll_loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected", "log_odds_ratio", "log_odds_chosen", "tokens_per_s", "grad_norm"):
+        assert key in lines[0], key
+    assert os.path.isdir(os.path.join(out, "tensorboard"))
+    assert os.path.isfile(os.path.join(out, "checkpoints", "step_000001", "adapter", "adapter_config.json"))
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['lerning_rate'\]; valid keys: .*\blr\b"):
+        load_config(None, ["--model", "m", "--data", "d", "--lerning_rate", "1"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: m\ndata: d\nbatch_pairs: many\n")
+    with pytest.raises(ValueError, match="batch_pairs='many' is not a valid int"):
+        load_config(str(bad))
+    cfg = load_config(None, ["--model", "m", "--data", "d", "--lora_targets", "q_proj,v_proj", "--qlora", "true"])
+    assert cfg.lora_targets == ("q_proj", "v_proj") and cfg.qlora is True
+    defaults = make_config({"model": "m", "data": "d"})
+    assert (defaults.lora_r, defaults.lora_alpha, defaults.lora_dropout, defaults.lr, defaults.batch_pairs,
+            defaults.beta, defaults.weight_decay, defaults.adam_betas, defaults.warmup_ratio, defaults.max_grad_norm,
+            defaults.max_length, defaults.epochs) == (128, 128, 0.05, 5e-5, 8, 0.1, 0.1, (0.9, 0.999), 0.05, 1.0, 32768, 1)
+    with pytest.raises(ValueError, match="batch_pairs=8 is not divisible by dp=3"):
+        defaults.grad_accum_steps(3)
