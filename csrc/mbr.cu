@@ -3,8 +3,9 @@
 // Same math as kernels/mbr.py: with u_j = v_j * e_j / max(||e_j||, eps) and S = sum_j u_j,
 //   score_i = (u_i . S - u_i . u_i) / (n_valid - 1)      (include_self: u_i . S / n_valid)
 // invalid -> -inf, a valid sample without valid peers -> 0. One block per row b: pass 1 computes the N
-// weights (warp per sample); pass 2 walks D in chunks of DC columns, stages the weighted [N, DC] tile in
-// shared memory, forms the chunk of S and adds every u_i . S and u_i . u_i share. No [N, N] matrix.
+// weights (warp per sample); pass 2 walks D in chunks of DC columns (last chunk first), stages the weighted
+// [N, DC] tile in shared memory, forms the chunk of S (all warps) and adds every u_i . S and u_i . u_i share.
+// No [N, N] matrix.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -42,6 +43,7 @@ __global__ void __launch_bounds__(kThreads) mbr_scores_kernel(
   float* self_sim = dot + N;       // [N] u_i . u_i
   float* S = self_sim + N;         // [DC] chunk of S
   float* tile = S + DC;            // [N, DC] chunk of u
+  float* partial = tile + N * DC;  // [kWarps, DC] per-warp partial sums of S
   __shared__ int n_valid;
 
   const int64_t b = blockIdx.x;
@@ -77,9 +79,15 @@ __global__ void __launch_bounds__(kThreads) mbr_scores_kernel(
       tile[i * DC + dd] = w[i] == 0.f ? 0.f : to_float(row[i * stride_n + (d0 + dd) * stride_d]) * w[i];
     }
     __syncthreads();
-    for (int dd = tid; dd < dc; dd += kThreads) {
+    for (int dd = lane; dd < dc; dd += 32) {  // chunk of S: each warp sums every kWarps-th sample...
       float s = 0.f;
-      for (int64_t i = 0; i < N; ++i) s += tile[i * DC + dd];
+      for (int64_t i = warp; i < N; i += kWarps) s += tile[i * DC + dd];
+      partial[warp * DC + dd] = s;
+    }
+    __syncthreads();
+    for (int dd = tid; dd < dc; dd += kThreads) {  // ...then the kWarps partial sums are added
+      float s = 0.f;
+      for (int k = 0; k < kWarps; ++k) s += partial[k * DC + dd];
       S[dd] = s;
     }
     __syncthreads();
@@ -119,7 +127,7 @@ void launch(uintptr_t emb, uintptr_t mask, uintptr_t out, int64_t B, int64_t N, 
             int64_t sn, int64_t sd, bool normalize, bool include_self, float eps, cudaStream_t stream) {
   int dc = 256;
   while (dc > 8 && static_cast<int64_t>(dc) * N > kTileFloats) dc /= 2;
-  const size_t smem = sizeof(float) * (3 * N + dc + N * dc);
+  const size_t smem = sizeof(float) * (3 * N + dc + N * dc + kWarps * dc);  // <= 45.3 KB for N <= 1024
   mbr_scores_kernel<T><<<static_cast<unsigned>(B), kThreads, smem, stream>>>(
       reinterpret_cast<const T*>(emb), reinterpret_cast<const uint8_t*>(mask), reinterpret_cast<float*>(out),
       N, D, sb, sn, sd, normalize, include_self, eps, dc);
