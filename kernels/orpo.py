@@ -325,4 +325,23 @@ def shared_prompt_targets(input_ids, segment_ids, sequence_ids=None):
     return pred, input_ids[response], sequence_ids[response], segment_ids[response]
 
 
-__all__ = ["fused_linear_orpo_loss", "sequence_logp_sums", "shared_prompt_targets", "logits_rows", "reference"]
+def local_targets(local_index, hidden_index, *per_entry):
+    """The loss entries a sequence-parallel rank owns: those whose hidden row is one of its local tokens.
+
+    local_index [N_local]: global token index of each local hidden row (from the sharding helper);
+    hidden_index [M] and every tensor in per_entry [M] (labels, sequence ids, segment ids): the global
+    entries (e.g. from shared_prompt_targets). Returns (local hidden_index into the local rows, *per_entry
+    restricted to the owned entries), ready for fused_linear_orpo_loss(..., group=sp_group)."""
+    for i, t in enumerate(per_entry):
+        if t.shape[:1] != hidden_index.shape[:1]:
+            raise ValueError(f"per_entry[{i}] has {t.shape[0]} entries, hidden_index has {hidden_index.shape[0]}")
+    size = int(max(int(hidden_index.max()) if hidden_index.numel() else -1,
+                   int(local_index.max()) if local_index.numel() else -1)) + 1
+    where = torch.full((size,), -1, dtype=torch.long, device=hidden_index.device)
+    where[local_index.long()] = torch.arange(local_index.shape[0], device=hidden_index.device)
+    row = where[hidden_index.long()]
+    mine = row >= 0
+    return (row[mine], *(t[mine] for t in per_entry))
+
+
+__all__ = ["fused_linear_orpo_loss", "sequence_logp_sums", "shared_prompt_targets", "local_targets", "logits_rows"]
