@@ -13,7 +13,7 @@ from gloo_harness import run_distributed
 from test_ring_attention import as_numpy, check_against_reference, make_case
 
 from sealong.parallel import ParallelDims, attention_for, build_mesh, mesh_ranks, shard_index
-from sealong_kernels.ulysses import kv_replication, sequence_index, ulysses_attention
+from sealong_kernels.ulysses import communication_bytes, kv_replication, sequence_index, ulysses_attention
 
 
 def run_case(case, index, attend):
@@ -38,11 +38,38 @@ def ulysses_worker(rank, world, cases, hybrid_cases):
             for case in (c for c in hybrid_cases if c["layout"] == layout):
                 index = shard_index(case["q"].shape[0], mesh.dims, mesh.sp_rank)
                 results.append(run_case(case, index, lambda q, k, v, seg: attention(q, k, v, segment_ids=seg)))
+        results.append(count_hybrid_bytes(hybrid_cases[-1], mesh))
         mesh = build_mesh(ParallelDims.from_world(world, sp=2))  # dp 2 x sp 2: check group membership
         for axis in ("dp", "sp", "ulysses", "ring"):
             ranks = [dist.get_global_rank(mesh.group(axis), i) for i in range(dist.get_world_size(mesh.group(axis)))]
             assert ranks in mesh_ranks(mesh.dims)[axis] and rank in ranks, (axis, ranks)
     return results
+
+
+def count_hybrid_bytes(case, mesh):
+    """Bytes this rank sends in all-to-alls and isends during one forward and one backward of the hybrid."""
+    sent = {"n": 0}
+    a2a, batch = dist.all_to_all_single, dist.batch_isend_irecv
+
+    def counting_a2a(out, inp, *args, **kwargs):
+        p = dist.get_world_size(kwargs["group"])
+        sent["n"] += inp.numel() * inp.element_size() * (p - 1) // p  # the own chunk stays
+        return a2a(out, inp, *args, **kwargs)
+
+    def counting_batch(ops):
+        sent["n"] += sum(o.tensor.numel() * o.tensor.element_size() for o in ops if o.op.__name__ == "isend")
+        return batch(ops)
+
+    dist.all_to_all_single, dist.batch_isend_irecv = counting_a2a, counting_batch
+    try:
+        index = shard_index(case["q"].shape[0], mesh.dims, mesh.sp_rank)
+        q, k, v = (case[n][index].clone().requires_grad_() for n in ("q", "k", "v"))
+        out = attention_for(mesh)(q, k, v)
+        fwd = sent["n"]
+        out.backward(case["dout"][index])
+        return {"fwd": fwd, "bwd": sent["n"] - fwd}
+    finally:
+        dist.all_to_all_single, dist.batch_isend_irecv = a2a, batch
 
 
 def test_kv_replication_rule():
@@ -73,4 +100,9 @@ def test_ulysses_and_hybrid_match_single_process_attention(world):
         hybrid = [make_case(24, 4, 2, 8, layout="zigzag", segments=True),    # 2 x 2 over the mesh
                   make_case(16, 4, 1, 8, layout="plain")]
     per_rank = run_distributed(ulysses_worker, world, args=(cases, hybrid))
+    if hybrid:  # the last result of each rank: bytes sent by the plain-layout hybrid, vs the formula
+        sent = [r.pop() for r in per_rank]
+        seq_len, hq, d = hybrid[-1]["q"].shape
+        want = communication_bytes(seq_len, hq, hybrid[-1]["k"].shape[1], d, ulysses=2, ring=2, dtype_bytes=4)
+        assert all(s == {"fwd": want["fwd"], "bwd": want["bwd"]} for s in sent), (sent, want)
     check_against_reference([*cases, *hybrid], per_rank, skip=("lse",))  # Ulysses returns no lse
