@@ -1,0 +1,174 @@
+"""Shared-prefix sampling (ours) against transformers `generate(num_return_sequences=N, do_sample=True)`.
+
+    python -m bench.bench_sampler        # the GPU if there is one, else a small CPU run
+
+GPU: Llama-3.1-8B shapes with random bf16 weights (one copy, shared by both models), prompts of 4K, 16K
+and 31K tokens, N = 32, 512 new tokens for ours (no EOS: forced to full length); HF generate runs with
+min_new_tokens = max_new_tokens (fewer new tokens, reported per token) and OOM is a result.
+
+Reported per case: prompt tokens prefilled (ours: P once; HF: N·P, counted by a hook on the embedding),
+prefill time, decode tokens/s (N·new tokens over decode time), peak memory, and the time of one decode
+step against its bandwidth floor:
+
+    floor = (weight bytes + prefix KV bytes + suffix KV bytes) / copy bandwidth
+    prefix KV bytes = 2 · layers · P · Hkv · D · bytes   (read once per step, shared by the N samples)
+    suffix KV bytes = 2 · layers · N · t · Hkv · D · bytes
+
+with the copy bandwidth measured in the same run (bench.common.copy_bandwidth_gbs).
+"""
+
+import os
+import sys
+import time
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from bench.common import copy_bandwidth_gbs, cpu_note, format_rows, is_oom, synchronize, time_ms  # noqa: E402
+from sealong import kv_cache  # noqa: E402
+from sealong.model import ModelConfig, Transformer  # noqa: E402
+from sealong.sampler import SamplingParams, generate  # noqa: E402
+
+LLAMA31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072,
+                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 8192})
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=4096)
+GPU_CASE = dict(prompts=[4096, 16384, 31744], n=32, new=512, hf_new=64, dtype=torch.bfloat16)
+CPU_CASE = dict(prompts=[96, 384], n=8, new=8, hf_new=8, dtype=torch.float32)
+
+
+def build_models(cfg: dict, device, dtype):
+    """HF LlamaForCausalLM with random weights and our Transformer sharing the very same tensors."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_cfg = LlamaConfig(**cfg, tie_word_embeddings=False)
+    with torch.device(device):
+        hf = LlamaForCausalLM(hf_cfg).to(dtype).eval()
+    config = ModelConfig(architecture="LlamaForCausalLM", **cfg)
+    with torch.device("meta"):
+        ours = Transformer(config)
+    ours.load_state_dict(hf.state_dict(), strict=True, assign=True)
+    return hf, ours.eval()
+
+
+def kv_bytes_per_token(c: ModelConfig, dtype):
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
+def count_tokens(module):
+    counter = {"calls": []}
+    handle = module.register_forward_hook(lambda m, inp, out: counter["calls"].append(inp[0].numel()))
+    return counter, handle
+
+
+def bench_ours(model, prompt, n, new, dtype, device, copy_gbs):
+    params = SamplingParams(num_samples=n, max_new_tokens=new, temperature=0.7, eos_token_ids=())
+    seeds = [list(range(n))]
+    counter, handle = count_tokens(model.model.embed_tokens)
+    if str(device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    synchronize(device)
+    t0 = time.perf_counter()
+    generate(model, [prompt], seeds, params)
+    synchronize(device)
+    total_s = time.perf_counter() - t0
+    handle.remove()
+    peak = torch.cuda.max_memory_allocated(device) if str(device).startswith("cuda") else None
+    prefix = kv_cache.PrefixCache.allocate(model, [len(prompt)], device, dtype)
+    prefill_ms = time_ms(lambda: kv_cache.prefill(model, [prompt], prefix, params.prefill_chunk), device, warmup=1, repeat=3)
+    # one decode step late in generation (suffix of t tokens), against its bandwidth floor
+    c, t = model.config, new - 1
+    suffix = kv_cache.SuffixCache.allocate(model, n, new, device, dtype)
+    tokens = torch.zeros(n, dtype=torch.long, device=device)
+    positions = torch.full((n,), len(prompt) + t, device=device)
+    cu_q = torch.tensor([0, n], dtype=torch.int32, device=device)
+    attn = kv_cache.prefix_attention_fn(device)
+    step_ms = time_ms(lambda: model.lm_head(kv_cache.decode_step(model, tokens, positions, t, prefix, suffix, cu_q, n, attn)),
+                      device, warmup=2, repeat=5)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    step_bytes = weight_bytes + kv_bytes_per_token(c, dtype) * (len(prompt) + n * (t + 1))
+    floor_ms = step_bytes / (copy_gbs * 1e9) * 1e3
+    decode_s = max(total_s - prefill_ms / 1e3, 1e-9)
+    prefill_calls = -(-len(prompt) // params.prefill_chunk)  # the first forwards are the prompt's chunks
+    return {"impl": "ours (shared prefix)", "prefill tokens": sum(counter["calls"][:prefill_calls]),
+            "prefill ms": prefill_ms, "decode tok/s": n * new / decode_s, "peak GiB": None if peak is None else peak / 2**30,
+            "step ms": step_ms, "floor ms": floor_ms, "% of floor": 100 * floor_ms / step_ms}
+
+
+def bench_hf(hf, prompt, n, new, device):
+    ids = torch.tensor([prompt], device=device)
+    counter, handle = count_tokens(hf.model.embed_tokens)
+    kwargs = dict(do_sample=True, temperature=0.7, num_return_sequences=n, max_new_tokens=new, min_new_tokens=new,
+                  pad_token_id=0, attention_mask=torch.ones_like(ids))
+    try:
+        if str(device).startswith("cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        with torch.no_grad():
+            synchronize(device)
+            t0 = time.perf_counter()
+            hf.generate(ids, **kwargs)
+            synchronize(device)
+            total_s = time.perf_counter() - t0
+            counter["calls"].clear()
+            prefill_ms = time_ms(lambda: hf.generate(ids, **dict(kwargs, max_new_tokens=1, min_new_tokens=1)), device, warmup=0, repeat=1)
+    except Exception as exc:
+        if not is_oom(exc):
+            raise
+        return {"impl": "HF generate", "note": "OOM"}
+    finally:
+        handle.remove()
+    peak = torch.cuda.max_memory_allocated(device) if str(device).startswith("cuda") else None
+    decode_s = max(total_s - prefill_ms / 1e3, 1e-9)
+    return {"impl": "HF generate", "prefill tokens": counter["calls"][0], "prefill ms": prefill_ms,
+            "decode tok/s": n * new / decode_s, "peak GiB": None if peak is None else peak / 2**30, "note": f"{new} new tokens"}
+
+
+def run(device: str, small: bool) -> dict:
+    case = CPU_CASE if small else GPU_CASE
+    cfg = TINY if small else LLAMA31_8B
+    threads = torch.get_num_threads()
+    if small:
+        torch.set_num_threads(1)  # tiny matrices on shared cores
+    try:
+        return _run(device, small, case, cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(device, small, case, cfg):
+    hf, ours = build_models(cfg, device, case["dtype"])
+    copy_gbs = copy_bandwidth_gbs(device)
+    rows, summary = [], []
+    gen = torch.Generator().manual_seed(0)
+    for p in case["prompts"]:
+        prompt = torch.randint(0, cfg["vocab_size"], (p,), generator=gen).tolist()
+        row = bench_ours(ours, prompt, case["n"], case["new"], case["dtype"], device, copy_gbs)
+        if str(device).startswith("cuda"):
+            torch.cuda.empty_cache()
+        ref = bench_hf(hf, prompt, case["n"], case["hf_new"], device)
+        common = {"prompt": p, "N": case["n"], "new": case["new"]}
+        rows += [dict(common, **row), dict(common, **ref)]
+        speedup = row["decode tok/s"] / ref["decode tok/s"] if "decode tok/s" in ref else None
+        summary.append(dict(common, **{"prefill tokens ours/HF": f"{row['prefill tokens']}/{ref.get('prefill tokens', 'OOM')}",
+                                       "decode speedup": speedup, "% of BW floor": row["% of floor"]}))
+    notes = cpu_note(device) + [
+        f"model: {'Llama-3.1-8B shapes' if not small else 'tiny Llama'} with random weights, {str(case['dtype'])[6:]}; "
+        f"copy bandwidth {copy_gbs:.1f} GB/s",
+        "floor = (weight bytes + prefix KV bytes + suffix KV bytes) / copy bandwidth, one decode step of N samples",
+        "prefill tokens: ours prefills the prompt once; HF generate repeats it N times (hook on embed_tokens)",
+    ] + (["on a CPU our sampler uses the plain-torch reference attention (backend auto); decode tok/s there "
+          "measures Python overhead of tiny matrices, not the method"] if small else [])
+    return {"name": "sampler", "rows": rows, "notes": notes, "summary": summary}
+
+
+if __name__ == "__main__":
+    result = run("cuda" if torch.cuda.is_available() else "cpu", small=not torch.cuda.is_available())
+    print(format_rows(result["rows"]))
+    for note in result["notes"]:
+        print("note:", note)
+    sys.exit(0)
