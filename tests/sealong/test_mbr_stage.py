@@ -2,7 +2,9 @@
 N = 1, the truncation and near-duplicate rules, the other utilities, and the reference mode."""
 
 import argparse
+import importlib.util
 import json
+import os
 
 import pytest
 import torch
@@ -154,3 +156,28 @@ def test_run_cli_with_run_dir(tmp_path, capsys):
     assert "samples.jsonl:1: missing field" in capsys.readouterr().err
     with pytest.raises(ValueError, match="utility"):
         mbr.ScoreConfig(utility="bleu")
+
+
+EXAMPLES = os.path.join(os.path.dirname(mbr.__file__), "examples")
+MUSIQUE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(mbr.__file__))), "..", "shared", "data",
+                       "musique_ans_train_sample100.jsonl")
+
+
+@pytest.mark.skipif(not os.path.exists(MUSIQUE), reason="../shared/data/musique_ans_train_sample100.jsonl is absent")
+def test_demo_files_are_reproducible(tmp_path):
+    spec = importlib.util.spec_from_file_location("make_demo_samples", os.path.join(EXAMPLES, "make_demo_samples.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--source", MUSIQUE, "--out-dir", str(tmp_path)]) == 0
+    for name in ("musique_demo_samples.jsonl", "musique_demo_prompts.jsonl"):
+        assert (tmp_path / name).read_bytes() == open(os.path.join(EXAMPLES, name), "rb").read()
+
+
+def test_demo_answer_agreement_chooses_the_gold_answer(tmp_path):
+    out, pairs = str(tmp_path / "scores.jsonl"), str(tmp_path / "pairs.jsonl")
+    counts = mbr.score_file(os.path.join(EXAMPLES, "musique_demo_samples.jsonl"), out, mbr.ScoreConfig(utility="answer"),
+                            pairs=pairs, prompts=os.path.join(EXAMPLES, "musique_demo_prompts.jsonl"), log=None)
+    assert counts["written"] == 20 and counts["pairs"] == 20
+    for row in _read(pairs):
+        assert row["finish_reasons"][row["chosen"]] == "stop" and row["context"].startswith("Passage 1:")
+        assert any(a in row["chosen_text"].splitlines()[-1] for a in row["answers"])  # 5 of 8 agree on the gold answer
