@@ -44,13 +44,15 @@ def prefix_attention_fn(device, backend="auto"):
 def suffix_attention(q, k, v, scale):
     """Each sample's query against its own suffix keys, no mask -> (out [M, Hq, D], lse [Hq, M] float32).
 
-    q [M, Hq, D], k, v [M, S, Hkv, D] with S >= 1; computed in float32.
+    q [M, Hq, D], k, v [M, S, Hkv, D] with S >= 1. As transformers' eager attention: the products run in the
+    cache's dtype (float32 accumulation inside the matmul), the softmax and log-sum-exp in float32; the suffix
+    cache is never copied to float32 (it is read once per step, like the prefix).
     """
     m, hq, d = q.shape
     hkv = k.shape[2]
-    s = torch.einsum("mhgd,mshd->mhgs", q.reshape(m, hkv, hq // hkv, d).float(), k.float()) * scale
+    s = torch.einsum("mhgd,mshd->mhgs", q.reshape(m, hkv, hq // hkv, d), k).float() * scale
     lse = torch.logsumexp(s, dim=-1)  # [M, Hkv, G]
-    out = torch.einsum("mhgs,mshd->mhgd", torch.exp(s - lse[..., None]), v.float())
+    out = torch.einsum("mhgs,mshd->mhgd", torch.exp(s - lse[..., None]).to(v.dtype), v)
     return out.reshape(m, hq, d), lse.reshape(m, hq).transpose(0, 1)
 
 
@@ -140,7 +142,7 @@ def decode_step(model, tokens, positions, step, prefix: PrefixCache, suffix: Suf
         out_p, lse_p = prefix_attn(q, prefix.k[i], prefix.v[i], cu_q, prefix.cu_prefix, scale,
                                    max_rows=max_rows, max_prefix=max_prefix)
         out_s, lse_s = suffix_attention(q, suffix.k[i][:, : step + 1], suffix.v[i][:, : step + 1], scale)
-        out, _ = reference.merge_attention_partials(out_p.float(), lse_p, out_s, lse_s)
+        out, _ = reference.merge_attention_partials(out_p.float(), lse_p, out_s.float(), lse_s)
         return out.to(q.dtype)
 
     return run_layers(model, model.model.embed_tokens(tokens), positions, attend)

@@ -170,3 +170,24 @@ def test_lora_adapter_loads_onto_transformers(tmp_path):
         base = hf_logits(hf, ids)
     assert rel_err(got, want) < TOL
     assert rel_err(got, base) > 1e-3  # the adapter does change the output
+
+
+def test_triton_attention_path_matches_reference(tmp_path):
+    """The model through sealong_kernels.flash_attention (the CUDA default; interpreted here): packed sequences
+    and preference segments give the masked-SDPA reference's logits and gradients."""
+    from sealong.model.llama import flash_attention_callable, masked_sdpa_attention
+
+    ours = load_model(save(tiny_hf("qwen", num_hidden_layers=1), tmp_path), dtype=torch.float32)
+    ids, pos = torch.randint(0, 97, (21,)), torch.cat([torch.arange(8), torch.arange(13)])
+    cu = torch.tensor([0, 8, 21], dtype=torch.int32)
+    seg = torch.cat([torch.zeros(13), torch.ones(3), torch.full((5,), 2)]).int()
+    for kwargs in ({"cu_seqlens": cu}, {"segment_ids": seg}):
+        outs, grads = [], []
+        for attention in (masked_sdpa_attention, flash_attention_callable):
+            ours.zero_grad()
+            out = ours(ids, pos if "cu_seqlens" in kwargs else torch.arange(21), attention=attention, return_logits=True, **kwargs)
+            out.logsumexp(-1).sum().backward()
+            outs.append(out.detach())
+            grads.append(ours.model.layers[0].self_attn.k_proj.weight.grad.clone())
+        assert rel_err(outs[1], outs[0]) < 1e-5
+        assert rel_err(grads[1], grads[0]) < 1e-4

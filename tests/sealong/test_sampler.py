@@ -37,10 +37,10 @@ def naive_generate(model, prompt, seeds, params):
     for seed in seeds:
         tokens, lp_sum, reason = [], 0.0, "length"
         for step in range(params.max_new_tokens):
-            ids = torch.tensor(prompt + tokens)
+            ids = torch.tensor(prompt + tokens, device=model.lm_head.weight.device)
             with torch.no_grad():
                 logits = model(ids, torch.arange(len(ids)), return_logits=True)[-1:]
-            tok, lp = S.choose_tokens(logits, S.uniform(torch.tensor([seed]), step), params)
+            tok, lp = S.choose_tokens(logits, S.uniform(torch.tensor([seed], device=ids.device), step), params)
             tokens.append(int(tok))
             lp_sum += float(lp)
             if int(tok) in params.eos_token_ids:
@@ -196,3 +196,25 @@ def test_bad_prompts_file_named(ckpt, tmp_path):
     with pytest.raises(JsonlError, match="duplicate id 'a'"):
         S.run(stage_args(ckpt, tmp_path))
     assert not os.path.exists(tmp_path / "samples.jsonl")
+
+
+@pytest.mark.gpu
+def test_shared_prefix_equals_naive_gpu(ckpt):
+    """On CUDA (Triton prefill and prefix-decode kernels, several key splits), float32: the naive sampler's tokens."""
+    model = load_model(ckpt, dtype=torch.float32, device="cuda")
+    prompts = [torch.randint(0, 96, (700,)).tolist(), torch.randint(0, 96, (37,)).tolist()]
+    seeds = [[1, 2, 3, 4], [5, 6]]
+    params = S.SamplingParams(num_samples=4, max_new_tokens=6, temperature=0.8, eos_token_ids=(2, 3), prefill_chunk=256)
+    got = S.generate(model, prompts, seeds, params)
+    for prompt, ss, completions in zip(prompts, seeds, got):
+        for (tokens, reason, lp), c in zip(naive_generate(model, prompt, ss, params), completions):
+            assert c.tokens == tokens and c.finish_reason == reason
+
+
+@pytest.mark.gpu
+def test_bfloat16_sampling_runs_gpu(ckpt):
+    model = load_model(ckpt, dtype=torch.bfloat16, device="cuda")
+    params = S.SamplingParams(num_samples=8, max_new_tokens=16, temperature=0.7, eos_token_ids=(2, 3))
+    got = S.generate(model, [torch.randint(0, 96, (300,)).tolist()], [list(range(8))], params)[0]
+    assert all(1 <= len(c.tokens) <= 16 and all(0 <= t < 96 for t in c.tokens) and c.logprob_sum <= 0 for c in got)
+    assert params.stats["prefill_tokens"] == 300
