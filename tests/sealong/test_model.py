@@ -8,19 +8,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from sealong.model import ModelConfig, load_model, rope_inv_freq
+from tiny_checkpoint import one_thread  # noqa: F401 (autouse fixture)
 
 TOL = 2e-5  # relative error of float32 logits (both sides float32; observed ~1e-7)
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread is much faster than several fighting over shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_hf(arch, **overrides):

@@ -5,20 +5,11 @@ import os
 
 import pytest
 import torch
-from tiny_checkpoint import build_checkpoint
+from tiny_checkpoint import build_checkpoint, one_thread  # noqa: F401 (autouse fixture)
 
 from sealong import sampler as S
 from sealong.jsonl import JsonlError, completed_ids, read_jsonl
 from sealong.model import eos_token_ids, load_model, load_tokenizer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread is much faster than several fighting over shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
