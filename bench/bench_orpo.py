@@ -1,0 +1,147 @@
+"""Fused linear ORPO loss: ours (both strategies) vs the plain-torch reference (full logits, same semantics)
+vs Liger-Kernel's LigerFusedLinearORPOLoss when installed, forward + backward of one preference pair.
+
+GPU: H=4096, V=128256, bfloat16, prompts of 4K / 16K / 32K tokens with 1K-token answers (prompt labels -100,
+as SEALONG trains), with the LM head frozen (LoRA) and trained; plus the worst case of every token of a
+32K-prompt pair labeled. CPU: tiny shapes, Triton interpreted (times mean nothing; the largest tensor any op
+creates, in bytes, is exact).
+
+FLOPs: work = 6 * M * H * V (M = labeled tokens; forward logits + dhidden + dweight, the issue's yardstick;
+a frozen head needs 4 * M * H * V of it; the two-pass strategy adds 2 * M * H * V of recomputation).
+loss_mem = peak bytes above the inputs minus the gradients' own bytes.
+
+    python -m bench.bench_orpo            # GPU if present, else a small CPU run
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from bench.common import cpu_note, format_rows, is_oom, matmul_peak_tflops, peak_memory_bytes, time_ms  # noqa: E402
+from sealong_kernels import fused_linear_orpo_loss  # noqa: E402
+from sealong_kernels import reference  # noqa: E402
+
+
+def liger_loss():
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearORPOLoss
+    except Exception:
+        return None
+    module = LigerFusedLinearORPOLoss(beta=0.1)
+
+    def run(hidden, weight, labels):
+        out = module(weight, hidden, labels)
+        return out[0] if isinstance(out, tuple) else out
+
+    return run
+
+
+def make_pair(prompt, answer, h, v, dtype, device, label_all=False):
+    """hidden [2, prompt + answer, H] (chosen row, rejected row), weight [V, H], labels [2, prompt + answer]."""
+    t = prompt + answer
+    hidden = torch.randn(2, t, h, dtype=dtype, device=device)
+    weight = torch.randn(v, h, dtype=dtype, device=device) * h**-0.5
+    labels = torch.randint(0, v, (2, t), device=device)
+    if not label_all:
+        labels[:, :prompt] = -100
+    return hidden, weight, labels
+
+
+def largest_tensor_bytes(fn):
+    """Largest tensor any op creates during fn() (CPU runs: exact, device independent)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Recorder(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    Recorder.largest = max(Recorder.largest, t.numel() * t.element_size())
+            return out
+
+    with Recorder():
+        fn()
+    return Recorder.largest
+
+
+def methods(chunk):
+    ours = {s: (lambda s: lambda h, w, l: fused_linear_orpo_loss(h, w, l, chunk_size=chunk, strategy=s)[0])(s)
+            for s in ("deferred", "recompute")}
+    out = {"ours_deferred": ours["deferred"], "ours_recompute": ours["recompute"],
+           "torch_reference": lambda h, w, l: reference.fused_linear_orpo_loss(h, w, l)[0]}
+    liger = liger_loss()
+    if liger is not None:
+        out["liger"] = liger
+    return out
+
+
+def measure(name, loss_fn, hidden, weight, labels, train_head, device, peak, repeat):
+    hidden = hidden.detach().requires_grad_()
+    weight = weight.detach().requires_grad_(train_head)
+    m = int((labels != -100).sum())
+    h, v = weight.shape[1], weight.shape[0]
+
+    def step():
+        hidden.grad = weight.grad = None
+        loss_fn(hidden, weight, labels).backward()
+
+    row = {"method": name, "tokens": labels.shape[1], "loss_tokens": m, "head": "trained" if train_head else "frozen"}
+    try:
+        ms = time_ms(step, device, warmup=1, repeat=repeat)
+        peak_bytes = peak_memory_bytes(step, device)
+    except Exception as err:
+        if not is_oom(err):
+            raise
+        hidden.grad = weight.grad = None
+        torch.cuda.empty_cache()
+        return dict(row, ms=None, note="out of memory")
+    grad_bytes = hidden.numel() * hidden.element_size() + (weight.numel() * weight.element_size() if train_head else 0)
+    flops = 6 * m * h * v
+    row.update(ms=ms, tflops_6MHV=flops / (ms * 1e-3) / 1e12, pct_of_matmul_peak=100 * flops / (ms * 1e-3) / 1e12 / peak)
+    if peak_bytes is not None:
+        row["loss_mem_GB"] = (peak_bytes - grad_bytes) / 1e9
+    else:
+        row["largest_tensor_MB"] = largest_tensor_bytes(step) / 1e6
+    hidden.grad = weight.grad = None
+    return row
+
+
+def run(device, small):
+    if small:
+        h, v, dtype, answer, prompts, chunk, repeat = 48, 1001, torch.float32, 32, [64], 16, 1
+    else:
+        h, v, dtype, answer, prompts, chunk, repeat = 4096, 128256, torch.bfloat16, 1024, [4096, 16384, 32768], None, 5
+    peak = matmul_peak_tflops(device, torch.bfloat16)
+    rows = []
+    cases = [(p, False, head) for p in prompts for head in (False, True)] + [(prompts[-1], True, False)]
+    for prompt, label_all, train_head in cases:
+        hidden, weight, labels = make_pair(prompt, answer, h, v, dtype, device, label_all=label_all)
+        for name, fn in methods(chunk).items():
+            row = measure(name, fn, hidden, weight, labels, train_head, device, peak, repeat)
+            rows.append(dict(row, labels="all" if label_all else "answers"))
+        del hidden, weight, labels
+    notes = cpu_note(device) + [
+        f"H={h}, V={v}, {str(dtype).replace('torch.', '')}; matmul peak measured in this run: {peak:.1f} TFLOP/s",
+        "tflops_6MHV = 6*M*H*V / time (M = loss tokens); frozen head does 4*M*H*V of real work, recompute 2*M*H*V more",
+        "loss_mem_GB = peak allocated above inputs minus the gradients' own bytes",
+    ]
+    if liger_loss() is None:
+        notes.append("liger-kernel not installed: no Liger rows")
+    summary = [{k: r.get(k) for k in ("method", "labels", "tokens", "head", "ms", "pct_of_matmul_peak", "loss_mem_GB", "largest_tensor_MB")
+                if k in r or k != "largest_tensor_MB"}
+               for r in rows]
+    return {"name": "orpo", "rows": rows, "notes": notes, "summary": summary}
+
+
+if __name__ == "__main__":
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    result = run(dev, small=dev == "cpu")
+    print(format_rows(result["rows"]))
+    for note in result["notes"]:
+        print("note:", note)
