@@ -29,7 +29,6 @@ import triton.language as tl
 from . import reference
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @triton.jit
@@ -44,18 +43,18 @@ def _prefix_decode_kernel(
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // n_kv_heads
     g = tl.program_id(1) % n_kv_heads
-    split = tl.program_id(2).to(tl.int64)
-    q_lo = tl.load(CuQ + b).to(tl.int64)
-    n_rows = (tl.load(CuQ + b + 1).to(tl.int64) - q_lo) * G
-    p_lo = tl.load(CuP + b).to(tl.int64)
-    p_hi = tl.load(CuP + b + 1).to(tl.int64)
-    k_lo = p_lo + split * keys_per_split
+    split = tl.program_id(2)
+    # token counts and loop bounds in int32 (packed caches hold < 2**31 tokens), pointer offsets in int64
+    q_lo = tl.load(CuQ + b)
+    n_rows = (tl.load(CuQ + b + 1) - q_lo) * G
+    p_hi = tl.load(CuP + b + 1)
+    k_lo = tl.load(CuP + b) + split * keys_per_split
     k_hi = tl.minimum(k_lo + keys_per_split, p_hi)
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
-    sample = q_lo + rows // G  # [BLOCK_M] query token
-    head = g * G + rows % G  # [BLOCK_M] query head
+    sample = (q_lo + rows // G).to(tl.int64)  # [BLOCK_M] query token
+    head = (g * G + rows % G).to(tl.int64)  # [BLOCK_M] query head
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     q = tl.load(Q + sample[:, None] * stride_qm + head[:, None] * stride_qh + d[None, :],
@@ -65,8 +64,9 @@ def _prefix_decode_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(k_lo, k_hi, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N).to(tl.int64)
+        keys = start + tl.arange(0, BLOCK_N)
         k_ok = keys < k_hi
+        keys = keys.to(tl.int64)
         kt = tl.load(K + keys[None, :] * stride_kt + g * stride_kh + d[:, None],
                      mask=k_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
         v = tl.load(V + keys[:, None] * stride_vt + g * stride_vh + d[None, :],
@@ -89,7 +89,8 @@ def _prefix_decode_kernel(
 
     empty = l_i == 0.0  # this split saw no key: out 0, lse -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)  # ln 2
+    split = split.to(tl.int64)
     tl.store(OUT + split * stride_os + sample[:, None] * stride_om + head[:, None] * stride_oh + d[None, :], out,
              mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + split * stride_ls + head * stride_lh + sample * stride_lm, lse, mask=row_ok)
