@@ -11,11 +11,9 @@ At step s rank r holds the K/V shard of rank (r - s) mod W. It sends that shard 
 the next one from rank r-1 (batched isend/irecv started before the step's compute, so the transfer overlaps
 it), and attends its queries to the shard's keys: the causal mask is applied by global position, so only the
 visible chunk pairs are computed (`step_blocks`). Each block returns a partial (out, lse); the partials are
-merged in float32 by the stable pairwise rule (`merge_partials_`):
-
-    out <- out - sigmoid(lse_b - lse) * (out - out_b),     lse <- logaddexp(lse, lse_b)
-
-with rows that have seen no key yet (lse = -inf) guarded, so they stay out = 0, lse = -inf, never NaN.
+merged into float32 accumulators by the stable pairwise rule (`merge_partials_`, a Triton kernel on CUDA;
+see ring_merge.py): out <- (w out + w_b out_b) / (w + w_b) with weights exp(lse - max) <= 1, lse <-
+logaddexp(lse, lse_b); rows that have seen no key yet (lse = -inf) stay out = 0, lse = -inf, never NaN.
 
 Backward uses the final (merged) out and lse and delta = rowsum(dO * O), so no block renormalizes. dQ
 accumulates locally in float32; dK/dV of a shard accumulate in a float32 buffer that travels round the ring
@@ -32,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from . import reference
+from .ring_merge import merge_partials_
 
 LAYOUTS = ("zigzag", "plain")
 
@@ -139,20 +138,6 @@ def ring_schedule(seq_len, world, rank, layout="zigzag", causal=True):
     q_ranges = shard_ranges(seq_len, world, rank, layout)
     return [step_blocks(q_ranges, shard_ranges(seq_len, world, (rank - s) % world, layout), causal)
             for s in range(world)]
-
-
-def merge_partials_(out, lse, out_b, lse_b):
-    """Merge a partial result into the running one, in place: out [T, H, D], lse [H, T] (accumulators).
-
-    Stable pairwise form of out = (e^lse out + e^lse_b out_b) / (e^lse + e^lse_b); a row with lse = -inf
-    takes (out_b, lse_b) whole, and a row where both are -inf stays (0, -inf).
-    """
-    diff = lse_b - lse
-    diff = torch.where(torch.isinf(lse) & torch.isinf(lse_b), float("-inf"), diff)  # both empty: keep out = 0
-    weight = torch.sigmoid(diff).transpose(0, 1).unsqueeze(-1).to(out.dtype)  # [T, H, 1]
-    out.sub_(weight * (out - out_b.to(out.dtype)))
-    lse.copy_(torch.logaddexp(lse, lse_b.to(lse.dtype)))
-    return out, lse
 
 
 def attend_step(q, k, v, out, lse, blocks, forward_op, *, softmax_scale, q_seg=None, k_seg=None):
