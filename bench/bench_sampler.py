@@ -46,8 +46,13 @@ def build_models(cfg: dict, device, dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hf_cfg = LlamaConfig(**cfg, tie_word_embeddings=False)
-    with torch.device(device):
-        hf = LlamaForCausalLM(hf_cfg).to(dtype).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build the 8B weights directly in 16 bits (no float32 copy on the GPU)
+    try:
+        with torch.device(device):
+            hf = LlamaForCausalLM(hf_cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
     config = ModelConfig(architecture="LlamaForCausalLM", **cfg)
     with torch.device("meta"):
         ours = Transformer(config)
