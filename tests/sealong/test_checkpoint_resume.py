@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_fixtures import tiny_setup
+from train_fixtures import tiny_setup, one_thread  # noqa: F401 (autouse fixture)
 
 from sealong import checkpoint as ckpt
 from sealong.distributed import setup

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from train_fixtures import build_tokenizer, make_model_folder, write_pairs
+from train_fixtures import build_tokenizer, make_model_folder, write_pairs, one_thread  # noqa: F401 (autouse fixture)
 
 from sealong.model import load_model
 from sealong.pairs import IGNORE, Pair, load_pairs, pack_pair, pad_row, truncate_middle

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_fixtures import tiny_setup
+from train_fixtures import tiny_setup, one_thread  # noqa: F401 (autouse fixture)
 
 import sealong_kernels as sk
 from sealong.distributed import setup

@@ -12,7 +12,7 @@ import pytest
 import torch
 from gloo_harness import run_distributed
 from safetensors.torch import load_file
-from train_fixtures import tiny_setup
+from train_fixtures import tiny_setup, one_thread  # noqa: F401 (autouse fixture)
 
 from sealong.distributed import setup
 from sealong.train import train

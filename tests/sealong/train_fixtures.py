@@ -5,6 +5,7 @@ import json
 import os
 import random
 
+import pytest
 import torch
 
 WORDS = [f"w{i}" for i in range(90)]
@@ -67,3 +68,12 @@ def tiny_setup(tmp, n_pairs=8, seed=0, layers=2):
     model = make_model_folder(os.path.join(tmp, "model"), seed=seed, layers=layers)
     data = write_pairs(os.path.join(tmp, "pairs.jsonl"), n_pairs, seed=seed)
     return model, data
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: one intra-op thread is faster, and much faster on a shared, loaded machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
