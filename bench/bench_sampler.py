@@ -71,7 +71,7 @@ def count_tokens(module):
 
 
 def bench_ours(model, prompt, n, new, dtype, device, copy_gbs):
-    params = SamplingParams(num_samples=n, max_new_tokens=new, temperature=0.7, eos_token_ids=())
+    params = SamplingParams(max_new_tokens=new, temperature=0.7, eos_token_ids=())
     seeds = [list(range(n))]
     counter, handle = count_tokens(model.model.embed_tokens)
     if str(device).startswith("cuda"):

@@ -34,7 +34,6 @@ MASK64 = (1 << 64) - 1
 
 @dataclass
 class SamplingParams:
-    num_samples: int = 32  # N outputs per prompt (the paper: 32)
     max_new_tokens: int = 1024  # generation stops with finish reason "length" after this many tokens
     temperature: float = 0.7  # 0 = greedy (argmax)
     top_p: float = 1.0  # nucleus: keep the smallest set of top tokens with probability >= top_p
@@ -45,10 +44,12 @@ class SamplingParams:
     stats: dict = field(default_factory=lambda: {"prefill_tokens": 0, "decode_tokens": 0, "decode_steps": 0})
 
     def __post_init__(self):
-        if self.num_samples < 1 or self.max_new_tokens < 1 or self.prefill_chunk < 1:
-            raise ValueError("num_samples, max_new_tokens and prefill_chunk must be >= 1")
+        if self.max_new_tokens < 1 or self.prefill_chunk < 1:
+            raise ValueError("max_new_tokens and prefill_chunk must be >= 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {self.temperature}, {self.top_p}, {self.top_k}")
+        if self.backend not in ("auto", "triton", "reference"):
+            raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {self.backend!r}")
 
 
 # ---------------------------------------------------------------------------------------------- randomness
@@ -113,7 +114,7 @@ class Completion:
 
 @torch.no_grad()
 def generate(model, prompts: list, seeds: list, params: SamplingParams) -> list:
-    """prompts: token id lists; seeds: per prompt, a list of per-sample seeds (len = samples of that prompt).
+    """prompts: token id lists; seeds: per prompt, its samples' seeds (N_b = len(seeds[b]) samples, see sample_seed).
 
     Returns per prompt a list of Completion (one per sample). Every prompt is prefilled exactly once.
     """
@@ -243,6 +244,8 @@ def run(args) -> int:
     from .jsonl import append_jsonl, completed_ids
     from .model import eos_token_ids, load_model, load_tokenizer
 
+    if args.num_samples < 1 or args.batch_prompts < 1:
+        raise ValueError(f"--num-samples and --batch-prompts must be >= 1, got {args.num_samples} and {args.batch_prompts}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     prompts = read_prompts(args.prompts, args.limit)
     done = completed_ids(args.output)
@@ -254,7 +257,7 @@ def run(args) -> int:
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
     limit = args.max_prompt_tokens or model.config.max_position_embeddings - args.max_new_tokens
     params = SamplingParams(
-        num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, eos_token_ids=tuple(eos_token_ids(args.model, tokenizer)), prefill_chunk=args.prefill_chunk,
         backend=args.backend,
     )

@@ -52,7 +52,7 @@ def count_embedded(model):
 def test_shared_prefix_equals_naive(model, temperature, top_p, top_k):
     prompts = [torch.randint(0, 96, (23,)).tolist(), torch.randint(0, 96, (9,)).tolist()]
     seeds = [[11, 12, 13], [21, 22]]
-    params = S.SamplingParams(num_samples=3, max_new_tokens=7, temperature=temperature, top_p=top_p, top_k=top_k,
+    params = S.SamplingParams(max_new_tokens=7, temperature=temperature, top_p=top_p, top_k=top_k,
                               eos_token_ids=(2, 3), prefill_chunk=8)
     counter, handle = count_embedded(model)
     try:
@@ -72,7 +72,7 @@ def test_shared_prefix_equals_naive(model, temperature, top_p, top_k):
 
 def test_same_seed_same_output_whatever_the_batch(model):
     a, b = torch.randint(0, 96, (17,)).tolist(), torch.randint(0, 96, (30,)).tolist()
-    params = S.SamplingParams(num_samples=2, max_new_tokens=6, temperature=1.0, eos_token_ids=(2,))
+    params = S.SamplingParams(max_new_tokens=6, temperature=1.0, eos_token_ids=(2,))
     alone = S.generate(model, [a], [[5, 6]], params)[0]
     together = S.generate(model, [b, a], [[7, 8, 9], [5, 6]], params)[1]
     assert [c.tokens for c in alone] == [c.tokens for c in together]
@@ -195,7 +195,7 @@ def test_shared_prefix_equals_naive_gpu(ckpt):
     model = load_model(ckpt, dtype=torch.float32, device="cuda")
     prompts = [torch.randint(0, 96, (700,)).tolist(), torch.randint(0, 96, (37,)).tolist()]
     seeds = [[1, 2, 3, 4], [5, 6]]
-    params = S.SamplingParams(num_samples=4, max_new_tokens=6, temperature=0.8, eos_token_ids=(2, 3), prefill_chunk=256)
+    params = S.SamplingParams(max_new_tokens=6, temperature=0.8, eos_token_ids=(2, 3), prefill_chunk=256)
     got = S.generate(model, prompts, seeds, params)
     for prompt, ss, completions in zip(prompts, seeds, got):
         for (tokens, reason, lp), c in zip(naive_generate(model, prompt, ss, params), completions):
@@ -205,7 +205,7 @@ def test_shared_prefix_equals_naive_gpu(ckpt):
 @pytest.mark.gpu
 def test_bfloat16_sampling_runs_gpu(ckpt):
     model = load_model(ckpt, dtype=torch.bfloat16, device="cuda")
-    params = S.SamplingParams(num_samples=8, max_new_tokens=16, temperature=0.7, eos_token_ids=(2, 3))
+    params = S.SamplingParams(max_new_tokens=16, temperature=0.7, eos_token_ids=(2, 3))
     got = S.generate(model, [torch.randint(0, 96, (300,)).tolist()], [list(range(8))], params)[0]
     assert all(1 <= len(c.tokens) <= 16 and all(0 <= t < 96 for t in c.tokens) and c.logprob_sum <= 0 for c in got)
     assert params.stats["prefill_tokens"] == 300
