@@ -152,8 +152,9 @@ def _accumulate_param_grads(grad, h, seq, acc_w, acc_b, scale=None):
             for v0 in range(0, grad.shape[1], WEIGHT_GRAD_BLOCK):
                 g = grad[a:b, v0:v0 + WEIGHT_GRAD_BLOCK]
                 dst_w[v0:v0 + g.shape[1]].add_((g.T @ h[a:b]).float(), alpha=f)
-        if dst_b is not None:
-            dst_b.add_(grad[a:b].float().sum(0), alpha=f)
+        if dst_b is not None:  # column sums as a [1, n] x [n, V] product: no float32 copy of the chunk
+            ones = torch.ones(1, b - a, dtype=grad.dtype, device=grad.device)
+            dst_b.add_((ones @ grad[a:b])[0].float(), alpha=f)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -200,8 +201,9 @@ class _SequenceLogpSums(torch.autograd.Function):
         gh = torch.zeros_like(hidden2d) if need_h else None
         if ctx.deferred:
             # deferred per-sequence scaling of the gradients computed in the forward
-            if need_h:
-                gh.index_add_(0, rows, (u * g[seq][:, None]).to(hidden2d.dtype))
+            for a in range(0, rows.shape[0] if need_h else 0, ctx.chunk):  # chunked: no [M, H] temporaries
+                b = min(a + ctx.chunk, rows.shape[0])
+                gh.index_add_(0, rows[a:b], (u[a:b] * g[seq[a:b]][:, None]).to(hidden2d.dtype))
             gw = torch.einsum("s,svh->vh", g, acc_w).to(weight.dtype) if need_w else None
             gb = (g @ acc_b).to(bias.dtype) if need_b else None
             return gh, gw, gb, None, None, None, None, None, None, None
