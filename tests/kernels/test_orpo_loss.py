@@ -108,7 +108,7 @@ def test_sft_mode_matches_reference(device):
     mask = labels != -100
     logits = hidden @ weight.T + bias
     nll = -logits.log_softmax(-1).gather(2, labels.clamp(min=0)[..., None])[..., 0][mask].mean()
-    assert abs(float(reference[0]) - float(nll)) <= 1e-10 * abs(float(nll))
+    assert abs(reference[0].item() - nll.item()) <= 1e-10 * abs(nll.item())
 
 
 def packed_batch(pairs, v, device, lengths):
@@ -185,7 +185,7 @@ def test_empty_response_raises_or_is_skipped(device):
     # same as the batch without pair 1
     keep = torch.tensor([0, 2, 3, 5], device=device)
     loss2, _ = ref.fused_linear_orpo_loss(hidden[keep], weight, labels[keep], bias=bias)
-    assert abs(float(reference[0]) - float(loss2)) <= 1e-10 * abs(float(loss2))
+    assert abs(reference[0].item() - loss2.item()) <= 1e-10 * abs(loss2.item())
 
 
 def test_all_labels_ignored(device):
