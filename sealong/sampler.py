@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .data.prompts import DEFAULT_STRATEGY, STRATEGIES
 from .kv_cache import PrefixCache, SuffixCache, decode_step, prefill, prefix_attention_fn
 
 MASK64 = (1 << 64) - 1
@@ -192,7 +193,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut")
     parser.add_argument("--max-new-tokens", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0, help="per-sample seeds derive from (seed, id, index)")
-    parser.add_argument("--strategy", default="plan_and_solve", help="prompt strategy (sealong.data.prompts.STRATEGIES)")
+    parser.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=list(STRATEGIES), help="the paper's prompt strategy")
     parser.add_argument("--batch-prompts", type=int, default=1, help="prompts decoded together (N samples each)")
     parser.add_argument("--prefill-chunk", type=int, default=4096, help="prompt tokens per prefill forward")
     parser.add_argument("--max-prompt-tokens", type=int, default=None,
