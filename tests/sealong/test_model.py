@@ -183,3 +183,22 @@ def test_triton_attention_path_matches_reference(tmp_path):
             grads.append(ours.model.layers[0].self_attn.k_proj.weight.grad.clone())
         assert rel_err(outs[1], outs[0]) < 1e-5
         assert rel_err(grads[1], grads[0]) < 1e-4
+
+
+def test_config_from_published_layouts():
+    """Meta's Llama-3.1 config.json layout (rope_theta and rope_scaling at the top level, eos list, no head_dim)."""
+    llama31 = {"architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+               "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-5,
+               "rope_theta": 500000.0, "max_position_embeddings": 131072, "eos_token_id": [128001, 128008, 128009],
+               "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 8192, "rope_type": "llama3"}}
+    c = ModelConfig.from_dict(llama31)
+    assert (c.head_dim, c.rope_theta, c.rope_scaling["rope_type"], c.eos_token_id) == (128, 500000.0, "llama3", [128001, 128008, 128009])
+    assert not c.attention_bias and not c.tie_word_embeddings
+    qwen = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864,
+            "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2, "rope_theta": 1000000.0,
+            "rope_scaling": None, "tie_word_embeddings": True, "use_sliding_window": False, "eos_token_id": 151643}
+    c = ModelConfig.from_dict(qwen)
+    assert (c.head_dim, c.attention_bias, c.attention_out_bias, c.rope_scaling, c.eos_token_id) == (64, True, False, None, [151643])
+    with pytest.raises(ValueError, match="unsupported rope_scaling type 'yarn'"):
+        ModelConfig.from_dict(dict(qwen, rope_scaling={"type": "yarn", "factor": 4.0}))
