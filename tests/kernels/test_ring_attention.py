@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from gloo_harness import run_distributed
 
+from sealong.parallel import ParallelDims, attention_for, build_mesh, gather_sequence, shard_index
 from sealong_kernels import reference
 from sealong_kernels.attention import triton_available
 from sealong_kernels.ring import (
@@ -57,6 +58,15 @@ def ring_worker(rank, world, cases):
         out.backward(case["dout"][idx])
         results.append(as_numpy(dict(idx=idx, out=out.detach(), lse=lse, dq=q.grad, dk=k.grad, dv=v.grad)))
     return results
+
+
+def run_case(case, index, attend):
+    """Forward and backward of attend(q, k, v, segment_ids) on the rows `index` of a case."""
+    q, k, v = (case[n][index].clone().requires_grad_() for n in ("q", "k", "v"))
+    seg = None if case["seg"] is None else case["seg"][index]
+    out = attend(q, k, v, seg)
+    out.backward(case["dout"][index])
+    return as_numpy(dict(idx=index, out=out.detach(), dq=q.grad, dk=k.grad, dv=v.grad))
 
 
 def as_numpy(tensors):
@@ -262,8 +272,17 @@ def mismatched_shapes(rank):
     return None
 
 
-def ring_and_error_worker(rank, world, cases):
-    return ring_worker(rank, world, cases), mismatched_shapes(rank)
+def ring_and_error_worker(rank, world, cases, mesh_cases):
+    """ring_worker, then the cases through sealong.parallel's mesh and attention callable, then the error."""
+    results = ring_worker(rank, world, cases)
+    for case in mesh_cases:
+        mesh = build_mesh(ParallelDims.from_world(world, sp=world, layout=case["layout"]))
+        index = shard_index(case["q"].shape[0], mesh.dims, mesh.sp_rank)
+        attention = attention_for(mesh)
+        results.append(run_case(case, index, lambda q, k, v, seg: attention(q, k, v, segment_ids=seg)))
+        # gathering the shards of the positions themselves gives back 0..T-1 in order
+        assert torch.equal(gather_sequence(index, mesh), torch.arange(case["q"].shape[0]))
+    return results, mismatched_shapes(rank)
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
@@ -279,8 +298,10 @@ def test_ring_matches_single_process_attention(world):
     ]
     if world == 2:
         cases.append(make_case(20, 2, 1, 16, layout="zigzag", segments=True, backend="triton"))
-    per_rank = run_distributed(ring_and_error_worker, world, args=(cases,))
-    check_against_reference(cases, [results for results, _ in per_rank])
+    mesh_cases = [make_case(seq_len, 4, 2, 8, layout="zigzag" if world != 3 else "plain", segments=True)]
+    per_rank = run_distributed(ring_and_error_worker, world, args=(cases, mesh_cases))
+    check_against_reference(cases, [results[:len(cases)] for results, _ in per_rank])
+    check_against_reference(mesh_cases, [results[len(cases):] for results, _ in per_rank], skip=("lse",))
     for _, message in per_rank:
         assert message is not None and "same shard shape" in message
         assert "(4, 2, 4, 1, 0)" in message and "(6, 2, 4, 1, 0)" in message

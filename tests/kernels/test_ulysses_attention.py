@@ -10,26 +10,23 @@ import pytest
 import torch
 import torch.distributed as dist
 from gloo_harness import run_distributed
-from test_ring_attention import as_numpy, check_against_reference, make_case
+from test_ring_attention import check_against_reference, make_case, run_case
 
 from sealong.parallel import ParallelDims, attention_for, build_mesh, mesh_ranks, shard_index
 from sealong_kernels.ulysses import communication_bytes, kv_replication, sequence_index, ulysses_attention
-
-
-def run_case(case, index, attend):
-    q, k, v = (case[n][index].clone().requires_grad_() for n in ("q", "k", "v"))
-    seg = None if case["seg"] is None else case["seg"][index]
-    out = attend(q, k, v, seg)
-    out.backward(case["dout"][index])
-    return as_numpy(dict(idx=index, out=out.detach(), dq=q.grad, dk=k.grad, dv=v.grad))
 
 
 def ulysses_worker(rank, world, cases, hybrid_cases):
     results = []
     for case in cases:
         index = sequence_index(case["q"].shape[0], 1, world, rank)
-        results.append(run_case(case, index, lambda q, k, v, seg: ulysses_attention(
-            q, k, v, dist.group.WORLD, case["causal"], segment_ids=seg, cu_seqlens=case.get("cu_seqlens"))))
+        if case.get("via_mesh"):  # Ulysses only (ring 1) through the model-facing callable, causal
+            attention = attention_for(build_mesh(ParallelDims.from_world(world, sp=world, ulysses=world)))
+            attend = lambda q, k, v, seg: attention(q, k, v, segment_ids=seg, cu_seqlens=case.get("cu_seqlens"))  # noqa: E731
+        else:
+            attend = lambda q, k, v, seg: ulysses_attention(  # noqa: E731
+                q, k, v, dist.group.WORLD, case["causal"], segment_ids=seg, cu_seqlens=case.get("cu_seqlens"))
+        results.append(run_case(case, index, attend))
     if hybrid_cases:
         for layout in ("zigzag", "plain"):
             mesh = build_mesh(ParallelDims.from_world(world, sp=world, ulysses=2, layout=layout))
@@ -89,7 +86,7 @@ def test_ulysses_and_hybrid_match_single_process_attention(world):
         cu = torch.tensor([0, 5, 13, 18], dtype=torch.int32)
         cases = [make_case(18, 4, 2, 8, segments=True),                      # GQA, degree <= kv heads
                  make_case(18, 4, 1, 8),                                     # MQA: kv head replicated twice
-                 {**make_case(18, 2, 2, 8), "cu_seqlens": cu}]               # packed sequences
+                 {**make_case(18, 2, 2, 8), "cu_seqlens": cu, "via_mesh": True}]  # packed, via attention_for
         hybrid = []
     elif world == 3:
         cases = [make_case(15, 6, 2, 8, segments=True),                      # each kv head replicated 3 times

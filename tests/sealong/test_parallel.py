@@ -111,3 +111,11 @@ def test_mesh_ranks_layout():
     assert ranks["dp"] == [[0, 4], [1, 5], [2, 6], [3, 7]]
     assert ranks["ulysses"] == [[0, 1], [2, 3], [4, 5], [6, 7]]  # neighbours: all-to-all stays on a node
     assert ranks["ring"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
+
+
+def test_mesh_needs_a_process_group_and_sp1_keeps_the_model_default():
+    from sealong.parallel import ParallelMesh, attention_for, build_mesh
+
+    with pytest.raises(RuntimeError, match="initialized process group"):
+        build_mesh(ParallelDims())
+    assert attention_for(ParallelMesh(ParallelDims(), 0, 0, 0, 0, 0)) is None
