@@ -67,3 +67,23 @@ def test_prefix_decode_bf16_gpu(d):
     ref_out, ref_lse = reference.prefix_decode_attention(q.float(), k.float(), v.float(), cu_q, cu_p)
     assert rel_err(out, ref_out) < 1e-2
     assert rel_err(lse, ref_lse) < 1e-3
+
+
+def test_gpu_tile_config_under_interpreter(device, monkeypatch):
+    """The block sizes and key splits a GPU would pick (not the interpreter's 16x16), on a 600-token prefix."""
+    from unittest import mock
+
+    import sealong_kernels.decode as dec
+
+    original = dec._launch_config
+
+    def gpu_config(*args):
+        with mock.patch.object(dec, "_interpreting", lambda: False):
+            return original(*args)
+
+    assert gpu_config(12 * 3, 40, 600, 2 * 1)[:4] == (64, 64, 4, 2)  # BLOCK_M, BLOCK_N, warps, 2 key splits
+    monkeypatch.setattr(dec, "_launch_config", gpu_config)
+    q, k, v, cu_q, cu_p = make([12, 1], [600, 77], 6, 2, 40, torch.float32, device)
+    out, lse = prefix_decode_attention(q, k, v, cu_q, cu_p)
+    ref_out, ref_lse = reference.prefix_decode_attention(q.double(), k.double(), v.double(), cu_q, cu_p)
+    assert rel_err(out, ref_out) < 1e-5 and rel_err(lse, ref_lse) < 1e-5
