@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sealong.data import prompts
+
 IGNORE = -100
 MIN_PROMPT = 8  # fewest prompt tokens kept by middle truncation
 
@@ -103,17 +105,19 @@ def user_message(record, strategy, where):
         return _text_field(record, "prompt", where)
     context = _text_field(record, "context", where)
     question = _text_field(record, "question", where)
-    from sealong.data import prompts  # the paper's prompt strategies (written by the sampler's owner)
-    return prompts.build_prompt(context, question, strategy)
+    return prompts.user_message(context, question, strategy)
 
 
 def encode_prompt(tokenizer, message):
-    """Token ids of the chat-templated user message with the generation prompt (one BOS, no re-tokenizing)."""
+    """Token ids of the chat-templated user message with the generation prompt.
+
+    As in sealong.data.prompts: the template's text is tokenized without adding special tokens again (one
+    BOS). A tokenizer without a chat template gets the bare message with its usual special tokens.
+    """
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": message}], add_generation_prompt=True, tokenize=True)
-        if hasattr(ids, "keys"):  # transformers may return a BatchEncoding
-            ids = ids["input_ids"]
+        text = tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
+                                             tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
         ids = tokenizer(message, add_special_tokens=True)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
@@ -136,8 +140,10 @@ def truncate_middle(ids, length):
     return torch.cat([ids[:head], ids[ids.numel() - (length - head):]])
 
 
-def load_pairs(path, tokenizer, *, mode="orpo", max_length=32768, strategy="plan_and_solve"):
+def load_pairs(path, tokenizer, *, mode="orpo", max_length=32768, strategy=prompts.DEFAULT_STRATEGY):
     """Read and tokenize every record of `path` -> PairData (pairs in file order, counted skips)."""
+    if strategy not in prompts.STRATEGIES:
+        raise ValueError(f"unknown prompt strategy {strategy!r}; choose one of {', '.join(prompts.STRATEGIES)}")
     data = PairData(pairs=[])
     for number, record in read_jsonl(path):
         where = f"{path}:{number}"

@@ -37,7 +37,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .distributed import all_reduce_grads, all_reduce_sum, cleanup, print0, setup
-from .pairs import label_counts, load_pairs, pack_pair, pad_row
+from .pairs import label_counts, load_pairs, pack_pair
 from .train_config import TrainConfig, lr_at, make_config, parse_overrides, read_config_file
 from .train_loss import METRIC_NAMES, micro_objective, row_logp_sums
 from .train_mesh import TrainMesh
@@ -119,7 +119,7 @@ def micro_step_sums(model, lm_head, pairs, cfg, mesh, device):
     sums, tokens = torch.zeros(num_seqs, dtype=torch.float32, device=device), 0
     for j, pair in enumerate(pairs):
         for row in pack_pair(pair, j, cfg.layout):
-            local = mesh.shard_row(pad_row(row, mesh.pad_multiple))
+            local = mesh.shard_row(row)
             to_dev = lambda t: None if t is None else t.to(device)  # noqa: E731
             hidden = model(to_dev(local.input_ids), to_dev(local.position_ids), attention=mesh.attention,
                            segment_ids=to_dev(local.segment_ids))
@@ -253,7 +253,7 @@ def train(cfg: TrainConfig, info, on_step=None):
     total_steps = steps_per_epoch * cfg.epochs
     print0(f"data: {data.summary()}; {steps_per_epoch} steps per epoch "
            f"({len(data.pairs) % cfg.batch_pairs} pairs left out of each epoch), {total_steps} steps")
-    print0(f"mesh: dp={mesh.dp} sp={mesh.sp} (ulysses {cfg.ulysses} x ring {cfg.sp // cfg.ulysses}); "
+    print0(f"mesh: dp={mesh.dp} sp={mesh.sp} (ulysses {mesh.dims.ulysses} x ring {mesh.dims.ring}); "
            f"batch {cfg.batch_pairs} pairs = dp {mesh.dp} x micro {cfg.micro_batch_pairs} x accumulation "
            f"{cfg.grad_accum_steps(mesh.dp)}")
 

@@ -117,3 +117,17 @@ def test_sft_needs_only_chosen(tmp_path):
     assert len(data.pairs) == 1 and data.pairs[0].rejected is None
     (row,) = pack_pair(data.pairs[0], 0, "packed")
     assert (row.seq_index[row.labels != IGNORE] == 0).all()
+
+
+def test_context_question_records_use_the_paper_prompt(tmp_path):
+    from sealong.data import prompts
+
+    tok = build_tokenizer()
+    record = {"id": "a", "context": "w1 w2 w3", "question": "w4 w5", "chosen_text": "w6", "rejected_text": "w7"}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    (pair,) = load_pairs(str(path), tok, strategy="step_by_step").pairs
+    assert pair.prompt.tolist() == prompts.prompt_token_ids(tok, "w1 w2 w3", "w4 w5", "step_by_step")
+    assert (pair.prompt == tok.bos_token_id).sum() == 1
+    with pytest.raises(ValueError, match="unknown prompt strategy 'nope'"):
+        load_pairs(str(path), tok, strategy="nope")
