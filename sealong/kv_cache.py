@@ -18,14 +18,19 @@ from sealong_kernels import reference
 from sealong_kernels.decode import prefix_decode_attention
 
 
+def uses_kernels(device, backend="auto") -> bool:
+    """Triton kernels when asked, or by default on CUDA; the plain-torch reference otherwise."""
+    return backend == "triton" or (backend == "auto" and torch.device(device).type == "cuda")
+
+
 def prefill_attention_fn(device, backend="auto"):
     """Causal attention of a chunk against the cache so far: (q, k, v, q_start, scale) -> out."""
-    use_kernel = backend == "triton" or (backend == "auto" and torch.device(device).type == "cuda")
-    if use_kernel:
+    if uses_kernels(device, backend):
         from sealong_kernels import flash_attention
 
         def attend(q, k, v, q_start, scale):
-            return flash_attention(q, k, v, causal=True, softmax_scale=scale, q_start=q_start, k_start=0)[0]
+            return flash_attention(q, k, v, causal=True, softmax_scale=scale, q_start=q_start, k_start=0,
+                                   backend="triton" if backend == "triton" else "auto")[0]
     else:
 
         def attend(q, k, v, q_start, scale):
@@ -36,7 +41,7 @@ def prefill_attention_fn(device, backend="auto"):
 
 def prefix_attention_fn(device, backend="auto"):
     """Decode queries against the prompts' prefixes: the Triton kernel on CUDA (or when asked), else the reference."""
-    if backend == "triton" or (backend == "auto" and torch.device(device).type == "cuda"):
+    if uses_kernels(device, backend):
         return prefix_decode_attention
     return lambda q, k, v, cu_q, cu_p, scale, **kw: reference.prefix_decode_attention(q, k, v, cu_q, cu_p, scale)
 
@@ -113,8 +118,11 @@ def prefill(model, prompts, cache: PrefixCache, chunk_size: int, backend="auto")
     for ids in prompts:
         n = len(ids)
         ids = torch.as_tensor(ids, dtype=torch.long, device=device)
-        for start in range(0, n, chunk_size):
-            end = min(n, start + chunk_size)
+        chunk = chunk_size
+        if not uses_kernels(device, backend):  # the reference holds [Hq, chunk, n] float32 scores: keep them <= 1 GiB
+            chunk = max(1, min(chunk, (1 << 28) // (model.config.num_attention_heads * n)))
+        for start in range(0, n, chunk):
+            end = min(n, start + chunk)
 
             def attend(i, q, k, v, scale, _lo=base + start, _hi=base + end):
                 cache.k[i][_lo:_hi] = k
