@@ -103,7 +103,8 @@ def measure(name, loss_fn, hidden, weight, labels, train_head, device, peak, rep
         return dict(row, ms=None, note="out of memory")
     grad_bytes = hidden.numel() * hidden.element_size() + (weight.numel() * weight.element_size() if train_head else 0)
     flops = 6 * m * h * v
-    row.update(ms=ms, tflops_6MHV=flops / (ms * 1e-3) / 1e12, pct_of_matmul_peak=100 * flops / (ms * 1e-3) / 1e12 / peak)
+    tflops = flops / (ms * 1e-3) / 1e12
+    row.update(ms=ms, tflops_6MHV=tflops, pct_of_matmul_peak=100 * tflops / peak)
     if peak_bytes is not None:
         row["loss_mem_GB"] = (peak_bytes - grad_bytes) / 1e9
     else:
@@ -133,9 +134,8 @@ def run(device, small):
     ]
     if liger_loss() is None:
         notes.append("liger-kernel not installed: no Liger rows")
-    summary = [{k: r.get(k) for k in ("method", "labels", "tokens", "head", "ms", "pct_of_matmul_peak", "loss_mem_GB", "largest_tensor_MB")
-                if k in r or k != "largest_tensor_MB"}
-               for r in rows]
+    keys = ("method", "labels", "tokens", "head", "ms", "pct_of_matmul_peak", "loss_mem_GB", "largest_tensor_MB")
+    summary = [{k: r.get(k) for k in keys if k in r or k != "largest_tensor_MB"} for r in rows]
     return {"name": "orpo", "rows": rows, "notes": notes, "summary": summary}
 
 

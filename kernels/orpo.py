@@ -133,7 +133,7 @@ def _chunk_logits(hidden2d, weight, bias, rows):
 
 
 def _sequence_spans(seq):
-    """(sequence, start, end) of the runs of equal ids in seq (a chunk's entries, ordered by sequence)."""
+    """(sequence, start, end) of the runs of equal ids in seq (a chunk's entries, sorted by sequence)."""
     change = torch.ones(seq.shape[0], dtype=torch.bool, device=seq.device)
     change[1:] = seq[1:] != seq[:-1]
     starts = change.nonzero()[:, 0].tolist()
@@ -189,7 +189,7 @@ class _SequenceLogpSums(torch.autograd.Function):
         sums = torch.zeros(num_seqs, dtype=torch.float32, device=dev).index_add_(0, seq, logp)
         if group is not None:
             torch.distributed.all_reduce(sums, group=group)
-        ctx.deferred, ctx.chunk, ctx.num_seqs = deferred, chunk, num_seqs
+        ctx.deferred, ctx.chunk = deferred, chunk
         ctx.save_for_backward(hidden2d, weight, bias, rows, targets, seq, lse_all, u, acc_w, acc_b)
         return sums
 
@@ -234,7 +234,8 @@ def sequence_logp_sums(hidden, weight, rows, targets, seq, num_seqs, bias=None, 
     if strategy not in ("auto", "deferred", "recompute"):
         raise ValueError(f"strategy must be 'auto', 'deferred' or 'recompute', got {strategy!r}")
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, got {tuple(weight.shape)}")
+        raise ValueError(f"weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
+                         f"got {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must be [V] = ({weight.shape[0]},), got {tuple(bias.shape)}")
     if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
@@ -242,18 +243,24 @@ def sequence_logp_sums(hidden, weight, rows, targets, seq, num_seqs, bias=None, 
                         + (f", {bias.dtype}" if bias is not None else ""))
     v = weight.shape[0]
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= v):
-        raise ValueError(f"labels must be in [0, {v}) or ignore_index; got {int(targets.min())}..{int(targets.max())}")
+        raise ValueError(f"labels must be in [0, {v}) or ignore_index; "
+                         f"got {int(targets.min())}..{int(targets.max())}")
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     if rows.numel() and int(rows.max()) >= hidden2d.shape[0]:
         raise ValueError(f"hidden_index points at row {int(rows.max())} of a hidden with {hidden2d.shape[0]} rows")
     chunk = int(chunk_size or default_chunk_size(v, hidden.dtype))
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if strategy == "auto":
+    if not torch.is_grad_enabled():
+        strategy = "recompute"  # no backward will come: the forward computes the LSE only
+    elif strategy == "auto":
         trains_head = weight.requires_grad or (bias is not None and bias.requires_grad)
-        strategy = "deferred" if not trains_head or num_seqs * v * weight.shape[1] * 4 <= deferred_budget else "recompute"
-    return _SequenceLogpSums.apply(hidden2d, weight, bias, rows.contiguous(), targets.contiguous(), seq.contiguous(),
-                                   num_seqs, chunk, strategy, group)
+        accumulators = num_seqs * v * weight.shape[1] * 4
+        strategy = "deferred" if not trains_head or accumulators <= deferred_budget else "recompute"
+    # entries sorted by sequence: a chunk then spans few sequences (one weight-gradient product per sequence)
+    order = torch.argsort(seq, stable=True)
+    return _SequenceLogpSums.apply(hidden2d, weight, bias, rows[order], targets[order], seq[order], num_seqs, chunk,
+                                   strategy, group)
 
 
 def fused_linear_orpo_loss(hidden, weight, labels, *, bias=None, beta=0.1, nll_weight=1.0, mode="orpo",

@@ -139,8 +139,9 @@ def test_packed_layout_matches_reference(strategy, device):
 def test_shared_prompt_packing_equals_classic_pair(device):
     """prompt + chosen + rejected packed in one sequence == the classic two-row layout of the same pair."""
     p_len, c_len, r_len, h, v = 9, 6, 4, 15, 97
-    ids = {k: torch.randint(0, v, (n,), device=device) for k, n in (("p", p_len), ("c", c_len), ("r", r_len))}
-    hs = {k: torch.randn(n, h, dtype=torch.float64, device=device) for k, n in (("p", p_len), ("c", c_len), ("r", r_len))}
+    sizes = (("p", p_len), ("c", c_len), ("r", r_len))
+    ids = {k: torch.randint(0, v, (n,), device=device) for k, n in sizes}
+    hs = {k: torch.randn(n, h, dtype=torch.float64, device=device) for k, n in sizes}
     weight = torch.randn(v, h, dtype=torch.float64, device=device) / 4
     bias = torch.randn(v, dtype=torch.float64, device=device) / 4
     # classic: rows [prompt + chosen], [prompt + rejected] padded to T, labels[t] = token t + 1 of the answer
@@ -267,3 +268,17 @@ def test_row_kernel_lse_target_and_gradient(rows_per_program, dtype, device):
     again = z.to(dtype)
     assert logits_rows(again, targets, lse=lse, write_grad=True, rows_per_program=rows_per_program)[1] is None
     assert rel(again, g_want) <= tol
+
+
+def test_no_grad_forward_and_default_chunk(device):
+    """Under torch.no_grad only the LSE pass runs (nothing is kept for a backward); same loss."""
+    from sealong_kernels.orpo import default_chunk_size
+
+    hidden, weight, bias, labels = classic_batch(1, 9, 6, 45, [4, 3], device)
+    hidden, weight = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    with torch.no_grad():
+        loss_eval, _ = sk.fused_linear_orpo_loss(hidden, weight, labels, chunk_size=2, strategy="deferred")
+    loss, _ = sk.fused_linear_orpo_loss(hidden, weight, labels, chunk_size=2, strategy="deferred")
+    assert not loss_eval.requires_grad and abs(loss_eval.item() - loss.item()) <= 1e-6 * abs(loss.item())
+    assert default_chunk_size(128256, torch.bfloat16) == 2048 and default_chunk_size(128256, torch.float32) == 1024
+    assert default_chunk_size(10**9, torch.float32) == 16

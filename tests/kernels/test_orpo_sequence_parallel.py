@@ -27,7 +27,8 @@ def to_numpy(result):
 
 def from_numpy(result):
     loss, metrics, *grads = result
-    return torch.from_numpy(loss), {k: torch.from_numpy(v) for k, v in metrics.items()}, *(torch.from_numpy(g) for g in grads)
+    metrics = {k: torch.from_numpy(v) for k, v in metrics.items()}
+    return torch.from_numpy(loss), metrics, *(torch.from_numpy(g) for g in grads)
 
 
 def classic_worker(rank, world, hidden, weight, bias, labels, strategy):
