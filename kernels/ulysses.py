@@ -2,7 +2,8 @@
 
 Ulysses over P ranks: each rank holds T/P consecutive tokens of every head. One all-to-all turns that into
 all T tokens of H/P heads; attention runs on whole sequences per head; a second all-to-all turns the output
-back. Each link carries 4 T h / P elements per layer forward (q, k, v, out; h = hidden size).
+back. Each link carries 4 T h / P elements per layer forward (q, k, v, out; h = hidden size); q, k and v
+travel in one all-to-all (one collective launch instead of three), and so do their gradients.
 
     tokens x heads   before          after seq -> heads
     rank 0: t0 t1 | h0 h1 h2 h3      rank 0: t0 t1 t2 t3 | h0 h1
@@ -86,6 +87,42 @@ class _SeqAllToAll(torch.autograd.Function):
         return _all_to_all(grad.contiguous(), ctx.group, not ctx.to_heads), None, None
 
 
+def _qkv_to_heads(q, k, v, group):
+    """One all-to-all for q, k, v: [T_local, H*, D] each -> [P T_local, H*/P, D] each (views of one buffer)."""
+    p = dist.get_world_size(group)
+    t, d = q.shape[0], q.shape[2]
+    widths = [x.shape[1] // p for x in (q, k, v)]
+    send = torch.cat([x.reshape(t, p, w, d) for x, w in zip((q, k, v), widths)], dim=2)
+    send = send.transpose(0, 1).contiguous()  # [P, T_local, (Hq + 2 Hkv) / P, D]: chunk j to rank j
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return recv.reshape(p * t, sum(widths), d).split(widths, dim=1)
+
+
+def _qkv_grads_to_sequence(dq, dk, dv, group):
+    """Backward of _qkv_to_heads: [P T_local, H*/P, D] each -> [T_local, H*, D] each."""
+    p = dist.get_world_size(group)
+    widths = [x.shape[1] for x in (dq, dk, dv)]
+    send = torch.cat([dq, dk, dv], dim=1).reshape(p, dq.shape[0] // p, sum(widths), dq.shape[2]).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)  # recv[i]: the head chunk i of this rank's tokens
+    recv = recv.transpose(0, 1)  # [T_local, P, (Hq + 2 Hkv) / P, D]
+    return tuple(x.reshape(x.shape[0], -1, x.shape[-1]) for x in recv.split(widths, dim=2))
+
+
+class _QKVAllToAll(torch.autograd.Function):
+    """q, k, v from sequence shards to head shards in one collective (and their gradients back in one)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, group):
+        ctx.group = group
+        return _qkv_to_heads(q, k, v, group)
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        return (*_qkv_grads_to_sequence(dq.contiguous(), dk.contiguous(), dv.contiguous(), ctx.group), None)
+
+
 def _gather_segments(segment_ids, group):
     if segment_ids is None:
         return None
@@ -110,7 +147,9 @@ def hybrid_attention(q, k, v, ulysses_group, ring_group, causal=True, *, softmax
     r = kv_replication(q.shape[1], k.shape[1], p)
     if r > 1:  # replica j of head i sits at i * r + j, so query heads keep reading head h // (Hq / Hkv)
         k, v = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)
-    qh, kh, vh = (_SeqAllToAll.apply(x, ulysses_group, True) for x in (q, k, v))
+    if q.dtype != k.dtype or k.dtype != v.dtype:
+        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    qh, kh, vh = _QKVAllToAll.apply(q, k, v, ulysses_group)
     seg = _gather_segments(segment_ids, ulysses_group)
     out, _ = ring_attention(qh, kh, vh, ring_group, causal, softmax_scale=softmax_scale, segment_ids=seg,
                             layout=layout, cu_seqlens=cu_seqlens, backend=backend)
