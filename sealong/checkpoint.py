@@ -55,13 +55,6 @@ def _rng_state():
     return state
 
 
-def _trainable_state(model, finetune):
-    if finetune == "lora":
-        from peft import get_peft_model_state_dict
-        return get_peft_model_state_dict(model)
-    return {k: v for k, v in model.state_dict().items()}
-
-
 def save_checkpoint(output_dir, step, *, model, optimizer, scheduler, scaler, state, finetune, rank, keep=2):
     """Write a complete checkpoint for `step` (every rank calls this; rank 0 writes the shared files)."""
     final = checkpoint_dir(output_dir, step)

@@ -204,8 +204,14 @@ class Logger:
         """Drop lines of steps after the resumed checkpoint (written before a crash), atomically."""
         if not os.path.isfile(self.path):
             return
+        kept = []
         with open(self.path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            for line in f:
+                try:
+                    if json.loads(line).get("step", 0) <= start_step:
+                        kept.append(line)
+                except json.JSONDecodeError:  # a line torn by the crash
+                    continue
         with open(self.path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(self.path + ".tmp", self.path)
