@@ -59,68 +59,54 @@ def sequence_index(seq_len, ring, ulysses, sp_rank, layout="zigzag"):
     return shard[u * n:(u + 1) * n]
 
 
-def _all_to_all(x, group, to_heads):
-    """seq -> heads: [T_local, H, D] -> [P T_local, H/P, D]; heads -> seq: the inverse."""
+def _to_heads(tensors, group):
+    """Sequence shards -> head shards, one all-to-all for all: [T_local, H_i, D] -> [P T_local, H_i / P, D]."""
     p = dist.get_world_size(group)
-    if to_heads:
-        t, h, d = x.shape
-        send = x.reshape(t, p, h // p, d).transpose(0, 1).contiguous()  # [P, T_local, H/P, D]: head chunk j to rank j
-    else:
-        send = x.reshape(p, x.shape[0] // p, *x.shape[1:]).contiguous()  # token chunk j back to rank j
+    t, d = tensors[0].shape[0], tensors[0].shape[2]
+    widths = [x.shape[1] // p for x in tensors]
+    send = torch.cat([x.reshape(t, p, w, d) for x, w in zip(tensors, widths)], dim=2)
+    send = send.transpose(0, 1).contiguous()  # [P, T_local, sum H_i / P, D]: head chunk j to rank j
     recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)  # recv[i] comes from rank i
-    if to_heads:
-        return recv.reshape(-1, *recv.shape[2:])
-    return recv.transpose(0, 1).reshape(recv.shape[1], -1, recv.shape[-1])
-
-
-class _SeqAllToAll(torch.autograd.Function):
-    """Differentiable all-to-all; the backward of seq -> heads is heads -> seq, and the other way round."""
-
-    @staticmethod
-    def forward(ctx, x, group, to_heads):
-        ctx.group, ctx.to_heads = group, to_heads
-        return _all_to_all(x, group, to_heads)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_to_all(grad.contiguous(), ctx.group, not ctx.to_heads), None, None
-
-
-def _qkv_to_heads(q, k, v, group):
-    """One all-to-all for q, k, v: [T_local, H*, D] each -> [P T_local, H*/P, D] each (views of one buffer)."""
-    p = dist.get_world_size(group)
-    t, d = q.shape[0], q.shape[2]
-    widths = [x.shape[1] // p for x in (q, k, v)]
-    send = torch.cat([x.reshape(t, p, w, d) for x, w in zip((q, k, v), widths)], dim=2)
-    send = send.transpose(0, 1).contiguous()  # [P, T_local, (Hq + 2 Hkv) / P, D]: chunk j to rank j
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
+    dist.all_to_all_single(recv, send, group=group)  # recv[i]: the tokens of rank i
     return recv.reshape(p * t, sum(widths), d).split(widths, dim=1)
 
 
-def _qkv_grads_to_sequence(dq, dk, dv, group):
-    """Backward of _qkv_to_heads: [P T_local, H*/P, D] each -> [T_local, H*, D] each."""
+def _to_sequence(tensors, group):
+    """Head shards -> sequence shards (the inverse): [P T_local, H_i / P, D] -> [T_local, H_i, D]."""
     p = dist.get_world_size(group)
-    widths = [x.shape[1] for x in (dq, dk, dv)]
-    send = torch.cat([dq, dk, dv], dim=1).reshape(p, dq.shape[0] // p, sum(widths), dq.shape[2]).contiguous()
+    widths = [x.shape[1] for x in tensors]
+    x = tensors[0]
+    send = torch.cat(tensors, dim=1).reshape(p, x.shape[0] // p, sum(widths), x.shape[2]).contiguous()
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)  # recv[i]: the head chunk i of this rank's tokens
-    recv = recv.transpose(0, 1)  # [T_local, P, (Hq + 2 Hkv) / P, D]
-    return tuple(x.reshape(x.shape[0], -1, x.shape[-1]) for x in recv.split(widths, dim=2))
+    recv = recv.transpose(0, 1)  # [T_local, P, sum H_i / P, D]
+    return tuple(y.reshape(y.shape[0], -1, y.shape[-1]) for y in recv.split(widths, dim=2))
 
 
-class _QKVAllToAll(torch.autograd.Function):
-    """q, k, v from sequence shards to head shards in one collective (and their gradients back in one)."""
+class _ToHeads(torch.autograd.Function):
+    """q, k, v from sequence shards to head shards in one collective; their gradients back in one."""
 
     @staticmethod
     def forward(ctx, q, k, v, group):
         ctx.group = group
-        return _qkv_to_heads(q, k, v, group)
+        return _to_heads([q, k, v], group)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
-        return (*_qkv_grads_to_sequence(dq.contiguous(), dk.contiguous(), dv.contiguous(), ctx.group), None)
+        return (*_to_sequence([dq.contiguous(), dk.contiguous(), dv.contiguous()], ctx.group), None)
+
+
+class _ToSequence(torch.autograd.Function):
+    """The attention output from head shards back to sequence shards; its gradient the other way."""
+
+    @staticmethod
+    def forward(ctx, out, group):
+        ctx.group = group
+        return _to_sequence([out], group)[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _to_heads([grad.contiguous()], ctx.group)[0], None
 
 
 def _gather_segments(segment_ids, group):
@@ -149,11 +135,11 @@ def hybrid_attention(q, k, v, ulysses_group, ring_group, causal=True, *, softmax
         k, v = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)
     if q.dtype != k.dtype or k.dtype != v.dtype:
         raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    qh, kh, vh = _QKVAllToAll.apply(q, k, v, ulysses_group)
+    qh, kh, vh = _ToHeads.apply(q, k, v, ulysses_group)
     seg = _gather_segments(segment_ids, ulysses_group)
     out, _ = ring_attention(qh, kh, vh, ring_group, causal, softmax_scale=softmax_scale, segment_ids=seg,
                             layout=layout, cu_seqlens=cu_seqlens, backend=backend)
-    return _SeqAllToAll.apply(out, ulysses_group, False)
+    return _ToSequence.apply(out, ulysses_group)
 
 
 def ulysses_attention(q, k, v, group, causal=True, *, softmax_scale=None, segment_ids=None, cu_seqlens=None,
