@@ -144,6 +144,8 @@ def _sequence_spans(seq):
 def _accumulate_param_grads(grad, h, seq, acc_w, acc_b, scale=None):
     """acc_w[s] += scale[s] * G_s^T h_s and acc_b[s] += scale[s] * sum G_s over each sequence s of the chunk, in
     float32 (acc_w / acc_b indexed by sequence when scale is None, else single accumulators)."""
+    if acc_w is None and acc_b is None:
+        return
     for s, a, b in _sequence_spans(seq):
         f = 1.0 if scale is None else scale[s]
         dst_w = acc_w if scale is not None else (acc_w[s] if acc_w is not None else None)
@@ -288,6 +290,11 @@ def fused_linear_orpo_loss(hidden, weight, labels, *, bias=None, beta=0.1, nll_w
         loss, metrics = fused_linear_orpo_loss(hidden, model.lm_head.weight, labels, beta=0.1)
         loss.backward()
     """
+    if labels.dim() == 2 and tuple(hidden.shape[:-1]) != tuple(labels.shape):
+        raise ValueError(f"hidden {tuple(hidden.shape)} must be labels' shape {tuple(labels.shape)} plus H (classic)")
+    if labels.dim() == 1 and (hidden.dim() != 2 or (hidden_index is None and hidden.shape[0] != labels.shape[0])):
+        raise ValueError(f"packed layout: hidden must be [N, H] with N = len(labels) = {labels.shape[0]} unless "
+                         f"hidden_index maps entries to rows; got hidden {tuple(hidden.shape)}")
     rows, targets, seq, pairs = preference_entries(labels.to(hidden.device), mode=mode, sequence_ids=sequence_ids,
                                                    segment_ids=segment_ids, hidden_index=hidden_index,
                                                    num_pairs=num_pairs, ignore_index=ignore_index)

@@ -197,7 +197,7 @@ def test_all_labels_ignored(device):
         sk.fused_linear_orpo_loss(hidden, weight, labels)
     loss, metrics = sk.fused_linear_orpo_loss(hidden, weight, labels, skip_empty=True)
     loss.backward()
-    assert float(loss) == 0 and float(metrics["skipped_pairs"]) == 2
+    assert loss.item() == 0 and float(metrics["skipped_pairs"]) == 2
     assert torch.equal(hidden.grad, torch.zeros_like(hidden)) and torch.equal(weight.grad, torch.zeros_like(weight))
 
 
@@ -236,6 +236,10 @@ def test_bad_inputs_name_the_argument(device):
         sk.fused_linear_orpo_loss(h[:3], w, labels[:3])
     with pytest.raises(ValueError, match="segment_ids is required"):
         sk.fused_linear_orpo_loss(h[0], w, labels[0], sequence_ids=torch.zeros(6, dtype=torch.long, device=device))
+    with pytest.raises(ValueError, match="plus H"):
+        sk.fused_linear_orpo_loss(h[:, :5], w, labels)
+    with pytest.raises(ValueError, match="packed layout"):
+        sk.fused_linear_orpo_loss(h[0, :5], w, labels[0], sequence_ids=labels[0] * 0, segment_ids=labels[0] * 0 + 1)
     with pytest.raises(ValueError, match="strategy"):
         sk.fused_linear_orpo_loss(h, w, labels, strategy="fast")
 
