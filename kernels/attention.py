@@ -52,33 +52,84 @@ def _visible(qi, kj, q_ok, k_ok, q_start, k_start, qseq, kseq, qseg, kseg,
 
 
 @triton.jit
-def _key_range(start_m, Tq, Tk, q_start, k_start, SeqIdx, CuSeqlens, BLOCK_M: tl.constexpr,
-               CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr):
-    """[lo, hi): the keys any query of the block [start_m, start_m + BLOCK_M) can see (block skipping)."""
+def _key_range(start_m, Tq, Tk, q_start, k_start, SeqIdx, CuSeqlens, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_SEG: tl.constexpr):
+    """Keys of the query block [start_m, start_m + BLOCK_M): [lo, hi) can be visible (block skipping);
+    [lo, mid) are whole key blocks that every query of the block sees (computed without a mask)."""
     last_m = tl.minimum(start_m + BLOCK_M, Tq) - 1
     lo = tl.zeros([], dtype=tl.int32)
     hi = tl.zeros([], dtype=tl.int32) + Tk
+    full = hi
     if CAUSAL:  # skip key blocks entirely above the diagonal
         hi = tl.minimum(hi, q_start + last_m + 1 - k_start)
+        full = tl.minimum(full, q_start + start_m + 1 - k_start)  # keys the block's first query sees
     if HAS_SEQ:  # only the sequences of this query block (q and k are the same tokens)
         lo = tl.maximum(lo, tl.load(CuSeqlens + tl.load(SeqIdx + start_m)))
         hi = tl.minimum(hi, tl.load(CuSeqlens + tl.load(SeqIdx + last_m) + 1))
-    return lo, hi
+    mid = lo + (tl.maximum(full - lo, 0) // BLOCK_N) * BLOCK_N
+    if HAS_SEQ:  # sequence boundaries inside blocks: mask everything
+        mid = lo
+    if HAS_SEG:
+        mid = lo
+    return lo, mid, hi
 
 
 @triton.jit
-def _query_range(start_n, Tq, Tk, q_start, k_start, SeqIdx, CuSeqlens, BLOCK_N: tl.constexpr,
-                 CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr):
-    """[lo, hi): the queries that can see any key of the block [start_n, start_n + BLOCK_N)."""
+def _query_range(start_n, Tq, Tk, q_start, k_start, SeqIdx, CuSeqlens, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_SEG: tl.constexpr):
+    """Queries of the key block [start_n, start_n + BLOCK_N): [lo, hi) can see some of its keys;
+    [lo, mid) need the mask (the diagonal), [mid, hi) see every key of the block."""
     last_n = tl.minimum(start_n + BLOCK_N, Tk) - 1
     lo = tl.zeros([], dtype=tl.int32)
     hi = tl.zeros([], dtype=tl.int32) + Tq
+    mid = lo
     if CAUSAL:  # queries before the block's first key (by global position) see none of it
         lo = tl.maximum(lo, k_start + start_n - q_start)
+        first_full = k_start + last_n - q_start  # the first query that sees the block's last key
+        mid = tl.minimum(lo + tl.cdiv(tl.maximum(first_full - lo, 0), BLOCK_M) * BLOCK_M, hi)
     if HAS_SEQ:
         lo = tl.maximum(lo, tl.load(CuSeqlens + tl.load(SeqIdx + start_n)))
         hi = tl.minimum(hi, tl.load(CuSeqlens + tl.load(SeqIdx + last_n) + 1))
-    return lo, hi
+        mid = hi
+    if HAS_SEG:
+        mid = hi
+    return lo, mid, hi
+
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg, stride_kt, stride_vt,
+                    offs_d, d_ok, lo, hi, q_start, k_start, qk_scale,
+                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr,
+                    HAS_SEG: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over key blocks [lo, hi); MASKED=False only for whole blocks every query sees."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_n64 = offs_n.to(tl.int64)
+        k_mask = d_ok[:, None]
+        v_mask = d_ok[None, :]
+        if MASKED:
+            n_ok = offs_n < hi
+            k_mask = k_mask & n_ok[None, :]
+            v_mask = v_mask & n_ok[:, None]
+        kT = tl.load(Kh + offs_n64[None, :] * stride_kt + offs_d[:, None], mask=k_mask, other=0.0)  # [BLOCK_D, BLOCK_N]
+        s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale  # scores in log2 units
+        if MASKED:
+            kseq = tl.load(SeqIdx + offs_n, mask=n_ok, other=-2) if HAS_SEQ else 0
+            kseg = tl.load(KSeg + offs_n, mask=n_ok, other=-2) if HAS_SEG else 0
+            ok = _visible(offs_m[:, None], offs_n[None, :], m_ok[:, None], n_ok[None, :], q_start, k_start,
+                          qseq[:, None] if HAS_SEQ else 0, kseq[None, :] if HAS_SEQ else 0,
+                          qseg[:, None] if HAS_SEG else 0, kseg[None, :] if HAS_SEG else 0, CAUSAL, HAS_SEQ, HAS_SEG)
+            s = tl.where(ok, s, float("-inf"))
+        # update running max and normalizer (a row with no visible key so far keeps m = -inf, p = 0)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(Vh + offs_n64[:, None] * stride_vt + offs_d[None, :], mask=v_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -90,7 +141,10 @@ def _attn_fwd_kernel(
     CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_SEG: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One query block of one query head: O = softmax(S) V with an online softmax over key blocks."""
-    start_m = tl.program_id(0) * BLOCK_M
+    pid = tl.program_id(0)
+    if CAUSAL:  # the heaviest query blocks (last rows) first, so the tail of the grid is short work
+        pid = tl.num_programs(0) - 1 - pid
+    start_m = pid * BLOCK_M
     h = tl.program_id(1).to(tl.int64)
     hk = h // group  # GQA: kv head, K/V never repeated in memory
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -101,34 +155,19 @@ def _attn_fwd_kernel(
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     qseq = tl.load(SeqIdx + offs_m, mask=m_ok, other=-1) if HAS_SEQ else 0
     qseg = tl.load(QSeg + offs_m, mask=m_ok, other=-1) if HAS_SEG else 0
-    lo, hi = _key_range(start_m, Tq, Tk, q_start, k_start, SeqIdx, CuSeqlens, BLOCK_M, CAUSAL, HAS_SEQ)
+    lo, mid, hi = _key_range(start_m, Tq, Tk, q_start, k_start, SeqIdx, CuSeqlens, BLOCK_M, BLOCK_N,
+                             CAUSAL, HAS_SEQ, HAS_SEG)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of S * log2(e)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running normalizer
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < hi
-        offs_n64 = offs_n.to(tl.int64)
-        kT = tl.load(K + offs_n64[None, :] * stride_kt + hk * stride_kh + offs_d[:, None],
-                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-        kseq = tl.load(SeqIdx + offs_n, mask=n_ok, other=-2) if HAS_SEQ else 0
-        kseg = tl.load(KSeg + offs_n, mask=n_ok, other=-2) if HAS_SEG else 0
-        ok = _visible(offs_m[:, None], offs_n[None, :], m_ok[:, None], n_ok[None, :], q_start, k_start,
-                      qseq[:, None] if HAS_SEQ else 0, kseq[None, :] if HAS_SEQ else 0,
-                      qseg[:, None] if HAS_SEG else 0, kseg[None, :] if HAS_SEG else 0, CAUSAL, HAS_SEQ, HAS_SEG)
-        s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale  # scores in log2 units
-        s = tl.where(ok, s, float("-inf"))
-        # update running max and normalizer (a row with no visible key so far keeps m = -inf, p = 0)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + offs_n64[:, None] * stride_vt + hk * stride_vh + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    Kh, Vh = K + hk * stride_kh, V + hk * stride_vh
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg, stride_kt,
+                                    stride_vt, offs_d, d_ok, lo, mid, q_start, k_start, qk_scale,
+                                    BLOCK_N, False, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg, stride_kt,
+                                    stride_vt, offs_d, d_ok, mid, hi, q_start, k_start, qk_scale,
+                                    BLOCK_N, True, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
 
     # normalize; empty rows: out 0, lse -inf. LSE back to natural log.
     seen = l_i > 0.0
@@ -151,6 +190,40 @@ def _attn_bwd_delta_kernel(Out, DOut, Delta, stride_ot, stride_oh, stride_dt, st
     o = tl.load(Out + rows * stride_ot + h * stride_oh + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
     do = tl.load(DOut + rows * stride_dt + h * stride_dh + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
     tl.store(Delta + h * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, offs_n, n_ok, kseq, kseg, Qh, DOh, Lse_h, Delta_h, SeqIdx, QSeg,
+                         stride_qt, stride_dot, offs_d, d_ok, lo, hi, q_start, k_start, qk_scale,
+                         BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr,
+                         HAS_SEG: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dK, dV of one key block over query blocks [lo, hi) of one query head (rows = keys)."""
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < hi  # rows past hi load as q = dO = 0, lse = +inf: P = 0, they add nothing
+        offs_m64 = offs_m.to(tl.int64)
+        qT = tl.load(Qh + offs_m64[None, :] * stride_qt + offs_d[:, None],
+                     mask=m_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_M]
+        do = tl.load(DOh + offs_m64[:, None] * stride_dot + offs_d[None, :],
+                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+        lse = tl.load(Lse_h + offs_m, mask=m_ok, other=float("inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634  # empty rows: P = 0
+        delta = tl.load(Delta_h + offs_m, mask=m_ok, other=0.0)
+        # P^T from the saved (global) lse: no renormalization
+        pT = tl.exp2(tl.dot(k, qT, input_precision=PRECISION) * qk_scale - lse[None, :])
+        if MASKED:
+            qseq = tl.load(SeqIdx + offs_m, mask=m_ok, other=-1) if HAS_SEQ else 0
+            qseg = tl.load(QSeg + offs_m, mask=m_ok, other=-1) if HAS_SEG else 0
+            ok = _visible(offs_m[None, :], offs_n[:, None], m_ok[None, :], n_ok[:, None], q_start, k_start,
+                          qseq[None, :] if HAS_SEQ else 0, kseq[:, None] if HAS_SEQ else 0,
+                          qseg[None, :] if HAS_SEG else 0, kseg[:, None] if HAS_SEG else 0, CAUSAL, HAS_SEQ, HAS_SEG)
+            pT = tl.where(ok, pT, 0.0)
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
+        # dS^T = P^T * (dP^T - delta), dP^T = V dO^T
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -178,40 +251,53 @@ def _attn_bwd_dkdv_kernel(
     v = tl.load(V + offs_n64[:, None] * stride_vt + hk * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
     kseq = tl.load(SeqIdx + offs_n, mask=n_ok, other=-2) if HAS_SEQ else 0
     kseg = tl.load(KSeg + offs_n, mask=n_ok, other=-2) if HAS_SEG else 0
-    lo, hi = _query_range(start_n, Tq, Tk, q_start, k_start, SeqIdx, CuSeqlens, BLOCK_N, CAUSAL, HAS_SEQ)
+    lo, mid, hi = _query_range(start_n, Tq, Tk, q_start, k_start, SeqIdx, CuSeqlens, BLOCK_M, BLOCK_N,
+                               CAUSAL, HAS_SEQ, HAS_SEG)
     qk_scale = sm_scale * 1.4426950408889634
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for g in range(group):
+    for g in range(group):  # the query heads that share this kv head
         h = hk * group + g
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < hi
-            offs_m64 = offs_m.to(tl.int64)
-            qT = tl.load(Q + offs_m64[None, :] * stride_qt + h * stride_qh + offs_d[:, None],
-                         mask=m_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_M]
-            do = tl.load(DOut + offs_m64[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
-                         mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
-            lse = tl.load(Lse + h * Tq + offs_m, mask=m_ok, other=float("inf"))
-            lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634  # empty rows: P = 0
-            delta = tl.load(Delta + h * Tq + offs_m, mask=m_ok, other=0.0)
-            qseq = tl.load(SeqIdx + offs_m, mask=m_ok, other=-1) if HAS_SEQ else 0
-            qseg = tl.load(QSeg + offs_m, mask=m_ok, other=-1) if HAS_SEG else 0
-            ok = _visible(offs_m[None, :], offs_n[:, None], m_ok[None, :], n_ok[:, None], q_start, k_start,
-                          qseq[None, :] if HAS_SEQ else 0, kseq[:, None] if HAS_SEQ else 0,
-                          qseg[None, :] if HAS_SEG else 0, kseg[:, None] if HAS_SEG else 0, CAUSAL, HAS_SEQ, HAS_SEG)
-            # P^T from the saved (global) lse: no renormalization
-            pT = tl.exp2(tl.dot(k, qT, input_precision=PRECISION) * qk_scale - lse[None, :])
-            pT = tl.where(ok, pT, 0.0)
-            dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
-            # dS^T = P^T * (dP^T - delta), dP^T = V dO^T
-            dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            dsT = pT * (dpT - delta[None, :])
-            dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PRECISION)
+        Qh, DOh, Lse_h, Delta_h = Q + h * stride_qh, DOut + h * stride_doh, Lse + h * Tq, Delta + h * Tq
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, offs_n, n_ok, kseq, kseg, Qh, DOh, Lse_h, Delta_h, SeqIdx, QSeg,
+                                      stride_qt, stride_dot, offs_d, d_ok, lo, mid, q_start, k_start, qk_scale,
+                                      BLOCK_M, True, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, offs_n, n_ok, kseq, kseg, Qh, DOh, Lse_h, Delta_h, SeqIdx, QSeg,
+                                      stride_qt, stride_dot, offs_d, d_ok, mid, hi, q_start, k_start, qk_scale,
+                                      BLOCK_M, False, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
 
     tl.store(DK + offs_n64[:, None] * stride_dkt + hk * stride_dkh + offs_d[None, :], dk * sm_scale, mask=kv_mask)
     tl.store(DV + offs_n64[:, None] * stride_dvt + hk * stride_dvh + offs_d[None, :], dv, mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg, stride_kt, stride_vt,
+                       offs_d, d_ok, lo, hi, q_start, k_start, qk_scale,
+                       BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr,
+                       HAS_SEG: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dQ of one query block over key blocks [lo, hi); MASKED=False only for whole visible blocks."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_n64 = offs_n.to(tl.int64)
+        kv_mask = d_ok[:, None]
+        if MASKED:
+            n_ok = offs_n < hi
+            kv_mask = kv_mask & n_ok[None, :]
+        kT = tl.load(Kh + offs_n64[None, :] * stride_kt + offs_d[:, None], mask=kv_mask, other=0.0)  # [BLOCK_D, BLOCK_N]
+        vT = tl.load(Vh + offs_n64[None, :] * stride_vt + offs_d[:, None], mask=kv_mask, other=0.0)
+        p = tl.exp2(tl.dot(q, kT, input_precision=PRECISION) * qk_scale - lse[:, None])
+        if MASKED:
+            kseq = tl.load(SeqIdx + offs_n, mask=n_ok, other=-2) if HAS_SEQ else 0
+            kseg = tl.load(KSeg + offs_n, mask=n_ok, other=-2) if HAS_SEG else 0
+            ok = _visible(offs_m[:, None], offs_n[None, :], m_ok[:, None], n_ok[None, :], q_start, k_start,
+                          qseq[:, None] if HAS_SEQ else 0, kseq[None, :] if HAS_SEQ else 0,
+                          qseg[:, None] if HAS_SEG else 0, kseg[None, :] if HAS_SEG else 0, CAUSAL, HAS_SEQ, HAS_SEG)
+            p = tl.where(ok, p, 0.0)
+        dp = tl.dot(do, vT, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
+    return dq
 
 
 @triton.jit
@@ -223,7 +309,10 @@ def _attn_bwd_dq_kernel(
     CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_SEG: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One query block of one query head: dQ = scale * sum over visible key blocks of dS K."""
-    start_m = tl.program_id(0) * BLOCK_M
+    pid = tl.program_id(0)
+    if CAUSAL:  # heaviest query blocks first
+        pid = tl.num_programs(0) - 1 - pid
+    start_m = pid * BLOCK_M
     h = tl.program_id(1).to(tl.int64)
     hk = h // group
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -239,28 +328,18 @@ def _attn_bwd_dq_kernel(
     delta = tl.load(Delta + h * Tq + offs_m, mask=m_ok, other=0.0)
     qseq = tl.load(SeqIdx + offs_m, mask=m_ok, other=-1) if HAS_SEQ else 0
     qseg = tl.load(QSeg + offs_m, mask=m_ok, other=-1) if HAS_SEG else 0
-    lo, hi = _key_range(start_m, Tq, Tk, q_start, k_start, SeqIdx, CuSeqlens, BLOCK_M, CAUSAL, HAS_SEQ)
+    lo, mid, hi = _key_range(start_m, Tq, Tk, q_start, k_start, SeqIdx, CuSeqlens, BLOCK_M, BLOCK_N,
+                             CAUSAL, HAS_SEQ, HAS_SEG)
     qk_scale = sm_scale * 1.4426950408889634
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < hi
-        offs_n64 = offs_n.to(tl.int64)
-        kT = tl.load(K + offs_n64[None, :] * stride_kt + hk * stride_kh + offs_d[:, None],
-                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-        vT = tl.load(V + offs_n64[None, :] * stride_vt + hk * stride_vh + offs_d[:, None],
-                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        kseq = tl.load(SeqIdx + offs_n, mask=n_ok, other=-2) if HAS_SEQ else 0
-        kseg = tl.load(KSeg + offs_n, mask=n_ok, other=-2) if HAS_SEG else 0
-        ok = _visible(offs_m[:, None], offs_n[None, :], m_ok[:, None], n_ok[None, :], q_start, k_start,
-                      qseq[:, None] if HAS_SEQ else 0, kseq[None, :] if HAS_SEQ else 0,
-                      qseg[:, None] if HAS_SEG else 0, kseg[None, :] if HAS_SEG else 0, CAUSAL, HAS_SEQ, HAS_SEG)
-        p = tl.exp2(tl.dot(q, kT, input_precision=PRECISION) * qk_scale - lse[:, None])
-        p = tl.where(ok, p, 0.0)
-        dp = tl.dot(do, vT, input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
+    Kh, Vh = K + hk * stride_kh, V + hk * stride_vh
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg, stride_kt, stride_vt,
+                            offs_d, d_ok, lo, mid, q_start, k_start, qk_scale,
+                            BLOCK_N, False, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg, stride_kt, stride_vt,
+                            offs_d, d_ok, mid, hi, q_start, k_start, qk_scale,
+                            BLOCK_N, True, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
     tl.store(DQ + offs_m64[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :], dq * sm_scale, mask=q_mask)
 
 
@@ -278,18 +357,43 @@ def triton_available(t):
     return t.is_cuda or (t.device.type == "cpu" and _interpreting())
 
 
-def _blocks(head_dim, kind):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages), conservative for GPUs this was not tuned on.
+# Tile configs (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by the autotuner on a GPU, best first by
+# expectation; none was measured on a GPU here. "fwd" serves the forward and dQ kernels (rows = queries),
+# "dkdv" the dK/dV kernel (rows = keys: BLOCK_N, loop over queries: BLOCK_M).
+TILE_CONFIGS = {
+    "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 2), (64, 32, 4, 2)],
+    "dkdv": [(64, 128, 8, 3), (64, 64, 8, 3), (64, 64, 4, 2), (32, 128, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)],
+}
+INTERPRETER_TILE = (16, 16, 1, 1)  # interpreted programs are slow per element: small tiles, many programs
+SMEM_BUDGET = 200 * 1024  # bytes; H100 has 227 KiB per block, leave room for the compiler's own buffers
 
-    Shared memory per stage grows with head_dim; 256 uses smaller tiles (H100: 228 KiB per SM)."""
-    if _interpreting():
-        return 16, 16, 1, 1  # interpreted programs are slow per element: small tiles, many programs
-    block_d = triton.next_power_of_2(head_dim)
-    if block_d <= 64:
-        return (64, 64, 4, 3) if kind != "fwd" else (128, 64, 4, 3)
-    if block_d <= 128:
-        return (128, 64, 8, 3) if kind == "fwd" else (64, 64, 8, 2)
-    return (64, 32, 8, 2) if kind == "fwd" else (32, 32, 4, 2)
+
+def _smem_estimate(kind, bm, bn, stages, head_dim, elem_bytes):
+    """Shared memory of the pipelined loop: the resident tile plus `stages` copies of the streamed K/V or Q/dO."""
+    resident, streamed = (bm, bn) if kind == "fwd" else (bn, bm)
+    return (resident + stages * 2 * streamed) * head_dim * elem_bytes
+
+
+def _prune_for(kind):
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        elem = args["Q"].element_size()
+        keep = [c for c in configs if _smem_estimate(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages,
+                                                     args["BLOCK_D"], elem) <= SMEM_BUDGET]
+        return keep or configs[-1:]
+    return prune
+
+
+def _autotuned(kernel, kind):
+    configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=st) for bm, bn, w, st in TILE_CONFIGS[kind]]
+    return triton.autotune(configs, key=["BLOCK_D", "CAUSAL", "HAS_SEQ", "HAS_SEG"],
+                           prune_configs_by={"early_config_prune": _prune_for(kind)})(kernel)
+
+
+# (plain kernel for the interpreter, autotuned kernel for GPUs); the autotuner keys also include the dtypes
+_FWD = (_attn_fwd_kernel, _autotuned(_attn_fwd_kernel, "fwd"))
+_DKDV = (_attn_bwd_dkdv_kernel, _autotuned(_attn_bwd_dkdv_kernel, "dkdv"))
+_DQ = (_attn_bwd_dq_kernel, _autotuned(_attn_bwd_dq_kernel, "fwd"))
 
 
 def _precision(dtype):
@@ -336,14 +440,19 @@ def _last_dim_contiguous(*ts):
     return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
 
 
-def _launch(kernel, grid, args, flags, head_dim, kind):
-    """kernel[grid(BLOCK_M, BLOCK_N)](*args, **flags) with the tile sizes for head_dim; a clear error if they do not fit."""
-    bm, bn, warps, stages = _blocks(head_dim, kind)
+def _launch(kernels, grid, args, flags, head_dim):
+    """Launch one of _FWD / _DKDV / _DQ: grid(meta) -> grid tuple, meta holding BLOCK_M and BLOCK_N."""
+    plain, tuned = kernels
+    meta = dict(flags, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)))
     try:
-        kernel[grid(bm, bn)](*args, **flags, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-                             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        if _interpreting():
+            bm, bn, warps, stages = INTERPRETER_TILE
+            plain[grid(dict(BLOCK_M=bm, BLOCK_N=bn))](*args, **meta, BLOCK_M=bm, BLOCK_N=bn,
+                                                      num_warps=warps, num_stages=stages)
+        else:
+            tuned[grid](*args, **meta)
     except triton.runtime.errors.OutOfResources as err:
-        raise ValueError(f"head dim {head_dim} does not fit this GPU's shared memory with tiles {bm}x{bn} ({err})") from err
+        raise ValueError(f"head dim {head_dim} does not fit this GPU's shared memory with any tile config ({err})") from err
 
 
 def attention_forward(q, k, v, *, causal=True, softmax_scale=None, q_start=0, k_start=0,
@@ -369,7 +478,7 @@ def attention_forward(q, k, v, *, causal=True, softmax_scale=None, q_start=0, k_
             tq, tk, int(q_start), int(k_start), hq // hkv, scale * LOG2E)
     flags = dict(CAUSAL=bool(causal), HAS_SEQ=cu_seqlens is not None, HAS_SEG=segment_ids is not None,
                  PRECISION=_precision(q.dtype))
-    _launch(_attn_fwd_kernel, lambda bm, bn: (triton.cdiv(tq, bm), hq), args, flags, d, "fwd")
+    _launch(_FWD, lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), hq), args, flags, d)
     return out, lse
 
 
@@ -411,12 +520,12 @@ def attention_backward(dout, q, k, v, out, lse, *, delta=None, causal=True, soft
                  PRECISION=_precision(q.dtype))
     common = (tq, tk, int(q_start), int(k_start), hq // hkv, scale)
     strides_in = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1))
-    _launch(_attn_bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(tk, bn), hkv),
+    _launch(_DKDV, lambda meta: (triton.cdiv(tk, meta["BLOCK_N"]), hkv),
             (q, k, v, dout, lse, delta, dk, dv, seq_idx, cu, qseg, kseg, *strides_in,
-             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *common), flags, d, "bwd")
-    _launch(_attn_bwd_dq_kernel, lambda bm, bn: (triton.cdiv(tq, bm), hq),
+             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *common), flags, d)
+    _launch(_DQ, lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), hq),
             (q, k, v, dout, lse, delta, dq, seq_idx, cu, qseg, kseg, *strides_in, dq.stride(0), dq.stride(1), *common),
-            flags, d, "bwd")
+            flags, d)
     return dq, dk, dv
 
 

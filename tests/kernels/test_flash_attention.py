@@ -172,6 +172,19 @@ def test_autograd_strided_inputs(dtype, device):
     assert rel(out, out_r) < fwd_bound and rel(qkv.grad, qkv64.grad) < bwd_bound
 
 
+def test_autotuned_launch_path_rectangular_tiles(monkeypatch, device):
+    """The GPU launch path (autotuner, grid from the chosen config) with one config per kernel, so it needs no
+    benchmarking and runs under the interpreter too; rectangular tiles catch BLOCK_M / BLOCK_N mix-ups."""
+    monkeypatch.setattr(attn, "TILE_CONFIGS", {"fwd": [(32, 16, 4, 2)], "dkdv": [(16, 32, 4, 2)]})
+    monkeypatch.setattr(attn, "_FWD", (None, attn._autotuned(attn._attn_fwd_kernel, "fwd")))
+    monkeypatch.setattr(attn, "_DKDV", (None, attn._autotuned(attn._attn_bwd_dkdv_kernel, "dkdv")))
+    monkeypatch.setattr(attn, "_DQ", (None, attn._autotuned(attn._attn_bwd_dq_kernel, "fwd")))
+    monkeypatch.setattr(attn, "_interpreting", lambda: False)
+    check(*rand_qkv(45, 45, 4, 2, 32, torch.float32, device), causal=True)
+    seg = preference_segments(20, 11, 14, device)
+    check(*rand_qkv(45, 45, 2, 1, 16, torch.float32, device), causal=True, segment_ids=seg)
+
+
 def test_reference_backend_matches(device):
     q, k, v = rand_qkv(17, 17, 2, 2, 16, torch.float32, device)
     o1, l1 = sk.flash_attention(q, k, v, backend="triton")
@@ -195,16 +208,15 @@ def test_causal_block_skipping_reads_no_future_key(device):
 
 
 def test_packed_block_skipping_reads_only_own_sequences(device):
-    """A query block lying in one sequence loads no key of the sequences before it."""
-    block_m = attn._blocks(16, "fwd")[0]
-    first = 2 * block_m + 3  # sequence 0 ends inside block 2; blocks 3.. hold sequence 1 only
-    t = first + 2 * block_m + 5
+    """A query block lying in one sequence loads no key of the sequences before it (any BLOCK_M dividing 128)."""
+    first = 2 * 128 + 3  # sequence 0 ends inside a block; blocks from 384 on hold sequence 1 only
+    t = first + 128 + 5
     cu = torch.tensor([0, first, t], dtype=torch.int32, device=device)
-    q, k, v = rand_qkv(t, t, 2, 2, 16, torch.float32, device)
+    q, k, v = rand_qkv(t, t, 1, 1, 16, torch.float32, device)
     k[:first] = float("nan")
     v[:first] = float("nan")
     out, _ = attn.attention_forward(q, k, v, causal=False, cu_seqlens=cu)
-    clean = (first // block_m + 1) * block_m
+    clean = 3 * 128
     out_r, _ = ref.attention_forward(q[first:].double(), k[first:].double(), v[first:].double(), causal=False)
     assert rel(out[clean:], out_r[clean - first:]) < 1e-5
 
