@@ -18,7 +18,7 @@ import re
 import shutil
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, load_model, save_model
 
 from .distributed import barrier
 
@@ -68,8 +68,7 @@ def save_checkpoint(output_dir, step, *, model, optimizer, scheduler, scaler, st
         if finetune == "lora":
             model.save_pretrained(os.path.join(tmp, "adapter"))
         else:
-            weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-            save_file(weights, os.path.join(tmp, "model.safetensors"))
+            save_model(model, os.path.join(tmp, "model.safetensors"))  # tied weights stored once
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None},
                    os.path.join(tmp, "optimizer.pt"))
@@ -102,7 +101,7 @@ def load_checkpoint(path, *, model, optimizer, scheduler, scaler, finetune, rank
         if unexpected:
             raise ValueError(f"{path}: adapter has weights the model lacks, e.g. {unexpected[:3]}")
     else:
-        model.load_state_dict(load_file(os.path.join(path, "model.safetensors"), device=str(device)))
+        load_model(model, os.path.join(path, "model.safetensors"), device=str(device))
     states = torch.load(os.path.join(path, "optimizer.pt"), map_location=device, weights_only=True)
     optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])

@@ -362,7 +362,8 @@ def run(args) -> int:
         result = train(cfg, info)
     finally:
         cleanup(info)
-    print0(f"done: {result['steps']} steps; final checkpoint {result['checkpoint']}")
+    if info.is_main:
+        print(f"done: {result['steps']} steps; final checkpoint {result['checkpoint']}", flush=True)
     return 0
 
 

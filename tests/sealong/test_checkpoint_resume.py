@@ -38,19 +38,26 @@ def _kill_after(k):
     return hook
 
 
-def test_kill_and_resume_matches_uninterrupted(tmp_path):
-    model, data = tiny_setup(str(tmp_path), n_pairs=5)  # 2 steps per epoch (one pair left out), 4 steps
-    full = train(_config(model, data, str(tmp_path / "full")), setup("cpu"))
+def _weights(path, finetune):
+    return _adapter(path) if finetune == "lora" else load_file(os.path.join(path, "model.safetensors"))
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_kill_and_resume_matches_uninterrupted(tmp_path, finetune):
+    # full fine-tuning on a model with tied embeddings (stored once in model.safetensors)
+    model, data = tiny_setup(str(tmp_path), n_pairs=5, tie=finetune == "full")  # 2 steps per epoch, 4 steps
+    lr = {"lr": 3e-3} if finetune == "lora" else {"lr": 1e-3, "finetune": "full"}
+    full = train(_config(model, data, str(tmp_path / "full"), **lr), setup("cpu"))
     assert full["steps"] == 4
 
     out = str(tmp_path / "killed")
     with pytest.raises(Killed):
-        train(_config(model, data, out), setup("cpu"), on_step=_kill_after(3))  # checkpoint at 2, killed at 3
+        train(_config(model, data, out, **lr), setup("cpu"), on_step=_kill_after(3))  # checkpoint at 2, killed at 3
     assert [s for s, _ in ckpt.list_checkpoints(out)] == [2]
-    resumed = train(_config(model, data, out, resume=True), setup("cpu"))
+    resumed = train(_config(model, data, out, resume=True, **lr), setup("cpu"))
     assert resumed["steps"] == 4 and len(resumed["losses"]) == 2  # steps 3 and 4 ran again
     assert resumed["losses"] == full["losses"][2:]
-    want, got = _adapter(full["checkpoint"]), _adapter(resumed["checkpoint"])
+    want, got = _weights(full["checkpoint"], finetune), _weights(resumed["checkpoint"], finetune)
     assert want.keys() == got.keys()
     for key in want:
         assert torch.equal(got[key], want[key]), key

@@ -27,14 +27,14 @@ def build_tokenizer():
     return tok
 
 
-def make_model_folder(folder, seed=0, layers=2):
+def make_model_folder(folder, seed=0, layers=2, tie=False):
     """Save a tiny random LlamaForCausalLM (float32) and the tokenizer into `folder`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = build_tokenizer()
     config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                         rms_norm_eps=1e-5, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
                          pad_token_id=3)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).float()
@@ -64,8 +64,8 @@ def write_pairs(path, n, seed=0, prompt_len=(12, 30), answer_len=(3, 9), extra=(
     return path
 
 
-def tiny_setup(tmp, n_pairs=8, seed=0, layers=2):
-    model = make_model_folder(os.path.join(tmp, "model"), seed=seed, layers=layers)
+def tiny_setup(tmp, n_pairs=8, seed=0, layers=2, tie=False):
+    model = make_model_folder(os.path.join(tmp, "model"), seed=seed, layers=layers, tie=tie)
     data = write_pairs(os.path.join(tmp, "pairs.jsonl"), n_pairs, seed=seed)
     return model, data
 
