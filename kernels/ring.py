@@ -325,13 +325,15 @@ def _ring_backward(dout, q, k, v, out, lse, ring, causal, scale, q_seg, k_segs, 
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv = torch.stack([k, v])
     dkv_shape = (2, *k.shape)
-    pending = []  # the dK/dV send of the previous step
+    acc_prev = None  # dK/dV accumulated for the shard of the previous step, sent on at the start of this one
     for s in range(ring.world):
-        # Per direction, messages must be posted in the order the neighbour sends them: its dK/dV of step
-        # s-1 (sent at the end of that step) before its K/V of step s.
-        recvs, sends, nxt, dkv_in = [], [], None, None
+        # One symmetric batch per step (every rank sends to the next, receives from the previous), so that
+        # NCCL groups match across ranks: the dK/dV buffer of step s-1 and the K/V shard for step s+1 out,
+        # their counterparts from the previous rank in, in the same order.
+        sends, recvs, nxt, dkv_in = [], [], None, None
         if s > 0:
             dkv_in = torch.empty(dkv_shape, dtype=acc, device=q.device)
+            sends.append(acc_prev)
             recvs.append(dkv_in)
         if s < ring.world - 1:
             nxt = torch.empty_like(kv)
@@ -342,14 +344,13 @@ def _ring_backward(dout, q, k, v, out, lse, ring, causal, scale, q_seg, k_segs, 
         dkv = torch.zeros(dkv_shape, dtype=acc, device=q.device)
         attend_step_backward(dout, q, kv[0], kv[1], out, lse, delta, dq, dkv, schedule[s], bwd, softmax_scale=scale,
                              q_seg=q_seg, k_seg=None if k_segs is None else k_segs[src])
-        _wait(works + pending)
+        _wait(works)
         if dkv_in is not None:
-            dkv += dkv_in
-        pending = ring.start(sends=[dkv]) if ring.world > 1 else []
-        kv = nxt
+            dkv += dkv_in  # the previous ranks' part for this shard
+        acc_prev, kv = dkv, nxt
     if ring.world > 1:  # the buffer of our own shard, accumulated by every rank, comes home
         dkv = torch.empty(dkv_shape, dtype=acc, device=q.device)
-        _wait(ring.start(recvs=[dkv]) + pending)
+        _wait(ring.start(sends=[acc_prev], recvs=[dkv]))
     return dq, dkv[0], dkv[1]
 
 
