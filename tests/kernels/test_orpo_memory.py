@@ -54,3 +54,23 @@ def test_no_tensor_has_tokens_times_vocab_elements(strategy, train_head):
     assert nbytes <= f32 * max(chunk * v, 2 * v * h, 2 * t * h), (nbytes, op)
     nbytes_ref, _ = record(ref.fused_linear_orpo_loss, hidden, weight, bias, labels)
     assert nbytes_ref >= tokens * v * f32
+
+
+@pytest.mark.gpu
+def test_gpu_peak_memory_stays_far_below_the_logits():
+    """On a GPU: peak bytes above the inputs for 16K loss tokens, V = 32000, bfloat16, chunk 1024 stay within the
+    deferred buffers (float32 [M, H]), the hidden gradient and two logits chunks: far below [M, V] logits."""
+    m, h, v, chunk = 16384, 1024, 32000, 1024
+    hidden = torch.randn(2, m // 2, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(v, h, device="cuda", dtype=torch.bfloat16) * h**-0.5
+    labels = torch.randint(0, v, (2, m // 2), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss, _ = sk.fused_linear_orpo_loss(hidden, weight, labels, chunk_size=chunk)
+    loss.backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    budget = m * h * 4 + m * h * 2 + 2 * chunk * v * 2 + 32 * 2**20
+    assert peak <= budget, (peak, budget)
+    assert peak < m * v * 2 / 2
