@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from . import reference
+from . import attention, reference
 from .ring_merge import merge_partials_
 
 LAYOUTS = ("zigzag", "plain")
@@ -50,8 +50,6 @@ def attention_ops(device, backend="auto"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
     if backend == "reference" or (backend == "auto" and torch.device(device).type != "cuda"):
         return reference.attention_forward, reference.attention_backward
-    from . import attention  # the Triton kernel; imported lazily so the reference path needs no triton
-
     return attention.attention_forward, attention.attention_backward
 
 
@@ -292,13 +290,13 @@ def _acc_dtype(x):
 
 def _ring_forward(q, k, v, ring, causal, scale, q_seg, k_segs, layout, cu_seqlens, backend):
     fwd, _ = attention_ops(q.device, backend)
+    if cu_seqlens is not None:  # single process only: one call over the whole sequence
+        o, l = fwd(q, k, v, causal=causal, softmax_scale=scale, cu_seqlens=cu_seqlens, segment_ids=q_seg)
+        return o, l if l.dtype == torch.float64 else l.float()
     t_local = q.shape[0]
     seq_len = t_local * ring.world
     out = torch.zeros(q.shape, dtype=_acc_dtype(q), device=q.device)
     lse = torch.full((q.shape[1], t_local), float("-inf"), dtype=out.dtype, device=q.device)
-    if cu_seqlens is not None:  # single process only: one call over the whole sequence
-        o, l = fwd(q, k, v, causal=causal, softmax_scale=scale, cu_seqlens=cu_seqlens, segment_ids=q_seg)
-        return o, l.float() if l.dtype != torch.float64 else l
     schedule = ring_schedule(seq_len, ring.world, ring.rank, layout, causal)
     kv = torch.stack([k, v])  # one buffer travels: [2, T_local, Hkv, D]
     for s in range(ring.world):
@@ -394,7 +392,8 @@ def ring_attention(q, k, v, group, causal=True, *, softmax_scale=None, segment_i
     "plain": chunk r of W); see `shard_ranges` and sealong.parallel for the sharding helpers.
     Returns out [T_local, Hq, D] in q's dtype (differentiable in q, k, v) and lse [Hq, T_local] float32
     (natural log, no gradient), equal to attention over the whole sequence restricted to this shard's rows.
-    group=None computes on one process (then cu_seqlens [S+1] for packed sequences is allowed).
+    group: the ring's process group (`torch.distributed.group.WORLD` for all ranks); None computes on this
+    process alone (no communication; then cu_seqlens [S+1] for packed sequences is allowed).
     backend: see `attention_ops`.
     """
     return RingAttentionFunction.apply(q, k, v, group, causal, softmax_scale, segment_ids, layout, cu_seqlens, backend)
