@@ -22,7 +22,7 @@ class FusedLinearORPOLoss(torch.nn.Module):
 
         loss_fn = FusedLinearORPOLoss(beta=0.1)
         out = model.model(input_ids=ids, attention_mask=mask)          # [2B, T, H] after the final norm
-        loss, metrics = loss_fn(model.lm_head.weight, out.last_hidden_state, labels, shift=True)
+        loss, metrics = loss_fn(model.lm_head, out.last_hidden_state, labels, shift=True)  # or lm_head.weight
         loss.backward(); trainer.log({k: v.item() for k, v in metrics.items()})
 
     Batch: the B chosen rows first, then the B rejected rows (TRL's concatenated batch); labels -100 on the
@@ -39,6 +39,8 @@ class FusedLinearORPOLoss(torch.nn.Module):
         self.chunk_size, self.strategy, self.skip_empty, self.group = chunk_size, strategy, skip_empty, group
 
     def forward(self, lin_weight, _input, target, bias=None, *, shift=False, **packed):
+        if isinstance(lin_weight, torch.nn.Linear):  # the lm_head module itself: its weight and bias
+            lin_weight, bias = lin_weight.weight, lin_weight.bias if bias is None else bias
         if shift:
             if _input.dim() != 3 or target.dim() != 2:
                 raise ValueError("shift=True needs the classic layout: hidden [2B, T, H] and labels [2B, T]")

@@ -36,3 +36,13 @@ def test_module_sft_without_shift_equals_function():
     loss, metrics = FusedLinearORPOLoss(mode="sft", nll_weight=0.5)(weight, hidden, labels)
     loss_f, _ = fused_linear_orpo_loss(hidden, weight, labels, mode="sft", nll_weight=0.5)
     assert torch.allclose(loss, loss_f) and abs(loss.item() - 0.5 * metrics["nll_loss"].item()) < 1e-6
+
+
+def test_module_takes_the_lm_head_module():
+    head = torch.nn.Linear(6, 40, bias=True)
+    hidden, labels = torch.randn(2, 8, 6), torch.randint(0, 40, (2, 8))
+    loss, _ = FusedLinearORPOLoss(chunk_size=3)(head, hidden, labels)
+    loss_f, _ = fused_linear_orpo_loss(hidden, head.weight, labels, bias=head.bias)
+    assert torch.allclose(loss, loss_f)
+    loss.backward()
+    assert head.weight.grad is not None and head.bias.grad is not None
