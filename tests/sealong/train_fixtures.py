@@ -27,13 +27,13 @@ def build_tokenizer():
     return tok
 
 
-def make_model_folder(folder, seed=0, layers=2, tie=False):
+def make_model_folder(folder, seed=0, layers=2, tie=False, hidden=32, heads=4):
     """Save a tiny random LlamaForCausalLM (float32) and the tokenizer into `folder`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = build_tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=48, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads // 2, max_position_embeddings=512,
                          rms_norm_eps=1e-5, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
                          pad_token_id=3)
     torch.manual_seed(seed)
@@ -64,8 +64,8 @@ def write_pairs(path, n, seed=0, prompt_len=(12, 30), answer_len=(3, 9), extra=(
     return path
 
 
-def tiny_setup(tmp, n_pairs=8, seed=0, layers=2, tie=False):
-    model = make_model_folder(os.path.join(tmp, "model"), seed=seed, layers=layers, tie=tie)
+def tiny_setup(tmp, n_pairs=8, seed=0, layers=2, tie=False, hidden=32, heads=4):
+    model = make_model_folder(os.path.join(tmp, "model"), seed=seed, layers=layers, tie=tie, hidden=hidden, heads=heads)
     data = write_pairs(os.path.join(tmp, "pairs.jsonl"), n_pairs, seed=seed)
     return model, data
 
