@@ -44,7 +44,8 @@ class FusedLinearORPOLoss(torch.nn.Module):
         if shift:
             if _input.dim() != 3 or target.dim() != 2:
                 raise ValueError("shift=True needs the classic layout: hidden [2B, T, H] and labels [2B, T]")
-            _input, target = _input[:, :-1], target[:, 1:]
+            # labels[:, t + 1] is the target of hidden[:, t]; the last position predicts nothing (no hidden copy)
+            target = torch.cat([target[:, 1:], torch.full_like(target[:, :1], self.ignore_index)], dim=1)
         return fused_linear_orpo_loss(
             _input, lin_weight, target, bias=bias, beta=self.beta, nll_weight=self.nll_weight, mode=self.mode,
             ignore_index=self.ignore_index, chunk_size=self.chunk_size, strategy=self.strategy,
