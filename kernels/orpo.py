@@ -39,7 +39,6 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
 from .reference import check_empty_sequences, global_sum, orpo_objective, preference_entries
 
 
