@@ -264,16 +264,26 @@ def _check_inputs(q, k, v, ring, segment_ids, layout):
         raise ValueError(f"a zigzag shard holds two equal chunks: local length {q.shape[0]} is odd")
     if segment_ids is not None and tuple(segment_ids.shape) != (q.shape[0],):
         raise ValueError(f"segment_ids must be [T_local]={q.shape[0]}, got {tuple(segment_ids.shape)}")
-    # Every rank must hold the same shapes: the K/V buffers that travel are sized from the local ones. The
-    # check reads the gathered shapes on the host (a device sync), so it runs once per group and shape.
+    check_same_shapes(ring.group, q, k, segment_ids, what="ring")
+
+
+def check_same_shapes(group, q, k, segment_ids, what):
+    """Raise on every rank unless all ranks of `group` hold the same (T_local, Hq, D, Hkv, has_segments).
+
+    Buffers that travel are sized from the local shapes, so a mismatch would hang or garble. The check reads
+    the gathered shapes on the host (a device sync), so it runs once per group and shape.
+    """
     local = (*q.shape, k.shape[1], int(segment_ids is not None))
-    if ring.group is None or (id(ring.group), local) in _CHECKED_SHAPES:
+    if group is None or (id(group), local) in _CHECKED_SHAPES:
         return
     header = torch.tensor(local, dtype=torch.int64, device=q.device)
-    shapes = [tuple(h.tolist()) for h in ring.all_gather(header)]
+    parts = [torch.empty_like(header) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, header, group=group)
+    shapes = [tuple(h.tolist()) for h in parts]
     if len(set(shapes)) != 1:
-        raise ValueError(f"every rank of the ring must hold the same shard shape (T_local, Hq, D, Hkv, has_segments): got {shapes}")
-    _CHECKED_SHAPES.add((id(ring.group), local))
+        raise ValueError(f"every rank of the {what} group must hold the same shard shape "
+                         f"(T_local, Hq, D, Hkv, has_segments): got {shapes}")
+    _CHECKED_SHAPES.add((id(group), local))
 
 
 _CHECKED_SHAPES = set()  # (group, local shape) pairs already verified on every rank of the group

@@ -27,7 +27,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from .ring import ring_attention, shard_ranges
+from .ring import check_same_shapes, ring_attention, shard_ranges
 
 
 def kv_replication(num_q_heads, num_kv_heads, degree):
@@ -131,6 +131,7 @@ def hybrid_attention(q, k, v, ulysses_group, ring_group, causal=True, *, softmax
         raise ValueError(f"q must be [T, Hq, D] and k, v [T, Hkv, D]: got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     p = dist.get_world_size(ulysses_group)
     r = kv_replication(q.shape[1], k.shape[1], p)
+    check_same_shapes(ulysses_group, q, k, segment_ids, what="Ulysses")
     if r > 1:  # replica j of head i sits at i * r + j, so query heads keep reading head h // (Hq / Hkv)
         k, v = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)
     if q.dtype != k.dtype or k.dtype != v.dtype:

@@ -40,6 +40,13 @@ def ulysses_worker(rank, world, cases, hybrid_cases):
         for axis in ("dp", "sp", "ulysses", "ring"):
             ranks = [dist.get_global_rank(mesh.group(axis), i) for i in range(dist.get_world_size(mesh.group(axis)))]
             assert ranks in mesh_ranks(mesh.dims)[axis] and rank in ranks, (axis, ranks)
+    if world == 3:  # rank 0 holds 4 tokens, the others 6: every rank raises, naming the shapes
+        q, k = torch.randn(4 if rank == 0 else 6, 3, 4), torch.randn(4 if rank == 0 else 6, 3, 4)
+        try:
+            ulysses_attention(q, k, k, dist.group.WORLD)
+            results.append(None)
+        except ValueError as err:
+            results.append(str(err))
     return results
 
 
@@ -97,6 +104,10 @@ def test_ulysses_and_hybrid_match_single_process_attention(world):
         hybrid = [make_case(24, 4, 2, 8, layout="zigzag", segments=True),    # 2 x 2 over the mesh
                   make_case(16, 4, 1, 8, layout="plain")]
     per_rank = run_distributed(ulysses_worker, world, args=(cases, hybrid))
+    if world == 3:  # the last result of each rank: the message of the shape mismatch
+        for message in (r.pop() for r in per_rank):
+            assert message is not None and "Ulysses group must hold the same shard shape" in message
+            assert "(4, 3, 4, 3, 0)" in message and "(6, 3, 4, 3, 0)" in message
     if hybrid:  # the last result of each rank: bytes sent by the plain-layout hybrid, vs the formula
         sent = [r.pop() for r in per_rank]
         seq_len, hq, d = hybrid[-1]["q"].shape
