@@ -339,19 +339,21 @@ def lm_head_config(model):
 def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--config", help="YAML or JSON file of TrainConfig keys")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    for f in dataclasses.fields(TrainConfig):
-        parser.add_argument(f"--{f.name}", dest=f"cfg_{f.name}", default=None, metavar="VALUE",
+    for f in dataclasses.fields(TrainConfig):  # `sealong train` YAML sections set these dests too
+        parser.add_argument(f"--{f.name}", dest=f.name, default=None, metavar="VALUE",
                             help=f"TrainConfig.{f.name} (default {f.default!r})")
     return parser
 
 
 def config_from_args(args):
-    """TrainConfig from --config FILE and the --key value flags (flags win)."""
+    """TrainConfig from --config FILE and the --key value flags (flags win; strings parsed as YAML scalars)."""
     values = read_config_file(args.config) if getattr(args, "config", None) else {}
     for f in dataclasses.fields(TrainConfig):
-        raw = getattr(args, f"cfg_{f.name}", None)
-        if raw is not None:
+        raw = getattr(args, f.name, None)
+        if isinstance(raw, str):
             values.update(parse_overrides([f"--{f.name}", raw]))
+        elif raw is not None:  # a typed value from a `sealong` YAML section
+            values[f.name] = raw
     return make_config(values).validate()
 
 
@@ -369,7 +371,11 @@ def run(args) -> int:
 
 def main(argv=None):
     parser = add_arguments(argparse.ArgumentParser(prog="python -m sealong.train", description=__doc__.split("\n")[0]))
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as err:  # bad input: the message names the key, or the file and line
+        parser.exit(2, f"sealong.train: error: {err}\n")
 
 
 if __name__ == "__main__":
