@@ -9,6 +9,7 @@ re-raised here with that rank's traceback; a rank that hangs past `timeout` fail
 """
 
 import os
+import pickle
 import queue
 import tempfile
 import traceback
@@ -34,7 +35,9 @@ def _worker(rank, world_size, init_file, fn, args, kwargs, results, timeout):
         )
         try:
             value = fn(rank, world_size, *args, **kwargs)
-            results.put((rank, True, value))
+            # plain pickle copies tensor data; the queue's own pickler would share it through a file
+            # descriptor that dies with this process
+            results.put((rank, True, pickle.dumps(value)))
         finally:
             dist.destroy_process_group()
     except BaseException:  # report everything, including assertion failures, to the parent
@@ -63,7 +66,7 @@ def run_distributed(fn, world_size, args=(), kwargs=None, timeout=300.0):
                     raise RankError(f"ranks {missing} gave no result within {timeout:.0f} s") from None
                 if not ok:
                     raise RankError(f"rank {rank} of {world_size} failed:\n{value}")
-                collected[rank] = value
+                collected[rank] = pickle.loads(value)
         finally:
             for p in procs:
                 p.join(timeout=5 if len(collected) == world_size else 0.1)
