@@ -5,8 +5,8 @@ import json
 import os
 import random
 
-import pytest
 import torch
+from tiny_checkpoint import one_thread  # noqa: F401 (autouse fixture: one intra-op thread for tiny models)
 
 WORDS = [f"w{i}" for i in range(90)]
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "user:", "assistant:"]
@@ -68,12 +68,3 @@ def tiny_setup(tmp, n_pairs=8, seed=0, layers=2, tie=False, hidden=32, heads=4):
     model = make_model_folder(os.path.join(tmp, "model"), seed=seed, layers=layers, tie=tie, hidden=hidden, heads=heads)
     data = write_pairs(os.path.join(tmp, "pairs.jsonl"), n_pairs, seed=seed)
     return model, data
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one intra-op thread is faster, and much faster on a shared, loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
