@@ -37,13 +37,13 @@ def _rel(a, b):
 
 
 def _reference_batch_loss(model_dir, cfg, data):
-    """ORPO of the first batch from transformers' LlamaForCausalLM on the classic padded layout [2B, T]."""
+    """ORPO (or SFT) of the first batch from transformers' LlamaForCausalLM on the classic padded layout [2B, T]."""
     from transformers import LlamaForCausalLM
 
     hf = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     _, indices = batch_indices(0, len(data.pairs), len(data.pairs) // cfg.batch_pairs, cfg)
     pairs = [data.pairs[i] for i in indices]
-    seqs = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
+    seqs = [(p.prompt, p.chosen) for p in pairs] + ([(p.prompt, p.rejected) for p in pairs] if cfg.mode == "orpo" else [])
     width = max(a.numel() + b.numel() for a, b in seqs)
     hidden = torch.zeros(len(seqs), width, hf.config.hidden_size)
     labels = torch.full((len(seqs), width), IGNORE)
@@ -52,15 +52,18 @@ def _reference_batch_loss(model_dir, cfg, data):
             ids = torch.cat([prompt, answer])
             hidden[i, :ids.numel()] = hf.model(ids[None]).last_hidden_state[0]
             labels[i, prompt.numel() - 1:ids.numel() - 1] = answer  # labels[t] is predicted from hidden[t]
-    return sk.reference.fused_linear_orpo_loss(hidden.double(), hf.lm_head.weight.double(), labels, beta=cfg.beta)
+    return sk.reference.fused_linear_orpo_loss(hidden.double(), hf.lm_head.weight.double(), labels, beta=cfg.beta,
+                                               mode=cfg.mode)
 
 
 def test_batch_loss_matches_reference_and_micro_batching(tmp_path):
+    from sealong.model import load_tokenizer
+
     model, data = tiny_setup(str(tmp_path), n_pairs=8)
     cfg = _config(model, data, str(tmp_path / "a"))
     records, hook = _capture()
     result = train(cfg, setup("cpu"), on_step=hook)  # 4 micro-steps of 1 pair per step
-    pairs = load_pairs(data, __import__("sealong.model", fromlist=["x"]).load_tokenizer(model))
+    pairs = load_pairs(data, load_tokenizer(model))
     loss, metrics = _reference_batch_loss(model, cfg, pairs)  # LoRA B starts at 0: step 1 sees the base model
     assert abs(records[0]["loss"] - loss.item()) / loss.item() < RTOL
     for name, value in metrics.items():
@@ -75,6 +78,19 @@ def test_batch_loss_matches_reference_and_micro_batching(tmp_path):
     b = load_file(os.path.join(other["checkpoint"], "adapter", "adapter_model.safetensors"))
     assert all(_rel(b[k], a[k]) < 1e-4 for k in a)
     assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)  # training moved the adapter
+
+
+def test_sft_loss_matches_reference(tmp_path):
+    from sealong.model import load_tokenizer
+
+    model, data = tiny_setup(str(tmp_path), n_pairs=4)
+    cfg = _config(model, data, str(tmp_path / "sft"), mode="sft", micro_batch_pairs=2)
+    records, hook = _capture()
+    train(cfg, setup("cpu"), on_step=hook)
+    loss, metrics = _reference_batch_loss(model, cfg, load_pairs(data, load_tokenizer(model), mode="sft"))
+    assert records[0]["loss"] == pytest.approx(loss.item(), rel=RTOL)
+    assert records[0]["nll_loss"] == pytest.approx(metrics["nll_loss"].item(), rel=RTOL)
+    assert "rewards/chosen" not in records[0]
 
 
 def test_adapter_loads_into_transformers_peft(tmp_path):

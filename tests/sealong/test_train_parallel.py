@@ -1,5 +1,6 @@
-"""`sealong.train` on several gloo processes (DP=2, SP=2 ring, SP=2 Ulysses, DP x SP = 2 x 2, hybrid
-Ulysses 2 x ring 2) gives the losses and LoRA weights of one process on the same data.
+"""`sealong.train` on several gloo processes (DP=2, SP=2 ring, SP=2 Ulysses, SP=2 ring with the classic
+two-sequence layout, DP x SP = 2 x 2, hybrid Ulysses 2 x ring 2) gives the losses and LoRA weights of one
+process (packed layout) on the same data.
 
 Everything is float32 and LoRA dropout is 0 (dropout masks differ with the token split); what differs
 between layouts is only the order of floating-point sums (gradient all-reduce, ring merges, split loss
@@ -67,7 +68,8 @@ def test_dp_sp_ring_ulysses_hybrid_match_one_process(tmp_path):
     want = (single["losses"], _adapter(single))
     assert want[0][0] > 0 and all(torch.isfinite(torch.tensor(want[0])))
 
-    two = {"dp2": {}, "sp2_ring": {"sp": 2}, "sp2_ulysses": {"sp": 2, "ulysses": 2}}
+    two = {"dp2": {}, "sp2_ring": {"sp": 2}, "sp2_ulysses": {"sp": 2, "ulysses": 2},
+           "sp2_ring_classic_layout": {"sp": 2, "layout": "classic"}}
     runs = [(model, data, str(tmp_path / name), overrides) for name, overrides in two.items()]
     for name, got in zip(two, run_distributed(_train_configs, 2, args=(runs,))[0]):
         _assert_same(got, want, name)
