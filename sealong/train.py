@@ -54,7 +54,7 @@ def quantize_base_linears(model, targets, compute_dtype):
     """Replace the target nn.Linear layers by bitsandbytes NF4 (double-quantized) Linear4bit layers."""
     import bitsandbytes as bnb
 
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if child_name not in targets or type(child) is not torch.nn.Linear:
                 continue
@@ -275,7 +275,7 @@ def train(cfg: TrainConfig, info, on_step=None):
     if cfg.dtype == "float16" and cfg.loss_scaling:
         scaler = torch.amp.GradScaler(device.type)
 
-    step = 0
+    step, saved = 0, None
     if cfg.resume:
         path = ckpt.latest_checkpoint(cfg.output_dir)
         if path is None:
@@ -283,17 +283,17 @@ def train(cfg: TrainConfig, info, on_step=None):
         else:
             state = ckpt.load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                                          finetune=cfg.finetune, rank=info.rank, device=device)
-            step = state["step"]
+            step, saved = state["step"], path
             print0(f"resume: {path} (step {step} of {total_steps})")
     stop = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps
     logger = Logger(cfg, info.is_main, step, stop)
-    losses, saved = [], None
+    losses = []
 
     def save(at_step):
         state = {"step": at_step, "total_steps": total_steps, "epoch": at_step // steps_per_epoch,
                  "pairs_seen": at_step * cfg.batch_pairs, "world_size": info.world_size,
                  "data": data.summary(), "train_config": cfg.to_dict(),
-                 "model_config": lm_head_config(model)}
+                 "model_config": model_config_dict(model)}
         return ckpt.save_checkpoint(cfg.output_dir, at_step, model=model, optimizer=optimizer, scheduler=scheduler,
                                     scaler=scaler, state=state, finetune=cfg.finetune, rank=info.rank,
                                     keep=cfg.keep_checkpoints)
@@ -326,7 +326,7 @@ def train(cfg: TrainConfig, info, on_step=None):
     return {"steps": step, "losses": losses, "checkpoint": saved, "data": data.summary()}
 
 
-def lm_head_config(model):
+def model_config_dict(model):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.config.to_dict() if hasattr(base.config, "to_dict") else dataclasses.asdict(base.config)
 
