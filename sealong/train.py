@@ -163,7 +163,7 @@ def train_step(model, lm_head, params, optimizer, scaler, batch, cfg, mesh, devi
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    all_reduce_sum(sums_of)
+    sums_of = all_reduce_sum(sums_of.to(device)).cpu()  # on the device: NCCL reduces CUDA tensors only
     record = {"loss": sums_of[-2].item()}
     names = METRIC_NAMES if cfg.mode == "orpo" else ("logps/chosen", "nll_loss")
     for name in names:
