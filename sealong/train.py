@@ -2,16 +2,17 @@
 
 One plain process (CPU or one GPU):
 
-    python -m sealong.train --config configs/train.yaml --model /models/Llama-3.1-8B-Instruct --data run/pairs.jsonl
+    python -m sealong.train --model /models/Llama-3.1-8B-Instruct --data run/pairs.jsonl --output_dir run/train
 
-Eight GPUs, sequence parallel 8 (the paper's setting: ring 2 x Ulysses 4 here), one 32K-token pair per step:
+Eight GPUs as the paper trained (sequence parallel 8, one 32K-token pair at a time, accumulation 8 = batch 8):
 
-    torchrun --standalone --nproc_per_node=8 -m sealong.train --config configs/train.yaml \
-        --model /models/Llama-3.1-8B-Instruct --data run/pairs.jsonl --sp 8 --ulysses 4 --qlora true
+    torchrun --standalone --nproc_per_node=8 -m sealong.train --model /models/Llama-3.1-8B-Instruct \
+        --data run/pairs.jsonl --output_dir run/train --sp 8            # ring; --ulysses 8 or 2 for Ulysses / hybrid
 
-Several nodes: torchrun's usual rendezvous flags (`--nnodes 2 --rdzv_backend c10d --rdzv_endpoint host:29500`).
-Every key of `TrainConfig` (sealong/train_config.py) is a `--key value` flag; `--resume true` continues from
-the newest checkpoint in `output_dir`.
+Several nodes: torchrun's usual rendezvous flags (`--nnodes 2 --rdzv_backend c10d --rdzv_endpoint host:29500`);
+with 16 GPUs and `--sp 8` that is dp 2. Every key of `TrainConfig` (sealong/train_config.py) is a
+`--key value` flag or a key of a YAML / JSON file given with `--config`; `--resume true` continues from the
+newest checkpoint in `output_dir`. `sealong train ...` is the same through the CLI.
 
 The loop (nanoGPT's shape):
 * a mesh of dp x sp ranks (`sealong.parallel`): a pair's sequence is split over its sp group (ring, Ulysses
