@@ -156,6 +156,9 @@ def load_pairs(path, tokenizer, *, mode="orpo", max_length=32768, strategy=promp
             data.skipped["empty chosen or rejected text"] += 1
             continue
         prompt = encode_prompt(tokenizer, user_message(record, strategy, where))
+        if prompt.numel() == 0:
+            data.skipped["empty prompt"] += 1
+            continue
         chosen = encode_answer(tokenizer, chosen_text)
         rejected = encode_answer(tokenizer, rejected_text) if mode == "orpo" else None
         answer = max(chosen.numel(), rejected.numel() if rejected is not None else 0)
