@@ -376,6 +376,22 @@ def global_sum(local, group=None):
     return local + (total - local.detach())
 
 
+def logits_rows(logits, targets, lse=None, write_grad=False):
+    """Twin of orpo.logits_rows (the per-chunk row kernel) on a [C, V] chunk: returns (lse [C], target_logit [C])
+    float32 (target_logit None when lse is given); with write_grad the chunk is overwritten in place with
+    G = onehot(target) - softmax(z), d logp / d z."""
+    z = logits.float()
+    target_logit = None
+    if lse is None:
+        lse = torch.logsumexp(z, dim=-1)
+        target_logit = z.gather(1, targets[:, None].long())[:, 0]
+    if write_grad:
+        g = -(z - lse[:, None]).exp()
+        g.scatter_add_(1, targets[:, None].long(), torch.ones_like(g[:, :1]))
+        logits.copy_(g)
+    return lse, target_logit
+
+
 def sequence_logp_sums(hidden, weight, rows, targets, seq, num_seqs, bias=None):
     """Per-sequence sums of log softmax(hidden[rows] @ weight.T + bias)[targets] -> [num_seqs], full logits."""
     h = hidden.reshape(-1, hidden.shape[-1])[rows]
