@@ -54,8 +54,48 @@ def apply_config(parser: argparse.ArgumentParser, section: dict, where: str) -> 
     dests = {a.dest for a in parser._actions if a.dest not in ("help", argparse.SUPPRESS)}
     unknown = sorted(set(section) - dests)
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; valid: {sorted(dests)}")
+        raise ValueError(f"{where}: unknown key(s) {unknown}; valid: {sorted(d for d in dests if not d.startswith('_'))}")
     parser.set_defaults(**section)
+
+
+def _raw(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+class TrainLauncher:
+    """`sealong train`: sealong.train's options, run as `torchrun --standalone --nproc-per-node N -m sealong.train`.
+
+    Values from the YAML section are passed on as the strings sealong.train's own parser reads (lists
+    comma-joined, booleans true/false).
+    """
+
+    def __init__(self, module):
+        self.module = module
+        self.__doc__ = module.__doc__
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) of the torchrun job")
+        self.module.add_arguments(parser)
+
+    def run(self, args: argparse.Namespace) -> int:
+        import subprocess
+
+        from .pipeline import launch_command
+
+        if args.nproc_per_node < 1:
+            raise ValueError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
+        flags = []
+        for dest, value in sorted(vars(args).items()):
+            if value is None or dest.startswith("_") or dest in ("nproc_per_node", "stage", "sealong_config"):
+                continue
+            flags += [f"--{dest}", _raw(value)]
+        cmd = launch_command(args.nproc_per_node, flags)
+        print("sealong train: " + " ".join(cmd), file=sys.stderr)
+        return subprocess.run(cmd).returncode
 
 
 def load_stage(name: str):
@@ -68,7 +108,7 @@ def load_stage(name: str):
     for attr in ("add_arguments", "run"):
         if not hasattr(module, attr):
             raise ImportError(f"stage {name!r}: {module_name} has no {attr}()")
-    return module
+    return TrainLauncher(module) if name == "train" else module
 
 
 def build_parser(config: dict, config_path: str | None = None) -> argparse.ArgumentParser:

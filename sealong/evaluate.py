@@ -104,18 +104,18 @@ def mbr_choices(records: list[dict], ns: list[int], embed_model: str | None = No
     import torch
     import sealong_kernels as sk
 
-    from .data.context import load_embedder
+    from .mbr import embed  # the scoring stage's embeddings: MBR@n here is what `sealong score` would pick
 
-    embedder = load_embedder(embed_model)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     flat = [o for r in records for o in r["outputs"]]
-    emb = torch.as_tensor(embedder.encode(flat, batch_size=64, convert_to_numpy=True)).float()
+    emb = embed(flat, embed_model, device, 64).float()
     choices, start = [], 0
     for r in records:
         m = len(r["outputs"])
         e = emb[start:start + m]
         start += m
-        valid = torch.tensor([bool(o.strip()) for o in r["outputs"]])
-        finished = torch.tensor([f == "stop" for f in r["finish_reasons"]])
+        valid = torch.tensor([bool(o.strip()) for o in r["outputs"]], device=device)
+        finished = torch.tensor([f == "stop" for f in r["finish_reasons"]], device=device)
         picks = {}
         for n in ns:
             if n > m:

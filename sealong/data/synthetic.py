@@ -14,7 +14,7 @@ written in the official MuSiQue layout (ids `2hop__syn...`, `question_decomposit
 reader, context builder, sampler and evaluation run on them exactly as on MuSiQue, with nothing downloaded.
 
 Stage: `python -m sealong.data.synthetic` / `sealong synth` builds the long-context prompts file from a MuSiQue file
-or from this world, and (for the world) a held-out LongBench-format evaluation file from a second world.
+or from this world, and (for the world) a held-out LongBench-format evaluation file of other questions.
 """
 
 from __future__ import annotations
@@ -166,6 +166,16 @@ class World:
         return texts
 
 
+def world_questions(seed: int, num_train: int, num_eval: int = 0, num_warmup: int = 0) -> dict[str, list[Question]]:
+    """Disjoint question sets of the world `seed`, always in this order: train, eval, warmup.
+
+    Questions are drawn one after another from the world's generator, so every set is the same whatever the
+    sizes of the sets after it: the demo's warm-up set never overlaps the training or held-out questions.
+    """
+    qs = World(WorldConfig(seed=seed)).questions(num_train + num_eval + num_warmup)
+    return {"train": qs[:num_train], "eval": qs[num_train:num_train + num_eval], "warmup": qs[num_train + num_eval:]}
+
+
 def write_jsonl_atomic(path: Path, records) -> int:
     """Write all records to `path` through a temporary file and a rename: a crash never leaves half a file."""
     path = Path(path)
@@ -231,17 +241,17 @@ def run(args: argparse.Namespace) -> int:
     if args.musique is not None:
         pool = read_musique(args.musique, answerable_only=not args.include_unanswerable)
         train = random.Random(args.seed).sample(pool, min(args.num_examples, len(pool)))
-    else:
-        questions = World(WorldConfig(seed=args.seed)).questions(args.num_examples)
-        write_jsonl_atomic(out / "world_musique.jsonl", (q.to_json() for q in questions))  # the source, as MuSiQue
-        pool = train = [q.record() for q in questions]
+    else:  # one world: the first questions train, the next ones are held out (distinct questions, same facts)
+        questions = world_questions(args.seed, args.num_examples, args.num_eval if want_eval else 0)
+        write_jsonl_atomic(out / "world_musique.jsonl", (q.to_json() for q in questions["train"]))  # as MuSiQue
+        pool = train = [q.record() for q in questions["train"]]
     builder = ContextBuilder(pool, tokenizer, cfg)
     records = [builder.build(r) for r in _progress(train, "synth")]
     n = write_jsonl_atomic(prompts_path, records)
     over = sum(r["supporting_over_budget"] for r in records)
     print(f"synth: wrote {n} prompts to {prompts_path} ({over} with supporting passages over the budget)")
     if want_eval:
-        held = [q.record() for q in World(WorldConfig(seed=args.seed + 1)).questions(args.num_eval, prefix="eval")]
+        held = [q.record() for q in questions["eval"]]
         eval_builder = ContextBuilder(held, tokenizer, cfg)
         n = write_jsonl_atomic(eval_path, (musique_to_longbench(r, eval_builder.build(r)["context"], "synthetic")
                                            for r in held))

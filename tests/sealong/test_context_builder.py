@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sealong.data.context import ContextBuilder, ContextConfig, build_contexts, count_tokens, load_embedder
+from sealong.data.context import ContextBuilder, ContextConfig, build_contexts, count_tokens
+from sealong.mbr import load_embedder
 from sealong.data.musique import read_musique
 
 SAMPLE100 = Path(__file__).resolve().parents[3] / "shared" / "data" / "musique_ans_train_sample100.jsonl"
@@ -81,7 +82,7 @@ def test_bad_config_names_the_field(tokenizer, records):
 
 def test_nearest_distractors_are_the_closest_by_embedding(tokenizer, records):
     pool, rec = records[:2], records[0]  # 40 paragraphs: embedding them on a CPU takes a few seconds
-    model = load_embedder(None)
+    model = load_embedder(None, "cpu")
     support_titles = {p.title for p in rec.supporting}
     eligible = [p for p in pool[1].paragraphs if p.title not in support_titles]
     emb = model.encode([f"{p.title}\n{p.text}" for p in eligible], normalize_embeddings=True)

@@ -7,7 +7,7 @@ from argparse import Namespace
 import pytest
 
 from sealong.data.musique import parse_record, read_musique
-from sealong.data.synthetic import RELATIONS, World, WorldConfig, run
+from sealong.data.synthetic import RELATIONS, World, WorldConfig, run, world_questions
 
 FACT = re.compile(r"The (\w+) of (.+?) is (.+?)\.")
 
@@ -38,6 +38,14 @@ def test_questions_follow_from_supporting_passages(seed):
         steps = q.to_json()["question_decomposition"]
         assert [s["answer"] for s in steps] == [o for _, _, o in q.chain]
         assert all(rec.paragraphs[s["paragraph_support_idx"]].is_supporting for s in steps)
+
+
+def test_question_sets_are_disjoint_and_stable():
+    a = world_questions(3, 10, 5)
+    b = world_questions(3, 10, 5, 7)
+    assert [q.text for q in a["train"] + a["eval"]] == [q.text for q in b["train"] + b["eval"]]
+    texts = [q.text for q in b["train"] + b["eval"] + b["warmup"]]
+    assert len(texts) == len(set(texts)) == 22
 
 
 def test_world_is_seeded():
@@ -73,7 +81,7 @@ def test_synth_stage_writes_prompts_without_answers_and_a_heldout_eval(tmp_path,
         assert "answer" not in p and "answers" not in p
         assert p["context_tokens"] <= p["target_tokens"] or p["supporting_over_budget"]
     assert all(e["answers"] and e["dataset"] == "synthetic" for e in evals)
-    assert not {e["input"] for e in evals} & {p["question"] for p in prompts}  # held out: another world
+    assert not {e["input"] for e in evals} & {p["question"] for p in prompts}  # held out: other questions
     assert len(answers) == 12
     before = (run_dir / "prompts.jsonl").stat().st_mtime_ns
     assert run(_args(tmp_path)) == 0 and "skipping" in capsys.readouterr().out  # done: skipped
