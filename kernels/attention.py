@@ -20,6 +20,7 @@ q_start + i >= k_start + j) and (same packed sequence of cu_seqlens) and (kseg[j
 A query row that sees no key gets out = 0 and lse = -inf.
 """
 
+import importlib.util
 import os
 
 import torch
@@ -29,7 +30,7 @@ import triton.language as tl
 from . import reference
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
-LN2 = 0.6931471805599453  # ln(2): log(x) = log2(x) * LN2
+_HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None  # imported lazily when used
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -535,7 +536,9 @@ def attention_backward(dout, q, k, v, out, lse, *, delta=None, causal=True, soft
 
 
 class _FlashAttention(torch.autograd.Function):
-    """out, lse = attention(q, k, v); backward from the saved out and lse only (no recomputed normalizer)."""
+    """out, lse = attention(q, k, v); backward from the saved out and lse only (no recomputed normalizer).
+
+    use_ref: the plain-torch twin (float64-capable) instead of the Triton raw ops."""
 
     @staticmethod
     def forward(ctx, q, k, v, causal, softmax_scale, q_start, k_start, cu_seqlens, segment_ids, k_segment_ids, use_ref):
@@ -584,12 +587,7 @@ def _flash_attn_varlen(q, k, v, causal, softmax_scale, cu_seqlens):
 def flash_attention_backend(q, k, causal=True, *, q_start=0, k_start=0, segment_ids=None, k_segment_ids=None):
     """The backend `flash_attention(..., backend="auto")` picks for this call: "flash_attn" (installed and the
     call fits its varlen kernel), else "triton" (CUDA, or CPU with TRITON_INTERPRET=1), else "reference"."""
-    try:
-        import flash_attn  # noqa: F401
-        has_fa = True
-    except ImportError:
-        has_fa = False
-    if has_fa and _flash_attn_fits(q, k, causal, q_start, k_start, segment_ids, k_segment_ids):
+    if _HAS_FLASH_ATTN and _flash_attn_fits(q, k, causal, q_start, k_start, segment_ids, k_segment_ids):
         return "flash_attn"
     return "triton" if triton_available(q) else "reference"
 
