@@ -1,0 +1,66 @@
+"""The offline demo end to end (`sealong pipeline`, smaller than its defaults to fit CI), killed mid-run and resumed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+FLAGS = ["--warmup-steps", "12", "--num-examples", "16", "--num-eval", "6", "--num-samples", "4",
+         "--eval-samples", "4", "--max-new-tokens", "16"]
+
+
+def _lines(path):
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_killed_during_training_then_resumed(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "sealong.cli", "pipeline", "--run-dir", str(run_dir), *FLAGS]
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 400
+    try:  # kill the whole process group (the pipeline and its torchrun job) once training has started
+        while not (run_dir / "train").exists():
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "training never started"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+    assert not (run_dir / "summary.md").exists() and not (run_dir / "train" / "DONE").exists()
+    base_weights = run_dir / "base_model" / "model.safetensors"
+    base_stamp = base_weights.stat().st_mtime_ns
+    before = (run_dir / "before" / "eval.json").read_text()
+    samples = _lines(run_dir / "samples.jsonl")
+    assert len(samples) == 16
+
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    # finished steps were not redone
+    assert "base model: " in out.stdout and "exists" in out.stdout
+    assert base_weights.stat().st_mtime_ns == base_stamp
+    assert (run_dir / "before" / "eval.json").read_text() == before
+    assert _lines(run_dir / "samples.jsonl") == samples
+    # every stage's output is complete
+    pairs = [json.loads(x) for x in _lines(run_dir / "pairs.jsonl")]
+    scores = [json.loads(x) for x in _lines(run_dir / "scores.jsonl")]
+    assert len(scores) == 16 and len({s["id"] for s in scores}) == 16
+    assert pairs and all(p["chosen_text"] and "context" in p for p in pairs)
+    assert not any("answers" in p or "answer" in p for p in pairs)  # the method never sees a label
+    ckpt = (run_dir / "train" / "DONE").read_text().strip()
+    assert os.path.isfile(os.path.join(ckpt, "adapter", "adapter_config.json"))
+    assert (run_dir / "after_model" / "model.safetensors").is_file()
+    after = json.loads((run_dir / "after" / "eval.json").read_text())
+    assert set(after["average"]) >= {"greedy", "MBR@4", "oracle@4", "random@4"}
+    assert after["tasks"]["synthetic"]["greedy"]["n"] == 6
+    assert (run_dir / "after" / "eval_vs_n.png").is_file()
+    summary = (run_dir / "summary.md").read_text()
+    assert "| greedy |" in summary and "| MBR@4 |" in summary and "NOT the paper's gains" in summary
+    assert "sealong pipeline --run-dir runs/llama31-8b --model /models/Llama-3.1-8B-Instruct" in summary
+    assert summary in out.stdout
