@@ -53,6 +53,17 @@ def _visible(qi, kj, q_ok, k_ok, q_start, k_start, qseq, kseq, qseg, kseg,
 
 
 @triton.jit
+def _rows_see_keys(offs_m, m_ok, qseq, qseg, offs_n, n_ok, SeqIdx, KSeg, q_start, k_start,
+                   CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_SEG: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] visibility of a key block from a block of query rows (loads the keys' ids)."""
+    kseq = tl.load(SeqIdx + offs_n, mask=n_ok, other=-2) if HAS_SEQ else 0
+    kseg = tl.load(KSeg + offs_n, mask=n_ok, other=-2) if HAS_SEG else 0
+    return _visible(offs_m[:, None], offs_n[None, :], m_ok[:, None], n_ok[None, :], q_start, k_start,
+                    qseq[:, None] if HAS_SEQ else 0, kseq[None, :] if HAS_SEQ else 0,
+                    qseg[:, None] if HAS_SEG else 0, kseg[None, :] if HAS_SEG else 0, CAUSAL, HAS_SEQ, HAS_SEG)
+
+
+@triton.jit
 def _key_range(start_m, Tq, Tk, q_start, k_start, SeqIdx, CuSeqlens, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_SEG: tl.constexpr):
     """Keys of the query block [start_m, start_m + BLOCK_M): [lo, hi) can be visible (block skipping);
@@ -115,11 +126,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, 
         kT = tl.load(Kh + offs_n64[None, :] * stride_kt + offs_d[:, None], mask=k_mask, other=0.0)  # [BLOCK_D, BLOCK_N]
         s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale  # scores in log2 units
         if MASKED:
-            kseq = tl.load(SeqIdx + offs_n, mask=n_ok, other=-2) if HAS_SEQ else 0
-            kseg = tl.load(KSeg + offs_n, mask=n_ok, other=-2) if HAS_SEG else 0
-            ok = _visible(offs_m[:, None], offs_n[None, :], m_ok[:, None], n_ok[None, :], q_start, k_start,
-                          qseq[:, None] if HAS_SEQ else 0, kseq[None, :] if HAS_SEQ else 0,
-                          qseg[:, None] if HAS_SEG else 0, kseg[None, :] if HAS_SEG else 0, CAUSAL, HAS_SEQ, HAS_SEG)
+            ok = _rows_see_keys(offs_m, m_ok, qseq, qseg, offs_n, n_ok, SeqIdx, KSeg, q_start, k_start,
+                                CAUSAL, HAS_SEQ, HAS_SEG)
             s = tl.where(ok, s, float("-inf"))
         # update running max and normalizer (a row with no visible key so far keeps m = -inf, p = 0)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -289,11 +297,8 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, offs_m, m_ok, qseq, qseg, Kh, Vh, 
         vT = tl.load(Vh + offs_n64[None, :] * stride_vt + offs_d[:, None], mask=kv_mask, other=0.0)
         p = tl.exp2(tl.dot(q, kT, input_precision=PRECISION) * qk_scale - lse[:, None])
         if MASKED:
-            kseq = tl.load(SeqIdx + offs_n, mask=n_ok, other=-2) if HAS_SEQ else 0
-            kseg = tl.load(KSeg + offs_n, mask=n_ok, other=-2) if HAS_SEG else 0
-            ok = _visible(offs_m[:, None], offs_n[None, :], m_ok[:, None], n_ok[None, :], q_start, k_start,
-                          qseq[:, None] if HAS_SEQ else 0, kseq[None, :] if HAS_SEQ else 0,
-                          qseg[:, None] if HAS_SEG else 0, kseg[None, :] if HAS_SEG else 0, CAUSAL, HAS_SEQ, HAS_SEG)
+            ok = _rows_see_keys(offs_m, m_ok, qseq, qseg, offs_n, n_ok, SeqIdx, KSeg, q_start, k_start,
+                                CAUSAL, HAS_SEQ, HAS_SEG)
             p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, vT, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -377,10 +382,11 @@ def _smem_estimate(kind, bm, bn, stages, head_dim, elem_bytes):
 
 def _prune_for(kind):
     def prune(configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}
-        elem = args["Q"].element_size()
+        args = {**named_args, **kwargs}  # triton passes constexpr kwargs separately (3.6+)
+        q = args["Q"]
+        block_d = args.get("BLOCK_D") or max(16, triton.next_power_of_2(q.shape[-1]))
         keep = [c for c in configs if _smem_estimate(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages,
-                                                     args["BLOCK_D"], elem) <= SMEM_BUDGET]
+                                                     block_d, q.element_size()) <= SMEM_BUDGET]
         return keep or configs[-1:]
     return prune
 

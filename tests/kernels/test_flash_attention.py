@@ -264,3 +264,17 @@ def test_gpu_int64_offsets():
     out_r, lse_r = ref.attention_forward(q[tail].float(), k.float(), v.float(), causal=False)
     dq_r, _, _ = ref.attention_backward(dout[tail].float(), q[tail].float(), k.float(), v.float(), out_r, lse_r, causal=False)
     assert rel(out[tail], out_r) < 2e-2 and rel(lse[:, tail], lse_r) < 1e-3 and rel(dq[tail], dq_r) < 5e-2
+
+
+@pytest.mark.gpu
+def test_gpu_flash_attn_backend_matches_ours():
+    pytest.importorskip("flash_attn")
+    cu = torch.tensor([0, 300, 1000], dtype=torch.int32, device="cuda")
+    q, k, v = (t.requires_grad_() for t in rand_qkv(1000, 1000, 8, 2, 128, torch.bfloat16, "cuda"))
+    outs = {}
+    for backend in ("flash_attn", "triton"):
+        out, lse = sk.flash_attention(q, k, v, cu_seqlens=cu, backend=backend)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        outs[backend] = (out, lse, dq, dk, dv)
+    for a, b in zip(outs["flash_attn"], outs["triton"]):
+        assert rel(a, b) < 2e-2
