@@ -99,6 +99,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise FileNotFoundError(f"--model: no config.json in {args.model}")
     if args.musique is not None and not Path(args.musique).is_file():
         raise FileNotFoundError(f"--musique: file not found: {args.musique}")
+    if args.musique is not None and args.eval_files is None:
+        raise ValueError("--eval-files: needed with --musique (LongBench v1 JSONL files; `sealong synth --musique "
+                         "TRAIN --eval-musique DEV` converts MuSiQue questions to that format)")
     if args.model is not None and args.eval_files is None:
         print("pipeline: no --eval-files: evaluating on the built-in world's held-out questions")
     return args

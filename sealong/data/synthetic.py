@@ -200,7 +200,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", default=None,
                    help="model folder whose tokenizer measures context length (default: the offline BERT tokenizer)")
     g.add_argument("--num-examples", type=int, default=2048, help="training prompts to synthesize (at most the file's)")
-    g.add_argument("--num-eval", type=int, default=200, help="held-out evaluation questions (built-in world only)")
+    g.add_argument("--num-eval", type=int, default=200,
+                   help="held-out evaluation questions (the built-in world's, or the first of --eval-musique)")
+    g.add_argument("--eval-musique", default=None,
+                   help="MuSiQue file (e.g. dev) converted to a LongBench-format eval.jsonl with long contexts")
     g.add_argument("--min-tokens", type=int, default=4096, help="lower end of the uniform context length")
     g.add_argument("--max-tokens", type=int, default=31744, help="upper end of the uniform context length")
     g.add_argument("--distractors", choices=["random", "nearest"], default="random",
@@ -231,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     out = Path(args.out_dir)
     prompts_path, eval_path = out / "prompts.jsonl", out / "eval.jsonl"
-    want_eval = args.musique is None and args.num_eval > 0
+    want_eval = args.num_eval > 0 and (args.musique is None or args.eval_musique is not None)
     if prompts_path.exists() and (eval_path.exists() or not want_eval) and not args.overwrite:
         print(f"synth: {prompts_path} exists, skipping (--overwrite to rebuild)")
         return 0
@@ -251,9 +254,12 @@ def run(args: argparse.Namespace) -> int:
     over = sum(r["supporting_over_budget"] for r in records)
     print(f"synth: wrote {n} prompts to {prompts_path} ({over} with supporting passages over the budget)")
     if want_eval:
-        held = [q.record() for q in questions["eval"]]
+        if args.eval_musique is not None:  # distractors from the evaluation file itself, never from training
+            held, task = read_musique(args.eval_musique)[:args.num_eval], "musique"
+        else:
+            held, task = [q.record() for q in questions["eval"]], "synthetic"
         eval_builder = ContextBuilder(held, tokenizer, cfg)
-        n = write_jsonl_atomic(eval_path, (musique_to_longbench(r, eval_builder.build(r)["context"], "synthetic")
+        n = write_jsonl_atomic(eval_path, (musique_to_longbench(r, eval_builder.build(r)["context"], task)
                                            for r in held))
         print(f"synth: wrote {n} held-out evaluation records to {eval_path}")
     return 0

@@ -64,7 +64,7 @@ def test_too_many_questions_for_a_tiny_world_is_an_error():
 def _args(tmp_path, **kw):
     base = dict(out_dir=str(tmp_path / "run"), musique=None, tokenizer=None, num_examples=12, num_eval=4,
                 min_tokens=60, max_tokens=200, distractors="random", embed_model=None, seed=0,
-                include_unanswerable=False, overwrite=False)
+                include_unanswerable=False, overwrite=False, eval_musique=None)
     base.update(kw)
     return Namespace(**base)
 
@@ -93,3 +93,17 @@ def test_synth_stage_bad_arguments(tmp_path):
         run(_args(tmp_path, num_examples=0))
     with pytest.raises(FileNotFoundError, match="MuSiQue file not found"):
         run(_args(tmp_path, musique=str(tmp_path / "none.jsonl")))
+
+
+def test_synth_stage_from_musique_files(tmp_path):
+    from pathlib import Path
+
+    data = Path(__file__).resolve().parents[3] / "shared" / "data"
+    args = _args(tmp_path, musique=str(data / "musique_ans_train_sample100.jsonl"), num_examples=5,
+                 eval_musique=str(data / "musique_mixed_sample20.jsonl"), num_eval=3, min_tokens=300, max_tokens=600)
+    assert run(args) == 0
+    prompts = [json.loads(line) for line in (tmp_path / "run" / "prompts.jsonl").open()]
+    evals = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").open()]
+    assert len(prompts) == 5 and all("answer" not in p and p["context"].startswith("Passage 1:") for p in prompts)
+    assert len(evals) == 3 and all(e["dataset"] == "musique" and e["answers"] for e in evals)
+    assert not (tmp_path / "run" / "world_musique.jsonl").exists()
