@@ -69,3 +69,43 @@ def test_console_script_runs_a_stage(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "prompts.jsonl").read_text().count("\n") == 3
+
+
+def test_bare_sealong_runs_the_pipeline(monkeypatch):
+    seen = {}
+    pipeline = cli.load_stage("pipeline")
+    monkeypatch.setattr(pipeline, "run", lambda args: seen.setdefault("args", args) and 0)
+    assert cli.main([]) == 0
+    args = seen["args"]
+    assert args.stage == "pipeline" and args.model is None and args.run_dir == "runs/sealong-demo"
+
+
+def test_pipeline_argument_errors(tmp_path, capsys):
+    musique = tmp_path / "m.jsonl"
+    musique.write_text("")
+    for argv, message in [
+        (["pipeline", "--musique", str(tmp_path / "none.jsonl")], "--musique: file not found"),
+        (["pipeline", "--musique", str(musique)], "--eval-files: needed with --musique"),
+        (["pipeline", "--num-samples", "0"], "--num-samples must be >= 1"),
+        (["pipeline", "--model", str(tmp_path)], "--model: no config.json"),
+    ]:
+        with pytest.raises(SystemExit) as done:
+            cli.main(argv + ["--run-dir", str(tmp_path / "run")])
+        assert done.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_train_stage_launches_torchrun_with_the_yaml_values(tmp_path, monkeypatch):
+    calls = []
+
+    class Done:
+        returncode = 0
+
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd) or Done())
+    assert cli.main(["train", "--nproc-per-node", "2", "--model", "m", "--data", "p.jsonl", "--lr", "1e-4"]) == 0
+    cmd = calls[0]
+    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m"]
+    flags = dict(zip(cmd[7::2], cmd[8::2]))
+    assert flags["--lr"] == "1e-4" and flags["--model"] == "m" and flags["--lora_r"] == "128"  # flag > YAML
+    assert flags["--lora_targets"] == "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--nproc-per-node", "0"])
