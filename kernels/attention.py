@@ -380,13 +380,22 @@ def _smem_estimate(kind, bm, bn, stages, head_dim, elem_bytes):
     return (resident + stages * 2 * streamed) * head_dim * elem_bytes
 
 
+TUNE_MIN_SCORES = 1 << 22  # Tq * Tk below this: the first fitting tile, no tuning (it would cost more than it saves)
+
+
+def _fitting_tiles(kind, block_d, elem_bytes):
+    """The configs of TILE_CONFIGS[kind] whose shared memory estimate fits (at least the smallest one)."""
+    tiles = [t for t in TILE_CONFIGS[kind] if _smem_estimate(kind, t[0], t[1], t[3], block_d, elem_bytes) <= SMEM_BUDGET]
+    return tiles or TILE_CONFIGS[kind][-1:]
+
+
 def _prune_for(kind):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}  # triton passes constexpr kwargs separately (3.6+)
         q = args["Q"]
         block_d = args.get("BLOCK_D") or max(16, triton.next_power_of_2(q.shape[-1]))
-        keep = [c for c in configs if _smem_estimate(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages,
-                                                     block_d, q.element_size()) <= SMEM_BUDGET]
+        fits = set(_fitting_tiles(kind, block_d, q.element_size()))
+        keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in fits]
         return keep or configs[-1:]
     return prune
 
@@ -449,19 +458,23 @@ def _last_dim_contiguous(*ts):
     return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
 
 
-def _launch(kernels, grid, args, flags, head_dim):
-    """Launch one of _FWD / _DKDV / _DQ: grid(meta) -> grid tuple, meta holding BLOCK_M and BLOCK_N."""
+def _launch(kernels, kind, grid, args, flags, head_dim, scores):
+    """Launch one of _FWD / _DKDV / _DQ: grid(meta) -> grid tuple, meta holding BLOCK_M and BLOCK_N.
+
+    Interpreter: small tiles. GPU: the autotuner for calls with at least TUNE_MIN_SCORES = Tq * Tk scores,
+    else the first tile that fits."""
     plain, tuned = kernels
-    meta = dict(flags, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)))
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    meta = dict(flags, HEAD_DIM=head_dim, BLOCK_D=block_d)
     try:
-        if _interpreting():
-            bm, bn, warps, stages = INTERPRETER_TILE
+        if _interpreting() or scores < TUNE_MIN_SCORES:
+            bm, bn, warps, stages = INTERPRETER_TILE if _interpreting() else _fitting_tiles(kind, block_d, args[0].element_size())[0]
             plain[grid(dict(BLOCK_M=bm, BLOCK_N=bn))](*args, **meta, BLOCK_M=bm, BLOCK_N=bn,
                                                       num_warps=warps, num_stages=stages)
         else:
             tuned[grid](*args, **meta)
     except triton.runtime.errors.OutOfResources as err:
-        raise ValueError(f"head dim {head_dim} does not fit this GPU's shared memory with any tile config ({err})") from err
+        raise ValueError(f"head dim {head_dim} does not fit this GPU's shared memory ({err})") from err
 
 
 def attention_forward(q, k, v, *, causal=True, softmax_scale=None, q_start=0, k_start=0,
@@ -487,7 +500,7 @@ def attention_forward(q, k, v, *, causal=True, softmax_scale=None, q_start=0, k_
             tq, tk, int(q_start), int(k_start), hq // hkv, scale * LOG2E)
     flags = dict(CAUSAL=bool(causal), HAS_SEQ=cu_seqlens is not None, HAS_SEG=segment_ids is not None,
                  PRECISION=_precision(q.dtype))
-    _launch(_FWD, lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), hq), args, flags, d)
+    _launch(_FWD, "fwd", lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), hq), args, flags, d, tq * tk)
     return out, lse
 
 
@@ -532,12 +545,12 @@ def attention_backward(dout, q, k, v, out, lse, *, delta=None, causal=True, soft
                  PRECISION=_precision(q.dtype))
     common = (tq, tk, int(q_start), int(k_start), hq // hkv, scale)
     strides_in = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1))
-    _launch(_DKDV, lambda meta: (triton.cdiv(tk, meta["BLOCK_N"]), hkv),
+    _launch(_DKDV, "dkdv", lambda meta: (triton.cdiv(tk, meta["BLOCK_N"]), hkv),
             (q, k, v, dout, lse, delta, dk, dv, seq_idx, cu, qseg, kseg, *strides_in,
-             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *common), flags, d)
-    _launch(_DQ, lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), hq),
+             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *common), flags, d, tq * tk)
+    _launch(_DQ, "fwd", lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), hq),
             (q, k, v, dout, lse, delta, dq, seq_idx, cu, qseg, kseg, *strides_in, dq.stride(0), dq.stride(1), *common),
-            flags, d)
+            flags, d, tq * tk)
     return dq, dk, dv
 
 

@@ -172,14 +172,17 @@ def test_autograd_strided_inputs(dtype, device):
     assert rel(out, out_r) < fwd_bound and rel(qkv.grad, qkv64.grad) < bwd_bound
 
 
-def test_autotuned_launch_path_rectangular_tiles(monkeypatch, device):
-    """The GPU launch path (autotuner, grid from the chosen config) with one config per kernel, so it needs no
-    benchmarking and runs under the interpreter too; rectangular tiles catch BLOCK_M / BLOCK_N mix-ups."""
+@pytest.mark.parametrize("tune", [True, False])
+def test_gpu_launch_paths_rectangular_tiles(tune, monkeypatch, device):
+    """The GPU launch paths, run here under the interpreter: the autotuner (one config per kernel, so nothing
+    to benchmark) and the fixed first fitting tile for small calls; rectangular tiles catch BLOCK_M / BLOCK_N
+    mix-ups in grids and ranges."""
     monkeypatch.setattr(attn, "TILE_CONFIGS", {"fwd": [(32, 16, 4, 2)], "dkdv": [(16, 32, 4, 2)]})
-    monkeypatch.setattr(attn, "_FWD", (None, attn._autotuned(attn._attn_fwd_kernel, "fwd")))
-    monkeypatch.setattr(attn, "_DKDV", (None, attn._autotuned(attn._attn_bwd_dkdv_kernel, "dkdv")))
-    monkeypatch.setattr(attn, "_DQ", (None, attn._autotuned(attn._attn_bwd_dq_kernel, "fwd")))
+    monkeypatch.setattr(attn, "_FWD", (attn._attn_fwd_kernel, attn._autotuned(attn._attn_fwd_kernel, "fwd")))
+    monkeypatch.setattr(attn, "_DKDV", (attn._attn_bwd_dkdv_kernel, attn._autotuned(attn._attn_bwd_dkdv_kernel, "dkdv")))
+    monkeypatch.setattr(attn, "_DQ", (attn._attn_bwd_dq_kernel, attn._autotuned(attn._attn_bwd_dq_kernel, "fwd")))
     monkeypatch.setattr(attn, "_interpreting", lambda: False)
+    monkeypatch.setattr(attn, "TUNE_MIN_SCORES", 0 if tune else 1 << 40)
     check(*rand_qkv(45, 45, 4, 2, 32, torch.float32, device), causal=True)
     seg = preference_segments(20, 11, 14, device)
     check(*rand_qkv(45, 45, 2, 1, 16, torch.float32, device), causal=True, segment_ids=seg)
