@@ -18,6 +18,11 @@ results of a ring merge exactly with `lse = log(exp(lse_a) + exp(lse_b))`.
 Visibility (see `reference.attention_mask`): key j is visible from query i iff (not causal or
 q_start + i >= k_start + j) and (same packed sequence of cu_seqlens) and (kseg[j] == 0 or kseg[j] == qseg[i]).
 A query row that sees no key gets out = 0 and lse = -inf.
+
+Work skipping: a query block loops only over the key range it can see (causal: up to its last query's
+position; cu_seqlens: its own sequences), and the key blocks that every query of the block sees whole run
+without building the mask; the dK/dV kernel does the same over query blocks. Tiles: autotuned on a GPU for
+large calls (TILE_CONFIGS, pruned by a shared-memory estimate), 16 x 16 under the interpreter.
 """
 
 import importlib.util
