@@ -5,11 +5,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import sealong.data
 from sealong.data.context import ContextBuilder, ContextConfig, build_contexts, count_tokens
 from sealong.mbr import load_embedder
 from sealong.data.musique import read_musique
 
-SAMPLE100 = Path(__file__).resolve().parents[3] / "shared" / "data" / "musique_ans_train_sample100.jsonl"
+SAMPLE = Path(sealong.data.__file__).parent / "musique_sample.jsonl"  # real MuSiQue records (CC BY 4.0)
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def records():
-    return read_musique(SAMPLE100)
+    return read_musique(SAMPLE)
 
 
 def _passages(context):

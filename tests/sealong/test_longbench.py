@@ -5,10 +5,11 @@ from pathlib import Path
 
 import pytest
 
+import sealong.data
 from sealong.data.longbench import musique_to_longbench, read_longbench, to_prompt
 from sealong.data.musique import read_musique
 
-SAMPLE100 = Path(__file__).resolve().parents[3] / "shared" / "data" / "musique_ans_train_sample100.jsonl"
+SAMPLE = Path(sealong.data.__file__).parent / "musique_sample.jsonl"  # real MuSiQue records (CC BY 4.0)
 
 
 def _rec(i=0):
@@ -53,7 +54,7 @@ def test_duplicate_ids_are_an_error(tmp_path):
 
 
 def test_converter_round_trips_through_the_reader(tmp_path):
-    recs = read_musique(SAMPLE100)[:3]
+    recs = read_musique(SAMPLE)[:3]
     out = [musique_to_longbench(r) for r in recs]
     path = tmp_path / "musique.jsonl"
     path.write_text("".join(json.dumps(o) + "\n" for o in out))

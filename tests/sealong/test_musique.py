@@ -5,11 +5,12 @@ from pathlib import Path
 
 import pytest
 
+import sealong.data
 from sealong.data.musique import MusiqueRecord, parse_record, read_musique, to_json
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-SAMPLE100 = DATA / "musique_ans_train_sample100.jsonl"
-MIXED20 = DATA / "musique_mixed_sample20.jsonl"
+DATA = Path(sealong.data.__file__).parent  # real MuSiQue samples shipped with the package (CC BY 4.0, README.md)
+SAMPLE = DATA / "musique_sample.jsonl"
+MIXED20 = DATA / "musique_mixed_sample.jsonl"
 
 
 def _good():
@@ -21,8 +22,8 @@ def _good():
 
 
 def test_reads_the_real_samples():
-    recs = read_musique(SAMPLE100)
-    assert len(recs) == 100 and all(r.answerable for r in recs)
+    recs = read_musique(SAMPLE)
+    assert len(recs) == 24 and all(r.answerable for r in recs)
     assert all(r.hops in (2, 3, 4) for r in recs)
     assert all(len(r.supporting) >= 2 for r in recs)
     mixed_answerable = read_musique(MIXED20)

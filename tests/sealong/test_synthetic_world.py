@@ -6,6 +6,7 @@ from argparse import Namespace
 
 import pytest
 
+import sealong.data
 from sealong.data.musique import parse_record, read_musique
 from sealong.data.synthetic import RELATIONS, World, WorldConfig, run, world_questions
 
@@ -98,9 +99,9 @@ def test_synth_stage_bad_arguments(tmp_path):
 def test_synth_stage_from_musique_files(tmp_path):
     from pathlib import Path
 
-    data = Path(__file__).resolve().parents[3] / "shared" / "data"
-    args = _args(tmp_path, musique=str(data / "musique_ans_train_sample100.jsonl"), num_examples=5,
-                 eval_musique=str(data / "musique_mixed_sample20.jsonl"), num_eval=3, min_tokens=300, max_tokens=600)
+    data = Path(sealong.data.__file__).parent  # real MuSiQue samples shipped with the package (CC BY 4.0)
+    args = _args(tmp_path, musique=str(data / "musique_sample.jsonl"), num_examples=5,
+                 eval_musique=str(data / "musique_mixed_sample.jsonl"), num_eval=3, min_tokens=300, max_tokens=600)
     assert run(args) == 0
     prompts = [json.loads(line) for line in (tmp_path / "run" / "prompts.jsonl").open()]
     evals = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").open()]
