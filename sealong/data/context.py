@@ -72,8 +72,8 @@ class ContextBuilder:
 
     # -- token costs ------------------------------------------------------------------------------------------
     def _block_cost(self, p: Paragraph) -> int:
-        # a two-digit passage number and the separator: the exact count is checked on the final text
-        return count_tokens(self.tokenizer, format_passage(99, p) + SEPARATOR)
+        # a three-digit passage number and the separator: the exact count is checked on the final text
+        return count_tokens(self.tokenizer, format_passage(999, p) + SEPARATOR)
 
     def _pool_cost(self, k: int) -> int:
         if k not in self._cost:

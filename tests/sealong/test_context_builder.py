@@ -90,7 +90,7 @@ def test_nearest_distractors_are_the_closest_by_embedding(tokenizer, records):
     q = model.encode([rec.question], normalize_embeddings=True)[0]
     ranked = [eligible[i] for i in np.argsort(-(emb @ q))]
     # a budget that holds the supporting passages and exactly the nearest distractor, with a little slack
-    block = lambda p: count_tokens(tokenizer, f"Passage 99:\n{p.title}\n{p.text}\n\n")  # noqa: E731
+    block = lambda p: count_tokens(tokenizer, f"Passage 999:\n{p.title}\n{p.text}\n\n")  # noqa: E731
     budget = sum(block(p) for p in rec.supporting) + block(ranked[0]) + 2
     cfg = ContextConfig(min_tokens=budget, max_tokens=budget, distractors="nearest")
     out = ContextBuilder(pool, tokenizer, cfg, embedder=model).build(rec)
