@@ -251,8 +251,10 @@ def run(args: argparse.Namespace) -> int:
     builder = ContextBuilder(pool, tokenizer, cfg)
     records = [builder.build(r) for r in _progress(train, "synth")]
     n = write_jsonl_atomic(prompts_path, records)
-    over = sum(r["supporting_over_budget"] for r in records)
-    print(f"synth: wrote {n} prompts to {prompts_path} ({over} with supporting passages over the budget)")
+    over = [r["id"] for r in records if r["supporting_over_budget"]]
+    print(f"synth: wrote {n} prompts to {prompts_path} ({len(over)} whose supporting passages alone exceed the "
+          f"budget{': ' + ', '.join(over[:5]) + (' ...' if len(over) > 5 else '') if over else ''}; "
+          "see `supporting_over_budget` per record)")
     if want_eval:
         if args.eval_musique is not None:  # distractors from the evaluation file itself, never from training
             held, task = read_musique(args.eval_musique)[:args.num_eval], "musique"
