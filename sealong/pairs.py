@@ -109,18 +109,9 @@ def user_message(record, strategy, where):
 
 
 def encode_prompt(tokenizer, message):
-    """Token ids of the chat-templated user message with the generation prompt.
-
-    As in sealong.data.prompts: the template's text is tokenized without adding special tokens again (one
-    BOS). A tokenizer without a chat template gets the bare message with its usual special tokens.
-    """
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
-                                             tokenize=False)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    else:
-        ids = tokenizer(message, add_special_tokens=True)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+    """Token ids of the chat-templated user message with the generation prompt, exactly as the sampler
+    encodes it (sealong.data.prompts.chat_token_ids: one BOS; a tokenizer without a chat template is an error)."""
+    return torch.tensor(prompts.chat_token_ids(tokenizer, message), dtype=torch.long)
 
 
 def encode_answer(tokenizer, text):

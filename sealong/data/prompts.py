@@ -32,14 +32,25 @@ def user_message(context: str, question: str, strategy: str = DEFAULT_STRATEGY) 
     return "\n" + context + "\n\n" + f"{question}\n{STRATEGIES[strategy]}".strip() + "\n"
 
 
-def chat_prompt(tokenizer, context: str, question: str, strategy: str = DEFAULT_STRATEGY) -> str:
-    """The message wrapped by the tokenizer's chat template, ending with the assistant's generation prompt."""
+def chat_text(tokenizer, message: str) -> str:
+    """A user message wrapped by the tokenizer's chat template, ending with the assistant's generation prompt."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"tokenizer {type(tokenizer).__name__} has no chat template; the prompts need one")
-    messages = [{"role": "user", "content": user_message(context, question, strategy)}]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
+                                         tokenize=False)
+
+
+def chat_token_ids(tokenizer, message: str) -> list[int]:
+    """Token ids of the templated message; the template already holds BOS, so no special tokens are added.
+    Sampling, training and evaluation all encode prompts through this one function."""
+    return tokenizer(chat_text(tokenizer, message), add_special_tokens=False)["input_ids"]
+
+
+def chat_prompt(tokenizer, context: str, question: str, strategy: str = DEFAULT_STRATEGY) -> str:
+    """The paper's prompt for (context, question, strategy) as chat-templated text."""
+    return chat_text(tokenizer, user_message(context, question, strategy))
 
 
 def prompt_token_ids(tokenizer, context: str, question: str, strategy: str = DEFAULT_STRATEGY) -> list[int]:
-    """Token ids of the templated prompt; the template already holds BOS, so no special tokens are added."""
-    return tokenizer(chat_prompt(tokenizer, context, question, strategy), add_special_tokens=False)["input_ids"]
+    """Token ids of the paper's prompt for (context, question, strategy): see chat_token_ids."""
+    return chat_token_ids(tokenizer, user_message(context, question, strategy))
