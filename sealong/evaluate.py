@@ -70,19 +70,19 @@ def best_over_answers(prediction: str, answers: list[str], metric: str = "subem"
 
 def read_samples(path: str) -> list[dict]:
     """Samples records with gold answers; errors name the file and line."""
-    from .jsonl import JsonlError, read_jsonl
+    from .jsonl import JsonlError, numbered_records
 
     out = []
-    for k, r in enumerate(read_jsonl(path, required=("id", "outputs", "answers")), 1):
+    for k, r in numbered_records(path, required=("id", "outputs", "answers")):
         if not isinstance(r["outputs"], list) or not r["outputs"] or not all(isinstance(o, str) for o in r["outputs"]):
-            raise JsonlError(f"{path}: record {k} (id {r['id']!r}): 'outputs' must be a non-empty list of strings")
+            raise JsonlError(f"{path}:{k}: (id {r['id']!r}) 'outputs' must be a non-empty list of strings")
         if not isinstance(r["answers"], list) or not r["answers"]:
-            raise JsonlError(f"{path}: record {k} (id {r['id']!r}): 'answers' must be a non-empty list")
+            raise JsonlError(f"{path}:{k}: (id {r['id']!r}) 'answers' must be a non-empty list")
         n = len(r["outputs"])
         r.setdefault("num_tokens", [len(o.split()) for o in r["outputs"]])
         r.setdefault("finish_reasons", ["stop"] * n)
         if len(r["num_tokens"]) != n or len(r["finish_reasons"]) != n:
-            raise JsonlError(f"{path}: record {k} (id {r['id']!r}): num_tokens/finish_reasons must have {n} entries")
+            raise JsonlError(f"{path}:{k}: (id {r['id']!r}) num_tokens/finish_reasons must have {n} entries")
         r.setdefault("dataset", "all")
         out.append(r)
     if not out:

@@ -14,10 +14,11 @@ class JsonlError(ValueError):
     """A malformed JSON lines file; the message starts with `path:line:`."""
 
 
-def read_jsonl(path: str, required: tuple[str, ...] = ()):
-    """Yield the records (dicts) of a JSON lines file; blank lines are skipped.
+def numbered_records(path: str, required: tuple[str, ...] = ()):
+    """Yield (line number, record) for the records (dicts) of a JSON lines file; blank lines are skipped.
 
     Raises JsonlError naming the file and line for a line that is not a JSON object or lacks a required field.
+    Callers that check fields of their own use the line number in their errors.
     """
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -32,7 +33,13 @@ def read_jsonl(path: str, required: tuple[str, ...] = ()):
             missing = [k for k in required if k not in record]
             if missing:
                 raise JsonlError(f"{path}:{lineno}: missing field(s) {', '.join(map(repr, missing))}")
-            yield record
+            yield lineno, record
+
+
+def read_jsonl(path: str, required: tuple[str, ...] = ()):
+    """Yield the records of a JSON lines file (see numbered_records for the checks and errors)."""
+    for _, record in numbered_records(path, required):
+        yield record
 
 
 def repair_torn_tail(path: str) -> int:

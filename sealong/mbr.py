@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 
 import sealong_kernels as sk
-from sealong.jsonl import JsonlError, append_jsonl, completed_ids, read_jsonl
+from sealong.jsonl import JsonlError, append_jsonl, completed_ids, numbered_records, read_jsonl
 
 UTILITIES = ("embedding", "rouge", "answer", "random")
 
@@ -74,23 +74,11 @@ class ScoreConfig:
 # ---------------------------------------------------------------------------------------------- inputs
 
 
-def _line_of(path, k):
-    """Line number of the k-th (0-based) non-blank line of `path` (read_jsonl skips blank lines)."""
-    with open(path, encoding="utf-8") as f:
-        seen = -1
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                seen += 1
-                if seen == k:
-                    return lineno
-    return -1
-
-
 def read_samples(path):
     """Samples records, checked: `id` unique, `outputs` a list of strings, `finish_reasons` (when present)
     as long as `outputs`. Errors name the file and line."""
     records, seen = [], set()
-    for k, rec in enumerate(read_jsonl(path, required=("id", "outputs"))):
+    for lineno, rec in numbered_records(path, required=("id", "outputs")):
         outs, fin = rec["outputs"], rec.get("finish_reasons")
         problem = None
         if not isinstance(outs, list) or not all(isinstance(o, str) for o in outs):
@@ -100,7 +88,7 @@ def read_samples(path):
         elif rec["id"] in seen:
             problem = f"duplicate id {rec['id']!r}"
         if problem:
-            raise JsonlError(f"{path}:{_line_of(path, k)}: {problem}")
+            raise JsonlError(f"{path}:{lineno}: {problem}")
         seen.add(rec["id"])
         records.append(rec)
     return records

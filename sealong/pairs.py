@@ -28,7 +28,6 @@ the middle (head and tail kept: the chat header and the question survive); the n
 counted. A pair whose answers alone leave no room for a prompt of `MIN_PROMPT` tokens is skipped and counted.
 """
 
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sealong.data import prompts
+from sealong.jsonl import numbered_records
 
 IGNORE = -100
 MIN_PROMPT = 8  # fewest prompt tokens kept by middle truncation
@@ -71,23 +71,6 @@ class PairData:
         parts = [f"{len(self.pairs)} pairs", f"{self.truncated} prompts truncated from the middle"]
         parts += [f"{n} skipped ({reason})" for reason, n in sorted(self.skipped.items())]
         return ", ".join(parts)
-
-
-def read_jsonl(path):
-    """Yield (line_number, record) from a JSON-lines file; a malformed line raises naming the file and line."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: malformed JSON: {err.msg}") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{number}: a record must be a JSON object")
-            yield number, record
 
 
 def _text_field(record, key, where, required=True):
@@ -136,7 +119,9 @@ def load_pairs(path, tokenizer, *, mode="orpo", max_length=32768, strategy=promp
     if strategy not in prompts.STRATEGIES:
         raise ValueError(f"unknown prompt strategy {strategy!r}; choose one of {', '.join(prompts.STRATEGIES)}")
     data = PairData(pairs=[])
-    for number, record in read_jsonl(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    for number, record in numbered_records(path):
         where = f"{path}:{number}"
         if record.get("skipped"):
             data.skipped["skipped by the scoring stage"] += 1

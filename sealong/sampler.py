@@ -209,12 +209,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def read_prompts(path: str, limit=None) -> list:
-    from .jsonl import JsonlError, read_jsonl
+    from .jsonl import JsonlError, numbered_records
 
     records, seen = [], set()
-    for n, record in enumerate(read_jsonl(path, required=("id", "context", "question")), 1):
+    for n, record in numbered_records(path, required=("id", "context", "question")):
         if record["id"] in seen:
-            raise JsonlError(f"{path}: duplicate id {record['id']!r} (record {n})")
+            raise JsonlError(f"{path}:{n}: duplicate id {record['id']!r}")
         seen.add(record["id"])
         records.append(record)
         if limit is not None and len(records) >= limit:

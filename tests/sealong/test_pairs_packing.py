@@ -94,8 +94,8 @@ def test_load_counts_truncation_and_skips(tmp_path):
 
 
 @pytest.mark.parametrize("line,message", [
-    ("{not json", "malformed JSON"),
-    ("[1, 2]", "must be a JSON object"),
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "expected a JSON object"),
     (json.dumps({"prompt": "w1", "chosen_text": 3, "rejected_text": "w2"}), "'chosen_text' must be a string"),
     (json.dumps({"prompt": "w1", "chosen_text": "w2"}), "'rejected_text' must be a string"),
 ])
