@@ -5,8 +5,8 @@
 
 Per question (a samples record: `id`, `question`, `outputs`, optional `finish_reasons`, other fields kept):
     score_i  = mean over the other valid outputs j of sim(y_i, y_j)            (the paper's MBR, self excluded)
-    chosen   = argmax score, among finished outputs when there is one (an output cut at the token limit,
-               finish_reason "length", is never chosen while a finished one exists)
+    chosen   = argmax score among the finished outputs: an output cut at the token limit (finish_reason
+               "length") is never chosen; a question with no finished valid output is skipped and counted
     rejected = uniformly random among the n_valid // 2 lowest-scoring other outputs (sealong_kernels.select_pairs),
                seeded per question from (--seed, id), so results do not depend on order, batching or resuming
 An output that is empty (only whitespace) is invalid: never scored, chosen or rejected. A question with fewer
@@ -237,6 +237,9 @@ def _choose(rec, row, valid, gen, cfg, emb):
     result["rejected_text"] = rec["outputs"][rejected] if rejected >= 0 else None
     if rejected < 0:
         result["skipped"] = f"fewer than 2 valid outputs ({sum(valid)} of {len(valid)})"
+        return result
+    if chosen_mask is not None and not finished[chosen]:  # select_pairs falls back to all when none is finished
+        result["skipped"] = f"no finished output (all {sum(valid)} valid outputs cut at the token limit)"
         return result
     if emb is not None:
         sim = float(emb[chosen] @ emb[rejected])

@@ -134,6 +134,19 @@ def test_truncated_rule_dedup_and_reference_mode(tmp_path):
     assert "skipped" not in _read(out0)[0] and _read(out0)[0]["rejected"] == 2
 
 
+def test_no_finished_output_is_skipped_and_counted(tmp_path):
+    rec = {"id": "cut", "outputs": ["alpha beta", "alpha gamma", "delta"], "finish_reasons": ["length"] * 3}
+    samples = _write(tmp_path / "s.jsonl", [rec])
+    out, pairs = str(tmp_path / "o.jsonl"), str(tmp_path / "p.jsonl")
+    counts = mbr.score_file(samples, out, mbr.ScoreConfig(utility="rouge", dedup_threshold=0), pairs=pairs,
+                            prompts=_write(tmp_path / "pr.jsonl", [{"id": "cut", "context": "c"}]), log=None)
+    assert counts["skipped: no finished output"] == 1 and counts["pairs"] == 0
+    assert _read(out)[0]["skipped"].startswith("no finished output") and not os.path.exists(pairs)
+    ref = str(tmp_path / "r.jsonl")  # the authors' code chooses among truncated outputs
+    mbr.score_file(samples, ref, mbr.ScoreConfig(utility="rouge", reference_mode=True), log=None)
+    assert "skipped" not in _read(ref)[0]
+
+
 def test_answer_agreement_utility():
     assert mbr.extract_final_answer("blah\nSo the answer is The Paris.\nextra") == "paris"
     assert mbr.extract_final_answer("reasoning...\nAnswer: 42") == "42"
