@@ -76,8 +76,8 @@ def read_samples(path: str) -> list[dict]:
     for k, r in numbered_records(path, required=("id", "outputs", "answers")):
         if not isinstance(r["outputs"], list) or not r["outputs"] or not all(isinstance(o, str) for o in r["outputs"]):
             raise JsonlError(f"{path}:{k}: (id {r['id']!r}) 'outputs' must be a non-empty list of strings")
-        if not isinstance(r["answers"], list) or not r["answers"]:
-            raise JsonlError(f"{path}:{k}: (id {r['id']!r}) 'answers' must be a non-empty list")
+        if not isinstance(r["answers"], list) or not r["answers"] or not all(isinstance(a, str) for a in r["answers"]):
+            raise JsonlError(f"{path}:{k}: (id {r['id']!r}) 'answers' must be a non-empty list of strings")
         n = len(r["outputs"])
         r.setdefault("num_tokens", [len(o.split()) for o in r["outputs"]])
         r.setdefault("finish_reasons", ["stop"] * n)
@@ -217,17 +217,18 @@ def plot_vs_n(result: dict, path: str | Path, title: str = "") -> None:
 
 
 def write_report(result: dict, out_dir: str | Path, plot: bool = True) -> dict:
-    """eval.json, eval.md (SubEM and F1 tables) and eval_vs_n.png in out_dir, each written atomically."""
+    """eval.json, eval.md (SubEM and F1 tables) and eval_vs_n.png in out_dir, each written atomically; eval.json
+    last, so that its presence (what the pipeline checks to skip an evaluation) means the report is complete."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "eval.json", "md": out / "eval.md"}
-    _atomic_write(paths["json"], json.dumps(result, indent=1))
     _atomic_write(paths["md"], "## SubEM\n\n" + markdown_table(result, "subem") + "\n## F1\n\n" + markdown_table(result, "f1"))
     if plot and result["ns"]:
         paths["png"] = out / "eval_vs_n.png"
         tmp = out / "eval_vs_n.tmp.png"
         plot_vs_n(result, tmp)
         tmp.replace(paths["png"])
+    _atomic_write(paths["json"], json.dumps(result, indent=1))
     return paths
 
 

@@ -92,6 +92,9 @@ def test_eval_stage_writes_tables_and_plot(tmp_path):
     assert data["ns"] == [1, 2, 4] and set(data["tasks"]) == {"t1", "t2"}
     assert (tmp_path / "ev" / "eval_vs_n.png").read_bytes()[:4] == b"\x89PNG"
     assert "## F1" in (tmp_path / "ev" / "eval.md").read_text()
+    # eval.json is written last: the pipeline takes its presence as "this evaluation is complete"
+    times = {name: (tmp_path / "ev" / name).stat().st_mtime_ns for name in ("eval.md", "eval_vs_n.png", "eval.json")}
+    assert times["eval.json"] >= max(times["eval.md"], times["eval_vs_n.png"])
 
 
 def test_bad_inputs_name_the_argument_or_line(tmp_path):
@@ -102,6 +105,10 @@ def test_bad_inputs_name_the_argument_or_line(tmp_path):
     bad = _sampled()
     del bad[1]["answers"]
     with pytest.raises(ValueError, match=r"s\.jsonl:2: missing field\(s\) 'answers'"):
+        read_samples(_write(tmp_path / "s.jsonl", bad))
+    bad = _sampled()
+    bad[1]["answers"] = ["Paris", None]
+    with pytest.raises(ValueError, match=r"s\.jsonl:2: .*'answers' must be a non-empty list of strings"):
         read_samples(_write(tmp_path / "s.jsonl", bad))
     bad = _sampled()
     bad[0]["num_tokens"] = [1]
