@@ -213,6 +213,11 @@ def read_prompts(path: str, limit=None) -> list:
 
     records, seen = [], set()
     for n, record in numbered_records(path, required=("id", "context", "question")):
+        if not isinstance(record["id"], (str, int)) or isinstance(record["id"], bool):
+            raise JsonlError(f"{path}:{n}: 'id' must be a string or an integer, got {type(record['id']).__name__}")
+        for key in ("context", "question"):
+            if not isinstance(record[key], str):
+                raise JsonlError(f"{path}:{n}: (id {record['id']!r}) {key!r} must be a string, got {type(record[key]).__name__}")
         if record["id"] in seen:
             raise JsonlError(f"{path}:{n}: duplicate id {record['id']!r}")
         seen.add(record["id"])
@@ -257,6 +262,9 @@ def run(args) -> int:
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
     limit = args.max_prompt_tokens or model.config.max_position_embeddings - args.max_new_tokens
+    if limit < 1:
+        raise ValueError(f"no room for a prompt: --max-new-tokens {args.max_new_tokens} leaves {limit} of the model's "
+                         f"{model.config.max_position_embeddings} positions (--max-prompt-tokens must be >= 1)")
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, eos_token_ids=tuple(eos_token_ids(args.model, tokenizer)), prefill_chunk=args.prefill_chunk,

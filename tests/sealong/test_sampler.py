@@ -176,6 +176,8 @@ def test_stage_long_prompt_error_or_middle_truncation(ckpt, tmp_path):
     records = list(read_jsonl(tmp_path / "samples.jsonl"))
     assert [r["prompt_tokens"] for r in records] == [30, 30] and all(r["truncated"] for r in records)
     assert S.fit_prompt(list(range(10)), 5, True, "x") == ([0, 1, 7, 8, 9], True)
+    with pytest.raises(ValueError, match="no room for a prompt: --max-new-tokens 5000"):
+        S.run(stage_args(ckpt, tmp_path, "--max-new-tokens", "5000", "--output", str(tmp_path / "other.jsonl")))
 
 
 def test_bad_prompts_file_named(ckpt, tmp_path):
@@ -185,6 +187,9 @@ def test_bad_prompts_file_named(ckpt, tmp_path):
         S.run(stage_args(ckpt, tmp_path))
     path.write_text('{"id": "a", "context": "c", "question": "q"}\n{"id": "a", "context": "c", "question": "q"}\n')
     with pytest.raises(JsonlError, match="duplicate id 'a'"):
+        S.run(stage_args(ckpt, tmp_path))
+    path.write_text('{"id": "a", "context": "c", "question": "q"}\n{"id": "b", "context": null, "question": "q"}\n')
+    with pytest.raises(JsonlError, match=r"prompts.jsonl:2: \(id 'b'\) 'context' must be a string"):
         S.run(stage_args(ckpt, tmp_path))
     assert not os.path.exists(tmp_path / "samples.jsonl")
 
