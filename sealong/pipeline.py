@@ -264,7 +264,9 @@ def step_merge(r: Runner, base: str, ckpt: Path) -> str:
         from transformers import AutoModelForCausalLM
 
         r.say(f"merge: {adapter} into {base}")
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        # safetensors only (never a pickled .bin from the base folder), no remote code
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True,
+                                                     trust_remote_code=False)
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
         model.save_pretrained(tmp, safe_serialization=True)
         for name in os.listdir(base):  # tokenizer and generation config travel with the weights
