@@ -236,7 +236,9 @@ def step_train(r: Runner, model: str) -> Path:
                       "--micro_batch_pairs", str(a.batch_pairs), "--warmup_ratio", "0.1", "--progress", "false"]
         r.say(f"train: {a.mode} on {r.run / 'pairs.jsonl'} through torchrun ({a.nproc_per_node} process(es))")
         r.call("train", flags + shlex.split(a.train_args))
-        marker.write_text(latest_checkpoint(str(out)) or "")
+        tmp = out / "DONE.tmp"  # atomic: a kill mid-write must not leave an empty marker that blocks resuming
+        tmp.write_text(latest_checkpoint(str(out)) or "")
+        tmp.replace(marker)
     else:
         r.say(f"train: {out} is complete")
     ckpt = marker.read_text().strip()
