@@ -140,7 +140,7 @@ def mbr_scores_cuda(emb, mask=None, normalize=True, include_self=False, eps=1e-1
                            "(build it with `python -m sealong_kernels.cuda_build`)")
     b, n, d = emb.shape
     out = torch.empty(b, n, dtype=torch.float32, device=emb.device)
-    if b == 0:
+    if b == 0 or n == 0:  # nothing to score (the extension rejects N = 0; the Triton and torch paths return [B, 0])
         return out
     mask_u8 = None if mask is None else mask.to(torch.uint8).contiguous()
     with torch.cuda.device(emb.device):

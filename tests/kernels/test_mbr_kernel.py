@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import sealong_kernels as sk
+from sealong_kernels import mbr as mbr_module
 from sealong_kernels import reference
 
 ABS_TOL, REL_TOL = 2e-6, 1e-6
@@ -87,6 +88,20 @@ def test_empty_batch_and_empty_rows(device):
     assert sk.mbr_scores(torch.randn(0, 5, 8, device=device), backend="triton").shape == (0, 5)
     chosen, rejected = sk.select_pairs(torch.zeros(3, 0))
     assert chosen.tolist() == rejected.tolist() == [-1, -1, -1]
+
+
+def test_zero_samples_per_row_every_backend(device, monkeypatch):
+    """N = 0 gives scores [B, 0] on every path; the CUDA extension (which rejects N = 0) is not called."""
+    emb = torch.randn(3, 0, 8, device=device)
+    for backend in ("reference", "triton"):
+        assert sk.mbr_scores(emb, backend=backend).shape == (3, 0)
+
+    class NoCall:
+        def mbr_scores(self, *args, **kwargs):
+            raise AssertionError("the extension was called for an empty row")
+
+    monkeypatch.setattr(mbr_module, "cuda_extension", lambda: NoCall())
+    assert mbr_module.mbr_scores_cuda(emb).shape == (3, 0)
 
 
 def test_auto_backend_on_cpu_is_the_reference():
