@@ -8,8 +8,9 @@
         optimizer.pt             optimizer, scheduler and loss-scaler states (read with weights_only=True)
         rng_rank{r}.pt           each rank's torch RNG states (dropout), so a resumed run draws the same masks
 
-A checkpoint is written into `step_N.tmp` and renamed to `step_N` when complete: a crash during a save
-leaves the previous checkpoint untouched, and a `.tmp` folder is never read.
+A checkpoint is written into `step_N.tmp`, flushed to disk (fsync of every file and folder) and only then
+renamed to `step_N`; older checkpoints are pruned after the rename. A crash during a save (even a power
+loss) leaves the previous checkpoint untouched, and a `.tmp` folder is never read.
 """
 
 import json
@@ -55,6 +56,27 @@ def _rng_state():
     return state
 
 
+def _fsync(path):
+    """Flush a file or a folder (its entries) to disk; folders cannot be opened for fsync everywhere."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # e.g. folders on some file systems
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root):
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync(os.path.join(folder, name))
+        _fsync(folder)
+
+
 def save_checkpoint(output_dir, step, *, model, optimizer, scheduler, scaler, state, finetune, rank, keep=2):
     """Write a complete checkpoint for `step` (every rank calls this; rank 0 writes the shared files)."""
     final = checkpoint_dir(output_dir, step)
@@ -64,6 +86,7 @@ def save_checkpoint(output_dir, step, *, model, optimizer, scheduler, scaler, st
         os.makedirs(tmp)
     barrier()
     torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+    _fsync(os.path.join(tmp, f"rng_rank{rank}.pt"))
     if rank == 0:
         if finetune == "lora":
             model.save_pretrained(os.path.join(tmp, "adapter"))
@@ -76,8 +99,14 @@ def save_checkpoint(output_dir, step, *, model, optimizer, scheduler, scaler, st
             json.dump(state, f, indent=1)
     barrier()  # every rank's RNG file is in place before the rename publishes the checkpoint
     if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
+        _fsync_tree(tmp)  # on disk before it is published and before older checkpoints are pruned
+        old = final + ".old"
+        if os.path.exists(final):  # a checkpoint of the same step: moved aside, removed once replaced
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
         os.rename(tmp, final)
+        _fsync(os.path.dirname(final))
+        shutil.rmtree(old, ignore_errors=True)
         _prune(output_dir, keep)
     barrier()
     return final

@@ -248,6 +248,12 @@ def train(cfg: TrainConfig, info, on_step=None):
     `on_step(step, record)` is called after every optimizer step (a hook for callers and tests).
     """
     device = info.device
+    existing = ckpt.latest_checkpoint(cfg.output_dir)
+    if existing is not None and not cfg.resume:
+        # a fresh run would interleave its checkpoints with the old ones: pruning keeps the newest steps (the
+        # old run's) and deletes the new ones, and a later --resume would continue the old run
+        raise ValueError(f"{cfg.output_dir} already holds checkpoints (newest: {existing}): pass --resume true "
+                         "to continue that run, or choose another output_dir")
     mesh = TrainMesh.build(cfg, info)
     cfg.grad_accum_steps(mesh.dp)  # fails early with the sizes when the batch does not divide
     from sealong.model import load_tokenizer
@@ -282,6 +288,7 @@ def train(cfg: TrainConfig, info, on_step=None):
         if path is None:
             print0(f"resume: no checkpoint in {cfg.output_dir}, starting from scratch")
         else:
+            check_resumable(path, cfg, total_steps, data.summary())
             state = ckpt.load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                                          finetune=cfg.finetune, rank=info.rank, device=device)
             step, saved = state["step"], path
@@ -325,6 +332,25 @@ def train(cfg: TrainConfig, info, on_step=None):
     finally:
         logger.close()
     return {"steps": step, "losses": losses, "checkpoint": saved, "data": data.summary()}
+
+
+def check_resumable(path, cfg, total_steps, data_summary):
+    """A checkpoint continues only with the same data order (same pairs, seed and batch: the pairs of step s
+    depend on nothing else). Other epochs are allowed (more training), with a note: the schedule changes."""
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    saved_cfg = state.get("train_config", {})
+    differ = [f"{key}: checkpoint {saved_cfg[key]!r}, now {getattr(cfg, key)!r}"
+              for key in ("seed", "batch_pairs", "mode", "finetune")
+              if key in saved_cfg and saved_cfg[key] != getattr(cfg, key)]
+    if "data" in state and state["data"] != data_summary:
+        differ.append(f"data: checkpoint '{state['data']}', now '{data_summary}'")
+    if state.get("total_steps", total_steps) != total_steps:
+        print0(f"resume: the checkpoint's run had {state['total_steps']} steps, this one {total_steps} "
+               "(other epochs): the learning-rate schedule follows the new total")
+    if differ:
+        raise ValueError(f"--resume: {path} was saved by a different run; it cannot continue exactly "
+                         f"({'; '.join(differ)}). Use the same settings and data, or another output_dir")
 
 
 def model_config_dict(model):

@@ -92,3 +92,45 @@ def test_crash_during_save_keeps_last_checkpoint(tmp_path, monkeypatch):
     # and the run resumes from it
     result = train(_config(model, data, out, save_every=1, epochs=2, resume=True), setup("cpu"))
     assert result["steps"] == 4 and len(result["losses"]) == 2
+
+
+def test_fresh_run_into_old_checkpoints_is_refused(tmp_path):
+    # without the check, the fresh run's checkpoints (steps 1, 2) were pruned at once in favour of the old
+    # run's newer steps (3, 4), and a later --resume continued the old run
+    model, data = tiny_setup(str(tmp_path), n_pairs=4)
+    out = str(tmp_path / "out")
+    train(_config(model, data, out, save_every=1), setup("cpu"))
+    before = ckpt.list_checkpoints(out)
+    assert [s for s, _ in before] == [3, 4]
+    with pytest.raises(ValueError, match="already holds checkpoints.*--resume true"):
+        train(_config(model, data, out, save_every=1, epochs=1), setup("cpu"))
+    assert ckpt.list_checkpoints(out) == before
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    model, data = tiny_setup(str(tmp_path), n_pairs=8)
+    out = str(tmp_path / "out")
+    with pytest.raises(Killed):
+        train(_config(model, data, out), setup("cpu"), on_step=_kill_after(2))
+    # another batch size (so another data position for the same step) cannot continue exactly
+    with pytest.raises(ValueError, match="different run.*batch_pairs: checkpoint 2, now 4"):
+        train(_config(model, data, out, resume=True, batch_pairs=4), setup("cpu"))
+    result = train(_config(model, data, out, resume=True), setup("cpu"))
+    assert result["steps"] == 8 and len(result["losses"]) == 6
+
+
+def test_save_flushes_files_before_publishing(tmp_path, monkeypatch):
+    # the rename publishes the checkpoint and lets pruning delete older ones: everything must be on disk first
+    model, data = tiny_setup(str(tmp_path), n_pairs=4)
+    out = str(tmp_path / "out")
+    events, real_fsync, real_rename = [], ckpt._fsync, os.rename
+    monkeypatch.setattr(ckpt, "_fsync", lambda path: (events.append(("fsync", path)), real_fsync(path)))
+    monkeypatch.setattr(ckpt.os, "rename", lambda a, b: (events.append(("rename", a)), real_rename(a, b)))
+    train(_config(model, data, out, save_every=0, epochs=1), setup("cpu"))
+    final = ckpt.checkpoint_dir(out, 2)
+    renamed = events.index(("rename", final + ".tmp"))
+    synced = {os.path.relpath(p, final + ".tmp") for kind, p in events[:renamed] if kind == "fsync"}
+    for folder, _, files in os.walk(final):
+        for name in files:
+            assert os.path.relpath(os.path.join(folder, name), final) in synced, name
+    assert ("fsync", os.path.dirname(final)) in events[renamed:]
