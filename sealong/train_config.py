@@ -87,6 +87,13 @@ class TrainConfig:
             (self.lr > 0 and self.epochs >= 1, "lr must be > 0 and epochs >= 1"),
             (0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}"),
             (len(self.adam_betas) == 2, f"adam_betas must have two values, got {self.adam_betas}"),
+            (self.lora_r >= 1 and 0 <= self.lora_dropout < 1, f"lora_r must be >= 1 and lora_dropout in [0, 1), "
+             f"got {self.lora_r} and {self.lora_dropout}"),
+            (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
+            (min(self.save_every, self.keep_checkpoints, self.max_steps, self.loss_chunk_size) >= 0,
+             "save_every, keep_checkpoints, max_steps and loss_chunk_size must be >= 0 (0: the default behaviour)"),
+            (self.max_grad_norm >= 0 and self.beta >= 0 and self.nll_weight >= 0,
+             "max_grad_norm, beta and nll_weight must be >= 0"),
             (bool(self.model) and bool(self.data), "model and data must be given (a checkpoint folder and a pairs JSONL)"),
         ]
         for ok, message in checks:
@@ -123,6 +130,8 @@ def _coerce(name, value, default):
             if default and not isinstance(default[0], str):
                 items = tuple(type(default[0])(v) for v in items)
             return items
+        if isinstance(default, int) and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
+            raise ValueError  # no silent truncation of 8.5 (or True) to an int
         return type(default)(value)
     except (TypeError, ValueError):
         raise ValueError(f"TrainConfig: {name}={value!r} is not a valid {type(default).__name__}") from None

@@ -171,6 +171,20 @@ def test_config_errors(tmp_path):
         defaults.grad_accum_steps(3)
 
 
+def test_config_rejects_values_that_would_fail_mid_run():
+    # log_every 0 was a ZeroDivisionError after the first optimizer step; 8.5 pairs silently became 8
+    base = ["--model", "m", "--data", "d"]
+    for flags, message in ((["--log_every", "0"], "log_every must be >= 1"),
+                           (["--batch_pairs", "8.5"], "batch_pairs=8.5 is not a valid int"),
+                           (["--save_every", "-2"], "save_every, keep_checkpoints"),
+                           (["--loss_chunk_size", "-1"], "loss_chunk_size must be >= 0"),
+                           (["--lora_dropout", "1"], "lora_dropout in"),
+                           (["--max_grad_norm", "-1"], "max_grad_norm, beta")):
+        with pytest.raises(ValueError, match=message):
+            load_config(None, base + flags)
+    assert load_config(None, base + ["--batch_pairs", "16.0"]).batch_pairs == 16
+
+
 @pytest.mark.gpu
 def test_bf16_on_gpu_matches_float32_on_cpu(tmp_path):
     """CUDA: our Triton attention (segments) and the fused loss kernel in bfloat16, packed and classic layouts,
