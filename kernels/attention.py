@@ -642,6 +642,10 @@ def flash_attention(q, k, v, causal=True, cu_seqlens=None, softmax_scale=None, *
 
     backend: "auto" (see `flash_attention_backend`), "flash_attn", "triton" or "reference".
     """
+    if cu_seqlens is not None and (q.shape[0] != k.shape[0] or q_start != k_start):
+        # checked before dispatch: flash-attn's varlen call would read k with q's boundaries without complaint
+        raise ValueError(f"cu_seqlens needs q and k to be the same tokens (Tq={q.shape[0]}, Tk={k.shape[0]}, "
+                         f"q_start={q_start}, k_start={k_start})")
     if backend == "auto":
         backend = flash_attention_backend(q, k, causal, q_start=q_start, k_start=k_start, segment_ids=segment_ids,
                                           k_segment_ids=k_segment_ids)

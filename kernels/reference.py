@@ -47,6 +47,14 @@ def attention_mask(
     return visible
 
 
+def _check_attention_shapes(q, k, v):
+    """Clear errors for shapes the einsums below would reject with an opaque message (or broadcast)."""
+    if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
+        raise ValueError(f"q, k, v must be [T, H, D], got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape != v.shape or k.shape[2] != q.shape[2]:
+        raise ValueError(f"k and v must be [Tk, Hkv, D={q.shape[2]}], got k {tuple(k.shape)}, v {tuple(v.shape)}")
+
+
 def _attention_scores(q, k, softmax_scale, mask):
     """Masked scaled scores [Hkv, G, Tq, Tk] in the compute dtype (float64 stays float64, else float32)."""
     tq, hq, d = q.shape
@@ -68,6 +76,7 @@ def attention_forward(
     Returns out [Tq, Hq, D] in q's dtype and lse [Hq, Tq] (natural log; float32, float64 for float64 inputs).
     A query row that sees no key gets out = 0 and lse = -inf. Visibility: see `attention_mask`.
     """
+    _check_attention_shapes(q, k, v)
     tq, hq, d = q.shape
     tk = k.shape[0]
     scale = d**-0.5 if softmax_scale is None else softmax_scale
@@ -90,7 +99,10 @@ def attention_backward(
     with delta = rowsum(dO * O) [Hq, Tq] computed from dout and out when not given. dk, dv sum over the
     query heads sharing a kv head. All gradients float32 (float64 for float64 inputs).
     """
+    _check_attention_shapes(q, k, v)
     tq, hq, d = q.shape
+    if dout.shape != q.shape or tuple(lse.shape) != (hq, tq):
+        raise ValueError(f"dout must be {tuple(q.shape)} and lse [Hq, Tq]={(hq, tq)}, got {tuple(dout.shape)}, {tuple(lse.shape)}")
     tk, hkv, _ = k.shape
     g = hq // hkv
     scale = d**-0.5 if softmax_scale is None else softmax_scale

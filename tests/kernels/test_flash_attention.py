@@ -243,6 +243,26 @@ def test_bad_inputs_name_the_argument(device):
         sk.flash_attention(q, k, v, backend="cudnn")
 
 
+def test_bad_inputs_named_on_every_backend(device, monkeypatch):
+    """The plain-torch fallback names bad shapes too, and cu_seqlens over different q / k tokens is refused
+    before dispatch (flash-attn's varlen call would silently apply q's boundaries to k)."""
+    q, k, v = rand_qkv(8, 8, 2, 2, 16, torch.float32, device)
+    for backend in ("reference", "triton"):
+        with pytest.raises(ValueError, match=r"\[T, H, D\]"):
+            sk.flash_attention(q[0], k, v, backend=backend)
+        with pytest.raises(ValueError, match="k and v must be"):
+            sk.flash_attention(q, k, v[:, :, :8], backend=backend)
+    out, lse = ref.attention_forward(q, k, v)
+    with pytest.raises(ValueError, match="lse"):
+        ref.attention_backward(out, q, k, v, out, lse[:, :4])
+    monkeypatch.setattr(attn, "_flash_attn_fits", lambda *args: True)
+    monkeypatch.setattr(attn, "_flash_attn_varlen", lambda *args: pytest.fail("flash-attn was called"))
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32, device=device)
+    for tk, q_start in ((6, 0), (8, 2)):
+        with pytest.raises(ValueError, match="cu_seqlens needs q and k"):
+            sk.flash_attention(q, k[:tk], v[:tk], causal=False, cu_seqlens=cu, q_start=q_start, backend="flash_attn")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
