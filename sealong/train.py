@@ -340,9 +340,10 @@ def check_resumable(path, cfg, total_steps, data_summary):
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
     saved_cfg = state.get("train_config", {})
+    same = lambda a, b: (list(a) == list(b)) if isinstance(b, (list, tuple)) else a == b  # noqa: E731 (JSON lists)
     differ = [f"{key}: checkpoint {saved_cfg[key]!r}, now {getattr(cfg, key)!r}"
-              for key in ("seed", "batch_pairs", "mode", "finetune")
-              if key in saved_cfg and saved_cfg[key] != getattr(cfg, key)]
+              for key in ("seed", "batch_pairs", "mode", "finetune", "lora_r", "lora_alpha", "lora_targets")
+              if key in saved_cfg and not same(saved_cfg[key], getattr(cfg, key))]
     if "data" in state and state["data"] != data_summary:
         differ.append(f"data: checkpoint '{state['data']}', now '{data_summary}'")
     if state.get("total_steps", total_steps) != total_steps:

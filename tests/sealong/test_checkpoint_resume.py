@@ -115,6 +115,9 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     # another batch size (so another data position for the same step) cannot continue exactly
     with pytest.raises(ValueError, match="different run.*batch_pairs: checkpoint 2, now 4"):
         train(_config(model, data, out, resume=True, batch_pairs=4), setup("cpu"))
+    # adapters on other modules: the missing ones would have kept their fresh initialisation silently
+    with pytest.raises(ValueError, match="lora_targets: checkpoint"):
+        train(_config(model, data, out, resume=True, lora_targets="q_proj,v_proj"), setup("cpu"))
     result = train(_config(model, data, out, resume=True), setup("cpu"))
     assert result["steps"] == 8 and len(result["losses"]) == 6
 
