@@ -68,7 +68,9 @@ class ModelConfig:
             scaling["rope_type"] = scaling.pop("type", None) or scaling.get("rope_type", "default")
             if scaling["rope_type"] == "default":
                 scaling = None
-        heads = cfg["num_attention_heads"]
+        heads = cfg.get("num_attention_heads")
+        if not isinstance(heads, int) or heads < 1:
+            raise ValueError(f"{source}: 'num_attention_heads' must be a positive integer, got {heads!r}")
         eos = cfg.get("eos_token_id")
         qwen = arch == "Qwen2ForCausalLM"
         try:
@@ -94,6 +96,8 @@ class ModelConfig:
             )
         except KeyError as err:
             raise ValueError(f"{source}: missing field {err.args[0]!r}") from None
+        except ValueError as err:  # __post_init__'s checks: say which file
+            raise ValueError(f"{source}: {err}") from None
 
     @classmethod
     def from_folder(cls, folder: str) -> "ModelConfig":

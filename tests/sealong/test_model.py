@@ -200,5 +200,9 @@ def test_config_from_published_layouts():
             "rope_scaling": None, "tie_word_embeddings": True, "use_sliding_window": False, "eos_token_id": 151643}
     c = ModelConfig.from_dict(qwen)
     assert (c.head_dim, c.attention_bias, c.attention_out_bias, c.rope_scaling, c.eos_token_id) == (64, True, False, None, [151643])
-    with pytest.raises(ValueError, match="unsupported rope_scaling type 'yarn'"):
+    with pytest.raises(ValueError, match="config.json: unsupported rope_scaling type 'yarn'"):
         ModelConfig.from_dict(dict(qwen, rope_scaling={"type": "yarn", "factor": 4.0}))
+    with pytest.raises(ValueError, match="config.json: 'num_attention_heads' must be a positive integer"):
+        ModelConfig.from_dict({k: v for k, v in qwen.items() if k != "num_attention_heads"})
+    with pytest.raises(ValueError, match="config.json: missing field 'hidden_size'"):
+        ModelConfig.from_dict({k: v for k, v in qwen.items() if k != "hidden_size"})
