@@ -264,9 +264,11 @@ def score_file(samples, out, cfg, pairs=None, prompts=None, log=sys.stderr):
     done = completed_ids(out)
     todo = [r for r in records if r["id"] not in done]
     pairs_done = completed_ids(pairs) if pairs else set()
+    # scored earlier (e.g. without --pairs) but with no pair written yet: the pair comes from the scores record
+    backlog = [r for r in read_jsonl(out) if "skipped" not in r and r["id"] not in pairs_done] if pairs and done else []
     contexts = {}
     if pairs:
-        need = {r["id"] for r in todo if "context" not in r}
+        need = {r["id"] for r in todo + backlog if "context" not in r}
         if need and prompts is None:
             raise ValueError(f"--pairs needs a context: records of {samples} have none; pass --prompts")
         contexts = read_contexts(prompts, need) if need else {}
@@ -282,6 +284,9 @@ def score_file(samples, out, cfg, pairs=None, prompts=None, log=sys.stderr):
     counts = {"questions": len(records), "already done": len(records) - len(todo), "written": 0, "pairs": 0}
     total = sum(len(r["outputs"]) for r in todo)
     start = time.perf_counter()
+    if backlog:
+        append_jsonl(pairs, [dict(r, context=r.get("context", contexts.get(r["id"]))) for r in backlog])
+        counts["pairs"] += len(backlog)
     with tqdm(total=total, unit="out", desc=f"score ({cfg.utility})", file=log, disable=log is None) as bar:
         for i in range(0, len(todo), cfg.chunk):
             results = score_chunk(todo[i : i + cfg.chunk], cfg, bar)

@@ -83,6 +83,18 @@ def test_resume_after_torn_write_gives_the_same_files(files, tmp_path):
     assert mbr.score_file(samples, out, cfg, pairs=pairs, prompts=prompts, log=None)["written"] == 0
 
 
+def test_pairs_asked_for_after_scoring_are_written(files, tmp_path):
+    samples, prompts, out, pairs = files
+    cfg = mbr.ScoreConfig(utility="rouge")
+    mbr.score_file(samples, out, cfg, pairs=pairs, prompts=prompts, log=None)
+    late_out, late_pairs = str(tmp_path / "late_scores.jsonl"), str(tmp_path / "late_pairs.jsonl")
+    mbr.score_file(samples, late_out, cfg, log=None)  # first without --pairs
+    counts = mbr.score_file(samples, late_out, cfg, pairs=late_pairs, prompts=prompts, log=None)
+    assert counts["written"] == 0 and counts["pairs"] == len(_read(pairs))
+    assert open(late_pairs).read() == open(pairs).read() and open(late_out).read() == open(out).read()
+    assert mbr.score_file(samples, late_out, cfg, pairs=late_pairs, prompts=prompts, log=None)["pairs"] == 0
+
+
 def test_results_do_not_depend_on_chunking(files, tmp_path):
     samples, _, _, _ = files
     a, b = str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")
