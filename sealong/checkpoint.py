@@ -112,10 +112,18 @@ def save_checkpoint(output_dir, step, *, model, optimizer, scheduler, scaler, st
     return final
 
 
+STALE_DIR = re.compile(r"^step_\d+\.(tmp|old)$")
+
+
 def _prune(output_dir, keep):
+    """Remove all but the `keep` newest checkpoints (0: keep all), and the folders of saves torn by a crash."""
     found = list_checkpoints(output_dir)
     for _, path in found[:-keep] if keep > 0 else []:
         shutil.rmtree(path, ignore_errors=True)
+    root = os.path.join(output_dir, "checkpoints")
+    for name in os.listdir(root):
+        if STALE_DIR.match(name):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def load_checkpoint(path, *, model, optimizer, scheduler, scaler, finetune, rank, device):

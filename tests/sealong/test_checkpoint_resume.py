@@ -90,8 +90,11 @@ def test_crash_during_save_keeps_last_checkpoint(tmp_path, monkeypatch):
     intact = _adapter(ckpt.latest_checkpoint(out))
     assert all(torch.equal(intact[k], good[k]) for k in good)
     # and the run resumes from it
+    torn = ckpt.checkpoint_dir(out, 7) + ".tmp"  # a torn save of another step, left by an earlier crash
+    os.makedirs(torn)
     result = train(_config(model, data, out, save_every=1, epochs=2, resume=True), setup("cpu"))
     assert result["steps"] == 4 and len(result["losses"]) == 2
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step_000003", "step_000004"]  # torn saves removed
 
 
 def test_fresh_run_into_old_checkpoints_is_refused(tmp_path):
