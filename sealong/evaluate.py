@@ -99,7 +99,8 @@ def default_ns(n_max: int) -> list[int]:
     return ns + [n_max]
 
 
-def mbr_choices(records: list[dict], ns: list[int], embed_model: str | None = None) -> list[dict[int, int]]:
+def mbr_choices(records: list[dict], ns: list[int], embed_model: str | None = None,
+                trust_remote_code: bool = False) -> list[dict[int, int]]:
     """Per record, {n: index of the output MBR chooses among the first n}."""
     import torch
     import sealong_kernels as sk
@@ -108,7 +109,7 @@ def mbr_choices(records: list[dict], ns: list[int], embed_model: str | None = No
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     flat = [o for r in records for o in r["outputs"]]
-    emb = embed(flat, embed_model, device, 64).float()
+    emb = embed(flat, embed_model, device, 64, trust_remote_code).float()
     choices, start = [], 0
     for r in records:
         m = len(r["outputs"])
@@ -131,7 +132,7 @@ def mbr_choices(records: list[dict], ns: list[int], embed_model: str | None = No
 
 
 def evaluate(greedy: list[dict] | None, sampled: list[dict] | None, ns: list[int] | None = None,
-             embed_model: str | None = None, mbr: bool = True) -> dict:
+             embed_model: str | None = None, mbr: bool = True, trust_remote_code: bool = False) -> dict:
     """Per-task results {task: {mode: {"subem", "f1", "avg_tokens", "n"}}} and their macro "average"."""
     rows: dict[str, dict[str, list[tuple[float, float, float]]]] = {}  # task -> mode -> [(subem, f1, tokens)]
 
@@ -149,7 +150,7 @@ def evaluate(greedy: list[dict] | None, sampled: list[dict] | None, ns: list[int
         ns = sorted(n for n in (ns or default_ns(n_max)) if 1 <= n <= n_max)
         if not ns:
             raise ValueError(f"ns: no value between 1 and the smallest sample count {n_max}")
-        picks = mbr_choices(sampled, ns, embed_model) if mbr else None
+        picks = mbr_choices(sampled, ns, embed_model, trust_remote_code) if mbr else None
         for k, r in enumerate(sampled):
             subem = [best_over_answers(o, r["answers"], "subem") for o in r["outputs"]]
             f1 = [best_over_answers(o, r["answers"], "f1") for o in r["outputs"]]
@@ -259,6 +260,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ns", default=None, help="comma-separated n values (default 1,2,4,... up to N)")
     g.add_argument("--embed-model", default=None, help="sentence-transformers model for MBR@n (default: offline MiniLM)")
     g.add_argument("--no-mbr", action="store_true", help="skip MBR@n (no embedding model needed)")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="let the embedding model run code from its folder (e.g. jina-embeddings-v3)")
     g.add_argument("--out-dir", default=None, help="where eval.md, eval.json, eval_vs_n.png go (default: beside the input)")
     g.add_argument("--no-plot", action="store_true", help="do not draw eval_vs_n.png")
 
@@ -281,7 +284,8 @@ def run(args: argparse.Namespace) -> int:
     ns = parse_ns(args.ns)
     greedy = read_samples(args.greedy) if args.greedy else None
     sampled = read_samples(args.sampled) if args.sampled else None
-    result = evaluate(greedy, sampled, ns, args.embed_model, mbr=not args.no_mbr)
+    result = evaluate(greedy, sampled, ns, args.embed_model, mbr=not args.no_mbr,
+                      trust_remote_code=getattr(args, "trust_remote_code", False))
     out_dir = args.out_dir or str(Path(args.sampled or args.greedy).parent / "eval")
     paths = write_report(result, out_dir, plot=not args.no_plot)
     print(Path(paths["md"]).read_text())
