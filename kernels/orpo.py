@@ -252,8 +252,9 @@ def sequence_logp_sums(hidden, weight, rows, targets, seq, num_seqs, bias=None, 
         raise ValueError(f"labels must be in [0, {v}) or ignore_index; "
                          f"got {int(targets.min())}..{int(targets.max())}")
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
-    if rows.numel() and int(rows.max()) >= hidden2d.shape[0]:
-        raise ValueError(f"hidden_index points at row {int(rows.max())} of a hidden with {hidden2d.shape[0]} rows")
+    if rows.numel() and (int(rows.max()) >= hidden2d.shape[0] or int(rows.min()) < 0):
+        bad = int(rows.max()) if int(rows.max()) >= hidden2d.shape[0] else int(rows.min())
+        raise ValueError(f"hidden_index points at row {bad} of a hidden with {hidden2d.shape[0]} rows")
     chunk = int(chunk_size or default_chunk_size(v, hidden.dtype))
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")

@@ -242,6 +242,11 @@ def test_bad_inputs_name_the_argument(device):
         sk.fused_linear_orpo_loss(h[0, :5], w, labels[0], sequence_ids=labels[0] * 0, segment_ids=labels[0] * 0 + 1)
     with pytest.raises(ValueError, match="strategy"):
         sk.fused_linear_orpo_loss(h, w, labels, strategy="fast")
+    # a negative hidden_index is a device-side assert in index_select on a GPU: a clear error instead
+    packed = dict(sequence_ids=labels[0] * 0, segment_ids=torch.arange(6, device=device) % 2 + 1)
+    for index, row in ((torch.arange(6, device=device) - 1, -1), (torch.arange(6, device=device) + 19, 24)):
+        with pytest.raises(ValueError, match=f"hidden_index points at row {row} of a hidden with 24 rows"):
+            sk.fused_linear_orpo_loss(h.reshape(-1, 5), w, labels[0], hidden_index=index, **packed)
 
 
 @pytest.mark.gpu
