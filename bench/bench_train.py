@@ -176,6 +176,8 @@ def _run(device, case, cfg, small):
         f"LoRA r={case['lora_r']} on {', '.join(LORA_TARGETS)}, activation checkpointing in both",
         f"measured matmul peak: {peak_tflops:.3g} TFLOP/s ({'bf16' if not small else 'float32 on CPU'})",
         "useful FLOPs = 6 N T + 12 L Hq D A + 6 H V (C + R) (module docstring); tokens/s = (P + C + R) / step time",
+        "6 N T and 6 H V count the weight gradients of the frozen base and LM head, which LoRA never computes: the "
+        "work really done is about 4 N T + 4 H V (C + R) (+ LoRA + recomputation), so hardware use is ~2/3 of MFU %",
         "tokens in model: ours P + C + R + 1 (packed, prompt once); baseline 2 (P + max(C, R)) (prompt twice)",
         "peak GB: torch.cuda.max_memory_allocated during one step, weights included",
     ] + (["on a CPU ours runs the plain-torch reference attention (a dense mask) and loss twins, so the CPU "

@@ -25,7 +25,9 @@ torch autograd on those 2P numbers and hands the Function g = dloss/dL. Two stra
 
 Either way at most one [chunk, V] logits tensor exists at a time (chunks run over loss entries, not pairs, so a
 single 32K-token pair is fine), the LSE is float32, and the weight gradient accumulates in float32 whatever
-the input dtype. Prompt / padding tokens (label -100) cost nothing: only labeled entries are gathered.
+the input dtype (each chunk's product G^T h comes from one matmul in the input dtype, float32 inside
+cuBLAS, rounded once to that dtype before it is added to the float32 accumulator; G itself is stored in
+the logits' dtype). Prompt / padding tokens (label -100) cost nothing: only labeled entries are gathered.
 
 Sequence parallelism: pass `group` (the sequence-parallel process group) and each rank gives its own shard
 of every sequence's tokens (same pair numbering on every rank). L and the token counts are all-reduced inside
