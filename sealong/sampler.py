@@ -21,6 +21,7 @@ Resumable by id; a torn last line from a crash is cut off first.
 
 import argparse
 import hashlib
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -255,6 +256,7 @@ def run(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     prompts = read_prompts(args.prompts, args.limit)
     done = completed_ids(args.output)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)  # not after the first batch's work
     todo = [p for p in prompts if p["id"] not in done]
     print(f"sampler: {len(prompts)} prompts in {args.prompts}, {len(prompts) - len(todo)} already in {args.output}", file=sys.stderr)
     if not todo:

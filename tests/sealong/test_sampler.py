@@ -166,6 +166,9 @@ def test_stage_writes_and_resumes(ckpt, tmp_path):
     for r, r0 in zip(again, records):
         assert r["num_tokens"] == r0["num_tokens"] and r["logprob_sum"] == pytest.approx(r0["logprob_sum"], rel=1e-5)
     assert S.run(stage_args(ckpt, tmp_path)) == 0 and len(out.read_text().splitlines()) == 3
+    new_dir = tmp_path / "new" / "samples.jsonl"  # an output folder that does not exist yet is created
+    assert S.run(stage_args(ckpt, tmp_path, "--output", str(new_dir), "--limit", "1")) == 0
+    assert [r["outputs"] for r in read_jsonl(new_dir)] == [records[0]["outputs"]]
 
 
 def test_stage_long_prompt_error_or_middle_truncation(ckpt, tmp_path):
