@@ -78,17 +78,24 @@ def barrier():
         dist.barrier()
 
 
-def all_reduce_grads(params, group=None):
-    """Sum the gradients of `params` over the group through one flat buffer (one collective per step)."""
+GRAD_BUCKET = 2**27  # gradient elements per all-reduce buffer (512 MiB in float32)
+
+
+def all_reduce_grads(params, group=None, bucket_elements=GRAD_BUCKET):
+    """Sum the gradients of `params` over the group through flat float32 buffers of at most `bucket_elements`
+    (one collective for LoRA-sized models; full fine-tuning never holds a float32 copy of every gradient)."""
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    offset = 0
-    for g in grads:
-        n = g.numel()
-        g.copy_(flat[offset:offset + n].view_as(g))
-        offset += n
+    bucket, size = [], 0
+    for i, g in enumerate(grads):
+        bucket.append(g)
+        size += g.numel()
+        if size >= bucket_elements or i == len(grads) - 1:
+            flat = torch.cat([b.reshape(-1).float() for b in bucket])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+            offset = 0
+            for b in bucket:
+                b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                offset += b.numel()
+            bucket, size = [], 0

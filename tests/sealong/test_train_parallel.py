@@ -78,3 +78,28 @@ def test_dp_sp_ring_ulysses_hybrid_match_one_process(tmp_path):
     runs = [(model, data, str(tmp_path / name), overrides) for name, overrides in four.items()]
     for name, got in zip(four, run_distributed(_train_configs, 4, args=(runs,))[0]):
         _assert_same(got, want, name)
+
+
+def _reduce_grads(rank, world_size, bucket_elements):
+    from sealong.distributed import all_reduce_grads
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(s, dtype=d)) for s, d in
+              (((3, 4), torch.float32), ((7,), torch.bfloat16), ((2, 2), torch.float32), ((1,), torch.float32))]
+    for i, p in enumerate(params):
+        p.grad = (torch.arange(p.numel(), dtype=torch.float32).reshape(p.shape) * (rank + 1) + i).to(p.dtype)
+    params[2].grad = None  # no gradient on any rank: stays None
+    all_reduce_grads(params, bucket_elements=bucket_elements)
+    return [None if p.grad is None else p.grad.float() for p in params]
+
+
+@pytest.mark.parametrize("bucket_elements", [5, 2**27])
+def test_gradient_all_reduce_sums_in_buckets(bucket_elements):
+    got = run_distributed(_reduce_grads, 2, args=(bucket_elements,))
+    for i, shape in enumerate([(3, 4), (7,), None, (1,)]):
+        if shape is None:
+            assert got[0][i] is None and got[1][i] is None
+            continue
+        base = torch.arange(torch.Size(shape).numel(), dtype=torch.float32).reshape(shape)
+        want = base * 3 + 2 * i  # ranks 0 and 1: base * 1 + i and base * 2 + i
+        assert torch.equal(got[0][i], want) and torch.equal(got[1][i], want), i
