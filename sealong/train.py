@@ -342,7 +342,8 @@ def check_resumable(path, cfg, total_steps, data_summary):
     saved_cfg = state.get("train_config", {})
     same = lambda a, b: (list(a) == list(b)) if isinstance(b, (list, tuple)) else a == b  # noqa: E731 (JSON lists)
     differ = [f"{key}: checkpoint {saved_cfg[key]!r}, now {getattr(cfg, key)!r}"
-              for key in ("seed", "batch_pairs", "mode", "finetune", "lora_r", "lora_alpha", "lora_targets")
+              for key in ("seed", "batch_pairs", "mode", "finetune")
+              + (("lora_r", "lora_alpha", "lora_targets") if cfg.finetune == "lora" else ())
               if key in saved_cfg and not same(saved_cfg[key], getattr(cfg, key))]
     if "data" in state and state["data"] != data_summary:
         differ.append(f"data: checkpoint '{state['data']}', now '{data_summary}'")
