@@ -1,0 +1,323 @@
+"""The `@triton.jit` kernels of the flash attention (layer 1 of `sealong_kernels.attention`, which holds the
+math, the launch wrappers, the autograd Function and the public `flash_attention`).
+
+In reading order: the visibility rule and the key / query ranges a block can see (shared by all kernels),
+the forward (online softmax over key blocks, exp2 inside, LSE stored in natural log), the backward
+preprocess (delta = rowsum(dO * O)), dK/dV (one program per key block and kv head, looping over the query
+heads of its group, no atomics) and dQ (one program per query block and query head). Pointer offsets are
+int64 (token index x stride); token counts and loop bounds int32.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _visible(qi, kj, q_ok, k_ok, q_start, k_start, qseq, kseq, qseg, kseg,
+             CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_SEG: tl.constexpr):
+    """The visibility rule, elementwise on broadcastable query / key index tensors (any orientation)."""
+    ok = q_ok & k_ok
+    if CAUSAL:  # causal by global position
+        ok = ok & (q_start + qi >= k_start + kj)
+    if HAS_SEQ:  # same packed sequence
+        ok = ok & (qseq == kseq)
+    if HAS_SEG:  # segment 0 (shared prompt) is seen by all, otherwise only the own segment
+        ok = ok & ((kseg == 0) | (kseg == qseg))
+    return ok
+
+
+@triton.jit
+def _rows_see_keys(offs_m, m_ok, qseq, qseg, offs_n, n_ok, SeqIdx, KSeg, q_start, k_start,
+                   CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_SEG: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] visibility of a key block from a block of query rows (loads the keys' ids)."""
+    kseq = tl.load(SeqIdx + offs_n, mask=n_ok, other=-2) if HAS_SEQ else 0
+    kseg = tl.load(KSeg + offs_n, mask=n_ok, other=-2) if HAS_SEG else 0
+    return _visible(offs_m[:, None], offs_n[None, :], m_ok[:, None], n_ok[None, :], q_start, k_start,
+                    qseq[:, None] if HAS_SEQ else 0, kseq[None, :] if HAS_SEQ else 0,
+                    qseg[:, None] if HAS_SEG else 0, kseg[None, :] if HAS_SEG else 0, CAUSAL, HAS_SEQ, HAS_SEG)
+
+
+@triton.jit
+def _key_range(start_m, Tq, Tk, q_start, k_start, SeqIdx, CuSeqlens, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_SEG: tl.constexpr):
+    """Keys of the query block [start_m, start_m + BLOCK_M): [lo, hi) can be visible (block skipping);
+    [lo, mid) are whole key blocks that every query of the block sees (computed without a mask)."""
+    last_m = tl.minimum(start_m + BLOCK_M, Tq) - 1
+    lo = tl.zeros([], dtype=tl.int32)
+    hi = tl.zeros([], dtype=tl.int32) + Tk
+    full = hi
+    if CAUSAL:  # skip key blocks entirely above the diagonal
+        hi = tl.minimum(hi, q_start + last_m + 1 - k_start)
+        full = tl.minimum(full, q_start + start_m + 1 - k_start)  # keys the block's first query sees
+    if HAS_SEQ:  # only the sequences of this query block (q and k are the same tokens)
+        lo = tl.maximum(lo, tl.load(CuSeqlens + tl.load(SeqIdx + start_m)))
+        hi = tl.minimum(hi, tl.load(CuSeqlens + tl.load(SeqIdx + last_m) + 1))
+    mid = lo + (tl.maximum(full - lo, 0) // BLOCK_N) * BLOCK_N
+    if HAS_SEQ:  # sequence boundaries inside blocks: mask everything
+        mid = lo
+    if HAS_SEG:
+        mid = lo
+    return lo, mid, hi
+
+
+@triton.jit
+def _query_range(start_n, Tq, Tk, q_start, k_start, SeqIdx, CuSeqlens, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_SEG: tl.constexpr):
+    """Queries of the key block [start_n, start_n + BLOCK_N): [lo, hi) can see some of its keys;
+    [lo, mid) need the mask (the diagonal), [mid, hi) see every key of the block."""
+    last_n = tl.minimum(start_n + BLOCK_N, Tk) - 1
+    lo = tl.zeros([], dtype=tl.int32)
+    hi = tl.zeros([], dtype=tl.int32) + Tq
+    mid = lo
+    if CAUSAL:  # queries before the block's first key (by global position) see none of it
+        lo = tl.maximum(lo, k_start + start_n - q_start)
+        first_full = k_start + last_n - q_start  # the first query that sees the block's last key
+        mid = tl.minimum(lo + tl.cdiv(tl.maximum(first_full - lo, 0), BLOCK_M) * BLOCK_M, hi)
+    if HAS_SEQ:
+        lo = tl.maximum(lo, tl.load(CuSeqlens + tl.load(SeqIdx + start_n)))
+        hi = tl.minimum(hi, tl.load(CuSeqlens + tl.load(SeqIdx + last_n) + 1))
+        mid = hi
+    if HAS_SEG:
+        mid = hi
+    return lo, mid, hi
+
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg, stride_kt, stride_vt,
+                    offs_d, d_ok, lo, hi, q_start, k_start, qk_scale,
+                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr,
+                    HAS_SEG: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over key blocks [lo, hi); MASKED=False only for whole blocks every query sees."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_n64 = offs_n.to(tl.int64)
+        k_mask = d_ok[:, None]
+        v_mask = d_ok[None, :]
+        if MASKED:
+            n_ok = offs_n < hi
+            k_mask = k_mask & n_ok[None, :]
+            v_mask = v_mask & n_ok[:, None]
+        kT = tl.load(Kh + offs_n64[None, :] * stride_kt + offs_d[:, None], mask=k_mask, other=0.0)  # [BLOCK_D, BLOCK_N]
+        s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale  # scores in log2 units
+        if MASKED:
+            ok = _rows_see_keys(offs_m, m_ok, qseq, qseg, offs_n, n_ok, SeqIdx, KSeg, q_start, k_start,
+                                CAUSAL, HAS_SEQ, HAS_SEG)
+            s = tl.where(ok, s, float("-inf"))
+        # update running max and normalizer (a row with no visible key so far keeps m = -inf, p = 0)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(Vh + offs_n64[:, None] * stride_vt + offs_d[None, :], mask=v_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, Out, Lse, SeqIdx, CuSeqlens, QSeg, KSeg,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    Tq, Tk, q_start, k_start, group, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_SEG: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One query block of one query head: O = softmax(S) V with an online softmax over key blocks."""
+    pid = tl.program_id(0)
+    if CAUSAL:  # the heaviest query blocks (last rows) first, so the tail of the grid is short work
+        pid = tl.num_programs(0) - 1 - pid
+    start_m = pid * BLOCK_M
+    h = tl.program_id(1).to(tl.int64)
+    hk = h // group  # GQA: kv head, K/V never repeated in memory
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Tq
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + offs_m.to(tl.int64)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    qseq = tl.load(SeqIdx + offs_m, mask=m_ok, other=-1) if HAS_SEQ else 0
+    qseg = tl.load(QSeg + offs_m, mask=m_ok, other=-1) if HAS_SEG else 0
+    lo, mid, hi = _key_range(start_m, Tq, Tk, q_start, k_start, SeqIdx, CuSeqlens, BLOCK_M, BLOCK_N,
+                             CAUSAL, HAS_SEQ, HAS_SEG)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of S * log2(e)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running normalizer
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    Kh, Vh = K + hk * stride_kh, V + hk * stride_vh
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg, stride_kt,
+                                    stride_vt, offs_d, d_ok, lo, mid, q_start, k_start, qk_scale,
+                                    BLOCK_N, False, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg, stride_kt,
+                                    stride_vt, offs_d, d_ok, mid, hi, q_start, k_start, qk_scale,
+                                    BLOCK_N, True, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
+
+    # normalize; empty rows: out 0, lse -inf. LSE back to natural log.
+    seen = l_i > 0.0
+    acc = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(Out + offs_m.to(tl.int64)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+             acc.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(Lse + h * Tq + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(Out, DOut, Delta, stride_ot, stride_oh, stride_dt, stride_dh, T,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Backward preprocess: delta[h, t] = sum_d dO[t, h, d] * O[t, h, d] in float32."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    h = tl.program_id(1).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_m < T)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    rows = offs_m.to(tl.int64)[:, None]
+    o = tl.load(Out + rows * stride_ot + h * stride_oh + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(DOut + rows * stride_dt + h * stride_dh + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+    tl.store(Delta + h * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, offs_n, n_ok, kseq, kseg, Qh, DOh, Lse_h, Delta_h, SeqIdx, QSeg,
+                         stride_qt, stride_dot, offs_d, d_ok, lo, hi, q_start, k_start, qk_scale,
+                         BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr,
+                         HAS_SEG: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dK, dV of one key block over query blocks [lo, hi) of one query head (rows = keys)."""
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < hi  # rows past hi load as q = dO = 0, lse = +inf: P = 0, they add nothing
+        offs_m64 = offs_m.to(tl.int64)
+        qT = tl.load(Qh + offs_m64[None, :] * stride_qt + offs_d[:, None],
+                     mask=m_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_M]
+        do = tl.load(DOh + offs_m64[:, None] * stride_dot + offs_d[None, :],
+                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+        lse = tl.load(Lse_h + offs_m, mask=m_ok, other=float("inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634  # empty rows: P = 0
+        delta = tl.load(Delta_h + offs_m, mask=m_ok, other=0.0)
+        # P^T from the saved (global) lse: no renormalization
+        pT = tl.exp2(tl.dot(k, qT, input_precision=PRECISION) * qk_scale - lse[None, :])
+        if MASKED:
+            qseq = tl.load(SeqIdx + offs_m, mask=m_ok, other=-1) if HAS_SEQ else 0
+            qseg = tl.load(QSeg + offs_m, mask=m_ok, other=-1) if HAS_SEG else 0
+            ok = _visible(offs_m[None, :], offs_n[:, None], m_ok[None, :], n_ok[:, None], q_start, k_start,
+                          qseq[None, :] if HAS_SEQ else 0, kseq[:, None] if HAS_SEQ else 0,
+                          qseg[None, :] if HAS_SEG else 0, kseg[:, None] if HAS_SEG else 0, CAUSAL, HAS_SEQ, HAS_SEG)
+            pT = tl.where(ok, pT, 0.0)
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
+        # dS^T = P^T * (dP^T - delta), dP^T = V dO^T
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DOut, Lse, Delta, DK, DV, SeqIdx, CuSeqlens, QSeg, KSeg,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    Tq, Tk, q_start, k_start, group, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_SEG: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One key block of one kv head: dK, dV summed over the group's query heads and visible query blocks.
+
+    Works in the transposed orientation (rows = keys): P^T = exp2(K Q^T * scale * log2e - lse * log2e).
+    """
+    start_n = tl.program_id(0) * BLOCK_N
+    hk = tl.program_id(1).to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < Tk
+    d_ok = offs_d < HEAD_DIM
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    offs_n64 = offs_n.to(tl.int64)
+    k = tl.load(K + offs_n64[:, None] * stride_kt + hk * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + offs_n64[:, None] * stride_vt + hk * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+    kseq = tl.load(SeqIdx + offs_n, mask=n_ok, other=-2) if HAS_SEQ else 0
+    kseg = tl.load(KSeg + offs_n, mask=n_ok, other=-2) if HAS_SEG else 0
+    lo, mid, hi = _query_range(start_n, Tq, Tk, q_start, k_start, SeqIdx, CuSeqlens, BLOCK_M, BLOCK_N,
+                               CAUSAL, HAS_SEQ, HAS_SEG)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(group):  # the query heads that share this kv head
+        h = hk * group + g
+        Qh, DOh, Lse_h, Delta_h = Q + h * stride_qh, DOut + h * stride_doh, Lse + h * Tq, Delta + h * Tq
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, offs_n, n_ok, kseq, kseg, Qh, DOh, Lse_h, Delta_h, SeqIdx, QSeg,
+                                      stride_qt, stride_dot, offs_d, d_ok, lo, mid, q_start, k_start, qk_scale,
+                                      BLOCK_M, True, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, offs_n, n_ok, kseq, kseg, Qh, DOh, Lse_h, Delta_h, SeqIdx, QSeg,
+                                      stride_qt, stride_dot, offs_d, d_ok, mid, hi, q_start, k_start, qk_scale,
+                                      BLOCK_M, False, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
+
+    tl.store(DK + offs_n64[:, None] * stride_dkt + hk * stride_dkh + offs_d[None, :], dk * sm_scale, mask=kv_mask)
+    tl.store(DV + offs_n64[:, None] * stride_dvt + hk * stride_dvh + offs_d[None, :], dv, mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg, stride_kt, stride_vt,
+                       offs_d, d_ok, lo, hi, q_start, k_start, qk_scale,
+                       BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr,
+                       HAS_SEG: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dQ of one query block over key blocks [lo, hi); MASKED=False only for whole visible blocks."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_n64 = offs_n.to(tl.int64)
+        kv_mask = d_ok[:, None]
+        if MASKED:
+            n_ok = offs_n < hi
+            kv_mask = kv_mask & n_ok[None, :]
+        kT = tl.load(Kh + offs_n64[None, :] * stride_kt + offs_d[:, None], mask=kv_mask, other=0.0)  # [BLOCK_D, BLOCK_N]
+        vT = tl.load(Vh + offs_n64[None, :] * stride_vt + offs_d[:, None], mask=kv_mask, other=0.0)
+        p = tl.exp2(tl.dot(q, kT, input_precision=PRECISION) * qk_scale - lse[:, None])
+        if MASKED:
+            ok = _rows_see_keys(offs_m, m_ok, qseq, qseg, offs_n, n_ok, SeqIdx, KSeg, q_start, k_start,
+                                CAUSAL, HAS_SEQ, HAS_SEG)
+            p = tl.where(ok, p, 0.0)
+        dp = tl.dot(do, vT, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DOut, Lse, Delta, DQ, SeqIdx, CuSeqlens, QSeg, KSeg,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh,
+    Tq, Tk, q_start, k_start, group, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_SEG: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One query block of one query head: dQ = scale * sum over visible key blocks of dS K."""
+    pid = tl.program_id(0)
+    if CAUSAL:  # heaviest query blocks first
+        pid = tl.num_programs(0) - 1 - pid
+    start_m = pid * BLOCK_M
+    h = tl.program_id(1).to(tl.int64)
+    hk = h // group
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Tq
+    d_ok = offs_d < HEAD_DIM
+    q_mask = m_ok[:, None] & d_ok[None, :]
+    offs_m64 = offs_m.to(tl.int64)
+    q = tl.load(Q + offs_m64[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DOut + offs_m64[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=q_mask, other=0.0)
+    lse = tl.load(Lse + h * Tq + offs_m, mask=m_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634  # empty rows: P = 0
+    delta = tl.load(Delta + h * Tq + offs_m, mask=m_ok, other=0.0)
+    qseq = tl.load(SeqIdx + offs_m, mask=m_ok, other=-1) if HAS_SEQ else 0
+    qseg = tl.load(QSeg + offs_m, mask=m_ok, other=-1) if HAS_SEG else 0
+    lo, mid, hi = _key_range(start_m, Tq, Tk, q_start, k_start, SeqIdx, CuSeqlens, BLOCK_M, BLOCK_N,
+                             CAUSAL, HAS_SEQ, HAS_SEG)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    Kh, Vh = K + hk * stride_kh, V + hk * stride_vh
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg, stride_kt, stride_vt,
+                            offs_d, d_ok, lo, mid, q_start, k_start, qk_scale,
+                            BLOCK_N, False, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg, stride_kt, stride_vt,
+                            offs_d, d_ok, mid, hi, q_start, k_start, qk_scale,
+                            BLOCK_N, True, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
+    tl.store(DQ + offs_m64[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :], dq * sm_scale, mask=q_mask)
