@@ -118,6 +118,8 @@ def _check_inputs(q, k, v, q_start, k_start, cu_seqlens, segment_ids, k_segment_
         raise ValueError(f"k and v must be [Tk, Hkv, D={d}], got k {tuple(k.shape)}, v {tuple(v.shape)}")
     if hq % hkv != 0:
         raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hkv})")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share one of float16/bfloat16/float32, got {q.dtype}, {k.dtype}, {v.dtype}")
     if d > 256:

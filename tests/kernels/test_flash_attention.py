@@ -239,6 +239,8 @@ def test_bad_inputs_name_the_argument(device):
         attn.attention_forward(*rand_qkv(8, 8, 2, 2, 320, torch.float32, device))
     with pytest.raises(ValueError, match="float16/bfloat16/float32"):
         attn.attention_forward(q.double(), k.double(), v.double())
+    with pytest.raises(ValueError, match="one device"):
+        attn.attention_forward(q, k.to("meta"), v)
     with pytest.raises(ValueError, match="backend"):
         sk.flash_attention(q, k, v, backend="cudnn")
 
