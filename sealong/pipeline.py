@@ -261,13 +261,13 @@ def step_merge(r: Runner, base: str, ckpt: Path) -> str:
     tmp = r.run / "after_model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if adapter.is_dir():
-        import torch
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
         r.say(f"merge: {adapter} into {base}")
-        # safetensors only (never a pickled .bin from the base folder), no remote code
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True,
+        # safetensors only (never a pickled .bin from the base folder), no remote code; the base's own dtype
+        # (an 8B model merged in float32 would write 32 GB instead of 16)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype="auto", use_safetensors=True,
                                                      trust_remote_code=False)
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
         model.save_pretrained(tmp, safe_serialization=True)
