@@ -275,6 +275,9 @@ def train(cfg: TrainConfig, info, on_step=None):
     torch.manual_seed(cfg.seed + 7919 * (info.rank + 1))  # per-rank dropout streams
     print0(f"model: {cfg.finetune}{' (QLoRA NF4)' if cfg.qlora else ''}, "
            f"{sum(p.numel() for p in params):,} trainable parameters, {cfg.dtype}")
+    warning = precision_warning(cfg)
+    if warning:
+        print0(f"warning: {warning}")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps, cfg.warmup_ratio))
@@ -332,6 +335,16 @@ def train(cfg: TrainConfig, info, on_step=None):
     finally:
         logger.close()
     return {"steps": step, "losses": losses, "checkpoint": saved, "data": data.summary()}
+
+
+def precision_warning(cfg):
+    """Full fine-tuning updates the model's own 16-bit weights in place (no float32 master copy): an AdamW
+    step of about lr per weight is below half the rounding step of most bfloat16 weights (|w| ~ 0.02: step
+    6e-5), so at the paper's lr 5e-6 most updates round away. LoRA adapters are float32 and unaffected."""
+    if cfg.finetune == "full" and cfg.dtype != "float32":
+        return (f"finetune=full with dtype={cfg.dtype} updates {cfg.dtype} weights in place without float32 master "
+                f"weights: updates of about lr={cfg.lr:g} mostly round away; use dtype=float32 or LoRA")
+    return None
 
 
 def check_resumable(path, cfg, total_steps, data_summary):

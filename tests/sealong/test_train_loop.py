@@ -185,6 +185,17 @@ def test_config_rejects_values_that_would_fail_mid_run():
     assert load_config(None, base + ["--batch_pairs", "16.0"]).batch_pairs == 16
 
 
+def test_full_finetuning_in_16_bits_is_warned_about():
+    from sealong.train import precision_warning
+
+    w = torch.tensor([0.02], dtype=torch.bfloat16)
+    assert torch.equal(w - 5e-6, w)  # why: the update of one AdamW step at lr 5e-6 rounds away
+    base = {"model": "m", "data": "d", "finetune": "full", "lr": 5e-6}
+    assert "master" in precision_warning(make_config(dict(base, dtype="bfloat16")))
+    assert precision_warning(make_config(dict(base, dtype="float32"))) is None
+    assert precision_warning(make_config({"model": "m", "data": "d"})) is None  # LoRA: float32 adapters
+
+
 @pytest.mark.gpu
 def test_bf16_on_gpu_matches_float32_on_cpu(tmp_path):
     """CUDA: our Triton attention (segments) and the fused loss kernel in bfloat16, packed and classic layouts,
