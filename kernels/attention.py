@@ -26,12 +26,12 @@ large calls (TILE_CONFIGS, pruned by a shared-memory estimate), 16 x 16 under th
 """
 
 import importlib.util
-import os
 
 import torch
 import triton
 
 from . import reference
+from .runtime import interpreting, triton_available
 from .attention_kernels import (  # layer 1: the @triton.jit kernels
     _attn_bwd_delta_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_fwd_kernel,
 )
@@ -43,15 +43,6 @@ _HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None  # imported
 # ---------------------------------------------------------------------------------------------------------
 # 2. Launch wrappers: the raw ops (same signatures as reference.attention_forward / attention_backward)
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def triton_available(t):
-    """Our Triton kernels can run on tensor t: CUDA, or CPU under the Triton interpreter (TRITON_INTERPRET=1)."""
-    return t.is_cuda or (t.device.type == "cpu" and _interpreting())
 
 
 # Tile configs (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by the autotuner on a GPU, best first by
@@ -160,8 +151,8 @@ def _launch(kernels, kind, grid, args, flags, head_dim, scores):
     block_d = max(16, triton.next_power_of_2(head_dim))
     meta = dict(flags, HEAD_DIM=head_dim, BLOCK_D=block_d)
     try:
-        if _interpreting() or scores < TUNE_MIN_SCORES:
-            bm, bn, warps, stages = INTERPRETER_TILE if _interpreting() else _fitting_tiles(kind, block_d, args[0].element_size())[0]
+        if interpreting() or scores < TUNE_MIN_SCORES:
+            bm, bn, warps, stages = INTERPRETER_TILE if interpreting() else _fitting_tiles(kind, block_d, args[0].element_size())[0]
             plain[grid(dict(BLOCK_M=bm, BLOCK_N=bn))](*args, **meta, BLOCK_M=bm, BLOCK_N=bn,
                                                       num_warps=warps, num_stages=stages)
         else:
@@ -219,7 +210,7 @@ def attention_backward(dout, q, k, v, out, lse, *, delta=None, causal=True, soft
         out = _last_dim_contiguous(out)[0]
         delta = torch.empty(hq, tq, dtype=torch.float32, device=q.device)
         if tq > 0:
-            bm = 16 if _interpreting() else 64
+            bm = 16 if interpreting() else 64
             _attn_bwd_delta_kernel[(triton.cdiv(tq, bm), hq)](
                 out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), tq,
                 HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=bm)

@@ -20,13 +20,13 @@ Layout: grid (row tiles, prompts * kv heads, splits). Each program owns BLOCK_M 
 the online softmax in base 2; it writes its partial out (float32) and lse (natural log).
 """
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from . import reference
+from .runtime import interpreting, triton_available
 
 LOG2E = 1.4426950408889634
 
@@ -96,10 +96,6 @@ def _prefix_decode_kernel(
     tl.store(LSE + split * stride_ls + head * stride_lh + sample * stride_lm, lse, mask=row_ok)
 
 
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _check(q, k, v, cu_q, cu_prefix):
     if q.ndim != 3 or k.ndim != 3 or k.shape != v.shape:
         raise ValueError(f"q must be [M, Hq, D] and k, v [P, Hkv, D] of one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -113,7 +109,7 @@ def _check(q, k, v, cu_q, cu_prefix):
 
 def _launch_config(rows_max, head_dim, p_max, n_programs_2d, num_splits=None):
     """(BLOCK_M, BLOCK_N, num_warps, splits, keys_per_split); conservative for GPUs this was not tuned on."""
-    if _interpreting():
+    if interpreting():
         block_m, block_n, warps, target = 16, 16, 1, 1
     else:
         block_m = min(128, max(16, triton.next_power_of_2(rows_max)))
@@ -138,7 +134,7 @@ def prefix_decode_attention(q, k, v, cu_q, cu_prefix, softmax_scale=None, *, max
     Runs the Triton kernel on CUDA tensors or under TRITON_INTERPRET=1, else the reference.
     """
     _check(q, k, v, cu_q, cu_prefix)
-    if not (q.is_cuda or _interpreting()):
+    if not triton_available(q):
         return reference.prefix_decode_attention(q, k, v, cu_q, cu_prefix, softmax_scale)
     m, hq, d = q.shape
     hkv = k.shape[1]

@@ -26,13 +26,13 @@ reference (`sealong_kernels.reference.mbr_scores`). backend="triton" on CPU tens
 under TRITON_INTERPRET=1 (how the CPU tests exercise it).
 """
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from . import reference
+from .runtime import triton_available
 
 MAX_N = 512  # BLOCK_N = 1024 spills registers on sm_90
 
@@ -196,7 +196,7 @@ def mbr_scores(emb, mask=None, normalize=True, *, include_self=False, eps=1e-12,
     if backend == "reference":
         return reference.mbr_scores(emb, mask, normalize, include_self, eps).to(torch.float32)
     if backend == "triton":
-        if not emb.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        if not triton_available(emb):
             raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (use backend='reference')")
         return mbr_scores_triton(emb, mask, normalize, include_self, eps)
     if backend == "cuda":

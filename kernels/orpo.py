@@ -37,13 +37,13 @@ of that loss. Reduce parameter gradients with SUM over the sequence-parallel gro
 the group size before backward if the gradient reduction averages), never average the losses.
 """
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from . import reference
+from .runtime import triton_available
 from .reference import check_empty_sequences, global_sum, orpo_objective, preference_entries
 
 
@@ -99,7 +99,7 @@ def logits_rows(logits, targets, lse=None, write_grad=False, rows_per_program=No
     rows_per_program: 1 on a GPU (a row of a 128K vocabulary is plenty of work), 16 under the interpreter."""
     c, v = logits.shape
     assert logits.stride(1) == 1 and targets.shape == (c,)
-    if not (logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+    if not triton_available(logits):
         return reference.logits_rows(logits, targets, lse, write_grad)  # CPU without the interpreter
     compute = lse is None
     if compute:

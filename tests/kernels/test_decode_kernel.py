@@ -78,7 +78,7 @@ def test_gpu_tile_config_under_interpreter(device, monkeypatch):
     original = dec._launch_config
 
     def gpu_config(*args):
-        with mock.patch.object(dec, "_interpreting", lambda: False):
+        with mock.patch.object(dec, "interpreting", lambda: False):
             return original(*args)
 
     assert gpu_config(12 * 3, 40, 600, 2 * 1)[:4] == (64, 64, 4, 2)  # BLOCK_M, BLOCK_N, warps, 2 key splits

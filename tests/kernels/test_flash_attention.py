@@ -181,7 +181,7 @@ def test_gpu_launch_paths_rectangular_tiles(tune, monkeypatch, device):
     monkeypatch.setattr(attn, "_FWD", (attn._attn_fwd_kernel, attn._autotuned(attn._attn_fwd_kernel, "fwd")))
     monkeypatch.setattr(attn, "_DKDV", (attn._attn_bwd_dkdv_kernel, attn._autotuned(attn._attn_bwd_dkdv_kernel, "dkdv")))
     monkeypatch.setattr(attn, "_DQ", (attn._attn_bwd_dq_kernel, attn._autotuned(attn._attn_bwd_dq_kernel, "fwd")))
-    monkeypatch.setattr(attn, "_interpreting", lambda: False)
+    monkeypatch.setattr(attn, "interpreting", lambda: False)
     monkeypatch.setattr(attn, "TUNE_MIN_SCORES", 0 if tune else 1 << 40)
     check(*rand_qkv(45, 45, 4, 2, 32, torch.float32, device), causal=True)
     seg = preference_segments(20, 11, 14, device)
