@@ -15,18 +15,13 @@ result is checked against the monolithic one (rel_err column).
 """
 
 import contextlib
-import os
 import sys
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from bench.common import cpu_note, device_name, format_rows, is_oom, time_ms  # noqa: E402
-from sealong_kernels import attention as attn  # noqa: E402
-from sealong_kernels import reference  # noqa: E402
-from sealong_kernels.ring import attend_step, ring_schedule, shard_ranges  # noqa: E402
+from bench.common import cpu_note, device_name, is_oom, time_ms
+from sealong_kernels import attention as attn
+from sealong_kernels.ring import attend_step, ring_schedule, shard_ranges
 
 LLAMA_8B = dict(layers=32, hq=32, hkv=8, d=128, bytes=2)  # Llama-3.1-8B attention shapes, bf16
 
@@ -293,11 +288,6 @@ def run(device: str, small: bool) -> dict:
 
 
 if __name__ == "__main__":
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    result = run(dev, small=dev != "cuda")
-    rows = result["rows"]
-    for key in ("mode", "layout", "ulysses"):  # kernels, ring simulation, communication volume
-        print(format_rows([r for r in rows if key in r]), end="\n\n")
-    for note in result["notes"]:
-        print("note:", note)
-    sys.exit(0)
+    from bench.run_all import main
+
+    sys.exit(main(["--only", "attention"]))

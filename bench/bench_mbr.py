@@ -9,17 +9,13 @@ The eager baseline is `sealong_kernels.reference.mbr_scores` (the test oracle): 
 (two passes of multiply-adds), the baseline 2·B·N²·D.
 """
 
-import os
 import sys
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import sealong_kernels as sk  # noqa: E402
-from bench.common import copy_bandwidth_gbs, cpu_note, device_name, format_rows, is_oom, time_ms  # noqa: E402
-from sealong_kernels import reference  # noqa: E402
+import sealong_kernels as sk
+from bench.common import copy_bandwidth_gbs, cpu_note, device_name, is_oom, time_ms
+from sealong_kernels import reference
 
 GPU_SHAPES = [(4096, 32, 1024), (4096, 256, 1024)]
 CPU_SHAPES = [(64, 32, 128), (8, 256, 64)]
@@ -75,10 +71,6 @@ def run(device: str, small: bool) -> dict:
 
 
 if __name__ == "__main__":
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    result = run(dev, small=not dev.startswith("cuda"))
-    print(format_rows(result["rows"]))
-    for note in result["notes"]:
-        print("note:", note)
-    print(format_rows(result["summary"]))
-    sys.exit(0)
+    from bench.run_all import main
+
+    sys.exit(main(["--only", "mbr"]))

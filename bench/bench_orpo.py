@@ -13,16 +13,13 @@ loss_mem = peak bytes above the inputs minus the gradients' own bytes.
     python -m bench.bench_orpo            # GPU if present, else a small CPU run
 """
 
-import os
+import sys
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from bench.common import cpu_note, format_rows, is_oom, matmul_peak_tflops, peak_memory_bytes, time_ms  # noqa: E402
-from sealong_kernels import fused_linear_orpo_loss  # noqa: E402
-from sealong_kernels import reference  # noqa: E402
+from bench.common import cpu_note, is_oom, matmul_peak_tflops, peak_memory_bytes, time_ms
+from sealong_kernels import fused_linear_orpo_loss
+from sealong_kernels import reference
 
 
 def liger_loss():
@@ -140,8 +137,6 @@ def run(device, small):
 
 
 if __name__ == "__main__":
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    result = run(dev, small=dev == "cpu")
-    print(format_rows(result["rows"]))
-    for note in result["notes"]:
-        print("note:", note)
+    from bench.run_all import main
+
+    sys.exit(main(["--only", "orpo"]))

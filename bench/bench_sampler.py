@@ -17,19 +17,15 @@ step against its bandwidth floor:
 with the copy bandwidth measured in the same run (bench.common.copy_bandwidth_gbs).
 """
 
-import os
 import sys
 import time
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from bench.common import copy_bandwidth_gbs, cpu_note, format_rows, is_oom, synchronize, time_ms  # noqa: E402
-from sealong import kv_cache  # noqa: E402
-from sealong.model import ModelConfig, Transformer  # noqa: E402
-from sealong.sampler import SamplingParams, generate  # noqa: E402
+from bench.common import copy_bandwidth_gbs, cpu_note, is_oom, synchronize, time_ms
+from sealong import kv_cache
+from sealong.model import ModelConfig, Transformer
+from sealong.sampler import SamplingParams, generate
 
 LLAMA31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                   num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072,
@@ -174,8 +170,6 @@ def _run(device, small, case, cfg):
 
 
 if __name__ == "__main__":
-    result = run("cuda" if torch.cuda.is_available() else "cpu", small=not torch.cuda.is_available())
-    print(format_rows(result["rows"]))
-    for note in result["notes"]:
-        print("note:", note)
-    sys.exit(0)
+    from bench.run_all import main
+
+    sys.exit(main(["--only", "sampler"]))

@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from bench.common import cpu_note, format_rows, is_oom, matmul_peak_tflops, time_ms
+from bench.common import cpu_note, is_oom, matmul_peak_tflops, time_ms
 from sealong.model import ModelConfig, Transformer
 from sealong.pairs import Pair
 from sealong.parallel import ParallelDims
@@ -186,9 +186,6 @@ def _run(device, case, cfg, small):
 
 
 if __name__ == "__main__":
-    on_gpu = torch.cuda.is_available()
-    result = run("cuda" if on_gpu else "cpu", small=not on_gpu)
-    print(format_rows(result["rows"]))
-    for note in result["notes"]:
-        print("note:", note)
-    sys.exit(0)
+    from bench.run_all import main
+
+    sys.exit(main(["--only", "train"]))

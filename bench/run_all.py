@@ -14,10 +14,7 @@ import traceback
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from bench.common import format_rows, write_results  # noqa: E402
+from bench.common import format_rows, write_results
 
 
 def discover():
