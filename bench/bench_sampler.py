@@ -23,9 +23,9 @@ import time
 import torch
 
 from bench.common import copy_bandwidth_gbs, cpu_note, is_oom, synchronize, time_ms
-from sealong import kv_cache
+from sealong.sample import kv_cache
 from sealong.model import ModelConfig, Transformer
-from sealong.sampler import SamplingParams, generate
+from sealong.sample.sampler import SamplingParams, generate
 
 LLAMA31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                   num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072,

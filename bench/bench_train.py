@@ -23,12 +23,12 @@ import torch
 
 from bench.common import cpu_note, is_oom, matmul_peak_tflops, time_ms
 from sealong.model import ModelConfig, Transformer
-from sealong.pairs import Pair
-from sealong.parallel import ParallelDims
-from sealong.train import micro_step_sums, sequence_counts
-from sealong.train_config import LORA_TARGETS, make_config
-from sealong.train_loss import micro_objective
-from sealong.train_mesh import TrainMesh
+from sealong.train.pairs import Pair
+from sealong.train.parallel import ParallelDims
+from sealong.train.loop import micro_step_sums, sequence_counts
+from sealong.train.config import LORA_TARGETS, make_config
+from sealong.train.loss import micro_objective
+from sealong.train.mesh import TrainMesh
 from sealong_kernels import reference
 
 LLAMA31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,

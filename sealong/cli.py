@@ -1,8 +1,8 @@
 """`sealong <stage>`: every pipeline stage as a subcommand, defaults from one YAML config, overridable by flags.
 
     sealong synth     long-context training prompts (MuSiQue file or the built-in offline world)   sealong.data.synthetic
-    sealong sample    N samples per prompt over one shared prefix                                   sealong.sampler
-    sealong score     MBR scores and preference pairs                                               sealong.mbr
+    sealong sample    N samples per prompt over one shared prefix                                   sealong.sample
+    sealong score     MBR scores and preference pairs                                               sealong.score
     sealong train     the torchrun training job (ORPO / SFT, LoRA / QLoRA, data x sequence parallel) sealong.train
     sealong eval      SubEM / F1: greedy, MBR@N, oracle@N, random@N                                 sealong.evaluate
     sealong pipeline  all of the above into one run directory, resumable (no arguments: the offline demo)
@@ -23,10 +23,10 @@ import yaml
 
 STAGES = {
     "synth": ("sealong.data.synthetic", "synthesize long-context training prompts (and a held-out eval file)"),
-    "sample": ("sealong.sampler", "sample N outputs per prompt (shared-prefix sampler)"),
-    "score": ("sealong.mbr", "score samples by MBR and select preference pairs"),
-    "train": ("sealong.train", "fine-tune on the pairs (ORPO or SFT, LoRA), launched through torchrun"),
-    "eval": ("sealong.evaluate", "SubEM / F1 tables: greedy, MBR@N, oracle@N, random@N, and the plot against N"),
+    "sample": ("sealong.sample.sampler", "sample N outputs per prompt (shared-prefix sampler)"),
+    "score": ("sealong.score.mbr", "score samples by MBR and select preference pairs"),
+    "train": ("sealong.train.loop", "fine-tune on the pairs (ORPO or SFT, LoRA), launched through torchrun"),
+    "eval": ("sealong.evaluate.report", "SubEM / F1 tables: greedy, MBR@N, oracle@N, random@N, and the plot against N"),
     "pipeline": ("sealong.pipeline", "run every stage into one run directory (no arguments: the offline demo)"),
 }
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"

@@ -193,7 +193,7 @@ def sample(r: Runner, model: str, prompts: Path, output: Path, n: int, temperatu
 
 
 def step_evaluate(r: Runner, model: str, prompts: Path, name: str) -> dict:
-    from . import evaluate
+    from .evaluate import report as evaluate
 
     out = r.run / name
     done = out / "eval.json"
@@ -220,7 +220,7 @@ def step_sample_and_score(r: Runner, model: str) -> None:
 
 def step_train(r: Runner, model: str) -> Path:
     """`sealong train`: torchrun -m sealong.train as a subprocess; resumes from its newest checkpoint if any."""
-    from .checkpoint import latest_checkpoint
+    from .train.checkpoint import latest_checkpoint
 
     a = r.args
     out = r.run / "train"
@@ -284,7 +284,7 @@ def step_merge(r: Runner, base: str, ckpt: Path) -> str:
 
 
 def summary(r: Runner, before: dict, after: dict) -> str:
-    from .evaluate import compare_table
+    from .evaluate.report import compare_table
 
     n = r.args.eval_samples
     keep = {"greedy", f"MBR@{n}", f"oracle@{n}", f"random@{n}"}

@@ -1,6 +1,6 @@
 """Build the demonstration input of the scoring stage from real MuSiQue questions (reproducible, offline).
 
-    python sealong/examples/make_demo_samples.py [--source ../shared/data/musique_ans_train_sample100.jsonl]
+    python sealong/examples/make_demo_samples.py [--source sealong/data/musique_sample.jsonl]
 
 Writes, next to this file, for the first 20 questions of the MuSiQue sample:
     musique_demo_prompts.jsonl   id, question, context (the record's 20 paragraphs as "Passage i:" blocks), answers
@@ -8,7 +8,7 @@ Writes, next to this file, for the first 20 questions of the MuSiQue sample:
 The outputs are NOT model output: they are templated reasoning texts built from each question's gold
 decomposition (MuSiQue's `question_decomposition`): 5 reach the gold answer in different wordings, 2 end
 on the answer of another question (wrong), 1 is cut off (finish_reason "length"), and every fifth question
-has one empty output. Their only purpose is to exercise `python -m sealong.mbr` end to end without a GPU;
+has one empty output. Their only purpose is to exercise `python -m sealong.score` end to end without a GPU;
 the sampler stage writes the real thing. Deterministic: random.Random(seed) with a fixed seed.
 """
 
@@ -18,7 +18,7 @@ import os
 import random
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCE = os.path.join(HERE, "..", "..", "..", "shared", "data", "musique_ans_train_sample100.jsonl")
+SOURCE = os.path.join(HERE, "..", "data", "musique_sample.jsonl")  # the shipped MuSiQue records (CC BY 4.0)
 N_QUESTIONS, N_OUTPUTS, SEED = 20, 8, 2411
 
 OPENINGS = [

@@ -1,4 +1,4 @@
-"""Shared-prefix decode attention kernel (kernels/decode.py) against its float64 reference twin."""
+"""Shared-prefix decode attention kernel (kernels/sealong_kernels/decode.py) against its float64 reference twin."""
 
 import pytest
 import torch

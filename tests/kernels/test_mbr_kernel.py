@@ -1,6 +1,6 @@
 """MBR score kernels (Triton, CUDA C++) against the float64 reference, and the pair selection rule.
 
-Error bound (derived in kernels/mbr.py): every sum is float32 and |u_i . S| <= n_valid, so the absolute error
+Error bound (derived in kernels/sealong_kernels/mbr.py): every sum is float32 and |u_i . S| <= n_valid, so the absolute error
 of a score is a few float32 ulps times n/(n-1): the tests allow 2e-6 absolute and 1e-6 relative
 (||out - ref|| / ||ref|| over the finite entries), with the reference in float64 on the same (rounded) inputs.
 The kernel has no tl.dot, so bfloat16 is exact under the interpreter too and is tested here.

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from gloo_harness import run_distributed
 
-from sealong.parallel import ParallelDims, attention_for, build_mesh, gather_sequence, shard_index
+from sealong.train.parallel import ParallelDims, attention_for, build_mesh, gather_sequence, shard_index
 from sealong_kernels import reference
 from sealong_kernels.attention import triton_available
 from sealong_kernels.ring import (
@@ -268,7 +268,7 @@ def mismatched_shapes(rank):
 
 
 def ring_and_error_worker(rank, world, cases, mesh_cases):
-    """ring_worker, then the cases through sealong.parallel's mesh and attention callable, then the error."""
+    """ring_worker, then the cases through sealong.train.parallel's mesh and attention callable, then the error."""
     results = ring_worker(rank, world, cases)
     for case in mesh_cases:
         mesh = build_mesh(ParallelDims.from_world(world, sp=world, layout=case["layout"]))

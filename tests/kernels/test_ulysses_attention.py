@@ -3,7 +3,7 @@
 Same oracle and tolerance as test_ring_attention (float32 ranks on the plain-torch raw ops vs the float64
 reference on the whole sequence, relative error < 1e-5 for out, lse, dq, dk, dv). Covers GQA with a degree
 above the number of K/V heads (replicated K/V), preference segments, packed sequences (cu_seqlens) and
-the hybrid 2 x 2 built from sealong.parallel's mesh and its model-facing attention callable.
+the hybrid 2 x 2 built from sealong.train.parallel's mesh and its model-facing attention callable.
 """
 
 import pytest
@@ -12,7 +12,7 @@ import torch.distributed as dist
 from gloo_harness import run_distributed
 from test_ring_attention import check_against_reference, make_case, run_case
 
-from sealong.parallel import ParallelDims, attention_for, build_mesh, mesh_ranks, shard_index
+from sealong.train.parallel import ParallelDims, attention_for, build_mesh, mesh_ranks, shard_index
 from sealong_kernels.ulysses import communication_bytes, kv_replication, sequence_index, ulysses_attention
 
 

@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file
 from train_fixtures import tiny_setup, one_thread  # noqa: F401 (autouse fixture)
 
-from sealong import checkpoint as ckpt
-from sealong.distributed import setup
-from sealong.train import train
-from sealong.train_config import make_config
+from sealong.train import checkpoint as ckpt
+from sealong.train.distributed import setup
+from sealong.train.loop import train
+from sealong.train.config import make_config
 
 
 class Killed(RuntimeError):

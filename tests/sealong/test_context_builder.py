@@ -7,7 +7,7 @@ import pytest
 
 import sealong.data
 from sealong.data.context import ContextBuilder, ContextConfig, build_contexts, count_tokens
-from sealong.mbr import load_embedder
+from sealong.score.mbr import load_embedder
 from sealong.data.musique import read_musique
 
 SAMPLE = Path(sealong.data.__file__).parent / "musique_sample.jsonl"  # real MuSiQue records (CC BY 4.0)

@@ -5,7 +5,7 @@ from argparse import Namespace
 
 import pytest
 
-from sealong.evaluate import (best_over_answers, compare_table, default_ns, evaluate, markdown_table, normalize_answer,
+from sealong.evaluate.report import (best_over_answers, compare_table, default_ns, evaluate, markdown_table, normalize_answer,
                               parse_ns, read_samples, run, sub_em, token_f1)
 
 

@@ -1,4 +1,4 @@
-"""The scoring stage (sealong.mbr): round trip, resume after a torn write, malformed input, empty outputs,
+"""The scoring stage (sealong.score): round trip, resume after a torn write, malformed input, empty outputs,
 N = 1, the truncation and near-duplicate rules, the other utilities, and the reference mode."""
 
 import argparse
@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from sealong import mbr
+from sealong.score import mbr
 from sealong.jsonl import JsonlError
 from sealong_kernels import reference
 
@@ -196,12 +196,11 @@ def test_run_cli_with_run_dir(tmp_path, capsys):
         mbr.ScoreConfig(utility="bleu")
 
 
-EXAMPLES = os.path.join(os.path.dirname(mbr.__file__), "examples")
-MUSIQUE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(mbr.__file__))), "..", "shared", "data",
-                       "musique_ans_train_sample100.jsonl")
+SEALONG = os.path.dirname(os.path.dirname(os.path.abspath(mbr.__file__)))
+EXAMPLES = os.path.join(SEALONG, "examples")
+MUSIQUE = os.path.join(SEALONG, "data", "musique_sample.jsonl")  # its first 20 records feed the demo files
 
 
-@pytest.mark.skipif(not os.path.exists(MUSIQUE), reason="../shared/data/musique_ans_train_sample100.jsonl is absent")
 def test_demo_files_are_reproducible(tmp_path):
     spec = importlib.util.spec_from_file_location("make_demo_samples", os.path.join(EXAMPLES, "make_demo_samples.py"))
     module = importlib.util.module_from_spec(spec)

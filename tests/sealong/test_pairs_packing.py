@@ -8,8 +8,8 @@ import torch
 from train_fixtures import build_tokenizer, make_model_folder, write_pairs, one_thread  # noqa: F401 (autouse fixture)
 
 from sealong.model import load_model
-from sealong.pairs import IGNORE, Pair, load_pairs, pack_pair, pad_row, truncate_middle
-from sealong.train_loss import micro_objective, row_logp_sums
+from sealong.train.pairs import IGNORE, Pair, load_pairs, pack_pair, pad_row, truncate_middle
+from sealong.train.loss import micro_objective, row_logp_sums
 
 RTOL = 1e-5  # float32: the two layouts differ only in the order of sums (packed attention over more keys)
 

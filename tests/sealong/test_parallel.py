@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sealong.parallel import (
+from sealong.train.parallel import (
     ParallelDims, mesh_ranks, pad_sequence, padded_length, shard_batch, shard_index, shard_sequence, unshard_sequence,
 )
 from sealong_kernels import reference
@@ -114,7 +114,7 @@ def test_mesh_ranks_layout():
 
 
 def test_mesh_needs_a_process_group_and_sp1_keeps_the_model_default():
-    from sealong.parallel import ParallelMesh, attention_for, build_mesh
+    from sealong.train.parallel import ParallelMesh, attention_for, build_mesh
 
     with pytest.raises(RuntimeError, match="initialized process group"):
         build_mesh(ParallelDims())

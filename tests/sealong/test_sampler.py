@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny_checkpoint import build_checkpoint, one_thread  # noqa: F401 (autouse fixture)
 
-from sealong import sampler as S
+from sealong.sample import sampler as S
 from sealong.jsonl import JsonlError, completed_ids, read_jsonl
 from sealong.model import eos_token_ids, load_model, load_tokenizer
 

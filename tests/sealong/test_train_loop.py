@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 from train_fixtures import tiny_setup, one_thread  # noqa: F401 (autouse fixture)
 
 import sealong_kernels as sk
-from sealong.distributed import setup
-from sealong.pairs import IGNORE, load_pairs
-from sealong.train import add_arguments, batch_indices, run, train
-from sealong.train_config import load_config, make_config
+from sealong.train.distributed import setup
+from sealong.train.pairs import IGNORE, load_pairs
+from sealong.train.loop import add_arguments, batch_indices, run, train
+from sealong.train.config import load_config, make_config
 
 RTOL = 1e-5  # float32 throughout
 
@@ -121,7 +121,7 @@ def test_adapter_loads_into_transformers_peft(tmp_path):
 def test_qlora_trains_on_nf4_base(tmp_path):
     import bitsandbytes as bnb
 
-    from sealong.train import build_model
+    from sealong.train.loop import build_model
 
     model, data = tiny_setup(str(tmp_path), n_pairs=4)
     cfg = _config(model, data, str(tmp_path / "q"), qlora=True, batch_pairs=2)
@@ -186,7 +186,7 @@ def test_config_rejects_values_that_would_fail_mid_run():
 
 
 def test_full_finetuning_in_16_bits_is_warned_about():
-    from sealong.train import precision_warning
+    from sealong.train.loop import precision_warning
 
     w = torch.tensor([0.02], dtype=torch.bfloat16)
     assert torch.equal(w - 5e-6, w)  # why: the update of one AdamW step at lr 5e-6 rounds away

@@ -15,9 +15,9 @@ from gloo_harness import run_distributed
 from safetensors.torch import load_file
 from train_fixtures import tiny_setup, one_thread  # noqa: F401 (autouse fixture)
 
-from sealong.distributed import setup
-from sealong.train import train
-from sealong.train_config import make_config
+from sealong.train.distributed import setup
+from sealong.train.loop import train
+from sealong.train.config import make_config
 
 LOSS_RTOL = 1e-5
 WEIGHT_RTOL = 1e-4
@@ -81,7 +81,7 @@ def test_dp_sp_ring_ulysses_hybrid_match_one_process(tmp_path):
 
 
 def _reduce_grads(rank, world_size, bucket_elements):
-    from sealong.distributed import all_reduce_grads
+    from sealong.train.distributed import all_reduce_grads
 
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.zeros(s, dtype=d)) for s, d in

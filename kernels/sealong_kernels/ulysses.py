@@ -19,7 +19,7 @@ Hybrid over U x R ranks (Ulysses degree U inside ring degree R, two process grou
 laid out over the R ring ranks (zigzag by default), then each ring shard is split into U consecutive pieces
 over the Ulysses group. The all-to-all in the Ulysses group rebuilds the ring shard for H/U heads, ring
 attention runs over the ring group on it, and the reverse all-to-all restores the pieces. `sequence_index`
-gives the global token positions held by each rank (sealong.parallel shards data with it).
+gives the global token positions held by each rank (sealong.train.parallel shards data with it).
 """
 
 import math

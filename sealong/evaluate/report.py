@@ -24,53 +24,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import string
 import sys
-from collections import Counter
 from pathlib import Path
 
-_PUNCT = set(string.punctuation)
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-
-
-def normalize_answer(s: str) -> str:
-    """Lower-case, drop ASCII punctuation, drop the articles a/an/the as whole words, collapse whitespace."""
-    s = s.lower()
-    s = "".join(ch for ch in s if ch not in _PUNCT)
-    s = _ARTICLES.sub(" ", s)
-    return " ".join(s.split())
-
-
-def sub_em(prediction: str, gold: str) -> float:
-    return float(normalize_answer(gold) in normalize_answer(prediction))
-
-
-def token_f1(prediction: str, gold: str) -> float:
-    pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
-    same = sum((Counter(pred) & Counter(ref)).values())
-    if same == 0:
-        return 0.0
-    precision, recall = same / len(pred), same / len(ref)
-    return 2 * precision * recall / (precision + recall)
-
-
-METRICS = {"subem": sub_em, "f1": token_f1}
-
-
-def best_over_answers(prediction: str, answers: list[str], metric: str = "subem") -> float:
-    """Max of the metric over the gold answers."""
-    if not answers:
-        raise ValueError("answers is empty: nothing to score against")
-    fn = METRICS[metric]
-    return max(fn(prediction, a) for a in answers)
+from .metrics import METRICS, best_over_answers, normalize_answer, sub_em, token_f1  # noqa: F401
 
 
 # ---- samples files ------------------------------------------------------------------------------------------------
 
 def read_samples(path: str) -> list[dict]:
     """Samples records with gold answers; errors name the file and line."""
-    from .jsonl import JsonlError, numbered_records
+    from sealong.jsonl import JsonlError, numbered_records
 
     out = []
     for k, r in numbered_records(path, required=("id", "outputs", "answers")):
@@ -105,7 +69,7 @@ def mbr_choices(records: list[dict], ns: list[int], embed_model: str | None = No
     import torch
     import sealong_kernels as sk
 
-    from .mbr import embed  # the scoring stage's embeddings: MBR@n here is what `sealong score` would pick
+    from sealong.score.embed import embed  # the scoring stage's embeddings: MBR@n here is what `sealong score` would pick
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     flat = [o for r in records for o in r["outputs"]]
@@ -293,7 +257,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m sealong.evaluate", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
 if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m sealong.evaluate", description=__doc__.split("\n")[0])
-    add_arguments(_parser)
-    sys.exit(run(_parser.parse_args()))
+    sys.exit(main())

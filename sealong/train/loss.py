@@ -1,6 +1,6 @@
 """The training objective over a data-parallel x sequence-parallel batch, built on the fused linear loss.
 
-ORPO (TRL's definition, REFERENCES.md) over the whole optimizer batch of P pairs:
+ORPO (TRL's ORPOTrainer definition, trl/trainer/orpo_trainer.py) over the whole optimizer batch of P pairs:
 
     loss = nll_weight * (-sum_i S_c,i / sum_i n_c,i) - beta * mean_i logsigmoid(log_odds_i)
 

@@ -317,7 +317,7 @@ def fused_linear_orpo_loss(hidden, weight, labels, *, bias=None, beta=0.1, nll_w
 
 
 def shared_prompt_targets(input_ids, segment_ids, sequence_ids=None):
-    """Loss entries of the shared-prompt preference packing (DESIGN.md): each packed sequence holds
+    """Loss entries of the shared-prompt preference packing: each packed sequence holds
     prompt (segment 0) + chosen (1) + rejected (2) tokens; the chosen and the rejected answer both start
     from the prompt's last token. input_ids, segment_ids, sequence_ids: [N] per packed token (sequence_ids:
     pair index 0..P-1, default all 0; each sequence's prompt comes first).

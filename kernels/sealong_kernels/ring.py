@@ -399,7 +399,7 @@ def ring_attention(q, k, v, group, causal=True, *, softmax_scale=None, segment_i
     q [T_local, Hq, D], k, v [T_local, Hkv, D] (Hq % Hkv == 0; query head h uses kv head h // (Hq // Hkv)),
     segment_ids [T_local] int (0 = prompt, visible to all; other ids see only their own segment and 0).
     The shard is this rank's part of the global sequence in `layout` ("zigzag": chunks r and 2W-1-r of 2W;
-    "plain": chunk r of W); see `shard_ranges` and sealong.parallel for the sharding helpers.
+    "plain": chunk r of W); see `shard_ranges` and sealong.train.parallel for the sharding helpers.
     Returns out [T_local, Hq, D] in q's dtype (differentiable in q, k, v) and lse [Hq, T_local] float32
     (natural log, no gradient), equal to attention over the whole sequence restricted to this shard's rows.
     group: the ring's process group (`torch.distributed.group.WORLD` for all ranks); None computes on this

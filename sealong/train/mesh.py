@@ -1,6 +1,6 @@
-"""The training loop's view of the rank mesh (data parallel x sequence parallel), over `sealong.parallel`.
+"""The training loop's view of the rank mesh (data parallel x sequence parallel), over `sealong.train.parallel`.
 
-Ranks are laid out by `sealong.parallel` (rank = dp_rank * sp + sp_rank, sp_rank = ring_rank * ulysses +
+Ranks are laid out by `sealong.train.parallel` (rank = dp_rank * sp + sp_rank, sp_rank = ring_rank * ulysses +
 ulysses_rank). A row of tokens is padded to a multiple of `dims.seq_multiple` (padding at the end is
 invisible to the real tokens under the causal mask) and each sp rank keeps the tokens `shard_index` assigns
 it, with their global position ids, labels, sequence and segment ids: the model sees global positions for
@@ -9,7 +9,7 @@ RoPE, and the loss sums each sequence's log-probs over the sp group.
 
 from dataclasses import dataclass
 
-from sealong import parallel
+from . import parallel
 
 from .pairs import Row, pad_row
 

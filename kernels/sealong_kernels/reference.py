@@ -8,7 +8,7 @@ import torch
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Attention (twin of kernels/attention.py): raw forward / backward ops with the exact visibility rule.
+# Attention (twin of kernels/sealong_kernels/attention.py): raw forward / backward ops with the exact visibility rule.
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -125,7 +125,7 @@ def attention_backward(
 
 
 # ----------------------------------------------------------------------------------------------------
-# MBR scoring (twins of sealong_kernels.mbr_scores / select_pairs; owner: kernels/mbr.py)
+# MBR scoring (twins of sealong_kernels.mbr_scores / select_pairs; owner: kernels/sealong_kernels/mbr.py)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -203,7 +203,7 @@ def select_pairs(scores, generator=None, chosen_mask=None):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Sequence parallelism (twins of kernels/ring.py building blocks; owner: ring.py / ulysses.py)
+# Sequence parallelism (twins of kernels/sealong_kernels/ring.py building blocks; owner: ring.py / ulysses.py)
 # The reference for ring / Ulysses / hybrid attention itself is attention_forward on the whole sequence.
 # ---------------------------------------------------------------------------------------------------------
 
@@ -228,7 +228,7 @@ def zigzag_index(seq_len, world, rank):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Fused linear ORPO / SFT loss (twin of kernels/orpo.py). Three readable steps that the kernel shares:
+# Fused linear ORPO / SFT loss (twin of kernels/sealong_kernels/orpo.py). Three readable steps that the kernel shares:
 #   1. preference_entries: which (hidden row, target token, sequence) triples carry a loss, from the layout;
 #   2. sequence_logp_sums: per-sequence sums of log softmax(hidden @ W.T + b)[target] (here: full logits);
 #   3. orpo_objective: the nonlinear ORPO / SFT objective of those sums, and TRL-named metrics.
@@ -435,7 +435,7 @@ def fused_linear_orpo_loss(hidden, weight, labels, *, bias=None, beta=0.1, nll_w
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Shared-prefix decode attention (twin of kernels/decode.py; owner: the sampler, sealong/sampler.py)
+# Shared-prefix decode attention (twin of kernels/sealong_kernels/decode.py; owner: the sampler, sealong/sample/sampler.py)
 # ---------------------------------------------------------------------------------------------------------
 
 
