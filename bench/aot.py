@@ -1,0 +1,95 @@
+"""Ahead-of-time compiles of `@triton.jit` kernels for a GPU this machine does not have, and ptxas' statistics.
+
+Triton compiles from `ASTSource` for any `GPUTarget` down to PTX and a cubin with the ptxas it bundles, so the
+registers, spills and shared memory of the real kernel are known without a GPU. Two things make the numbers
+those of a real launch:
+
+* the alignment specialization: a launch marks every pointer argument whose address is a multiple of 16 (all
+  of torch's allocations at offset 0) and every integer argument that is a multiple of 16 with
+  `tt.divisibility = 16`; without it Triton emits scalar loads and no cp.async / TMA pipeline, and the
+  shared-memory figure is a fraction of the real one;
+* the same options (num_warps, num_stages) and constexprs the launcher passes.
+
+`compile_stats` returns registers per thread, spill stores / loads (bytes per thread), the stack frame and the
+shared memory the compiled kernel allocates (`metadata.shared`, what a launch requests). Needs real Triton
+functions: run it with TRITON_INTERPRET=0 (`bench/__init__.py` keeps an explicit 0), e.g. in a subprocess of an
+interpreted test session.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # per-block opt-in maximum (A100, H100 / H200)
+PTXAS_LINE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+REGS_LINE = re.compile(r"Used (\d+) registers")
+
+
+def ptxas_path(arch: int) -> str:
+    """The ptxas Triton itself uses for `arch` (Triton 3.9 uses its newer `ptxas-blackwell` from sm_90 on)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(arch).path
+    except ImportError:  # Triton 3.6: one bundled ptxas
+        return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def compile_kernel(fn, arg_types: dict, constexprs: dict, *, arch: int = 90, num_warps: int = 4,
+                   num_stages: int = 2, divisible_ints: tuple = (), unaligned: tuple = ()):
+    """Compile `fn` as a launch with these arguments would.
+
+    arg_types: every non-constexpr argument's Triton type ("*fp16", "*fp32", "*i32", "i32", "i64", "fp32").
+    constexprs: name -> value. Pointers are 16-byte aligned unless named in `unaligned`; integer arguments named
+    in `divisible_ints` are marked multiples of 16 (what a launch does when their value is).
+    """
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        if name not in arg_types:
+            raise KeyError(f"{fn.__name__}: no type for argument {name!r}")
+        signature[name] = arg_types[name]
+        aligned = (arg_types[name].startswith("*") and name not in unaligned) or name in divisible_ints
+        if aligned:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+                    attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def ptxas_stats(kernel, arch: int) -> dict:
+    """Registers, spills and stack of the kernel's PTX as the bundled `ptxas -v` reports them."""
+    ptx = kernel.asm["ptx"]
+    target = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([ptxas_path(arch), "-v", f"-arch={target}", path, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+    frame = PTXAS_LINE.search(out)
+    regs = REGS_LINE.search(out)
+    if frame is None or regs is None:
+        raise RuntimeError(f"unexpected ptxas -v output:\n{out}")
+    return dict(registers=int(regs.group(1)), stack=int(frame.group(1)), spill_stores=int(frame.group(2)),
+                spill_loads=int(frame.group(3)))
+
+
+def compile_stats(fn, arg_types: dict, constexprs: dict, *, arch: int = 90, num_warps: int = 4, num_stages: int = 2,
+                  divisible_ints: tuple = (), unaligned: tuple = ()) -> dict:
+    """compile_kernel + ptxas_stats + the shared memory the compiled kernel requests, as one JSON-able dict."""
+    kernel = compile_kernel(fn, arg_types, constexprs, arch=arch, num_warps=num_warps, num_stages=num_stages,
+                            divisible_ints=divisible_ints, unaligned=unaligned)
+    stats = ptxas_stats(kernel, arch)
+    stats.update(kernel=fn.__name__, arch=arch, num_warps=num_warps, num_stages=num_stages, shared=kernel.metadata.shared,
+                 shared_limit=SHARED_LIMIT.get(arch), triton=triton.__version__)
+    return stats
