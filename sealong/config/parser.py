@@ -66,6 +66,9 @@ def build_parser(stage: str, prog: str | None = None, launcher: bool = False):
             field.metadata = {k: v for k, v in field.metadata.items() if k in ARGPARSE_KEYS}
             HfArgumentParser._parse_dataclass_field(parser, field)
 
+        def error(self, message):  # one line, not the usage of every option
+            self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
     cls = STAGES[stage][0]
     types = [cls, CommonOptions] + ([LaunchOptions] if launcher else [])
     parser = StageParser(types, prog=prog or f"sealong {stage}", description=(cls.__doc__ or "").strip(),

@@ -1,7 +1,6 @@
 """The scoring stage (sealong.score): round trip, resume after a torn write, malformed input, empty outputs,
 N = 1, the truncation and near-duplicate rules, the other utilities, and the reference mode."""
 
-import argparse
 import importlib.util
 import json
 import os
@@ -9,6 +8,7 @@ import os
 import pytest
 import torch
 
+from sealong.config.parser import resolve
 from sealong.score import mbr
 from sealong.jsonl import JsonlError
 from sealong_kernels import reference
@@ -185,12 +185,10 @@ def test_answer_agreement_utility():
 def test_run_cli_with_run_dir(tmp_path, capsys):
     _write(tmp_path / "samples.jsonl", SAMPLES[:2])
     _write(tmp_path / "prompts.jsonl", [{"id": r["id"], "context": "ctx"} for r in SAMPLES[:2]])
-    parser = argparse.ArgumentParser()
-    mbr.add_arguments(parser)
-    assert mbr.run(parser.parse_args(["--run-dir", str(tmp_path), "--utility", "answer"])) == 0
+    assert mbr.run(resolve("score", ["--run-dir", str(tmp_path), "--utility", "answer"]).cfg) == 0
     assert len(_read(tmp_path / "scores.jsonl")) == 2 and len(_read(tmp_path / "pairs.jsonl")) == 2
     (tmp_path / "samples.jsonl").write_text("{}\n")
-    assert mbr.run(parser.parse_args(["--run-dir", str(tmp_path)])) == 1
+    assert mbr.run(resolve("score", ["--run-dir", str(tmp_path)]).cfg) == 1
     assert "samples.jsonl:1: missing field" in capsys.readouterr().err
     with pytest.raises(ValueError, match="utility"):
         mbr.ScoreConfig(utility="bleu")
