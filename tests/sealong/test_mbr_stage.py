@@ -4,6 +4,7 @@ N = 1, the truncation and near-duplicate rules, the other utilities, and the ref
 import importlib.util
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -216,3 +217,35 @@ def test_demo_answer_agreement_chooses_the_gold_answer(tmp_path):
     for row in _read(pairs):
         assert row["finish_reasons"][row["chosen"]] == "stop" and row["context"].startswith("Passage 1:")
         assert any(a in row["chosen_text"].splitlines()[-1] for a in row["answers"])  # 5 of 8 agree on the gold answer
+
+
+def test_offline_embedding_weights_are_checked(tmp_path):
+    from sealong.score.embed import offline_minilm
+
+    assert offline_minilm().endswith("model")  # the installed package's weights match the pinned hash
+    (tmp_path / "model.safetensors").write_bytes(b"not the weights")
+    with pytest.raises(ValueError, match=r"model.safetensors: sha256 .* is not the pinned all-MiniLM-L6-v2 weights"):
+        offline_minilm(str(tmp_path))
+
+
+def test_optional_packages_name_their_extra(monkeypatch):
+    import builtins
+
+    from sealong.extras import MissingExtra, require
+
+    real_import = builtins.__import__
+
+    def no_rouge(name, *a, **k):
+        if name.startswith("rouge_score"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_rouge)
+    monkeypatch.delitem(sys.modules, "rouge_score", raising=False)
+    monkeypatch.delitem(sys.modules, "rouge_score.rouge_scorer", raising=False)
+    mbr._rouge_scorer.cache_clear()
+    with pytest.raises(MissingExtra, match=r"--utility rouge .* pip install 'sealong\[rouge\]'"):
+        mbr.rouge_l("a b", "a c")
+    mbr._rouge_scorer.cache_clear()
+    with pytest.raises(MissingExtra, match=r"--distractors nearest needs the package 'faiss_missing'.*sealong\[faiss\]"):
+        require("faiss_missing", "faiss", "--distractors nearest")
