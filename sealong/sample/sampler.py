@@ -20,6 +20,7 @@ Resumable by id; a torn last line from a crash is cut off first.
 """
 
 import hashlib
+import logging
 import os
 import sys
 import time
@@ -28,6 +29,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .kv_cache import PrefixCache, SuffixCache, decode_step, prefill, prefix_attention_fn
+
+log = logging.getLogger("sealong.sample")
 
 MASK64 = (1 << 64) - 1
 
@@ -233,7 +236,7 @@ def run(args) -> int:
     done = completed_ids(args.output)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)  # not after the first batch's work
     todo = [p for p in prompts if p["id"] not in done]
-    print(f"sampler: {len(prompts)} prompts in {args.prompts}, {len(prompts) - len(todo)} already in {args.output}", file=sys.stderr)
+    log.info(f"{len(prompts)} prompts in {args.prompts}, {len(prompts) - len(todo)} already in {args.output}")
     if not todo:
         return 0
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
@@ -249,7 +252,7 @@ def run(args) -> int:
         backend=args.backend,
     )
     start = time.perf_counter()
-    bar = tqdm(total=len(todo), unit="prompt", file=sys.stderr)
+    bar = tqdm(total=len(todo), unit="prompt", file=sys.stderr, disable=not sys.stderr.isatty())  # else: log lines
     for b in range(0, len(todo), args.batch_prompts):
         batch = todo[b : b + args.batch_prompts]
         fitted = [fit_prompt(prompt_token_ids(tokenizer, p["context"], p["question"], args.strategy), limit,
@@ -260,6 +263,8 @@ def run(args) -> int:
         bar.update(len(batch))
         elapsed = time.perf_counter() - start
         bar.set_postfix(prompts_s=f"{bar.n / elapsed:.3f}", tokens_s=f"{params.stats['decode_tokens'] / elapsed:.1f}")
+        if bar.disable:
+            log.info(f"{b + len(batch)}/{len(todo)} prompts, {params.stats['decode_tokens'] / elapsed:.1f} tokens/s")
     bar.close()
     return 0
 
