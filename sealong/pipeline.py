@@ -72,6 +72,14 @@ def check(cfg) -> None:
         log.info("no --eval-files: evaluating on the built-in world's held-out questions")
 
 
+def check_train_args(r) -> None:
+    """--train-args parsed and layered as the training job will, before any work (an error exits 2 here)."""
+    from .config.parser import resolve
+
+    resolve("train", ["--config", str(r.config_path), "--model", "-", "--data", "-", *shlex.split(r.args.train_args)],
+            prog="sealong pipeline --train-args")
+
+
 class Runner:
     """Runs the steps in order, logging one line per step and whether it was done already."""
 
@@ -280,6 +288,7 @@ def run(cfg, resolved=None) -> int:
     check(cfg)
     r = Runner(cfg, stage_configs(cfg, resolved.sections), resolved.common["preset"], resolved.common["log_level"])
     r.config_path = r.write_config()
+    check_train_args(r)
     r.say(f"pipeline: {r.preset} preset into {r.run}; settings in {r.config_path}")
     model = step_base_model(r)
     step_synth(r, model)

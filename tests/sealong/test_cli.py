@@ -126,9 +126,12 @@ def test_pipeline_argument_errors(tmp_path, capsys):
         (["pipeline", "--num-samples", "0"], "sample: --num_samples must be >= 1, got 0"),
         (["pipeline", "--temperature", "nan"], "temperature: must be a finite number"),
         (["pipeline", "--model", str(tmp_path)], "--model: no config.json"),
+        (["pipeline", "--train-args", "--lerning_rate 1"], "(did you mean --learning_rate?)"),
+        (["pipeline", "--train-args", "--sp 0"], "train: --sp must be >= 1, got 0"),
     ]:
-        assert cli.main(argv + ["--run-dir", str(tmp_path / "run")]) == 2
+        assert _rc(argv + ["--run-dir", str(tmp_path / "run")]) == 2
         assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "base_model").exists()  # refused before any work
 
 
 def test_import_kernels_from_the_repository_root_is_not_ours_and_sealong_kernels_is(tmp_path):
