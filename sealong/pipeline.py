@@ -146,7 +146,7 @@ def step_base_model(r: Runner) -> str:
 def step_synth(r: Runner, model: str) -> None:
     a = r.args
     r.say("synth: long-context training prompts (no answers)")
-    r.call("synth", out_dir=str(r.run), tokenizer=model, musique=a.musique,
+    r.call("synth", out_dir=str(r.run), tokenizer=model, **({"musique": a.musique} if a.musique else {}),
            **({"num_eval": 0} if a.eval_files is not None else {}))
 
 
