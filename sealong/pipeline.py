@@ -16,30 +16,26 @@ Steps (each writes into --run-dir; a step whose output is complete is skipped, s
     7. merge           base + adapter, for sampling                                    -> after_model/
     8. eval after      as step 3 with the trained model                                -> after/
     9. summary         before / after table                                            -> summary.md
-Every stage runs with the arguments `sealong <stage>` would get from the same YAML config (the paper's settings)
-unless the demo preset is in force (no --model): then the small demo values below are used.
+Every stage runs with the options `sealong <stage>` would get from the same --config file and preset (the demo
+preset without --model, else the paper's, i.e. the defaults), the pipeline's own options that set a stage's
+option on top; the resolved settings of every stage are written to run_dir/config.yaml.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
+import logging
 import os
 import shlex
 import shutil
-import sys
 import time
 from pathlib import Path
 
-# preset values of the pipeline's own options: "demo" when no --model is given, else "paper"
-PRESETS = {
-    "demo": dict(num_examples=48, num_eval=24, min_tokens=96, max_tokens=192, num_samples=8, eval_samples=8,
-                 temperature=0.7, max_new_tokens=40, mode="orpo", lora_r=16, lora_alpha=32, lr=2e-3, epochs=2,
-                 batch_pairs=8, dtype="float32", warmup_steps=300),
-    "paper": dict(num_examples=2048, num_eval=200, min_tokens=4096, max_tokens=31744, num_samples=32, eval_samples=16,
-                  temperature=0.7, max_new_tokens=1024, mode="orpo", lora_r=128, lora_alpha=128, lr=5e-5, epochs=1,
-                  batch_pairs=8, dtype="bfloat16", warmup_steps=0),
-}
+from .config.parser import make
+from .config.stages import STAGES
+
+log = logging.getLogger("sealong.pipeline")
 REAL_COMMAND = (
     "sealong pipeline --run-dir runs/llama31-8b --model /models/Llama-3.1-8B-Instruct \\\n"
     "    --musique data/musique_ans_v1.0_train.jsonl \\\n"
@@ -48,95 +44,80 @@ REAL_COMMAND = (
     "    --nproc-per-node 8 --train-args \"--sp 8 --ulysses 4\"")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("pipeline (options left unset take the demo preset without --model, else the paper's)")
-    g.add_argument("--run-dir", default="runs/sealong-demo", help="everything goes here; re-running resumes")
-    g.add_argument("--model", default=None, help="checkpoint folder; omitted: the offline demo's tiny model")
-    g.add_argument("--musique", default=None, help="MuSiQue training questions; omitted: the built-in world")
-    g.add_argument("--eval-files", default=None,
-                   help="comma-separated LongBench JSONL files; omitted: the built-in world's held-out questions")
-    g.add_argument("--num-examples", type=int, default=None, help="training questions (paper 2048, demo 48)")
-    g.add_argument("--num-eval", type=int, default=None, help="held-out questions of the built-in world")
-    g.add_argument("--min-tokens", type=int, default=None, help="shortest context (paper 4096)")
-    g.add_argument("--max-tokens", type=int, default=None, help="longest context (paper 31744)")
-    g.add_argument("--num-samples", type=int, default=None, help="N samples per training prompt (paper 32)")
-    g.add_argument("--eval-samples", type=int, default=None, help="samples per eval question for MBR/oracle@N")
-    g.add_argument("--temperature", type=float, default=None, help="sampling temperature (paper 0.7)")
-    g.add_argument("--max-new-tokens", type=int, default=None, help="paper 1024")
-    g.add_argument("--mode", choices=["orpo", "sft"], default=None, help="ORPO on pairs (paper) or SFT on the chosen")
-    g.add_argument("--lora-r", type=int, default=None, help="LoRA rank (paper 128)")
-    g.add_argument("--lora-alpha", type=int, default=None, help="LoRA alpha (paper 128)")
-    g.add_argument("--lr", type=float, default=None, help="learning rate (paper 5e-5)")
-    g.add_argument("--epochs", type=int, default=None, help="epochs over the pairs (paper 1)")
-    g.add_argument("--batch-pairs", type=int, default=None, help="pairs per optimizer step (paper 8)")
-    g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
-    g.add_argument("--warmup-steps", type=int, default=None, help="demo only: labelled warm-up steps of the tiny model")
-    g.add_argument("--nproc-per-node", type=int, default=1, help="processes of the torchrun training job")
-    g.add_argument("--train-args", default="", help="extra `--key value` flags for sealong.train, one string")
-    g.add_argument("--seed", type=int, default=0)
+def stage_configs(cfg, sections: dict) -> dict:
+    """{stage: config} of the run: each stage's section (preset and --config file) with the pipeline's options
+    that set a stage option on top (those given: None leaves the stage's own value)."""
+    configs = {}
+    for stage, (cls, _, _) in STAGES.items():
+        if stage == "pipeline":
+            continue
+        values = dict(sections.get(stage, {}))
+        for f in dataclasses.fields(cfg):
+            if stage in f.metadata.get("sets", ()) and getattr(cfg, f.name) is not None:
+                values[f.name] = getattr(cfg, f.name)
+        configs[stage] = make(cls, values)
+    return configs
 
 
-def opt(args: argparse.Namespace, key: str, flag: str) -> list[str]:
-    """`[flag, value]` for a stage: always in the demo preset; otherwise only when set on the pipeline's command
-    line, so that the stage takes the YAML config's value (the paper's) like `sealong <stage>` would."""
-    if args.preset == "demo" or key in args.explicit:
-        return [flag, str(getattr(args, key))]
-    return []
-
-
-def resolve(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill unset options from the preset; check the values."""
-    args.preset = "demo" if args.model is None else "paper"
-    args.explicit = {k for k in PRESETS["demo"] if getattr(args, k, None) is not None}
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    for key in ("num_examples", "num_samples", "eval_samples", "max_new_tokens", "batch_pairs", "epochs",
-                "min_tokens", "max_tokens", "nproc_per_node"):
-        if getattr(args, key) < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
-    if args.model is not None and not Path(args.model, "config.json").is_file():
-        raise FileNotFoundError(f"--model: no config.json in {args.model}")
-    if args.musique is not None and not Path(args.musique).is_file():
-        raise FileNotFoundError(f"--musique: file not found: {args.musique}")
-    if args.musique is not None and args.eval_files is None:
+def check(cfg) -> None:
+    """The inputs exist and fit together, before any work."""
+    if cfg.model is not None and not Path(cfg.model, "config.json").is_file():
+        raise FileNotFoundError(f"--model: no config.json in {cfg.model}")
+    if cfg.musique is not None and not Path(cfg.musique).is_file():
+        raise FileNotFoundError(f"--musique: file not found: {cfg.musique}")
+    if cfg.musique is not None and cfg.eval_files is None:
         raise ValueError("--eval-files: needed with --musique (LongBench v1 JSONL files; `sealong synth --musique "
                          "TRAIN --eval-musique DEV` converts MuSiQue questions to that format)")
-    if args.model is not None and args.eval_files is None:
-        print("pipeline: no --eval-files: evaluating on the built-in world's held-out questions")
-    return args
+    if cfg.model is not None and cfg.eval_files is None:
+        log.info("no --eval-files: evaluating on the built-in world's held-out questions")
+
+
+def check_train_args(r) -> None:
+    """--train-args parsed and layered as the training job will, before any work (an error exits 2 here)."""
+    from .config.parser import resolve
+
+    resolve("train", ["--config", str(r.config_path), "--model", "-", "--data", "-", *shlex.split(r.args.train_args)],
+            prog="sealong pipeline --train-args")
 
 
 class Runner:
-    """Runs the steps in order, printing one line per step and whether it was done already."""
+    """Runs the steps in order, logging one line per step and whether it was done already."""
 
-    def __init__(self, args):
-        self.args = args
-        self.run = Path(args.run_dir)
+    def __init__(self, cfg, configs: dict, preset: str | None, log_level: str = "info"):
+        self.args, self.configs, self.preset, self.log_level = cfg, configs, preset, log_level
+        self.run = Path(cfg.run_dir)
         self.run.mkdir(parents=True, exist_ok=True)
-        self.config = getattr(args, "sealong_config", None) or {}
         self.started = time.perf_counter()
 
     def say(self, msg: str) -> None:
-        print(f"[{time.perf_counter() - self.started:6.1f}s] {msg}", flush=True)
+        log.info(f"[{time.perf_counter() - self.started:6.1f}s] {msg}")
 
-    def stage_args(self, stage: str, flags: list[str]) -> argparse.Namespace:
-        """The Namespace `sealong <stage> FLAGS` would get; YAML defaults apply except in the demo preset."""
-        from .cli import apply_config, load_stage
+    def stage_config(self, stage: str, **values):
+        """The run's config of `stage` with the step's own values (paths, N, ...), checked."""
+        return dataclasses.replace(self.configs[stage], **values)
 
-        module = load_stage(stage)
-        parser = argparse.ArgumentParser(prog=f"sealong {stage}")
-        module.add_arguments(parser)
-        if self.args.preset == "paper":
-            apply_config(parser, self.config.get(stage, {}), f"config [{stage}]")
-        return parser.parse_args(flags)
+    def call(self, stage: str, **values) -> None:
+        import importlib
 
-    def call(self, stage: str, flags: list[str]) -> None:
-        from .cli import load_stage
+        from .config.fields import check_required
 
-        rc = load_stage(stage).run(self.stage_args(stage, flags))
+        cfg = self.stage_config(stage, **values)
+        check_required(cfg)
+        rc = importlib.import_module(STAGES[stage][1]).run(cfg)
         if rc:
             raise RuntimeError(f"pipeline: stage {stage} failed with exit code {rc}")
+
+    def write_config(self) -> Path:
+        """run_dir/config.yaml: every stage's resolved settings (the same format as --config)."""
+        import yaml
+
+        data = {"pipeline": self.args.to_dict(), **{s: c.to_dict() for s, c in self.configs.items()}}
+        path = self.run / "config.yaml"
+        tmp = path.with_suffix(".yaml.tmp")
+        tmp.write_text(f"# sealong pipeline, preset {self.preset}: the resolved settings of every stage\n"
+                       + yaml.safe_dump(data, sort_keys=False))
+        tmp.replace(path)
+        return path
 
 
 # ---- the steps ----------------------------------------------------------------------------------------------------
@@ -153,8 +134,10 @@ def step_base_model(r: Runner) -> str:
 
     r.say("base model: building a tiny Llama and a word-level tokenizer in code; labelled warm-up on other questions "
           "of the built-in world (the base model's own training, NOT part of SEALONG)")
-    cfg = TinyConfig(warmup_steps=a.warmup_steps, min_tokens=a.min_tokens, max_tokens=a.max_tokens, seed=a.seed)
-    stats = build_base_model(folder, cfg, skip_questions=a.num_examples + a.num_eval, log=r.say)
+    synth = r.configs["synth"]
+    cfg = TinyConfig(min_tokens=synth.min_tokens, max_tokens=synth.max_tokens, seed=synth.seed,
+                     **({"warmup_steps": a.tiny_warmup_steps} if a.tiny_warmup_steps is not None else {}))
+    stats = build_base_model(folder, cfg, skip_questions=synth.num_examples + synth.num_eval, log=r.say)
     r.say(f"base model: warm-up loss {stats['warmup_loss_first']:.2f} -> {stats['warmup_loss_last']:.2f} "
           f"in {stats['warmup_seconds']:.0f}s")
     return str(folder)
@@ -162,12 +145,9 @@ def step_base_model(r: Runner) -> str:
 
 def step_synth(r: Runner, model: str) -> None:
     a = r.args
-    flags = ["--out-dir", str(r.run), "--tokenizer", model, "--num-eval", str(a.num_eval if a.eval_files is None else 0),
-             "--seed", str(a.seed)]
-    flags += opt(a, "num_examples", "--num-examples") + opt(a, "min_tokens", "--min-tokens")
-    flags += opt(a, "max_tokens", "--max-tokens")
     r.say("synth: long-context training prompts (no answers)")
-    r.call("synth", flags + (["--musique", a.musique] if a.musique else []))
+    r.call("synth", out_dir=str(r.run), tokenizer=model, **({"musique": a.musique} if a.musique else {}),
+           **({"num_eval": 0} if a.eval_files is not None else {}))
 
 
 def step_eval_set(r: Runner) -> Path:
@@ -184,12 +164,8 @@ def step_eval_set(r: Runner) -> Path:
     return out
 
 
-def sample(r: Runner, model: str, prompts: Path, output: Path, n: int, temperature: float) -> None:
-    a = r.args
-    flags = ["--model", model, "--prompts", str(prompts), "--output", str(output), "--num-samples", str(n),
-             "--temperature", str(temperature), "--seed", str(a.seed)]
-    flags += opt(a, "max_new_tokens", "--max-new-tokens") + opt(a, "dtype", "--dtype")
-    r.call("sample", flags + (["--batch-prompts", "4"] if a.preset == "demo" else []))
+def sample(r: Runner, model: str, prompts: Path, output: Path, **values) -> None:
+    r.call("sample", model=model, prompts=str(prompts), output=str(output), **values)
 
 
 def step_evaluate(r: Runner, model: str, prompts: Path, name: str) -> dict:
@@ -202,40 +178,43 @@ def step_evaluate(r: Runner, model: str, prompts: Path, name: str) -> dict:
         return json.loads(done.read_text())
     out.mkdir(exist_ok=True)
     r.say(f"eval {name}: greedy and {r.args.eval_samples} samples per held-out question")
-    sample(r, model, prompts, out / "greedy.jsonl", 1, 0.0)
-    sample(r, model, prompts, out / "sampled.jsonl", r.args.eval_samples, r.args.temperature)
+    sample(r, model, prompts, out / "greedy.jsonl", num_samples=1, temperature=0.0)
+    sample(r, model, prompts, out / "sampled.jsonl", num_samples=r.args.eval_samples)
+    e = r.configs["eval"]
     result = evaluate.evaluate(evaluate.read_samples(str(out / "greedy.jsonl")),
-                               evaluate.read_samples(str(out / "sampled.jsonl")))
+                               evaluate.read_samples(str(out / "sampled.jsonl")), embed_model=e.embed_model,
+                               mbr=not e.no_mbr, trust_remote_code=e.trust_remote_code)
     evaluate.write_report(result, out)
     r.say(f"eval {name}: greedy SubEM {result['average']['greedy']['subem']:.1f}")
     return result
 
 
 def step_sample_and_score(r: Runner, model: str) -> None:
-    r.say(f"sample: {r.args.num_samples} samples per training prompt")
-    sample(r, model, r.run / "prompts.jsonl", r.run / "samples.jsonl", r.args.num_samples, r.args.temperature)
+    r.say(f"sample: {r.configs['sample'].num_samples} samples per training prompt")
+    sample(r, model, r.run / "prompts.jsonl", r.run / "samples.jsonl")
     r.say("score: MBR over the samples, chosen = best, rejected = random from the lower half")
-    r.call("score", ["--run-dir", str(r.run), "--seed", str(r.args.seed)])
+    r.call("score", run_dir=str(r.run))
 
 
 def step_train(r: Runner, model: str) -> Path:
     """`sealong train`: torchrun -m sealong.train as a subprocess; resumes from its newest checkpoint if any."""
+    import subprocess
+
     from .train.checkpoint import latest_checkpoint
+    from .train.launch import launch_command
 
     a = r.args
     out = r.run / "train"
     marker = out / "DONE"
     if not marker.is_file():
-        flags = ["--nproc-per-node", str(a.nproc_per_node), "--model", model, "--data", str(r.run / "pairs.jsonl"),
-                 "--output_dir", str(out), "--seed", str(a.seed), "--resume", "true"]
-        flags += opt(a, "mode", "--mode") + opt(a, "lora_r", "--lora_r") + opt(a, "lora_alpha", "--lora_alpha")
-        flags += opt(a, "lr", "--lr") + opt(a, "epochs", "--epochs") + opt(a, "batch_pairs", "--batch_pairs")
-        flags += opt(a, "dtype", "--dtype")
-        if a.preset == "demo":
-            flags += ["--gradient_checkpointing", "false", "--tensorboard", "false", "--max_length", "1024",
-                      "--micro_batch_pairs", str(a.batch_pairs), "--warmup_ratio", "0.1", "--progress", "false"]
-        r.say(f"train: {a.mode} on {r.run / 'pairs.jsonl'} through torchrun ({a.nproc_per_node} process(es))")
-        r.call("train", flags + shlex.split(a.train_args))
+        # the run's resolved train section (config.yaml) under this step's own flags, then --train-args
+        flags = ["--config", str(r.config_path), "--log_level", r.log_level, "--model", model,
+                 "--data", str(r.run / "pairs.jsonl"), "--output_dir", str(out), "--resume"]
+        r.say(f"train: {r.configs['train'].mode} on {r.run / 'pairs.jsonl'} through torchrun "
+              f"({a.nproc_per_node} process(es))")
+        rc = subprocess.run(launch_command(a.nproc_per_node, flags + shlex.split(a.train_args))).returncode
+        if rc:
+            raise RuntimeError(f"pipeline: stage train failed with exit code {rc}")
         tmp = out / "DONE.tmp"  # atomic: a kill mid-write must not leave an empty marker that blocks resuming
         tmp.write_text(latest_checkpoint(str(out)) or "")
         tmp.replace(marker)
@@ -245,11 +224,6 @@ def step_train(r: Runner, model: str) -> Path:
     if not ckpt:
         raise RuntimeError(f"pipeline: {out} holds no checkpoint")
     return Path(ckpt)
-
-
-def launch_command(nproc: int, train_flags: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "sealong.train", *train_flags]
 
 
 def step_merge(r: Runner, base: str, ckpt: Path) -> str:
@@ -292,11 +266,11 @@ def summary(r: Runner, before: dict, after: dict) -> str:
     lines = ["# SEALONG run summary", "", f"run directory: {r.run}", "",
              "Average over tasks, SubEM (normalized gold answer inside the output) and F1:", "",
              compare_table(pick(before), pick(after), "subem"), compare_table(pick(before), pick(after), "f1")]
-    if r.args.preset == "demo":
+    if r.preset == "demo":
         lines += ["This was the offline demo: a tiny model built in code, warmed up with labels on other questions of the",
                   "built-in world (the base model's training, not part of SEALONG; a model this small mostly learns the",
                   "world's facts rather than reading), then the method itself without labels: contexts,",
-                  f"{r.args.num_samples} samples per question, MBR scores, ORPO with LoRA through `sealong.train`.",
+                  f"{r.configs['sample'].num_samples} samples per question, MBR scores, ORPO with LoRA through `sealong.train`.",
                   "A model this small shows the mechanics of the loop, NOT the paper's gains",
                   "(Llama-3.1-8B-Instruct: 50.8 -> 55.0 average SubEM on LongBench).", "",
                   "The same pipeline on a real checkpoint folder and MuSiQue's training file (8 GPUs):", "",
@@ -304,10 +278,18 @@ def summary(r: Runner, before: dict, after: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(args: argparse.Namespace) -> int:
-    args = resolve(args)
-    r = Runner(args)
-    r.say(f"pipeline: {args.preset} preset into {r.run}")
+def run(cfg, resolved=None) -> int:
+    """Every step in order; `resolved` (sealong.config.parser.Resolved) carries the stage sections of the preset
+    and --config file; without it, the preset the pipeline would pick (demo without --model, else paper)."""
+    if resolved is None:
+        from .config.parser import resolve
+
+        resolved = resolve("pipeline", [] if cfg.model is None else ["--model", cfg.model])
+    check(cfg)
+    r = Runner(cfg, stage_configs(cfg, resolved.sections), resolved.common["preset"], resolved.common["log_level"])
+    r.config_path = r.write_config()
+    check_train_args(r)
+    r.say(f"pipeline: {r.preset} preset into {r.run}; settings in {r.config_path}")
     model = step_base_model(r)
     step_synth(r, model)
     prompts = step_eval_set(r)
@@ -325,7 +307,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def main(argv=None) -> int:
+    from .config.parser import stage_main
+
+    return stage_main("pipeline", argv, prog="python -m sealong.pipeline")
+
+
 if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m sealong.pipeline", description=__doc__.split("\n")[0])
-    add_arguments(_parser)
-    sys.exit(run(_parser.parse_args()))
+    import sys
+
+    sys.exit(main())

@@ -82,8 +82,11 @@ class ContextBuilder:
 
     # -- distractor order -------------------------------------------------------------------------------------
     def _build_index(self):
-        import faiss
         import numpy as np
+
+        from sealong.extras import require
+
+        faiss = require("faiss", "faiss", "--distractors nearest")
 
         if self._embedder is None:
             import torch

@@ -19,7 +19,6 @@ or from this world, and (for the world) a held-out LongBench-format evaluation f
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -192,28 +191,6 @@ def write_jsonl_atomic(path: Path, records) -> int:
 
 # ---- the `synth` stage --------------------------------------------------------------------------------------------
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("synth: long-context training prompts (no answers) and a held-out evaluation file")
-    g.add_argument("--out-dir", default="runs/default", help="run directory (writes prompts.jsonl, eval.jsonl)")
-    g.add_argument("--musique", default=None,
-                   help="MuSiQue JSON-lines file of training questions; omitted: the built-in offline world")
-    g.add_argument("--tokenizer", default=None,
-                   help="model folder whose tokenizer measures context length (default: the offline BERT tokenizer)")
-    g.add_argument("--num-examples", type=int, default=2048, help="training prompts to synthesize (at most the file's)")
-    g.add_argument("--num-eval", type=int, default=200,
-                   help="held-out evaluation questions (the built-in world's, or the first of --eval-musique)")
-    g.add_argument("--eval-musique", default=None,
-                   help="MuSiQue file (e.g. dev) converted to a LongBench-format eval.jsonl with long contexts")
-    g.add_argument("--min-tokens", type=int, default=4096, help="lower end of the uniform context length")
-    g.add_argument("--max-tokens", type=int, default=31744, help="upper end of the uniform context length")
-    g.add_argument("--distractors", choices=["random", "nearest"], default="random",
-                   help="random (paper) or nearest to the question by embedding (faiss)")
-    g.add_argument("--embed-model", default=None, help="sentence-transformers model for --distractors nearest")
-    g.add_argument("--seed", type=int, default=0, help="seeds question choice, context length, distractors, world")
-    g.add_argument("--include-unanswerable", action="store_true", help="keep MuSiQue's unanswerable questions")
-    g.add_argument("--overwrite", action="store_true", help="rebuild files that already exist")
-
-
 def load_counting_tokenizer(folder: str | None):
     from transformers import AutoTokenizer
 
@@ -225,7 +202,7 @@ def load_counting_tokenizer(folder: str | None):
     return AutoTokenizer.from_pretrained(folder)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args) -> int:
     from .context import ContextConfig, ContextBuilder
     from .longbench import musique_to_longbench
 
@@ -273,10 +250,11 @@ def _progress(items, desc):
     return tqdm(items, desc=desc, unit="q", disable=None)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m sealong.data.synthetic", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args())
+def main(argv=None) -> int:
+    """`python -m sealong.data.synthetic`: options are SynthConfig's (sealong/config/stages.py)."""
+    from sealong.config.parser import stage_main
+
+    return stage_main("synth", argv, prog="python -m sealong.data.synthetic")
 
 
 if __name__ == "__main__":

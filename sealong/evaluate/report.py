@@ -22,7 +22,6 @@ Tables per task (`dataset`) and their macro average, in markdown and JSON, with 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -217,19 +216,6 @@ def compare_table(before: dict, after: dict, metric: str = "subem") -> str:
 
 # ---- the `eval` stage ---------------------------------------------------------------------------------------------
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("eval: SubEM and F1 of samples files (greedy, MBR@N, oracle@N, random@N)")
-    g.add_argument("--greedy", default=None, help="samples JSONL of greedy decoding (outputs[0] is scored)")
-    g.add_argument("--sampled", default=None, help="samples JSONL with N outputs per question (MBR/oracle/random@n)")
-    g.add_argument("--ns", default=None, help="comma-separated n values (default 1,2,4,... up to N)")
-    g.add_argument("--embed-model", default=None, help="sentence-transformers model for MBR@n (default: offline MiniLM)")
-    g.add_argument("--no-mbr", action="store_true", help="skip MBR@n (no embedding model needed)")
-    g.add_argument("--trust-remote-code", action="store_true",
-                   help="let the embedding model run code from its folder (e.g. jina-embeddings-v3)")
-    g.add_argument("--out-dir", default=None, help="where eval.md, eval.json, eval_vs_n.png go (default: beside the input)")
-    g.add_argument("--no-plot", action="store_true", help="do not draw eval_vs_n.png")
-
-
 def parse_ns(text: str | None) -> list[int] | None:
     if text is None:
         return None
@@ -242,7 +228,7 @@ def parse_ns(text: str | None) -> list[int] | None:
     return ns
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args) -> int:
     if args.greedy is None and args.sampled is None:
         raise ValueError("eval: give --greedy FILE and/or --sampled FILE")
     ns = parse_ns(args.ns)
@@ -258,9 +244,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m sealong.evaluate", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """`python -m sealong.evaluate`: options are EvalConfig's (sealong/config/stages.py)."""
+    from sealong.config.parser import stage_main
+
+    return stage_main("eval", argv, prog="python -m sealong.evaluate")
 
 
 if __name__ == "__main__":

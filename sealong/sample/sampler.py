@@ -19,8 +19,8 @@ EOS included), `prompt_tokens`, `truncated`, plus the prompt record's other fiel
 Resumable by id; a torn last line from a crash is cut off first.
 """
 
-import argparse
 import hashlib
+import logging
 import os
 import sys
 import time
@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sealong.data.prompts import DEFAULT_STRATEGY, STRATEGIES
 from .kv_cache import PrefixCache, SuffixCache, decode_step, prefill, prefix_attention_fn
+
+log = logging.getLogger("sealong.sample")
 
 MASK64 = (1 << 64) - 1
 
@@ -184,35 +185,12 @@ def fit_prompt(ids: list, limit: int, truncate: bool, prompt_id) -> tuple:
     return ids[:head] + ids[len(ids) - (limit - head) :], True
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--model", required=True, help="checkpoint folder (config.json, safetensors, tokenizer)")
-    parser.add_argument("--prompts", required=True, help="prompts JSONL: id, context, question, other fields kept")
-    parser.add_argument("--output", required=True, help="samples JSONL, appended to and resumed by id")
-    parser.add_argument("--num-samples", type=int, default=32, help="N outputs per prompt (paper: 32)")
-    parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut")
-    parser.add_argument("--max-new-tokens", type=int, default=1024)
-    parser.add_argument("--seed", type=int, default=0, help="per-sample seeds derive from (seed, id, index)")
-    parser.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=list(STRATEGIES), help="the paper's prompt strategy")
-    parser.add_argument("--batch-prompts", type=int, default=1, help="prompts decoded together (N samples each)")
-    parser.add_argument("--prefill-chunk", type=int, default=4096, help="prompt tokens per prefill forward")
-    parser.add_argument("--max-prompt-tokens", type=int, default=None,
-                        help="prompt limit (default: the model's max_position_embeddings minus --max-new-tokens)")
-    parser.add_argument("--truncate", choices=["error", "middle"], default="error",
-                        help="a prompt over the limit: stop with an error naming its id, or cut its middle")
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--backend", choices=["auto", "triton", "reference"], default="auto")
-    parser.add_argument("--limit", type=int, default=None, help="sample at most this many prompts of the file")
-    parser.add_argument("--trust-remote-code", action="store_true", help="let the tokenizer run code from the folder")
-    return parser
-
-
 def read_prompts(path: str, limit=None) -> list:
     from sealong.jsonl import JsonlError, numbered_records
 
     records, seen = [], set()
+    if limit is not None and limit < 1:  # --limit is >= 1 (SampleConfig); 0 here means none, not one
+        return []
     for n, record in numbered_records(path, required=("id", "context", "question")):
         if not isinstance(record["id"], (str, int)) or isinstance(record["id"], bool):
             raise JsonlError(f"{path}:{n}: 'id' must be a string or an integer, got {type(record['id']).__name__}")
@@ -258,12 +236,13 @@ def run(args) -> int:
     done = completed_ids(args.output)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)  # not after the first batch's work
     todo = [p for p in prompts if p["id"] not in done]
-    print(f"sampler: {len(prompts)} prompts in {args.prompts}, {len(prompts) - len(todo)} already in {args.output}", file=sys.stderr)
+    log.info(f"{len(prompts)} prompts in {args.prompts}, {len(prompts) - len(todo)} already in {args.output}")
     if not todo:
         return 0
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
-    limit = args.max_prompt_tokens or model.config.max_position_embeddings - args.max_new_tokens
+    limit = (args.max_prompt_tokens if args.max_prompt_tokens is not None
+             else model.config.max_position_embeddings - args.max_new_tokens)
     if limit < 1:
         raise ValueError(f"no room for a prompt: --max-new-tokens {args.max_new_tokens} leaves {limit} of the model's "
                          f"{model.config.max_position_embeddings} positions (--max-prompt-tokens must be >= 1)")
@@ -273,7 +252,7 @@ def run(args) -> int:
         backend=args.backend,
     )
     start = time.perf_counter()
-    bar = tqdm(total=len(todo), unit="prompt", file=sys.stderr)
+    bar = tqdm(total=len(todo), unit="prompt", file=sys.stderr, disable=not sys.stderr.isatty())  # else: log lines
     for b in range(0, len(todo), args.batch_prompts):
         batch = todo[b : b + args.batch_prompts]
         fitted = [fit_prompt(prompt_token_ids(tokenizer, p["context"], p["question"], args.strategy), limit,
@@ -284,14 +263,17 @@ def run(args) -> int:
         bar.update(len(batch))
         elapsed = time.perf_counter() - start
         bar.set_postfix(prompts_s=f"{bar.n / elapsed:.3f}", tokens_s=f"{params.stats['decode_tokens'] / elapsed:.1f}")
+        if bar.disable:
+            log.info(f"{b + len(batch)}/{len(todo)} prompts, {params.stats['decode_tokens'] / elapsed:.1f} tokens/s")
     bar.close()
     return 0
 
 
-parser = add_arguments(argparse.ArgumentParser(prog="python -m sealong.sampler", description=__doc__.split("\n\n")[0]))
-
 def main(argv=None):
-    return run(parser.parse_args(argv))
+    """`python -m sealong.sample`: options are SampleConfig's (sealong/config/stages.py)."""
+    from sealong.config.parser import stage_main
+
+    return stage_main("sample", argv, prog="python -m sealong.sample")
 
 
 if __name__ == "__main__":

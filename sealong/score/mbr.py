@@ -35,43 +35,19 @@ Outputs (JSON lines, append-only, resumable: a re-run skips ids already written 
     pairs:  the same for questions with a pair, plus `context` (from the record or from --prompts, by id)
 """
 
-import argparse
 import functools
 import hashlib
 import os
 import re
 import sys
 import time
-from dataclasses import dataclass
-
 import torch
 
 import sealong_kernels as sk
 from sealong.score.embed import embed, load_embedder  # noqa: F401
 from sealong.jsonl import JsonlError, append_jsonl, completed_ids, numbered_records, read_jsonl
 
-UTILITIES = ("embedding", "rouge", "answer", "random")
-
-
-@dataclass
-class ScoreConfig:
-    utility: str = "embedding"       # one of UTILITIES
-    model: str | None = None         # sentence-transformers name or folder; None = offline all-MiniLM-L6-v2
-    batch_size: int = 64             # outputs per embedding batch
-    chunk: int = 64                  # questions scored (and appended) together
-    seed: int = 0                    # rejected picks and random scores are drawn from hash(seed, id)
-    dedup_threshold: float = 0.98    # drop pairs with chosen-rejected similarity >= this; 0 keeps all
-    reference_mode: bool = False     # the authors' exact behaviour (see the module docstring)
-    device: str | None = None        # None: cuda when available, else cpu
-    trust_remote_code: bool = False  # let the embedding model run code from its folder (jina-embeddings-v3 needs it)
-
-    def __post_init__(self):
-        if self.utility not in UTILITIES:
-            raise ValueError(f"utility must be one of {UTILITIES}, got {self.utility!r}")
-        if not 0.0 <= self.dedup_threshold <= 1.0:
-            raise ValueError(f"dedup_threshold must be in [0, 1] (0 keeps all), got {self.dedup_threshold}")
-        if self.batch_size < 1 or self.chunk < 1:
-            raise ValueError(f"batch_size and chunk must be >= 1, got {self.batch_size}, {self.chunk}")
+from sealong.config.stages import UTILITIES, ScoreConfig  # noqa: F401 (the stage's options, one place)
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -113,8 +89,9 @@ def question_generator(seed, qid):
 
 @functools.lru_cache(maxsize=1)
 def _rouge_scorer():
-    from rouge_score import rouge_scorer
+    from sealong.extras import require
 
+    rouge_scorer = require("rouge_score.rouge_scorer", "rouge", "--utility rouge (and --dedup-threshold with it)")
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
 
@@ -283,27 +260,6 @@ def score_file(samples, out, cfg, pairs=None, prompts=None, log=sys.stderr):
     return counts
 
 
-def add_arguments(parser):
-    parser.add_argument("--run-dir", help="run directory: defaults samples.jsonl, prompts.jsonl, scores.jsonl, pairs.jsonl")
-    parser.add_argument("--samples", help="samples JSONL (id, question, outputs, finish_reasons, ...)")
-    parser.add_argument("--out", help="scores JSONL to append to (default: <run-dir>/scores.jsonl)")
-    parser.add_argument("--pairs", help="training pairs JSONL (default: <run-dir>/pairs.jsonl)")
-    parser.add_argument("--prompts", help="prompts JSONL giving each id's context for the pairs")
-    parser.add_argument("--utility", choices=UTILITIES, default="embedding")
-    parser.add_argument("--model", default=None, help="sentence-transformers model name or folder "
-                        "(default: offline all-MiniLM-L6-v2, 256 word pieces)")
-    parser.add_argument("--batch-size", type=int, default=64, help="outputs per embedding batch")
-    parser.add_argument("--chunk", type=int, default=64, help="questions scored and appended together")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dedup-threshold", type=float, default=0.98,
-                        help="skip pairs whose chosen-rejected similarity is >= this (0 keeps all)")
-    parser.add_argument("--reference-mode", action="store_true",
-                        help="the authors' code: self-similarity in the mean, truncated outputs may be chosen, no dedup")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="let the embedding model run code from its folder (e.g. jina-embeddings-v3, the paper's)")
-
-
 def run(args):
     run_dir = args.run_dir
 
@@ -320,11 +276,8 @@ def run(args):
             print(f"sealong score: --prompts {prompts} does not exist", file=sys.stderr)
             return 2
         prompts = None
-    cfg = ScoreConfig(utility=args.utility, model=args.model, batch_size=args.batch_size, chunk=args.chunk,
-                      seed=args.seed, dedup_threshold=args.dedup_threshold, reference_mode=args.reference_mode,
-                      device=args.device, trust_remote_code=args.trust_remote_code)
     try:
-        counts = score_file(samples, out, cfg, pairs=pairs, prompts=prompts)
+        counts = score_file(samples, out, args, pairs=pairs, prompts=prompts)
     except (JsonlError, ValueError, FileNotFoundError) as err:
         print(f"sealong score: {err}", file=sys.stderr)
         return 1
@@ -334,10 +287,10 @@ def run(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m sealong.score",
-                                     description="MBR scoring of sampled outputs -> scores and preference pairs")
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """`python -m sealong.score`: options are ScoreConfig's (sealong/config/stages.py)."""
+    from sealong.config.parser import stage_main
+
+    return stage_main("score", argv, prog="python -m sealong.score")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ NCCL on GPUs, gloo on CPUs. Under torchrun the usual environment (RANK, WORLD_SI
 MASTER_ADDR, ...) selects the rendezvous, so several nodes work through torchrun's own flags.
 """
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -60,10 +61,10 @@ def cleanup(info):
         dist.destroy_process_group()
 
 
-def print0(*args, **kwargs):
-    """print on rank 0 only (every process is rank 0 without a process group)."""
+def print0(*args):
+    """Log (INFO, logger `sealong.train`) on rank 0 only (every process is rank 0 without a process group)."""
     if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*args, **kwargs, flush=True)
+        logging.getLogger("sealong.train").info(" ".join(str(a) for a in args))
 
 
 def all_reduce_sum(tensor, group=None):

@@ -10,9 +10,10 @@ Eight GPUs as the paper trained (sequence parallel 8, one 32K-token pair at a ti
         --data run/pairs.jsonl --output_dir run/train --sp 8            # ring; --ulysses 8 or 2 for Ulysses / hybrid
 
 Several nodes: torchrun's usual rendezvous flags (`--nnodes 2 --rdzv_backend c10d --rdzv_endpoint host:29500`);
-with 16 GPUs and `--sp 8` that is dp 2. Every key of `TrainConfig` (sealong/train_config.py) is a
-`--key value` flag or a key of a YAML / JSON file given with `--config`; `--resume true` continues from the
-newest checkpoint in `output_dir`. `sealong train ...` is the same through the CLI.
+with 16 GPUs and `--sp 8` that is dp 2. Every field of `TrainConfig` (sealong/train/config.py) is a flag
+(`--lora_r 8` or `--lora-r 8`, HF / TRL names as aliases: `--learning_rate`, `--num_train_epochs`, ...) and a key
+of the `train:` section of a `--config` file; `--resume` continues from the newest checkpoint in `output_dir`.
+`sealong train ...` is the same through the CLI. The resolved config is written to `output_dir/config.json`.
 
 The loop (nanoGPT's shape):
 * a mesh of dp x sp ranks (`sealong.train.parallel`): a pair's sequence is split over its sp group (ring, Ulysses
@@ -22,13 +23,14 @@ The loop (nanoGPT's shape):
   pairs (sealong/train_loss.py), so gradients summed over micro-steps and all dp x sp ranks are exact;
   gradients are all-reduced once, after the last micro-step;
 * AdamW, linear warmup then cosine to zero, clipping, float16 loss scaling when asked;
-* metrics.jsonl (every ORPO metric), TensorBoard when installed, a progress bar on rank 0;
+* metrics.jsonl (every ORPO metric), TensorBoard or W&B (--report_to), a progress bar on rank 0 when stderr is
+  a terminal, otherwise a text log line per logged step;
 * checkpoints every `save_every` steps and at the end (sealong/checkpoint.py).
 """
 
-import argparse
 import dataclasses
 import json
+import logging
 import math
 import os
 import sys
@@ -39,10 +41,11 @@ import torch
 from . import checkpoint as ckpt
 from .distributed import all_reduce_grads, all_reduce_sum, cleanup, print0, setup
 from .pairs import label_counts, load_pairs, pack_pair
-from .config import TrainConfig, lr_at, make_config, parse_overrides, read_config_file
+from .config import TrainConfig, lr_at
 from .loss import METRIC_NAMES, micro_objective, row_logp_sums
 from .mesh import TrainMesh
 
+log = logging.getLogger("sealong.train")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -182,22 +185,31 @@ def train_step(model, lm_head, params, optimizer, scaler, batch, cfg, mesh, devi
 
 
 class Logger:
-    """metrics.jsonl (append; trimmed back to the resumed step), TensorBoard when installed, tqdm bar."""
+    """metrics.jsonl (append; trimmed back to the resumed step), TensorBoard or W&B (`report_to`), and either a
+    tqdm bar (stderr is a terminal) or one text line per logged step: step, loss, lr, grad_norm, tokens/s."""
 
     def __init__(self, cfg, is_main, start_step, total_steps):
         self.is_main, self.path = is_main, os.path.join(cfg.output_dir, "metrics.jsonl")
-        self.writer, self.bar = None, None
+        self.writer, self.wandb, self.bar, self.total = None, None, None, total_steps
         if not is_main:
             return
         os.makedirs(cfg.output_dir, exist_ok=True)
         self._trim(start_step)
-        if cfg.tensorboard:
+        if cfg.report_to == "tensorboard":
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 self.writer = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"))
             except ImportError:
-                self.writer = None
-        if cfg.progress:
+                log.warning("report_to=tensorboard, but tensorboard is not installed (pip install "
+                            "'sealong[logging]'): metrics go to metrics.jsonl only")
+        elif cfg.report_to == "wandb":
+            try:
+                import wandb
+                self.wandb = wandb.init(project="sealong", dir=cfg.output_dir, config=cfg.to_dict(), resume="allow")
+            except ImportError:
+                log.warning("report_to=wandb, but wandb is not installed (pip install 'sealong[logging]'): "
+                            "metrics go to metrics.jsonl only")
+        if cfg.progress if cfg.progress is not None else sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
@@ -226,6 +238,11 @@ class Logger:
             if self.writer is not None:
                 for key, value in record.items():
                     self.writer.add_scalar(f"train/{key}", value, step)
+            if self.wandb is not None:
+                self.wandb.log({f"train/{k}": v for k, v in record.items()}, step=step)
+            if self.bar is None:
+                log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3g tokens/s %.0f", step, self.total,
+                         record["loss"], record["lr"], record["grad_norm"], record["tokens_per_s"])
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             self.bar.update(1)
@@ -233,6 +250,8 @@ class Logger:
     def close(self):
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
         if self.bar is not None:
             self.bar.close()
 
@@ -256,6 +275,8 @@ def train(cfg: TrainConfig, info, on_step=None):
                          "to continue that run, or choose another output_dir")
     mesh = TrainMesh.build(cfg, info)
     cfg.grad_accum_steps(mesh.dp)  # fails early with the sizes when the batch does not divide
+    if info.is_main:
+        write_config(cfg)
     from sealong.model import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
@@ -263,7 +284,7 @@ def train(cfg: TrainConfig, info, on_step=None):
     steps_per_epoch = len(data.pairs) // cfg.batch_pairs
     if steps_per_epoch == 0:
         raise ValueError(f"{cfg.data}: {data.summary()}: fewer usable pairs than batch_pairs={cfg.batch_pairs}")
-    total_steps = steps_per_epoch * cfg.epochs
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else steps_per_epoch * cfg.epochs  # the schedule's length
     print0(f"data: {data.summary()}; {steps_per_epoch} steps per epoch "
            f"({len(data.pairs) % cfg.batch_pairs} pairs left out of each epoch), {total_steps} steps")
     print0(f"mesh: dp={mesh.dp} sp={mesh.sp} (ulysses {mesh.dims.ulysses} x ring {mesh.dims.ring}); "
@@ -296,7 +317,7 @@ def train(cfg: TrainConfig, info, on_step=None):
                                          finetune=cfg.finetune, rank=info.rank, device=device)
             step, saved = state["step"], path
             print0(f"resume: {path} (step {step} of {total_steps})")
-    stop = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps
+    stop = total_steps
     logger = Logger(cfg, info.is_main, step, stop)
     losses = []
 
@@ -378,30 +399,17 @@ def model_config_dict(model):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def add_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("--config", help="YAML or JSON file of TrainConfig keys")
-    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    for f in dataclasses.fields(TrainConfig):  # `sealong train` YAML sections set these dests too
-        parser.add_argument(f"--{f.name}", dest=f.name, default=None, metavar="VALUE",
-                            help=f"TrainConfig.{f.name} (default {f.default!r})")
-    return parser
+def write_config(cfg):
+    """output_dir/config.json: the resolved TrainConfig of this run (every option, wherever it was set)."""
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    path = os.path.join(cfg.output_dir, "config.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(cfg.to_dict(), f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
-def config_from_args(args):
-    """TrainConfig from --config FILE and the --key value flags (flags win; strings parsed as YAML scalars)."""
-    values = read_config_file(args.config) if getattr(args, "config", None) else {}
-    for f in dataclasses.fields(TrainConfig):
-        raw = getattr(args, f.name, None)
-        if isinstance(raw, str):
-            values.update(parse_overrides([f"--{f.name}", raw]))
-        elif raw is not None:  # a typed value from a `sealong` YAML section
-            values[f.name] = raw
-    return make_config(values).validate()
-
-
-def run(args) -> int:
-    cfg = config_from_args(args)
-    info = setup(getattr(args, "device", None))
+def run(cfg: TrainConfig) -> int:
+    info = setup(cfg.device)
     try:
         result = train(cfg, info)
     finally:
@@ -412,12 +420,9 @@ def run(args) -> int:
 
 
 def main(argv=None):
-    parser = add_arguments(argparse.ArgumentParser(prog="python -m sealong.train", description=__doc__.split("\n")[0]))
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError) as err:  # bad input: the message names the key, or the file and line
-        parser.exit(2, f"sealong.train: error: {err}\n")
+    from sealong.config.parser import stage_main
+
+    return stage_main("train", argv, prog="python -m sealong.train")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ class Killed(RuntimeError):
 def _config(model, data, out, **overrides):
     # dropout on: the resumed run must restore the RNG to draw the same masks
     values = dict(model=model, data=data, output_dir=out, batch_pairs=2, lr=3e-3, lora_r=4, lora_alpha=8,
-                  lora_dropout=0.2, dtype="float32", progress=False, tensorboard=False, save_every=2, epochs=2)
+                  lora_dropout=0.2, dtype="float32", progress=False, save_every=2, epochs=2)
     values.update(overrides)
     return make_config(values).validate()
 

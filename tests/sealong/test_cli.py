@@ -1,83 +1,120 @@
-"""The `sealong` CLI: stages wired as subcommands, YAML defaults under flags, argument errors."""
+"""The `sealong` CLI: stages as subcommands, one-line errors (rc 2) for bad options and config files, a fast
+`--help` that imports no torch, `--version`, and the layout (`sealong_kernels` importable, `kernels` not ours)."""
 
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 
-from sealong import cli
+from sealong import __version__, cli
+from sealong.config.stages import STAGES
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def test_every_available_stage_has_help(capsys):
-    for stage in cli.STAGES:
+def test_every_stage_has_help_from_its_fields(capsys):
+    for stage in STAGES:
         with pytest.raises(SystemExit) as done:
             cli.main([stage, "--help"])
         assert done.value.code == 0
-        assert f"usage: sealong {stage}" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert f"usage: sealong {stage}" in out and "--log_level" in out and "--config" in out
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "peak learning rate" in out and "--learning_rate" in out and "--nproc_per_node" in out
 
 
-def test_yaml_defaults_sit_under_flags(tmp_path):
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("synth:\n  min_tokens: 123\n  seed: 9\n")
-    config = cli.load_config(cfg)
-    parser = cli.build_parser(config, str(cfg))
-    args = parser.parse_args(["synth"])
-    assert (args.min_tokens, args.seed, args.max_tokens) == (123, 9, 31744)
-    args = parser.parse_args(["synth", "--seed", "4"])
-    assert (args.min_tokens, args.seed) == (123, 4)
-
-
-def test_packaged_config_has_the_paper_defaults():
-    args = cli.build_parser(cli.load_config(None)).parse_args(["synth"])
-    assert (args.num_examples, args.min_tokens, args.max_tokens, args.distractors) == (2048, 4096, 31744, "random")
+def test_help_and_version_in_a_fresh_interpreter_import_no_torch():
+    code = ("import sys, io, contextlib\nfrom sealong import cli\nbuf = io.StringIO()\n"
+            "with contextlib.redirect_stdout(buf):\n    try:\n        cli.main(['--help'])\n"
+            "    except SystemExit as e:\n        assert e.code == 0\n"
+            "assert 'pipeline' in buf.getvalue() and 'torch' not in sys.modules and 'transformers' not in sys.modules, "
+            "sorted(m for m in sys.modules if m.startswith(('torch', 'transformers')))[:5]\n")
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    print(f"sealong --help in a fresh interpreter: {time.perf_counter() - started:.2f}s")  # reported, not asserted
+    out = subprocess.run([sys.executable, "-m", "sealong.cli", "--version"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == f"sealong {__version__}"
 
 
 @pytest.mark.parametrize("text, message", [
-    ("synth:\n  min_tokenz: 3\n", "unknown key(s) ['min_tokenz']"),
-    ("sampel:\n  x: 1\n", "unknown section(s) ['sampel']"),
-    ("- a\n- b\n", "expected a mapping"),
-    ("synth: 3\n", "section 'synth' must be a mapping"),
+    ("synth:\n  min_tokenz: 3\n", "c.yaml:2: [synth] unknown key 'min_tokenz' (did you mean 'min_tokens'?)"),
+    ("sampel:\n  x: 1\n", "c.yaml:1: unknown section 'sampel' (did you mean 'sample'?)"),
+    ("lr: 1.0e-4\n", "c.yaml:1: unknown section 'lr'; 'lr' is an option of [train]: put it under `train:`"),
+    ("- a\n- b\n", "c.yaml:1: expected sections named after the stages"),
+    ("synth: 3\n", "c.yaml:1: section 'synth' must be a mapping"),
+    ("synth:\n  seed: [1\n", "c.yaml:3:1: invalid YAML"),
+    ("synth:\n  seed: !!python/object/apply:os.system ['true']\n", "c.yaml:2:9: invalid YAML"),
+    ("sample:\n  temperature: .nan\n", "c.yaml:2: [sample] temperature: must be a finite number"),
+    ("synth:\n  seed: 1\n  seed: 2\n", "c.yaml:3: [synth] 'seed' given twice"),
+    ("synth:\n  out_dir: off\n", "c.yaml:2: [synth] out_dir: expected a string, got False (quote it in YAML"),
 ])
-def test_bad_config_names_the_key(tmp_path, text, message):
+def test_bad_config_file_is_one_line_with_file_and_line(tmp_path, capsys, text, message):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(text)
-    with pytest.raises(ValueError) as err:
-        cli.main(["--config", str(cfg), "synth"])
-    assert message in str(err.value)
+    for argv in (["--config", str(cfg), "synth"], ["synth", "--config", str(cfg)]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("sealong synth: error: ") and message in err, err
+        assert "<unicode string>" not in err and "Traceback" not in err
 
 
-def test_argument_errors_exit_2_with_a_message(tmp_path, capsys):
-    with pytest.raises(SystemExit) as done:
-        cli.main(["synth", "--min-tokens", "many"])
-    assert done.value.code == 2 and "--min-tokens: invalid int value: 'many'" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as done:
-        cli.main(["synth", "--distractors", "hard"])
-    assert done.value.code == 2 and "invalid choice: 'hard'" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as done:
-        cli.main(["eval", "--sampled", str(tmp_path / "none.jsonl")])
-    assert done.value.code == 2 and "sealong eval: error:" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as done:
-        cli.main(["eval", "--greedy", str(tmp_path / "x.jsonl"), "--ns", "two"])
-    assert done.value.code == 2 and "--ns: expected comma-separated integers" in capsys.readouterr().err
-    with pytest.raises(FileNotFoundError, match="--config: file not found"):
-        cli.main(["--config", str(tmp_path / "none.yaml"), "synth"])
+def test_bad_config_in_train_and_pipeline_is_rc_2_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("torchrun must not start"))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  lerning_rate: 1\n")
+    assert cli.main(["train", "--config", str(cfg), "--model", "m", "--data", "d"]) == 2
+    assert "c.yaml:2: [train] unknown key 'lerning_rate' (did you mean 'learning_rate'?)" in capsys.readouterr().err
+    assert cli.main(["pipeline", "--config", str(cfg), "--run-dir", str(tmp_path / "run")]) == 2
+    assert not (tmp_path / "run").exists()
+
+
+def _rc(argv):
+    """The exit code of `sealong ARGV`, whether main returns it or argparse exits."""
+    try:
+        return cli.main(argv)
+    except SystemExit as done:
+        return done.code
+
+
+def test_argument_errors_exit_2_with_one_line(tmp_path, capsys):
+    for argv, message in [
+        (["synth", "--min-tokens", "many"], "argument --min_tokens/--min-tokens: invalid int value: 'many'"),
+        (["synth", "--distractors", "hard"], "invalid choice: 'hard'"),
+        (["synth", "--num-exampels", "3"], "unrecognized arguments: --num-exampels 3; --num-exampels (did you mean "
+                                           "--num-examples?)"),
+        (["synth", "--min-tokens", "500", "--max-tokens", "100"], "min_tokens (500) must be <= max_tokens (100)"),
+        (["eval", "--sampled", str(tmp_path / "none.jsonl")], "sealong eval: error:"),
+        (["eval", "--greedy", str(tmp_path / "x.jsonl"), "--ns", "two"], "--ns: expected comma-separated integers"),
+        (["--config", str(tmp_path / "none.yaml"), "synth"], "--config: file not found"),
+        (["synth", "--preset", "fast"], "--preset: unknown preset 'fast'; presets: demo, paper"),
+    ]:
+        assert _rc(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
 
 
 def test_console_script_runs_a_stage(tmp_path):
     out = subprocess.run([sys.executable, "-m", "sealong.cli", "synth", "--out-dir", str(tmp_path),
-                          "--num-examples", "3", "--num-eval", "2", "--min-tokens", "50", "--max-tokens", "80"],
+                          "--num-examples", "3", "--num_eval", "2", "--min-tokens", "50", "--max-tokens=80"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "prompts.jsonl").read_text().count("\n") == 3
 
 
-def test_bare_sealong_runs_the_pipeline(monkeypatch):
+def test_bare_sealong_runs_the_pipeline_demo_preset(monkeypatch):
+    import sealong.pipeline as pipeline
+
     seen = {}
-    pipeline = cli.load_stage("pipeline")
-    monkeypatch.setattr(pipeline, "run", lambda args: seen.setdefault("args", args) and 0)
+    monkeypatch.setattr(pipeline, "run", lambda cfg, resolved: seen.update(cfg=cfg, resolved=resolved) or 0)
     assert cli.main([]) == 0
-    args = seen["args"]
-    assert args.stage == "pipeline" and args.model is None and args.run_dir == "runs/sealong-demo"
+    cfg, resolved = seen["cfg"], seen["resolved"]
+    assert cfg.model is None and cfg.run_dir == "runs/sealong-demo" and resolved.common["preset"] == "demo"
+    assert resolved.sections["sample"]["num_samples"] == 8 and cfg.eval_samples == 8
 
 
 def test_pipeline_argument_errors(tmp_path, capsys):
@@ -86,26 +123,34 @@ def test_pipeline_argument_errors(tmp_path, capsys):
     for argv, message in [
         (["pipeline", "--musique", str(tmp_path / "none.jsonl")], "--musique: file not found"),
         (["pipeline", "--musique", str(musique)], "--eval-files: needed with --musique"),
-        (["pipeline", "--num-samples", "0"], "--num-samples must be >= 1"),
+        (["pipeline", "--num-samples", "0"], "sample: --num_samples must be >= 1, got 0"),
+        (["pipeline", "--temperature", "nan"], "temperature: must be a finite number"),
         (["pipeline", "--model", str(tmp_path)], "--model: no config.json"),
+        (["pipeline", "--train-args", "--lerning_rate 1"], "(did you mean --learning_rate?)"),
+        (["pipeline", "--train-args", "--sp 0"], "train: --sp must be >= 1, got 0"),
     ]:
-        with pytest.raises(SystemExit) as done:
-            cli.main(argv + ["--run-dir", str(tmp_path / "run")])
-        assert done.value.code == 2 and message in capsys.readouterr().err
+        assert _rc(argv + ["--run-dir", str(tmp_path / "run")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "base_model").exists()  # refused before any work
 
 
-def test_train_stage_launches_torchrun_with_the_yaml_values(tmp_path, monkeypatch):
-    calls = []
-
-    class Done:
-        returncode = 0
-
-    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd) or Done())
-    assert cli.main(["train", "--nproc-per-node", "2", "--model", "m", "--data", "p.jsonl", "--lr", "1e-4"]) == 0
-    cmd = calls[0]
-    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m"]
-    flags = dict(zip(cmd[7::2], cmd[8::2]))
-    assert flags["--lr"] == "1e-4" and flags["--model"] == "m" and flags["--lora_r"] == "128"  # flag > YAML
-    assert flags["--lora_targets"] == "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-    with pytest.raises(SystemExit):
-        cli.main(["train", "--nproc-per-node", "0"])
+def test_import_kernels_from_the_repository_root_is_not_ours_and_sealong_kernels_is(tmp_path):
+    # the folder kernels/ has no __init__.py: from the repository root it is at most an empty namespace portion,
+    # which runs none of our code and loses to any installed package named `kernels` (Hugging Face's)
+    probe = ("import sys, kernels\n"
+             "assert getattr(kernels, '__file__', None) is None and not hasattr(kernels, 'fused_linear_orpo_loss')\n"
+             "assert 'sealong_kernels' not in sys.modules and not [m for m in sys.modules if m.startswith('kernels.')]\n")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    other = tmp_path / "site" / "kernels"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("def get_kernel(name):\n    return name\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", "from kernels import get_kernel; print(get_kernel('ok'))"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    code = "import sealong_kernels, os; print(os.path.relpath(sealong_kernels.__file__, os.environ['REPO']))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "REPO": REPO})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == os.path.join("kernels", "sealong_kernels", "__init__.py")

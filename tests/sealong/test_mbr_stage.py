@@ -1,14 +1,15 @@
 """The scoring stage (sealong.score): round trip, resume after a torn write, malformed input, empty outputs,
 N = 1, the truncation and near-duplicate rules, the other utilities, and the reference mode."""
 
-import argparse
 import importlib.util
 import json
 import os
+import sys
 
 import pytest
 import torch
 
+from sealong.config.parser import resolve
 from sealong.score import mbr
 from sealong.jsonl import JsonlError
 from sealong_kernels import reference
@@ -185,12 +186,10 @@ def test_answer_agreement_utility():
 def test_run_cli_with_run_dir(tmp_path, capsys):
     _write(tmp_path / "samples.jsonl", SAMPLES[:2])
     _write(tmp_path / "prompts.jsonl", [{"id": r["id"], "context": "ctx"} for r in SAMPLES[:2]])
-    parser = argparse.ArgumentParser()
-    mbr.add_arguments(parser)
-    assert mbr.run(parser.parse_args(["--run-dir", str(tmp_path), "--utility", "answer"])) == 0
+    assert mbr.run(resolve("score", ["--run-dir", str(tmp_path), "--utility", "answer"]).cfg) == 0
     assert len(_read(tmp_path / "scores.jsonl")) == 2 and len(_read(tmp_path / "pairs.jsonl")) == 2
     (tmp_path / "samples.jsonl").write_text("{}\n")
-    assert mbr.run(parser.parse_args(["--run-dir", str(tmp_path)])) == 1
+    assert mbr.run(resolve("score", ["--run-dir", str(tmp_path)]).cfg) == 1
     assert "samples.jsonl:1: missing field" in capsys.readouterr().err
     with pytest.raises(ValueError, match="utility"):
         mbr.ScoreConfig(utility="bleu")
@@ -218,3 +217,35 @@ def test_demo_answer_agreement_chooses_the_gold_answer(tmp_path):
     for row in _read(pairs):
         assert row["finish_reasons"][row["chosen"]] == "stop" and row["context"].startswith("Passage 1:")
         assert any(a in row["chosen_text"].splitlines()[-1] for a in row["answers"])  # 5 of 8 agree on the gold answer
+
+
+def test_offline_embedding_weights_are_checked(tmp_path):
+    from sealong.score.embed import offline_minilm
+
+    assert offline_minilm().endswith("model")  # the installed package's weights match the pinned hash
+    (tmp_path / "model.safetensors").write_bytes(b"not the weights")
+    with pytest.raises(ValueError, match=r"model.safetensors: sha256 .* is not the pinned all-MiniLM-L6-v2 weights"):
+        offline_minilm(str(tmp_path))
+
+
+def test_optional_packages_name_their_extra(monkeypatch):
+    import builtins
+
+    from sealong.extras import MissingExtra, require
+
+    real_import = builtins.__import__
+
+    def no_rouge(name, *a, **k):
+        if name.startswith("rouge_score"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_rouge)
+    monkeypatch.delitem(sys.modules, "rouge_score", raising=False)
+    monkeypatch.delitem(sys.modules, "rouge_score.rouge_scorer", raising=False)
+    mbr._rouge_scorer.cache_clear()
+    with pytest.raises(MissingExtra, match=r"--utility rouge .* pip install 'sealong\[rouge\]'"):
+        mbr.rouge_l("a b", "a c")
+    mbr._rouge_scorer.cache_clear()
+    with pytest.raises(MissingExtra, match=r"--distractors nearest needs the package 'faiss_missing'.*sealong\[faiss\]"):
+        require("faiss_missing", "faiss", "--distractors nearest")

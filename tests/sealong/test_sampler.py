@@ -7,6 +7,8 @@ import pytest
 import torch
 from tiny_checkpoint import build_checkpoint, one_thread  # noqa: F401 (autouse fixture)
 
+from sealong.config.fields import ConfigError
+from sealong.config.parser import resolve
 from sealong.sample import sampler as S
 from sealong.jsonl import JsonlError, completed_ids, read_jsonl
 from sealong.model import eos_token_ids, load_model, load_tokenizer
@@ -136,9 +138,9 @@ def write_prompts(path, n=3):
 
 
 def stage_args(ckpt, tmp_path, *extra):
-    return S.parser.parse_args(["--model", ckpt, "--prompts", str(tmp_path / "prompts.jsonl"), "--output", str(tmp_path / "samples.jsonl"),
+    return resolve("sample", ["--model", ckpt, "--prompts", str(tmp_path / "prompts.jsonl"), "--output", str(tmp_path / "samples.jsonl"),
                                 "--num-samples", "3", "--max-new-tokens", "4", "--dtype", "float32", "--device", "cpu",
-                                "--batch-prompts", "2", *extra])
+                                "--batch-prompts", "2", *extra]).cfg
 
 
 def test_stage_writes_and_resumes(ckpt, tmp_path):
@@ -181,6 +183,24 @@ def test_stage_long_prompt_error_or_middle_truncation(ckpt, tmp_path):
     assert S.fit_prompt(list(range(10)), 5, True, "x") == ([0, 1, 7, 8, 9], True)
     with pytest.raises(ValueError, match="no room for a prompt: --max-new-tokens 5000"):
         S.run(stage_args(ckpt, tmp_path, "--max-new-tokens", "5000", "--output", str(tmp_path / "other.jsonl")))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--limit", "0"], "limit must be >= 1, got 0"),  # 0 and -1 sampled one prompt
+    (["--limit=-1"], "limit must be >= 1, got -1"),
+    (["--max-prompt-tokens", "0"], "max_prompt_tokens must be >= 1, got 0"),  # 0 was silently "no limit"
+    (["--temperature", "nan"], "temperature: must be a finite number"),  # NaN sampled garbage, saved as real
+    (["--temperature=-1"], "temperature must be >= 0"),
+    (["--top_p", "0"], "top_p must be > 0"),
+])
+def test_stage_option_values_checked_before_any_work(tmp_path, flags, message):
+    with pytest.raises(ConfigError, match=message):
+        stage_args("no-model", tmp_path, *flags)
+
+
+def test_read_prompts_limit(tmp_path):
+    write_prompts(tmp_path / "p.jsonl", n=3)
+    assert [len(S.read_prompts(str(tmp_path / "p.jsonl"), n)) for n in (None, 0, 1, 5)] == [3, 0, 1, 3]
 
 
 def test_bad_prompts_file_named(ckpt, tmp_path):

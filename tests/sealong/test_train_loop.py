@@ -1,7 +1,7 @@
 """The training loop in one process: the logged batch loss and metrics equal the reference ORPO of the batch
 (computed independently from transformers' model), micro-batching does not change the result, the saved
 adapter loads into transformers + peft with the same logits, QLoRA and the command line run, and bad
-configs fail with the valid keys listed."""
+configs fail naming the option; the schedule spans --max_steps; per-step text logs without a terminal."""
 
 import json
 import os
@@ -14,15 +14,17 @@ from train_fixtures import tiny_setup, one_thread  # noqa: F401 (autouse fixture
 import sealong_kernels as sk
 from sealong.train.distributed import setup
 from sealong.train.pairs import IGNORE, load_pairs
-from sealong.train.loop import add_arguments, batch_indices, run, train
-from sealong.train.config import load_config, make_config
+from sealong.config.fields import ConfigError
+from sealong.config.parser import resolve
+from sealong.train.loop import batch_indices, main, train
+from sealong.train.config import lr_at, make_config
 
 RTOL = 1e-5  # float32 throughout
 
 
 def _config(model, data, out, **overrides):
     values = dict(model=model, data=data, output_dir=out, batch_pairs=4, lr=5e-3, lora_r=4, lora_alpha=8,
-                  lora_dropout=0.0, dtype="float32", progress=False, tensorboard=False)
+                  lora_dropout=0.0, dtype="float32", progress=False)
     values.update(overrides)
     return make_config(values).validate()
 
@@ -135,54 +137,93 @@ def test_qlora_trains_on_nf4_base(tmp_path):
     assert result["steps"] == 2 and all(torch.isfinite(torch.tensor(result["losses"])))
 
 
-def test_command_line_writes_metrics(tmp_path):
-    import argparse
-
+def test_command_line_writes_metrics_config_and_text_log(tmp_path, caplog):
     model, data = tiny_setup(str(tmp_path), n_pairs=4)
-    config = tmp_path / "train.yaml"
-    config.write_text(f"model: {model}\ndata: {data}\nbatch_pairs: 2\nlora_r: 4\ndtype: float32\n")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"train:\n  model: {model}\n  data: {data}\n  batch_pairs: 2\n  lora_r: 4\n  dtype: float32\n"
+                      "  learning_rate: 5.0e-4\n  report_to: tensorboard\n")
     out = str(tmp_path / "cli")
-    args = add_arguments(argparse.ArgumentParser()).parse_args(
-        ["--config", str(config), "--output_dir", out, "--lr", "1e-3", "--progress", "false", "--max_steps", "1"])
-    assert run(args) == 0
+    with caplog.at_level("INFO", logger="sealong"):
+        assert main(["--config", str(config), "--output_dir", out, "--lr", "1e-3", "--progress", "false",
+                     "--max_steps", "1"]) == 0
     lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    assert len(lines) == 1 and lines[0]["step"] == 1 and lines[0]["lr"] == pytest.approx(1e-3)
+    assert len(lines) == 1 and lines[0]["step"] == 1 and lines[0]["lr"] == pytest.approx(1e-3)  # flag > file
     for key in ("loss", "nll_loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected", "log_odds_ratio", "log_odds_chosen", "tokens_per_s", "grad_norm"):
         assert key in lines[0], key
     assert os.path.isdir(os.path.join(out, "tensorboard"))
     assert os.path.isfile(os.path.join(out, "checkpoints", "step_000001", "adapter", "adapter_config.json"))
+    written = json.load(open(os.path.join(out, "config.json")))
+    assert (written["lr"], written["lora_r"], written["batch_pairs"], written["max_steps"]) == (1e-3, 4, 2, 1)
+    step_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step 1/1 ")]
+    assert step_lines and all(k in step_lines[0] for k in ("loss", "lr", "grad_norm", "tokens/s"))
 
 
-def test_config_errors(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['lerning_rate'\]; valid keys: .*\blr\b"):
-        load_config(None, ["--model", "m", "--data", "d", "--lerning_rate", "1"])
+def test_max_steps_is_the_schedule_length(tmp_path):
+    # 8 pairs, batch 2: 4 steps per epoch; --max_steps 2 must end the cosine at step 2, not run it over 4 steps
+    model, data = tiny_setup(str(tmp_path), n_pairs=8)
+    lrs = []
+    result = train(_config(model, data, str(tmp_path / "o"), batch_pairs=2, max_steps=2, warmup_ratio=0.0),
+                   setup("cpu"), on_step=lambda step, record: lrs.append(record["lr"]))
+    assert result["steps"] == 2
+    assert lrs == pytest.approx([5e-3 * lr_at(0, 2, 0.0), 5e-3 * lr_at(1, 2, 0.0)])
+    assert lrs[1] == pytest.approx(5e-3 * 0.5)  # half-way down the cosine of a 2-step schedule
+    # more steps than one epoch has go on into the next epochs (transformers' max_steps overrides epochs)
+    assert train(_config(model, data, str(tmp_path / "p"), batch_pairs=4, max_steps=3), setup("cpu"))["steps"] == 3
+
+
+def test_gradient_accumulation_steps_sets_the_batch(tmp_path):
+    cfg = resolve("train", ["--model", "m", "--data", "d", "--per_device_train_batch_size", "2",
+                            "--gradient_accumulation_steps", "3"]).cfg
+    assert cfg.grad_accum_steps(dp=2) == 3 and cfg.batch_pairs == 12
+
+
+def test_config_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        resolve("train", ["--model", "m", "--data", "d", "--lerning_rate", "1"])
+    assert "did you mean --learning_rate?" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model: m\ndata: d\nbatch_pairs: many\n")
-    with pytest.raises(ValueError, match="batch_pairs='many' is not a valid int"):
-        load_config(str(bad))
-    cfg = load_config(None, ["--model", "m", "--data", "d", "--lora_targets", "q_proj,v_proj", "--qlora", "true"])
-    assert cfg.lora_targets == ("q_proj", "v_proj") and cfg.qlora is True
+    bad.write_text("train:\n  model: m\n  data: d\n  batch_pairs: many\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:4: \[train\] batch_pairs: expected an int, got 'many'"):
+        resolve("train", ["--config", str(bad)])
+    cfg = resolve("train", ["--model", "m", "--data", "d", "--lora_targets", "q_proj,v_proj", "--qlora"]).cfg
+    assert cfg.lora_targets == ["q_proj", "v_proj"] and cfg.qlora is True
     defaults = make_config({"model": "m", "data": "d"})
     assert (defaults.lora_r, defaults.lora_alpha, defaults.lora_dropout, defaults.lr, defaults.batch_pairs,
             defaults.beta, defaults.weight_decay, defaults.adam_betas, defaults.warmup_ratio, defaults.max_grad_norm,
-            defaults.max_length, defaults.epochs) == (128, 128, 0.05, 5e-5, 8, 0.1, 0.1, (0.9, 0.999), 0.05, 1.0, 32768, 1)
+            defaults.max_length, defaults.epochs) == (128, 128, 0.05, 5e-5, 8, 0.1, 0.1, [0.9, 0.999], 0.05, 1.0, 32768, 1)
     with pytest.raises(ValueError, match="batch_pairs=8 is not divisible by dp=3"):
         defaults.grad_accum_steps(3)
 
 
-def test_config_rejects_values_that_would_fail_mid_run():
-    # log_every 0 was a ZeroDivisionError after the first optimizer step; 8.5 pairs silently became 8
-    base = ["--model", "m", "--data", "d"]
-    for flags, message in ((["--log_every", "0"], "log_every must be >= 1"),
-                           (["--batch_pairs", "8.5"], "batch_pairs=8.5 is not a valid int"),
-                           (["--save_every", "-2"], "save_every, keep_checkpoints"),
-                           (["--loss_chunk_size", "-1"], "loss_chunk_size must be >= 0"),
-                           (["--lora_dropout", "1"], "lora_dropout in"),
-                           (["--max_grad_norm", "-1"], "max_grad_norm, beta")):
-        with pytest.raises(ValueError, match=message):
-            load_config(None, base + flags)
-    assert load_config(None, base + ["--batch_pairs", "16.0"]).batch_pairs == 16
+@pytest.mark.parametrize("flags, message", [
+    (["--log_every", "0"], "log_every must be >= 1"),  # was a ZeroDivisionError after the first step
+    (["--batch_pairs", "8.5"], "invalid int value: '8.5'"),  # silently became 8
+    (["--save_every", "-2"], "save_every must be >= 0"),
+    (["--loss_chunk_size", "-1"], "loss_chunk_size must be >= 0"),
+    (["--lora_dropout", "1"], "lora_dropout must be < 1"),
+    (["--max_grad_norm", "-1"], "max_grad_norm must be >= 0"),
+    (["--lr", "inf"], "lr: must be a finite number, got inf"),  # saved all-NaN adapters at step 1
+    (["--learning_rate", "nan"], "lr: must be a finite number"),
+    (["--beta=-inf"], "beta: must be a finite number"),
+    (["--adam_betas", "0.9,nan"], "adam_betas: must be a finite number"),
+])
+def test_config_rejects_values_that_would_fail_mid_run(flags, message, capsys):
+    with pytest.raises((ConfigError, SystemExit)) as err:
+        resolve("train", ["--model", "m", "--data", "d"] + flags)
+    assert message in (str(err.value) if err.type is ConfigError else capsys.readouterr().err)
+
+
+def test_yaml_values_are_checked_too(tmp_path):
+    for text, message in (("lr: .inf", "lr: must be a finite number"), ("warmup_ratio: 1.5", "warmup_ratio must be < 1"),
+                          ("batch_pairs: 16.0", None)):
+        path = tmp_path / "c.yaml"
+        path.write_text(f"train:\n  {text}\n")
+        if message is None:
+            assert resolve("train", ["--config", str(path), "--model", "m", "--data", "d"]).cfg.batch_pairs == 16
+            continue
+        with pytest.raises(ConfigError, match=rf"c.yaml:2: \[train\] {message}"):
+            resolve("train", ["--config", str(path), "--model", "m", "--data", "d"])
 
 
 def test_full_finetuning_in_16_bits_is_warned_about():

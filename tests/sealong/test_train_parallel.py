@@ -25,7 +25,7 @@ WEIGHT_RTOL = 1e-4
 
 def _config(model, data, out, **overrides):
     values = dict(model=model, data=data, output_dir=out, batch_pairs=4, lr=2e-3, lora_r=4, lora_alpha=8,
-                  lora_dropout=0.0, dtype="float32", progress=False, tensorboard=False, gradient_checkpointing=False)
+                  lora_dropout=0.0, dtype="float32", progress=False, gradient_checkpointing=False)
     values.update(overrides)
     return make_config(values).validate()
 

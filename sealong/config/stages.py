@@ -1,0 +1,164 @@
+"""Every stage's settings: one dataclass per stage, each field its default, help text, aliases and range.
+
+The defaults are the paper's settings (SEALONG, arXiv 2411.08147, and the authors' code, SihengLi99/SEALONG);
+the `demo` preset (sealong/config/presets/demo.yaml) overrides some of them for the offline CPU demo. Adding an
+option is adding one field here (TrainConfig: sealong/train/config.py). Importing this module imports no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal, Optional
+
+from sealong.data.prompts import DEFAULT_STRATEGY, STRATEGIES
+from sealong.train.config import TrainConfig
+
+from .fields import Checked, option
+
+Dtype = Literal["bfloat16", "float16", "float32"]
+Strategy = Literal[tuple(STRATEGIES)]
+UTILITIES = ("embedding", "rouge", "answer", "random")
+
+
+@dataclass
+class SynthConfig(Checked):
+    """`sealong synth`: long-context training prompts (no answers) and a held-out evaluation file."""
+
+    stage: ClassVar[str] = "synth"
+    out_dir: str = option("runs/default", "run directory (writes prompts.jsonl, eval.jsonl)")
+    musique: Optional[str] = option(None, "MuSiQue JSONL (musique_ans_v1.0_train.jsonl); omitted: the built-in world")
+    tokenizer: Optional[str] = option(None, "model folder whose tokenizer counts context tokens (default: offline BERT)")
+    num_examples: int = option(2048, "training prompts to synthesize, at most the file's (about 1K already gives "
+                               "most of the gain)", ge=1)
+    num_eval: int = option(200, "held-out evaluation questions (built-in world, or the first of --eval-musique)", ge=0)
+    eval_musique: Optional[str] = option(None, "MuSiQue dev JSONL turned into the held-out evaluation file")
+    min_tokens: int = option(4096, "lower end of the uniform context length (model tokens)", ge=1)
+    max_tokens: int = option(31744, "upper end of the uniform context length (31K)", ge=1)
+    distractors: Literal["random", "nearest"] = option(
+        "random", "paragraphs added around the supporting ones: random, or nearest by embedding (needs faiss)")
+    embed_model: Optional[str] = option(None, "sentence-transformers model for --distractors nearest")
+    seed: int = option(0, "seeds question choice, context length, distractors, world")
+    include_unanswerable: bool = option(False, "keep MuSiQue's unanswerable questions")
+    overwrite: bool = option(False, "rebuild files that already exist")
+
+    def checks(self):
+        return [(self.min_tokens <= self.max_tokens,
+                 f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")]
+
+
+@dataclass
+class SampleConfig(Checked):
+    """`sealong sample`: N outputs per prompt over one shared prefix."""
+
+    stage: ClassVar[str] = "sample"
+    model: Optional[str] = option(None, "checkpoint folder (config.json, safetensors, tokenizer)", required=True)
+    prompts: Optional[str] = option(None, "prompts JSONL: id, context, question, other fields kept", required=True)
+    output: Optional[str] = option(None, "samples JSONL, appended to and resumed by id", required=True)
+    num_samples: int = option(32, "N outputs per prompt (paper: 32)", ge=1)
+    temperature: float = option(0.7, "sampling temperature; 0 = greedy", ge=0)
+    top_p: float = option(1.0, "nucleus sampling mass", gt=0, le=1)
+    top_k: int = option(0, "0 = no top-k cut", ge=0)
+    max_new_tokens: int = option(1024, "longest output", ge=1)
+    seed: int = option(0, "per-sample seeds derive from (seed, id, index)")
+    strategy: Strategy = option(DEFAULT_STRATEGY, "the paper's prompting strategy (Tables 9, 10)")
+    batch_prompts: int = option(1, "prompts decoded together (N samples each)", ge=1)
+    prefill_chunk: int = option(4096, "prompt tokens per prefill forward", ge=1)
+    max_prompt_tokens: Optional[int] = option(
+        None, "prompt limit (default: the model's max_position_embeddings minus --max-new-tokens)", ge=1)
+    truncate: Literal["error", "middle"] = option(
+        "error", "a prompt over the limit: stop with an error naming its id, or cut its middle")
+    dtype: Dtype = option("bfloat16", "compute dtype")
+    device: Optional[str] = option(None, "cuda or cpu (default: cuda when available)")
+    backend: Literal["auto", "triton", "reference"] = option("auto", "decode attention kernel")
+    limit: Optional[int] = option(None, "sample only the first LIMIT prompts of the file (>= 1; omitted: all)", ge=1)
+    trust_remote_code: bool = option(False, "let the tokenizer run code from the folder")
+
+
+@dataclass
+class ScoreConfig(Checked):
+    """`sealong score`: MBR scores of the samples and a preference pair per question."""
+
+    stage: ClassVar[str] = "score"
+    run_dir: Optional[str] = option(None, "run directory: defaults samples.jsonl, prompts.jsonl, scores.jsonl, pairs.jsonl")
+    samples: Optional[str] = option(None, "samples JSONL (id, question, outputs, finish_reasons, ...)")
+    out: Optional[str] = option(None, "scores JSONL to append to (default: <run-dir>/scores.jsonl)")
+    pairs: Optional[str] = option(None, "training pairs JSONL (default: <run-dir>/pairs.jsonl)")
+    prompts: Optional[str] = option(None, "prompts JSONL giving each id's context for the pairs")
+    utility: Literal[UTILITIES] = option(
+        "embedding", "embedding (cosine, the paper's MBR), rouge (ROUGE-L, needs sealong[rouge]), answer, random")
+    model: Optional[str] = option(None, "sentence-transformers model name or folder (default: offline "
+                                  "all-MiniLM-L6-v2, 256 word pieces)")
+    batch_size: int = option(64, "outputs per embedding batch", ge=1)
+    chunk: int = option(64, "questions scored and appended together", ge=1)
+    seed: int = option(0, "rejected picks and random scores are drawn from hash(seed, id)")
+    dedup_threshold: float = option(0.98, "skip pairs whose chosen-rejected similarity is >= this (0 keeps all)",
+                                    ge=0, le=1)
+    reference_mode: bool = option(False, "the authors' code: self-similarity in the mean, truncated outputs may be "
+                                  "chosen, no dedup")
+    device: Optional[str] = option(None, "cuda or cpu (default: cuda when available)")
+    trust_remote_code: bool = option(False, "let the embedding model run code from its folder (e.g. "
+                                     "jina-embeddings-v3, the paper's)")
+
+
+@dataclass
+class EvalConfig(Checked):
+    """`sealong eval`: SubEM / F1 tables of samples files (greedy, MBR@N, oracle@N, random@N)."""
+
+    stage: ClassVar[str] = "eval"
+    greedy: Optional[str] = option(None, "samples JSONL of greedy decoding (outputs[0] is scored)")
+    sampled: Optional[str] = option(None, "samples JSONL with N outputs per question (MBR/oracle/random@n)")
+    ns: Optional[str] = option(None, "comma-separated n values (default 1,2,4,... up to N)")
+    embed_model: Optional[str] = option(None, "sentence-transformers model for MBR@n (default: offline MiniLM)")
+    no_mbr: bool = option(False, "skip MBR@n (no embedding model needed)")
+    trust_remote_code: bool = option(False, "let the embedding model run code from its folder")
+    out_dir: Optional[str] = option(None, "where eval.md, eval.json, eval_vs_n.png go (default: beside the input)")
+    no_plot: bool = option(False, "do not draw eval_vs_n.png")
+
+
+@dataclass
+class PipelineConfig(Checked):
+    """`sealong pipeline`: every stage into one run directory, resumable.
+
+    Options that "set" a stage's option pass their value to it when given (on the command line or in the
+    `pipeline` section); left unset, each stage takes its own value (its section of --config, the preset, or
+    its default).
+    """
+
+    stage: ClassVar[str] = "pipeline"
+    run_dir: str = option("runs/sealong-demo", "everything goes here; re-running resumes")
+    model: Optional[str] = option(None, "checkpoint folder; omitted: the offline demo's tiny model")
+    musique: Optional[str] = option(None, "MuSiQue training questions; omitted: the built-in world")
+    eval_files: Optional[str] = option(
+        None, "comma-separated LongBench JSONL files; omitted: the built-in world's held-out questions")
+    eval_samples: int = option(16, "samples per eval question for MBR@N / oracle@N", ge=1)
+    tiny_warmup_steps: Optional[int] = option(
+        None, "demo only: labelled training steps of the tiny base model before SEALONG starts (the base model's "
+        "own training, not the learning-rate warmup, which is train.warmup_ratio); default: sealong/tiny.py's", ge=0)
+    nproc_per_node: int = option(1, "processes (GPUs) of the torchrun training job", ge=1)
+    train_args: str = option("", "extra sealong.train flags, one string (e.g. \"--sp 8 --ulysses 4\")")
+    # options of the stages, set for the whole run (None: the stage's value from --config, the preset or its default)
+    seed: Optional[int] = option(None, "seed of every stage", sets=("synth", "sample", "score", "train"))
+    num_examples: Optional[int] = option(None, "training questions", sets=("synth",))
+    num_eval: Optional[int] = option(None, "held-out questions of the built-in world", sets=("synth",))
+    min_tokens: Optional[int] = option(None, "shortest context", sets=("synth",))
+    max_tokens: Optional[int] = option(None, "longest context", sets=("synth",))
+    num_samples: Optional[int] = option(None, "N samples per training prompt", sets=("sample",))
+    temperature: Optional[float] = option(None, "sampling temperature", sets=("sample",))
+    max_new_tokens: Optional[int] = option(None, "longest output", sets=("sample",))
+    dtype: Optional[Dtype] = option(None, "compute dtype", sets=("sample", "train"))
+    mode: Optional[Literal["orpo", "sft"]] = option(None, "ORPO on pairs or SFT on the chosen", sets=("train",))
+    lora_r: Optional[int] = option(None, "LoRA rank", sets=("train",))
+    lora_alpha: Optional[int] = option(None, "LoRA alpha", sets=("train",))
+    lr: Optional[float] = option(None, "peak learning rate", aliases=["learning_rate"], sets=("train",))
+    epochs: Optional[int] = option(None, "passes over the pairs", aliases=["num_train_epochs"], sets=("train",))
+    batch_pairs: Optional[int] = option(None, "pairs per optimizer step", sets=("train",))
+
+
+STAGES = {  # name -> (config class, module with run(cfg) and main(argv), one-line help)
+    "synth": (SynthConfig, "sealong.data.synthetic", "synthesize long-context training prompts (and a held-out eval file)"),
+    "sample": (SampleConfig, "sealong.sample.sampler", "sample N outputs per prompt (shared-prefix sampler)"),
+    "score": (ScoreConfig, "sealong.score.mbr", "score samples by MBR and select preference pairs"),
+    "train": (TrainConfig, "sealong.train.loop", "fine-tune on the pairs (ORPO or SFT, LoRA), launched through torchrun"),
+    "eval": (EvalConfig, "sealong.evaluate.report", "SubEM / F1 tables: greedy, MBR@N, oracle@N, random@N, and the plot"),
+    "pipeline": (PipelineConfig, "sealong.pipeline", "run every stage into one run directory (no arguments: the offline demo)"),
+}
