@@ -54,6 +54,8 @@ the group size before backward if the gradient reduction averages), never averag
 """
 
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
@@ -184,16 +186,26 @@ def _chunk_logits(hidden2d, weight, bias, rows):
     return h, logits
 
 
+_FLOAT32_ADDMM = [True]  # torch's CUDA addmm takes a float32 accumulator with 16-bit factors (cleared if not)
+
+
 def _accumulate_product(acc, a, b):
     """acc += a @ b with acc float32 and a, b in the input dtype: one product. float32 / float64 inputs:
     addmm_; 16-bit inputs on CUDA: cuBLAS with a float32 output added to the accumulator (out_dtype); 16-bit
-    inputs elsewhere (the CPU interpreter tests): the product in the input dtype, then an add."""
+    inputs elsewhere (the CPU interpreter tests), or a torch whose addmm wants the accumulator in the inputs'
+    dtype (said once): the product in the input dtype, then an add."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    elif a.is_cuda:
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-    else:
-        acc.add_(a @ b)
+        return
+    if a.is_cuda and _FLOAT32_ADDMM[0]:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError) as err:
+            _FLOAT32_ADDMM[0] = False
+            warnings.warn(f"sealong_kernels.orpo: addmm into a float32 accumulator failed ({str(err).splitlines()[0]}); "
+                          "the weight gradient now adds a 16-bit product per chunk", stacklevel=2)
+    acc.add_(a @ b)
 
 
 # ---------------------------------------------------------------------------------------------------------
