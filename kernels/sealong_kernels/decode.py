@@ -171,14 +171,23 @@ def _check(q, k, v, cu_q, cu_prefix):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
-def _launch_config(rows_max, head_dim, p_max, n_programs_2d, num_splits=None):
-    """(BLOCK_M, BLOCK_N, num_warps, splits, keys_per_split); conservative for GPUs this was not tuned on."""
+def _launch_config(rows_max, head_dim, p_max, n_programs_2d, num_splits=None, elem=2):
+    """(BLOCK_M, BLOCK_N, num_warps, splits, keys_per_split); conservative for GPUs this was not tuned on.
+
+    Tiles compile without register spills for sm_80 and sm_90 (bench/compile_cases_kernels.py, checked by
+    tests/kernels/test_compile_cases_kernels.py): 16-bit inputs BLOCK_M up to 128 (64 for head dim 256, 8 warps
+    from a 64 x 256 tile on); float32 inputs (elem = 4) 16 x 16 tiles, since their IEEE dots run on FMA units
+    and hold the operands in registers."""
     if interpreting():
         block_m, block_n, warps, target = 16, 16, 1, 1
     else:
-        block_m = min(128, max(16, triton.next_power_of_2(rows_max)))
-        block_n = 64 if head_dim <= 128 else 32
-        warps = 4 if block_m <= 64 else 8
+        block_d = max(16, triton.next_power_of_2(head_dim))
+        if elem >= 4:
+            block_m, block_n, warps = 16, 16, 4
+        else:
+            block_m = min(128 if head_dim <= 128 else 64, max(16, triton.next_power_of_2(rows_max)))
+            block_n = 64 if head_dim <= 128 else 32
+            warps = 4 if block_m <= 64 and block_m * block_d < 16384 else 8
         target = 264  # about two programs per SM on an H100 (132 SMs)
     splits = num_splits or max(1, min(triton.cdiv(target, n_programs_2d), triton.cdiv(p_max, 8 * block_n)))
     keys_per_split = triton.cdiv(triton.cdiv(max(p_max, 1), splits), block_n) * block_n
@@ -230,7 +239,8 @@ def prefix_decode_attention(q, k, v, cu_q, cu_prefix, softmax_scale=None, *, max
         return (torch.zeros(m, hq, d, dtype=q.dtype, device=q.device),
                 torch.full((hq, m), float("-inf"), dtype=torch.float32, device=q.device))
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    block_m, block_n, warps, splits, per_split = _launch_config(max_rows * g, d, max_prefix, n_prompts * hkv, num_splits)
+    block_m, block_n, warps, splits, per_split = _launch_config(max_rows * g, d, max_prefix, n_prompts * hkv, num_splits,
+                                                                q.element_size())
     row_tiles = triton.cdiv(max_rows * g, block_m)
     out = torch.empty(m, hq, d, dtype=q.dtype, device=q.device)  # every row is written (cu_q covers 0..M)
     lse = torch.empty(hq, m, dtype=torch.float32, device=q.device)
