@@ -175,9 +175,10 @@ def _launch_config(rows_max, head_dim, p_max, n_programs_2d, num_splits=None, el
     """(BLOCK_M, BLOCK_N, num_warps, splits, keys_per_split); conservative for GPUs this was not tuned on.
 
     Tiles compile without register spills for sm_80 and sm_90 (bench/compile_cases_kernels.py, checked by
-    tests/kernels/test_compile_cases_kernels.py): 16-bit inputs BLOCK_M up to 128 (64 for head dim 256, 8 warps
-    from a 64 x 256 tile on); float32 inputs (elem = 4) 16 x 16 tiles, since their IEEE dots run on FMA units
-    and hold the operands in registers."""
+    tests/kernels/test_compile_cases_kernels.py, Triton 3.6 and 3.9): 16-bit inputs BLOCK_M up to 128 (64 for
+    head dim 256), 8 warps from a 4096-element [BLOCK_M, BLOCK_D] tile on (4 warps spill a 32 x 128 tile on sm_80
+    under Triton 3.6); float32 inputs (elem = 4) 16 x 16 tiles, since their IEEE dots run on FMA units and hold
+    the operands in registers."""
     if interpreting():
         block_m, block_n, warps, target = 16, 16, 1, 1
     else:
@@ -187,7 +188,7 @@ def _launch_config(rows_max, head_dim, p_max, n_programs_2d, num_splits=None, el
         else:
             block_m = min(128 if head_dim <= 128 else 64, max(16, triton.next_power_of_2(rows_max)))
             block_n = 64 if head_dim <= 128 else 32
-            warps = 4 if block_m <= 64 and block_m * block_d < 16384 else 8
+            warps = 4 if block_m * block_d < 4096 else 8
         target = 264  # about two programs per SM on an H100 (132 SMs)
     splits = num_splits or max(1, min(triton.cdiv(target, n_programs_2d), triton.cdiv(p_max, 8 * block_n)))
     keys_per_split = triton.cdiv(triton.cdiv(max(p_max, 1), splits), block_n) * block_n

@@ -81,7 +81,7 @@ def test_gpu_tile_config_under_interpreter(device, monkeypatch):
         with mock.patch.object(dec, "interpreting", lambda: False):
             return original(*args)
 
-    assert gpu_config(12 * 3, 40, 600, 2 * 1)[:4] == (64, 64, 4, 2)  # BLOCK_M, BLOCK_N, warps, 2 key splits
+    assert gpu_config(12 * 3, 40, 600, 2 * 1)[:4] == (64, 64, 8, 2)  # BLOCK_M, BLOCK_N, warps, 2 key splits
     monkeypatch.setattr(dec, "_launch_config", gpu_config)
     q, k, v, cu_q, cu_p = make([12, 1], [600, 77], 6, 2, 40, torch.float32, device)
     out, lse = prefix_decode_attention(q, k, v, cu_q, cu_p)
