@@ -6,9 +6,12 @@ ninja only when CUDA's compiler and a CUDA-enabled torch are both found; otherwi
 without it, says so once, and every kernel falls back to Triton or plain torch.
 
 Environment switch: SEALONG_BUILD_CUDA=1 forces the build (fails loudly if it cannot), =0 skips it.
+Architectures: $TORCH_CUDA_ARCH_LIST when set (e.g. "8.0;9.0+PTX"), else sm_80 + sm_90 + compute_90 PTX
+(kernels/sealong_kernels/cuda_build.py: arch_list / gencode_flags, shared with `python -m sealong_kernels.cuda_build`).
 """
 
 import glob
+import importlib.util
 import os
 import shutil
 import sys
@@ -33,6 +36,15 @@ def _cuda_build_reason():
     return True, f"torch {torch.__version__} with CUDA {torch.version.cuda}"
 
 
+def _load_cuda_build():
+    """kernels/sealong_kernels/cuda_build.py by path (the package is not importable while it is being built)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "sealong_kernels", "cuda_build.py")
+    spec = importlib.util.spec_from_file_location("_sealong_cuda_build", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _extensions():
     sources = sorted(glob.glob("csrc/*.cu") + glob.glob("csrc/*.cpp"))
     build, reason = _cuda_build_reason()
@@ -43,14 +55,15 @@ def _extensions():
     import pybind11
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    arch = os.environ.get("SEALONG_CUDA_ARCH", "90")
+    cuda_build = _load_cuda_build()
+    gencode = cuda_build.gencode_flags(cuda_build.arch_list())
     ext = CUDAExtension(
         name="sealong_kernels._C",
         sources=sources,
         include_dirs=[pybind11.get_include(), os.path.abspath("csrc")],
         extra_compile_args={
             "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", f"-gencode=arch=compute_{arch},code=sm_{arch}"],
+            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", *gencode],  # explicit: torch adds none of its own
         },
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

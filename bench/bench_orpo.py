@@ -10,6 +10,11 @@ FLOPs: work = 6 * M * H * V (M = labeled tokens; forward logits + dhidden + dwei
 a frozen head needs 4 * M * H * V of it; the two-pass strategy adds 2 * M * H * V of recomputation).
 loss_mem = peak bytes above the inputs minus the gradients' own bytes.
 
+Counts (exact on any device): every product (aten mm / addmm / addmm_) of one forward + backward, recorded
+under a TorchDispatchMode on a small problem, per chunk and per phase, with the bytes it reads and writes; and
+the same plan at the GPU shapes (chunk rows from `default_chunk_size`, bytes per chunk from the shapes): the
+weight gradient is one float32-accumulated product per chunk.
+
     python -m bench.bench_orpo            # GPU if present, else a small CPU run
 """
 
@@ -18,8 +23,84 @@ import sys
 import torch
 
 from bench.common import cpu_note, is_oom, matmul_peak_tflops, peak_memory_bytes, time_ms
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
 from sealong_kernels import fused_linear_orpo_loss
 from sealong_kernels import reference
+from sealong_kernels.orpo import default_chunk_size
+
+PRODUCTS = ("aten.mm.default", "aten.addmm.default", "aten.addmm_.default")
+
+
+class ProductCounter(TorchDispatchMode):
+    """Every product (phase, op, output shape, bytes read + written) and every host synchronization
+    (aten._local_scalar_dense: what .item() / .tolist() / int() dispatch), by phase ("forward" / "backward")."""
+
+    def __init__(self):
+        super().__init__()
+        self.phase, self.products, self.syncs = "forward", [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func)
+        if name in PRODUCTS:
+            tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            moved = sum(t.numel() * t.element_size() for t in tensors) + out.numel() * out.element_size()
+            self.products.append((self.phase, name, tuple(out.shape), moved))
+        elif name == "aten._local_scalar_dense.default":
+            self.syncs.append(self.phase)
+        return out
+
+
+def count_products(strategy, train_head, chunk, m=90, h=16, v=257, bias=True, dtype=torch.float32, device="cpu"):
+    """ProductCounter of one forward + backward of the packed fused loss on m entries of 3 interleaved pairs
+    (every chunk spans all 6 sequences)."""
+    hidden = torch.randn(m, h, dtype=dtype, device=device, requires_grad=True)
+    weight = torch.randn(v, h, dtype=dtype, device=device, requires_grad=train_head)
+    b = torch.randn(v, dtype=dtype, device=device, requires_grad=train_head) if bias else None
+    labels = torch.randint(0, v, (m,), device=device)
+    seq = torch.arange(m, device=device) % 3
+    seg = torch.arange(m, device=device) // 3 % 2 + 1
+    with ProductCounter() as rec:
+        loss, _ = fused_linear_orpo_loss(hidden, weight, labels, bias=b, sequence_ids=seq, segment_ids=seg,
+                                         chunk_size=chunk, strategy=strategy)
+        rec.phase = "backward"
+        loss.backward()
+    return rec
+
+
+def chunk_plan(m, h, v, elem=2, train_head=True, chunk_bytes=None):
+    """The fused loss's products at M entries, H, V (elem bytes per input element): chunk rows, chunks, and per
+    full chunk the products and the bytes they read + write (logits recompute, D @ W, the dW addmm into the
+    float32 accumulator, which cuBLAS reads and writes once per product)."""
+    c = default_chunk_size(m, h, v, torch.bfloat16 if elem == 2 else torch.float32, chunk_bytes)
+    logits = elem * (c * h + v * h + c * v)
+    dhidden = elem * (c * v + v * h + c * h)
+    dw = elem * (c * v + c * h) + 2 * 4 * v * h
+    per_chunk = logits + dhidden + (dw if train_head else 0)
+    return {"M": m, "H": h, "V": v, "head": "trained" if train_head else "frozen", "chunk_rows": c,
+            "chunks": -(-m // c), "logits_chunk_MB": c * v * elem / 1e6,
+            "products_per_chunk": (1 + 3) if train_head else 2, "dW_products_per_chunk": 1 if train_head else 0,
+            "bwd_product_GB_per_chunk": per_chunk / 1e9 if train_head else None,
+            "dW_product_GB_per_chunk": dw / 1e9 if train_head else None,
+            "dW_TFLOP_per_chunk": 2 * c * v * h / 1e12 if train_head else None}
+
+
+def count_rows():
+    """Measured (ProductCounter, small float32 problem, 6 chunks of 16 of 90 entries) and planned (GPU shapes)."""
+    rows = []
+    for strategy, train_head in (("auto", True), ("auto", False)):
+        rec = count_products(strategy, train_head, 16)
+        chunks = -(-90 // 16)
+        per = {ph: [p for p in rec.products if p[0] == ph] for ph in ("forward", "backward")}
+        rows.append({"measured": "dispatch", "head": "trained" if train_head else "frozen", "chunks": chunks,
+                     "fwd_products_per_chunk": len(per["forward"]) / chunks,
+                     "bwd_products_per_chunk": len(per["backward"]) / chunks,
+                     "dW_products_per_chunk": sum(p[2] == (257, 16) for p in per["backward"]) / chunks,
+                     "host_syncs_in_backward": rec.syncs.count("backward")})
+    plan = [chunk_plan(m, 4096, 128256, 2, head) for m in (2 * 1024, 2 * (32768 + 1024)) for head in (True, False)]
+    return rows, plan
 
 
 def liger_loss():
@@ -69,8 +150,8 @@ def largest_tensor_bytes(fn):
 
 def methods(chunk):
     ours = {s: (lambda s: lambda h, w, l: fused_linear_orpo_loss(h, w, l, chunk_size=chunk, strategy=s)[0])(s)
-            for s in ("deferred", "recompute")}
-    out = {"ours_deferred": ours["deferred"], "ours_recompute": ours["recompute"],
+            for s in ("auto", "recompute")}
+    out = {"ours_auto": ours["auto"], "ours_recompute": ours["recompute"],
            "torch_reference": lambda h, w, l: reference.fused_linear_orpo_loss(h, w, l)[0]}
     liger = liger_loss()
     if liger is not None:
@@ -133,7 +214,14 @@ def run(device, small):
         notes.append("liger-kernel not installed: no Liger rows")
     keys = ("method", "labels", "tokens", "head", "ms", "pct_of_matmul_peak", "loss_mem_GB", "largest_tensor_MB")
     summary = [{k: r.get(k) for k in keys if k in r or k != "largest_tensor_MB"} for r in rows]
-    return {"name": "orpo", "rows": rows, "notes": notes, "summary": summary}
+    counts, plan = count_rows()
+    notes += ["ours_auto: frozen head -> deferred (G @ W in the forward), trained head -> recompute (two passes)",
+              "product_counts: products per chunk counted under a TorchDispatchMode (H=16, V=257, 90 entries, "
+              "chunk 16, float32, CPU); chunk_plan: the same plan at H=4096, V=128256 bfloat16 for M = 2048 (two 1K "
+              "answers labeled) and M = 67584 (a 32K-prompt pair, every token labeled), bytes read + written by "
+              "the backward's products per chunk"]
+    return {"name": "orpo", "rows": rows, "notes": notes, "summary": summary,
+            "product_counts": counts, "chunk_plan": plan}
 
 
 if __name__ == "__main__":

@@ -10,14 +10,44 @@ plain-torch twin in `sealong_kernels.reference` (the test oracle and the CPU fal
     sk.ring_attention(q, k, v, group, causal=True)        # zigzag-sharded inputs -> (out, lse)
     sk.ulysses_attention(q, k, v, group, causal=True)     # sequence-sharded inputs -> out
     sk.fused_linear_orpo_loss(hidden, weight, labels, ...)   # -> (loss, metrics)
+    sk.hf.register_transformers_attention()               # attn_implementation="sealong" in transformers
+
+Imports are lazy (PEP 562 module __getattr__): `import sealong_kernels` and `sealong_kernels.reference` need
+torch only, so the references run where triton is not installed (macOS); the first use of a kernel (or of a
+submodule such as `sealong_kernels.hf`) imports its module, and with it triton.
 """
 
-from . import reference
-from .attention import flash_attention
-from .decode import prefix_decode_attention
-from .mbr import mbr_scores, select_pairs
-from .orpo import fused_linear_orpo_loss, sequence_logp_sums, shared_prompt_targets
-from .ring import merge_partials_, ring_attention, ring_schedule, shard_ranges
-from .ulysses import hybrid_attention, sequence_index, ulysses_attention
+import importlib
 
 __version__ = "0.1.0"
+
+# public name -> submodule that defines it
+_EXPORTS = {
+    "flash_attention": "attention",
+    "prefix_decode_attention": "decode",
+    "mbr_scores": "mbr", "select_pairs": "mbr",
+    "fused_linear_orpo_loss": "orpo", "sequence_logp_sums": "orpo", "shared_prompt_targets": "orpo",
+    "merge_partials_": "ring", "ring_attention": "ring", "ring_schedule": "ring", "shard_ranges": "ring",
+    "hybrid_attention": "ulysses", "sequence_index": "ulysses", "ulysses_attention": "ulysses",
+}
+_SUBMODULES = ("attention", "attention_kernels", "cuda_build", "decode", "hf", "mbr", "orpo", "reference", "ring",
+               "ring_merge", "runtime", "ulysses")
+
+
+def __getattr__(name):
+    """`sk.flash_attention`, `sk.hf`, ...: import the defining submodule on first use, then cache the name."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))
+
+
+__all__ = sorted(_EXPORTS) + ["reference", "hf"]

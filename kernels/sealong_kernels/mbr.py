@@ -21,11 +21,14 @@ The row is read twice from global memory; the second read hits L2 while the row 
 tl.dot (so bfloat16 is right under the interpreter too) and no [B, N, N] buffer.
 
 Dispatch of `mbr_scores(..., backend="auto")`: CUDA tensors use the CUDA C++ kernel of `sealong_kernels._C`
-when it is built (same math, see csrc/mbr.cu), else this Triton kernel; CPU tensors use the plain-torch
+when it is built (same math, see csrc/mbr.cu) and runs on this GPU, else this Triton kernel (an extension
+built for other architectures fails its first launch: one warning, then Triton for the rest of the process); CPU tensors use the plain-torch
 reference (`sealong_kernels.reference.mbr_scores`). backend="triton" on CPU tensors runs the Triton kernel
 under TRITON_INTERPRET=1 (how the CPU tests exercise it).
 """
 
+
+import warnings
 
 import torch
 import triton
@@ -153,6 +156,24 @@ def mbr_scores_cuda(emb, mask=None, normalize=True, include_self=False, eps=1e-1
     return out
 
 
+_EXTENSION_USABLE = [True]  # cleared when the extension failed to launch on this process's GPU
+
+
+def _cuda_or_triton(emb, mask, normalize, include_self, eps):
+    """backend='auto' on CUDA tensors: the CUDA extension when built and it runs on this GPU, else Triton. A
+    launch failure (e.g. "no kernel image is available for execution on the device": built for other
+    architectures, see cuda_build.arch_list) warns once and switches this process to Triton."""
+    if _EXTENSION_USABLE[0] and cuda_extension() is not None:
+        try:
+            return mbr_scores_cuda(emb, mask, normalize, include_self, eps)
+        except RuntimeError as err:
+            _EXTENSION_USABLE[0] = False
+            warnings.warn(f"sealong_kernels._C cannot run on this GPU ({str(err).splitlines()[0]}); using the Triton "
+                          "MBR kernel (rebuild with TORCH_CUDA_ARCH_LIST including this GPU)", RuntimeWarning,
+                          stacklevel=3)
+    return mbr_scores_triton(emb, mask, normalize, include_self, eps)
+
+
 def _check(emb, mask):
     if not isinstance(emb, torch.Tensor) or emb.dim() != 3:
         raise ValueError(f"emb must be a [B, N, D] tensor, got {getattr(emb, 'shape', type(emb))}")
@@ -180,7 +201,8 @@ def mbr_scores(emb, mask=None, normalize=True, *, include_self=False, eps=1e-12,
         scores[b, i] = mean_{j valid, j != i} cos(emb[b, i], emb[b, j])     (dot products if normalize=False)
     Invalid samples: -inf. A valid sample with no valid peer: 0.0. include_self=True reproduces the authors'
     code (row mean of E @ E^T including the self-similarity 1: same ranking, different values).
-    backend: "auto" (CUDA C++ extension if built, else Triton, for CUDA tensors; plain torch on CPU),
+    backend: "auto" (CUDA C++ extension if built and it runs on this GPU, else Triton, for CUDA tensors;
+    plain torch on CPU),
     "cuda", "triton" (on CPU only under TRITON_INTERPRET=1) or "reference".
 
     >>> emb = torch.randn(4, 32, 384, device="cuda")
@@ -190,9 +212,8 @@ def mbr_scores(emb, mask=None, normalize=True, *, include_self=False, eps=1e-12,
     mask = _check(emb, mask)
     if backend == "auto":
         if emb.is_cuda:
-            backend = "cuda" if cuda_extension() is not None else "triton"
-        else:
-            backend = "reference"
+            return _cuda_or_triton(emb, mask, normalize, include_self, eps)
+        backend = "reference"
     if backend == "reference":
         return reference.mbr_scores(emb, mask, normalize, include_self, eps).to(torch.float32)
     if backend == "triton":

@@ -8,26 +8,42 @@ of pair p, 2p + 1 = rejected). With z_m = W h_m + b [V] and lse_m = logsumexp(z_
 
 The objective is nonlinear in L (per-sequence means, log1mexp, logsigmoid), so a token's gradient needs its
 sequence's total, known only after the whole sequence is seen. But dloss/dlogp_m = g_{s_m} := dloss/dL_{s_m}
-is the same for every token of a sequence, and dlogp_m/dz_m = onehot(y_m) - softmax(z_m) =: G_m, hence
+is the same for every token of a sequence, and dlogp_m/dz_m = onehot(y_m) - softmax(z_m) =: G_m, hence with
+the scaled gradient rows D_m = g_{s_m} G_m of a chunk of C entries (D [C, V], Hc [C, H] its hidden rows)
 
-    dhidden_m = g_{s_m} * (G_m @ W)         dW = sum_s g_s * sum_{m in s} G_m^T h_m        db = sum_s g_s * sum G_m
+    dhidden[chunk] = D @ W            dW += D^T @ Hc            db += sum_m D_m
 
-The fused op is `sequence_logp_sums` (an autograd Function with output L [2P]); the objective runs in plain
-torch autograd on those 2P numbers and hands the Function g = dloss/dL. Two strategies for the token work:
+one product each for the whole chunk, whatever sequences it spans (Liger-Kernel's fused linear cross-entropy
+and Apple's Cut Cross-Entropy do the same for plain cross-entropy). The fused op is `sequence_logp_sums` (an
+autograd Function with output L [2P]); the objective runs in plain torch autograd on those 2P numbers and hands
+the Function g = dloss/dL. Two strategies for the token work:
 
-* "deferred" (gradients in the forward, scaled later): each chunk computes its logits, the LSE, then G in
-  place of the logits, U_m = G_m @ W (kept, float32 [M, H]) and, if W needs a gradient, the per-sequence
-  float32 sums A_s = sum G_m^T h_m [2P, V, H] (and [2P, V] for the bias). Backward only scales: g_s * U_m,
-  sum_s g_s A_s. FLOPs: 4·M·H·V with a frozen LM head (the LoRA case), 6·M·H·V with a trained one, at the
-  price of 2P float32 [V, H] accumulators: so "auto" picks it only when those fit in `deferred_budget`.
-* "recompute" (two passes): the forward computes only LSE and logp (2·M·H·V, keeps lse [M]); the backward
-  recomputes each chunk's logits, writes G in place and accumulates dhidden and one float32 dW (4 or 6·M·H·V).
+* "recompute" (two passes, any head): the forward computes each chunk's logits, then the row kernel gives
+  LSE, logp and the logit row sums (2·M·H·V FLOPs, keeps lse [M]). The backward recomputes each chunk's
+  logits, the row kernel overwrites them in place with D = g_s (onehot - softmax), then one product gives
+  the chunk's hidden gradient and one `addmm` accumulates D^T Hc into the float32 weight gradient
+  (4 or 6·M·H·V FLOPs in the backward).
+* "deferred" (frozen LM head only, the LoRA case): the forward writes G in place and keeps U_m = G_m @ W
+  (float32 [M, H]); the backward only scales, dhidden_m = g_{s_m} U_m: 4·M·H·V FLOPs in all. g is unknown in
+  the forward, so a trained head (whose gradient sums g_s G^T h over sequences) always runs "recompute".
+
+Products per chunk (counted by tests/kernels/test_orpo_memory.py under a TorchDispatchMode): forward 1
+(logits; the bias is fused into `addmm`), deferred forward 2 (logits, G @ W); recompute backward 1 + [dhidden]
++ [dW], i.e. at most 3. The weight gradient accumulates in float32 whatever the input dtype: float32 inputs
+`addmm_` into it, 16-bit inputs on CUDA use `addmm(..., out_dtype=torch.float32, out=acc)` (cuBLAS computes in
+float32 and adds to the float32 accumulator, no rounding to 16 bits in between); 16-bit inputs on the CPU
+(interpreter tests only) multiply in their dtype and add. No host synchronization inside the chunk loop.
+
+Chunk size (`default_chunk_size`): about M·H/V rows, so that a chunk's logits [C, V] are about as large as the
+hidden states [M, H] (Liger's rule), rounded up to a power of two, at least 1024 rows (every chunk reads all
+of W and the float32 dW accumulator: fewer, larger products stay compute-bound) and capped by `chunk_bytes`
+(default 512 MiB of logits): at M = 33K, H = 4096, V = 128256 bfloat16, 2048 rows (525 MB of logits), 17 chunks.
 
 Either way at most one [chunk, V] logits tensor exists at a time (chunks run over loss entries, not pairs, so a
-single 32K-token pair is fine), the LSE is float32, and the weight gradient accumulates in float32 whatever
-the input dtype (each chunk's product G^T h comes from one matmul in the input dtype, float32 inside
-cuBLAS, rounded once to that dtype before it is added to the float32 accumulator; G itself is stored in
-the logits' dtype). Prompt / padding tokens (label -100) cost nothing: only labeled entries are gathered.
+single 32K-token pair is fine) and the LSE is float32. Prompt / padding tokens (label -100) cost nothing: only
+labeled entries are gathered. The forward also returns, for TRL's `logits/chosen` and `logits/rejected`
+metrics, each sequence's sum over its entries of the vocabulary-mean logit, mean_v z_m[v] (from the same row
+pass, never more than one chunk of logits).
 
 Sequence parallelism: pass `group` (the sequence-parallel process group) and each rank gives its own shard
 of every sequence's tokens (same pair numbering on every rank). L and the token counts are all-reduced inside
@@ -37,6 +53,8 @@ of that loss. Reduce parameter gradients with SUM over the sequence-parallel gro
 the group size before backward if the gradient reduction averages), never average the losses.
 """
 
+
+import warnings
 
 import torch
 import triton
@@ -53,14 +71,16 @@ from .reference import check_empty_sequences, global_sum, orpo_objective, prefer
 
 
 @triton.jit
-def _logits_rows_kernel(logits_ptr, stride_row, targets_ptr, lse_ptr, target_logit_ptr, C, V,
+def _logits_rows_kernel(logits_ptr, stride_row, targets_ptr, lse_ptr, target_logit_ptr, zsum_ptr, scale_ptr, C, V,
                         BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, COMPUTE_LSE: tl.constexpr,
-                        WRITE_GRAD: tl.constexpr):
+                        WRITE_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr):
     """One program per BLOCK_R rows of z = logits[row, :V] (BLOCK_R = 1 on a GPU).
 
-    COMPUTE_LSE: lse[row] = log sum_v exp(z_v) by an online max / rescaled sum in float32, and
-                 target_logit[row] = z[targets[row]]; otherwise lse[row] is read (saved by the forward).
-    WRITE_GRAD:  overwrite the row in place with G = onehot(target) - exp(z - lse)  (d logp / d z).
+    COMPUTE_LSE: lse[row] = log sum_v exp(z_v) by an online max / rescaled sum in float32,
+                 target_logit[row] = z[targets[row]] and zsum[row] = sum_v z_v; otherwise lse[row] is read
+                 (saved by the forward).
+    WRITE_GRAD:  overwrite the row in place with G = onehot(target) - exp(z - lse)  (d logp / d z), times
+                 scale[row] when HAS_SCALE (the backward's g of the row's sequence).
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < C
@@ -69,6 +89,7 @@ def _logits_rows_kernel(logits_ptr, stride_row, targets_ptr, lse_ptr, target_log
     if COMPUTE_LSE:
         m = tl.full([BLOCK_R], float("-inf"), tl.float32)
         s = tl.zeros([BLOCK_R], tl.float32)
+        zs = tl.zeros([BLOCK_R], tl.float32)
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             ok = row_ok[:, None] & (cols[None, :] < V)
@@ -77,96 +98,118 @@ def _logits_rows_kernel(logits_ptr, stride_row, targets_ptr, lse_ptr, target_log
             m_new = tl.maximum(m, tl.max(z, axis=1))
             m_safe = tl.where(row_ok, m_new, 0.0)
             s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
+            zs += tl.sum(tl.where(ok, z, 0.0), axis=1)
             m = m_new
         lse = tl.where(row_ok, m + tl.log(tl.where(row_ok, s, 1.0)), 0.0)
         tl.store(lse_ptr + rows, lse, mask=row_ok)
+        tl.store(zsum_ptr + rows, zs, mask=row_ok)
         tl.store(target_logit_ptr + rows, tl.load(logits_ptr + rows * stride_row + target, mask=row_ok).to(tl.float32),
                  mask=row_ok)
     else:
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     if WRITE_GRAD:
+        if HAS_SCALE:
+            scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
+        else:
+            scale = tl.full([BLOCK_R], 1.0, tl.float32)
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             ok = row_ok[:, None] & (cols[None, :] < V)
             z = tl.load(base + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            g = (cols[None, :] == target[:, None]).to(tl.float32) - tl.exp(z - lse[:, None])
+            g = ((cols[None, :] == target[:, None]).to(tl.float32) - tl.exp(z - lse[:, None])) * scale[:, None]
             tl.store(base + cols[None, :], g.to(logits_ptr.dtype.element_ty), mask=ok)
 
 
-def logits_rows(logits, targets, lse=None, write_grad=False, rows_per_program=None):
-    """Launch the row kernel on a [C, V] chunk (unit column stride). Returns (lse [C], target_logit [C])
-    float32 (target_logit is None when lse is given); with write_grad the chunk holds G afterwards.
-    rows_per_program: 1 on a GPU (a row of a 128K vocabulary is plenty of work), 16 under the interpreter."""
+def row_launch_config(v, on_gpu):
+    """(BLOCK_R, BLOCK_V, num_warps) of the row kernel: one row per program, 4096-column blocks, 8 warps on a
+    GPU (a row of a 128K vocabulary is plenty of work); 16 rows, 1024 columns, 1 warp under the interpreter."""
+    if on_gpu:
+        return 1, min(triton.next_power_of_2(v), 4096), 8
+    return 16, min(triton.next_power_of_2(v), 1024), 1
+
+
+def logits_rows(logits, targets, lse=None, write_grad=False, scale=None, rows_per_program=None):
+    """Launch the row kernel on a [C, V] chunk (unit column stride). Returns (lse [C], target_logit [C],
+    logit_sum [C]) float32 (target_logit and logit_sum are None when lse is given); with write_grad the chunk
+    holds G afterwards, times scale [C] (float32) when given. rows_per_program overrides BLOCK_R."""
     c, v = logits.shape
     assert logits.stride(1) == 1 and targets.shape == (c,)
     if not triton_available(logits):
-        return reference.logits_rows(logits, targets, lse, write_grad)  # CPU without the interpreter
+        return reference.logits_rows(logits, targets, lse, write_grad, scale)  # CPU without the interpreter
     compute = lse is None
     if compute:
         lse = torch.empty(c, dtype=torch.float32, device=logits.device)
         target_logit = torch.empty(c, dtype=torch.float32, device=logits.device)
+        zsum = torch.empty(c, dtype=torch.float32, device=logits.device)
     else:
-        target_logit = lse  # unused by the kernel
+        target_logit = zsum = lse  # unused by the kernel
     if c:
-        block_r = rows_per_program or (1 if logits.is_cuda else 16)
-        block_v = min(triton.next_power_of_2(v), 4096 if logits.is_cuda else 1024)
+        block_r, block_v, warps = row_launch_config(v, logits.is_cuda)
+        block_r = rows_per_program or block_r
         _logits_rows_kernel[(triton.cdiv(c, block_r),)](
-            logits, logits.stride(0), targets, lse, target_logit, c, v, BLOCK_R=block_r, BLOCK_V=block_v,
-            COMPUTE_LSE=compute, WRITE_GRAD=write_grad, num_warps=8 if logits.is_cuda else 1)
-    return lse, (target_logit if compute else None)
+            logits, logits.stride(0), targets, lse, target_logit, zsum, scale if scale is not None else lse, c, v,
+            BLOCK_R=block_r, BLOCK_V=block_v, COMPUTE_LSE=compute, WRITE_GRAD=write_grad, HAS_SCALE=scale is not None,
+            num_warps=warps)
+    return lse, (target_logit if compute else None), (zsum if compute else None)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Chunk helpers (torch matmuls around the kernel)
 # ---------------------------------------------------------------------------------------------------------
 
-WEIGHT_GRAD_BLOCK = 16384  # vocabulary rows per weight-gradient matmul: bounds its temporary to [16384, H]
+CHUNK_BYTES = 512 * 2**20  # default cap on one chunk's logits
+MIN_CHUNK_ROWS = 1024  # matmul floor: every chunk reads all of W (and, trained, the float32 dW accumulator)
 
 
-def default_chunk_size(vocab, dtype, budget_bytes=512 * 2**20):
-    """Rows per chunk: the largest power of two whose [rows, V] logits fit in budget_bytes (16 to 8192);
-    2048 for V = 128256 in bfloat16."""
-    rows = budget_bytes // (vocab * torch.empty((), dtype=dtype).element_size())
-    return int(min(8192, max(16, 1 << max(rows, 1).bit_length() - 1)))
+def default_chunk_size(entries, hidden_size, vocab, dtype, chunk_bytes=None):
+    """Rows per chunk: about entries * H / V (a chunk's logits about as large as the hidden states, Liger's rule)
+    rounded up to a power of two, but at least MIN_CHUNK_ROWS, then capped by the largest power of two of rows
+    whose logits fit in chunk_bytes (default CHUNK_BYTES) and by the entries.
+
+    The floor: each chunk's products read the whole [V, H] weight, and the weight-gradient addmm reads and writes
+    the float32 accumulator: 2·C·V·H FLOPs against 2·V·H (logits, D @ W) and 8·V·H (dW) bytes, i.e. C and C / 4
+    FLOPs per byte, above an H100 / H200's ~200-300 FLOP/byte from C ~ 1024 rows on. Fewer chunks never cost
+    memory beyond chunk_bytes. M = 33792, H = 4096, V = 128256 bfloat16: 2048 rows (525 MB of logits, 17
+    chunks); M = 2048 (two 1K answers): 1024 rows; float32 or chunk_bytes = 256 MiB: 1024 rows."""
+    budget = CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
+    elem = torch.empty((), dtype=dtype).element_size()
+    cap = max(1, budget // (vocab * elem))
+    cap = 1 << (cap.bit_length() - 1)  # a power of two too
+    want = triton.next_power_of_2(max(1, triton.cdiv(entries, max(1, triton.cdiv(vocab, hidden_size)))))
+    return int(max(1, min(max(want, MIN_CHUNK_ROWS), cap, max(entries, 1))))
 
 
 def _chunk_logits(hidden2d, weight, bias, rows):
+    """(hidden rows [C, H], logits [C, V]): one product, the bias fused into it."""
     h = hidden2d.index_select(0, rows)
-    logits = h @ weight.T
-    if bias is not None:
-        logits += bias
+    logits = torch.addmm(bias, h, weight.T) if bias is not None else h @ weight.T
     return h, logits
 
 
-def _sequence_spans(seq):
-    """(sequence, start, end) of the runs of equal ids in seq (a chunk's entries, sorted by sequence)."""
-    change = torch.ones(seq.shape[0], dtype=torch.bool, device=seq.device)
-    change[1:] = seq[1:] != seq[:-1]
-    starts = change.nonzero()[:, 0].tolist()
-    ids = seq[change].tolist()
-    return [(s, a, b) for s, a, b in zip(ids, starts, starts[1:] + [seq.shape[0]])]
+_FLOAT32_ADDMM = [True]  # torch's CUDA addmm takes a float32 accumulator with 16-bit factors (cleared if not)
 
 
-def _accumulate_param_grads(grad, h, seq, acc_w, acc_b, scale=None):
-    """acc_w[s] += scale[s] * G_s^T h_s and acc_b[s] += scale[s] * sum G_s over each sequence s of the chunk, in
-    float32 (acc_w / acc_b indexed by sequence when scale is None, else single accumulators)."""
-    if acc_w is None and acc_b is None:
+def _accumulate_product(acc, a, b):
+    """acc += a @ b with acc float32 and a, b in the input dtype: one product. float32 / float64 inputs:
+    addmm_; 16-bit inputs on CUDA: cuBLAS with a float32 output added to the accumulator (out_dtype); 16-bit
+    inputs elsewhere (the CPU interpreter tests), or a torch whose addmm wants the accumulator in the inputs'
+    dtype (said once): the product in the input dtype, then an add."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
         return
-    for s, a, b in _sequence_spans(seq):
-        f = 1.0 if scale is None else scale[s]
-        dst_w = acc_w if scale is not None else (acc_w[s] if acc_w is not None else None)
-        dst_b = acc_b if scale is not None else (acc_b[s] if acc_b is not None else None)
-        if dst_w is not None:
-            for v0 in range(0, grad.shape[1], WEIGHT_GRAD_BLOCK):
-                g = grad[a:b, v0:v0 + WEIGHT_GRAD_BLOCK]
-                dst_w[v0:v0 + g.shape[1]].add_((g.T @ h[a:b]).float(), alpha=f)
-        if dst_b is not None:  # column sums as a [1, n] x [n, V] product: no float32 copy of the chunk
-            ones = torch.ones(1, b - a, dtype=grad.dtype, device=grad.device)
-            dst_b.add_((ones @ grad[a:b])[0].float(), alpha=f)
+    if a.is_cuda and _FLOAT32_ADDMM[0]:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError) as err:
+            _FLOAT32_ADDMM[0] = False
+            warnings.warn(f"sealong_kernels.orpo: addmm into a float32 accumulator failed ({str(err).splitlines()[0]}); "
+                          "the weight gradient now adds a 16-bit product per chunk", stacklevel=2)
+    acc.add_(a @ b)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The autograd Function: per-sequence log-prob sums
+# The autograd Function: per-sequence log-prob sums (and, non-differentiable, the vocabulary-mean logit sums)
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -174,71 +217,75 @@ class _SequenceLogpSums(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden2d, weight, bias, rows, targets, seq, num_seqs, chunk, strategy, group):
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        deferred = strategy == "deferred" and (need_h or need_w or need_b)
-        m, v, hdim = rows.shape[0], weight.shape[0], weight.shape[1]
+        deferred = strategy == "deferred" and need_h and not (need_w or need_b)
+        m, hdim = rows.shape[0], weight.shape[1]
         dev = hidden2d.device
         logp = torch.empty(m, dtype=torch.float32, device=dev)
+        zsum = torch.empty(m, dtype=torch.float32, device=dev)
         lse_all = None if deferred else torch.empty(m, dtype=torch.float32, device=dev)
-        u = torch.empty(m, hdim, dtype=torch.float32, device=dev) if deferred and need_h else None
-        acc_w = torch.zeros(num_seqs, v, hdim, dtype=torch.float32, device=dev) if deferred and need_w else None
-        acc_b = torch.zeros(num_seqs, v, dtype=torch.float32, device=dev) if deferred and need_b else None
+        u = torch.empty(m, hdim, dtype=torch.float32, device=dev) if deferred else None
         for a in range(0, m, chunk):
             b = min(a + chunk, m)
-            h, logits = _chunk_logits(hidden2d, weight, bias, rows[a:b])
-            lse, target_logit = logits_rows(logits, targets[a:b], write_grad=deferred)
+            _, logits = _chunk_logits(hidden2d, weight, bias, rows[a:b])
+            lse, target_logit, zsum[a:b] = logits_rows(logits, targets[a:b], write_grad=deferred)
             logp[a:b] = target_logit - lse
-            if not deferred:
-                lse_all[a:b] = lse
-                continue
-            if u is not None:
+            if deferred:
                 u[a:b] = logits @ weight  # logits now hold G = onehot - softmax
-            _accumulate_param_grads(logits, h, seq[a:b], acc_w, acc_b)
-            del h, logits
+            else:
+                lse_all[a:b] = lse
+            del logits
         sums = torch.zeros(num_seqs, dtype=torch.float32, device=dev).index_add_(0, seq, logp)
+        logit_means = torch.zeros(num_seqs, dtype=torch.float32, device=dev).index_add_(0, seq, zsum / weight.shape[0])
         if group is not None:
             torch.distributed.all_reduce(sums, group=group)
+            torch.distributed.all_reduce(logit_means, group=group)
         ctx.deferred, ctx.chunk = deferred, chunk
-        ctx.save_for_backward(hidden2d, weight, bias, rows, targets, seq, lse_all, u, acc_w, acc_b)
-        return sums
+        ctx.save_for_backward(hidden2d, weight, bias, rows, targets, seq, lse_all, u)
+        ctx.mark_non_differentiable(logit_means)
+        return sums, logit_means
 
     @staticmethod
-    def backward(ctx, grad_sums):
-        hidden2d, weight, bias, rows, targets, seq, lse_all, u, acc_w, acc_b = ctx.saved_tensors
+    def backward(ctx, grad_sums, _grad_logit_means):
+        hidden2d, weight, bias, rows, targets, seq, lse_all, u = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         g = grad_sums.float()
+        m = rows.shape[0]
         gh = torch.zeros_like(hidden2d) if need_h else None
-        if ctx.deferred:
-            # deferred per-sequence scaling of the gradients computed in the forward
-            for a in range(0, rows.shape[0] if need_h else 0, ctx.chunk):  # chunked: no [M, H] temporaries
-                b = min(a + ctx.chunk, rows.shape[0])
+        none = (None,) * 7
+        if ctx.deferred:  # frozen head: scale the forward's G @ W per sequence, chunk by chunk (no [M, H] temporary)
+            for a in range(0, m, ctx.chunk):
+                b = min(a + ctx.chunk, m)
                 gh.index_add_(0, rows[a:b], (u[a:b] * g[seq[a:b]][:, None]).to(hidden2d.dtype))
-            gw = torch.einsum("s,svh->vh", g, acc_w).to(weight.dtype) if need_w else None
-            gb = (g @ acc_b).to(bias.dtype) if need_b else None
-            return gh, gw, gb, None, None, None, None, None, None, None
-        # two passes: recompute every chunk's logits, G in place, one float32 accumulator per parameter
+            return gh, None, None, *none
+        # two passes: recompute each chunk's logits, D = g_s G in place, one product per gradient
         gw32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         gb32 = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
-        g_list = g.tolist()
-        for a in range(0, rows.shape[0], ctx.chunk):
-            b = min(a + ctx.chunk, rows.shape[0])
+        for a in range(0, m, ctx.chunk):
+            b = min(a + ctx.chunk, m)
             h, logits = _chunk_logits(hidden2d, weight, bias, rows[a:b])
-            logits_rows(logits, targets[a:b], lse=lse_all[a:b], write_grad=True)
+            logits_rows(logits, targets[a:b], lse=lse_all[a:b], write_grad=True, scale=g[seq[a:b]])
             if need_h:
-                gh.index_add_(0, rows[a:b], ((logits @ weight).float() * g[seq[a:b]][:, None]).to(gh.dtype))
-            _accumulate_param_grads(logits, h, seq[a:b], gw32, gb32, scale=g_list)
+                gh.index_add_(0, rows[a:b], logits @ weight)
+            if need_w:
+                _accumulate_product(gw32, logits.T, h)
+            if need_b:
+                gb32 += logits.sum(0, dtype=torch.float32)
             del h, logits
         gw = gw32.to(weight.dtype) if need_w else None
         gb = gb32.to(bias.dtype) if need_b else None
-        return gh, gw, gb, None, None, None, None, None, None, None
+        return gh, gw, gb, *none
 
 
-def sequence_logp_sums(hidden, weight, rows, targets, seq, num_seqs, bias=None, *, chunk_size=None,
-                       strategy="auto", group=None, deferred_budget=2**30):
+def sequence_logp_sums(hidden, weight, rows, targets, seq, num_seqs, bias=None, *, chunk_size=None, chunk_bytes=None,
+                       strategy="auto", group=None, return_logit_means=False):
     """Per-sequence sums of log softmax(hidden[rows] @ weight.T + bias)[targets] -> float32 [num_seqs].
 
     hidden [..., H] (any leading shape, flattened), weight [V, H], bias [V] or None, rows / targets / seq [M]
     int64: entry m reads row rows[m] of the flattened hidden, predicts targets[m], adds to sum seq[m].
-    Differentiable in hidden, weight and bias (see the module docstring for strategies and `group`)."""
+    Differentiable in hidden, weight and bias (see the module docstring for strategies and `group`).
+    chunk_size: entries per chunk (default `default_chunk_size`, about M·H/V, at most chunk_bytes of logits).
+    return_logit_means=True also returns float32 [num_seqs]: per sequence, the sum over its entries of the
+    vocabulary-mean logit (not differentiable; TRL's logits/chosen and logits/rejected metrics)."""
     if strategy not in ("auto", "deferred", "recompute"):
         raise ValueError(f"strategy must be 'auto', 'deferred' or 'recompute', got {strategy!r}")
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
@@ -257,24 +304,25 @@ def sequence_logp_sums(hidden, weight, rows, targets, seq, num_seqs, bias=None, 
     if rows.numel() and (int(rows.max()) >= hidden2d.shape[0] or int(rows.min()) < 0):
         bad = int(rows.max()) if int(rows.max()) >= hidden2d.shape[0] else int(rows.min())
         raise ValueError(f"hidden_index points at row {bad} of a hidden with {hidden2d.shape[0]} rows")
-    chunk = int(chunk_size or default_chunk_size(v, hidden.dtype))
+    if chunk_bytes is not None and int(chunk_bytes) < 1:
+        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+    chunk = int(chunk_size or default_chunk_size(rows.shape[0], weight.shape[1], v, hidden.dtype, chunk_bytes))
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if not torch.is_grad_enabled():
         strategy = "recompute"  # no backward will come: the forward computes the LSE only
     elif strategy == "auto":
         trains_head = weight.requires_grad or (bias is not None and bias.requires_grad)
-        accumulators = num_seqs * v * weight.shape[1] * 4
-        strategy = "deferred" if not trains_head or accumulators <= deferred_budget else "recompute"
-    # entries sorted by sequence: a chunk then spans few sequences (one weight-gradient product per sequence)
-    order = torch.argsort(seq, stable=True)
-    return _SequenceLogpSums.apply(hidden2d, weight, bias, rows[order], targets[order], seq[order], num_seqs, chunk,
-                                   strategy, group)
+        strategy = "recompute" if trains_head else "deferred"
+    sums, logit_means = _SequenceLogpSums.apply(hidden2d, weight, bias, rows, targets, seq, num_seqs, chunk, strategy,
+                                                group)
+    return (sums, logit_means) if return_logit_means else sums
 
 
 def fused_linear_orpo_loss(hidden, weight, labels, *, bias=None, beta=0.1, nll_weight=1.0, mode="orpo",
                            sequence_ids=None, segment_ids=None, hidden_index=None, num_pairs=None,
-                           skip_empty=False, ignore_index=-100, chunk_size=None, strategy="auto", group=None):
+                           skip_empty=False, ignore_index=-100, chunk_size=None, chunk_bytes=None, strategy="auto",
+                           group=None):
     """ORPO (or SFT) loss of an LM head on final hidden states, never materializing the [tokens, V] logits.
 
     hidden: classic `[2B, T, H]` (B chosen rows, then the B rejected rows, row b pairs with row B + b; SFT:
@@ -287,11 +335,12 @@ def fused_linear_orpo_loss(hidden, weight, labels, *, bias=None, beta=0.1, nll_w
         nll = token mean over all chosen label tokens; log_odds = (c - r) - (log1mexp(c) - log1mexp(r));
         loss = nll_weight * nll - mean_pairs(beta * logsigmoid(log_odds)); SFT: loss = nll_weight * nll.
     A response with no label tokens raises ValueError, or with skip_empty=True its pair is skipped and counted.
-    chunk_size: loss entries per chunk (default: [chunk, V] logits of about 512 MiB); strategy: "auto",
-        "deferred" or "recompute" (module docstring); group: sequence-parallel process group (module docstring).
+    chunk_size: loss entries per chunk (default about M·H/V, see `default_chunk_size`); chunk_bytes: cap on one
+        chunk's logits in bytes (default 512 MiB); strategy: "auto", "deferred" (frozen head) or "recompute"
+        (module docstring); group: sequence-parallel process group (module docstring).
     Returns (loss, metrics): metrics float tensors named like TRL's (rewards/chosen, rewards/rejected,
-        rewards/accuracies, rewards/margins, logps/chosen, logps/rejected, nll_loss, log_odds_ratio,
-        log_odds_chosen) plus skipped_pairs.
+        rewards/accuracies, rewards/margins, logps/chosen, logps/rejected, logits/chosen, logits/rejected,
+        nll_loss, log_odds_ratio, log_odds_chosen) plus skipped_pairs.
 
     Example:
         loss, metrics = fused_linear_orpo_loss(hidden, model.lm_head.weight, labels, beta=0.1)
@@ -311,9 +360,11 @@ def fused_linear_orpo_loss(hidden, weight, labels, *, bias=None, beta=0.1, nll_w
         pairs = int(p)
     counts = global_sum(torch.bincount(seq, minlength=2 * pairs), group)
     check_empty_sequences(counts, mode, skip_empty)
-    sums = sequence_logp_sums(hidden, weight, rows, targets, seq, 2 * pairs, bias, chunk_size=chunk_size,
-                              strategy=strategy, group=group)
-    return orpo_objective(sums, counts, mode=mode, beta=beta, nll_weight=nll_weight, skip_empty=skip_empty)
+    sums, logit_means = sequence_logp_sums(hidden, weight, rows, targets, seq, 2 * pairs, bias, chunk_size=chunk_size,
+                                           chunk_bytes=chunk_bytes, strategy=strategy, group=group,
+                                           return_logit_means=True)
+    return orpo_objective(sums, counts, mode=mode, beta=beta, nll_weight=nll_weight, skip_empty=skip_empty,
+                          logit_means=logit_means)
 
 
 def shared_prompt_targets(input_ids, segment_ids, sequence_ids=None):

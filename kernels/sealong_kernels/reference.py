@@ -329,7 +329,7 @@ def check_empty_sequences(counts, mode="orpo", skip_empty=False):
     return keep
 
 
-def orpo_objective(logp_sum, counts, *, mode="orpo", beta=0.1, nll_weight=1.0, skip_empty=False):
+def orpo_objective(logp_sum, counts, *, mode="orpo", beta=0.1, nll_weight=1.0, skip_empty=False, logit_means=None):
     """ORPO / SFT loss and TRL-named metrics from per-sequence log-prob sums.
 
     logp_sum [2P] (differentiable), counts [2P]: sums and numbers of label tokens of the chosen (2p) and
@@ -341,6 +341,11 @@ def orpo_objective(logp_sum, counts, *, mode="orpo", beta=0.1, nll_weight=1.0, s
         loss     = nll_weight * nll                                                  (SFT)
     Pairs with an empty response raise, or with skip_empty=True are left out of every term and counted in
     metrics['skipped_pairs']. If no pair is left the loss is 0 (with zero gradients), never NaN.
+    logit_means [2P] (optional, `sequence_logit_means`): per sequence, the sum over its label tokens of the
+    vocabulary-mean logit; gives TRL's logits/chosen (logits/rejected) = the mean logit over every vocabulary
+    entry of every chosen (rejected) label token of the kept pairs, i.e. logits[loss_mask].mean() as TRL's
+    DPOTrainer computes it (its ORPOTrainer averages over every position, prompt and padding included, which
+    a loss over label tokens never sees).
     """
     keep = check_empty_sequences(counts, mode, skip_empty)
     sums = logp_sum.reshape(-1, 2)
@@ -356,6 +361,11 @@ def orpo_objective(logp_sum, counts, *, mode="orpo", beta=0.1, nll_weight=1.0, s
     loss = nll_weight * nll
     metrics["nll_loss"] = nll.detach().float()
     metrics["logps/chosen"] = chosen.detach().mean().float()
+    if logit_means is not None:
+        z = logit_means.detach().reshape(-1, 2)[keep].to(n_k.dtype)
+        metrics["logits/chosen"] = (z[:, 0].sum() / n_k[:, 0].sum()).float()
+        if mode == "orpo":
+            metrics["logits/rejected"] = (z[:, 1].sum() / n_k[:, 1].sum()).float()
     if mode == "sft":
         return loss, metrics
     rejected = sums_k[:, 1] / n_k[:, 1]
@@ -388,20 +398,21 @@ def global_sum(local, group=None):
     return local + (total - local.detach())
 
 
-def logits_rows(logits, targets, lse=None, write_grad=False):
-    """Twin of orpo.logits_rows (the per-chunk row kernel) on a [C, V] chunk: returns (lse [C], target_logit [C])
-    float32 (target_logit None when lse is given); with write_grad the chunk is overwritten in place with
-    G = onehot(target) - softmax(z), d logp / d z."""
+def logits_rows(logits, targets, lse=None, write_grad=False, scale=None):
+    """Twin of orpo.logits_rows (the per-chunk row kernel) on a [C, V] chunk: returns (lse [C], target_logit [C],
+    logit_sum [C]) float32 (target_logit and logit_sum = sum_v z_v are None when lse is given); with write_grad
+    the chunk is overwritten in place with G = onehot(target) - softmax(z), d logp / d z, times scale [C]."""
     z = logits.float()
-    target_logit = None
+    target_logit = logit_sum = None
     if lse is None:
         lse = torch.logsumexp(z, dim=-1)
         target_logit = z.gather(1, targets[:, None].long())[:, 0]
+        logit_sum = z.sum(-1)
     if write_grad:
         g = -(z - lse[:, None]).exp()
         g.scatter_add_(1, targets[:, None].long(), torch.ones_like(g[:, :1]))
-        logits.copy_(g)
-    return lse, target_logit
+        logits.copy_(g if scale is None else g * scale[:, None])
+    return lse, target_logit, logit_sum
 
 
 def sequence_logp_sums(hidden, weight, rows, targets, seq, num_seqs, bias=None):
@@ -414,11 +425,22 @@ def sequence_logp_sums(hidden, weight, rows, targets, seq, num_seqs, bias=None):
     return torch.zeros(num_seqs, dtype=logp.dtype, device=logp.device).index_add(0, seq, logp)
 
 
+def sequence_logit_means(hidden, weight, rows, seq, num_seqs, bias=None):
+    """Per-sequence sums over entries of the vocabulary-mean logit, mean_v (hidden[rows] @ weight.T + b)[v]
+    -> [num_seqs] (for TRL's logits/chosen and logits/rejected metrics), full logits."""
+    h = hidden.reshape(-1, hidden.shape[-1])[rows]
+    logits = h @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    z = logits.detach().mean(-1)
+    return torch.zeros(num_seqs, dtype=z.dtype, device=z.device).index_add(0, seq, z)
+
+
 def fused_linear_orpo_loss(hidden, weight, labels, *, bias=None, beta=0.1, nll_weight=1.0, mode="orpo",
                            sequence_ids=None, segment_ids=None, hidden_index=None, num_pairs=None,
                            skip_empty=False, ignore_index=-100, group=None, **kernel_options):
     """Twin of sealong_kernels.fused_linear_orpo_loss computed from the full [M, V] logits (same arguments;
-    chunk_size / strategy are accepted and ignored). Returns (loss, metrics)."""
+    chunk_size / chunk_bytes / strategy are accepted and ignored). Returns (loss, metrics)."""
     rows, targets, seq, pairs = preference_entries(labels, mode=mode, sequence_ids=sequence_ids,
                                                    segment_ids=segment_ids, hidden_index=hidden_index,
                                                    num_pairs=num_pairs, ignore_index=ignore_index)
@@ -431,7 +453,9 @@ def fused_linear_orpo_loss(hidden, weight, labels, *, bias=None, beta=0.1, nll_w
     counts = global_sum(torch.bincount(seq, minlength=2 * pairs), group)
     check_empty_sequences(counts, mode, skip_empty)
     sums = global_sum(sequence_logp_sums(hidden, weight, rows, targets, seq, 2 * pairs, bias), group)
-    return orpo_objective(sums, counts, mode=mode, beta=beta, nll_weight=nll_weight, skip_empty=skip_empty)
+    logit_means = global_sum(sequence_logit_means(hidden, weight, rows, seq, 2 * pairs, bias), group)
+    return orpo_objective(sums, counts, mode=mode, beta=beta, nll_weight=nll_weight, skip_empty=skip_empty,
+                          logit_means=logit_means)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -81,9 +81,85 @@ def test_gpu_tile_config_under_interpreter(device, monkeypatch):
         with mock.patch.object(dec, "interpreting", lambda: False):
             return original(*args)
 
-    assert gpu_config(12 * 3, 40, 600, 2 * 1)[:4] == (64, 64, 4, 2)  # BLOCK_M, BLOCK_N, warps, 2 key splits
+    assert gpu_config(12 * 3, 40, 600, 2 * 1)[:4] == (64, 64, 8, 2)  # BLOCK_M, BLOCK_N, warps, 2 key splits
     monkeypatch.setattr(dec, "_launch_config", gpu_config)
     q, k, v, cu_q, cu_p = make([12, 1], [600, 77], 6, 2, 40, torch.float32, device)
     out, lse = prefix_decode_attention(q, k, v, cu_q, cu_p)
     ref_out, ref_lse = reference.prefix_decode_attention(q.double(), k.double(), v.double(), cu_q, cu_p)
     assert rel_err(out, ref_out) < 1e-5 and rel_err(lse, ref_lse) < 1e-5
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 5])
+def test_odd_sizes_and_split_merge(device, num_splits):
+    """Odd sizes everywhere (D = 20, G = 3, prefixes 1, 53, 19 tokens, 7 / 1 / 4 samples) and 1, 2 or 5 key splits:
+    the split merge kernel (several splits, some with no key for the shorter prefixes) against float64."""
+    q, k, v, cu_q, cu_p = make([7, 1, 4], [1, 53, 19], 9, 3, 20, torch.float32, device)
+    out, lse = prefix_decode_attention(q, k, v, cu_q, cu_p, num_splits=num_splits, softmax_scale=0.3)
+    ref_out, ref_lse = reference.prefix_decode_attention(q.double(), k.double(), v.double(), cu_q, cu_p, 0.3)
+    assert rel_err(out, ref_out) < 1e-5 and rel_err(lse, ref_lse) < 1e-6
+
+
+def test_merge_splits_kernel_alone(device):
+    """merge_splits on hand-made partials: 4 splits, rows where some or all splits are empty (lse -inf)."""
+    from sealong_kernels.decode import merge_splits
+
+    s, m, hq, d = 4, 37, 3, 24
+    part_out = torch.randn(s, m, hq, d, device=device)
+    part_lse = torch.randn(s, hq, m, device=device) * 3
+    part_lse[1:, :, 5] = float("-inf")           # row 5: only split 0 saw keys
+    part_lse[:, 1, 9] = float("-inf")            # row 9, head 1: no split saw a key
+    part_out[1:, 5] = 0
+    part_out[:, 9, 1] = 0
+    out = torch.empty(m, hq, d, dtype=torch.float16, device=device)
+    lse = torch.empty(hq, m, device=device)
+    merge_splits(part_out, part_lse, out, lse)
+    want_out, want_lse = part_out[0].double(), part_lse[0].double()
+    for i in range(1, s):
+        want_out, want_lse = reference.merge_attention_partials(want_out, want_lse, part_out[i].double(),
+                                                                part_lse[i].double())
+    assert out.dtype == torch.float16 and rel_err(out, want_out) < 1e-3
+    assert torch.isneginf(lse[1, 9]) and torch.equal(out[9, 1], torch.zeros_like(out[9, 1]))
+    finite = torch.isfinite(want_lse)
+    assert rel_err(lse[finite], want_lse[finite]) < 1e-6 and torch.equal(torch.isfinite(lse), finite)
+
+
+def test_grid_is_folded_below_the_cuda_limit(device, monkeypatch):
+    """20000 prompts x 8 kv heads = 160000 (prompt, kv head) blocks: more than CUDA's 65535 for a grid's second or
+    third dimension. The launch folds them into the first dimension (limit 2^31 - 1)."""
+    import sealong_kernels.decode as dec
+
+    assert dec.launch_grid(3, 20000, 8, 4) == (3 * 20000 * 8, 4)
+    with pytest.raises(ValueError, match="decode grid too large"):
+        dec.launch_grid(1, 1, 1, 70000)
+
+    class Launched(Exception):
+        pass
+
+    class Recorder:  # stands in for the kernel: records the grid of the launch, then stops
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise Launched(grid)
+            return launch
+
+    monkeypatch.setattr(dec, "_prefix_decode_kernel", Recorder())
+    n, hq, hkv, d = 20000, 32, 8, 16
+    q = torch.zeros(n, hq, d, device=device)
+    k = torch.zeros(n, hkv, d, device=device)
+    cu = torch.arange(n + 1, device=device, dtype=torch.int32)  # one sample and one prefix token per prompt
+    with pytest.raises(Launched) as launched:
+        dec.prefix_decode_attention(q, k, k, cu, cu)
+    grid = launched.value.args[0]
+    assert len(grid) == 2 and grid[1] <= dec.MAX_GRID_YZ and grid[0] >= n * hkv, grid
+
+
+def test_cu_tensors_dtype_device_and_coverage_named(device):
+    q, k, v, cu_q, cu_p = make([2, 3], [5, 4], 4, 2, 16, torch.float32, device)
+    with pytest.raises(TypeError, match="cu_q must be int32 on q's device .* got torch.int64"):
+        prefix_decode_attention(q, k, v, cu_q.long(), cu_p)
+    with pytest.raises(TypeError, match="cu_prefix must be int32"):
+        prefix_decode_attention(q, k, v, cu_q, cu_p.float())
+    if device == "cuda":
+        with pytest.raises(TypeError, match="cu_prefix must be int32 on q's device"):
+            prefix_decode_attention(q, k, v, cu_q, cu_p.cpu())
+    with pytest.raises(ValueError, match=r"cu_q\[-1\] = 4 must equal the number of query rows M = 5"):
+        prefix_decode_attention(q, k, v, torch.tensor([0, 2, 4], dtype=torch.int32, device=device), cu_p)

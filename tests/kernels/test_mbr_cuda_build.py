@@ -1,17 +1,45 @@
-"""The CUDA C++ MBR kernel (csrc/) compiles with the machine's nvcc for sm_90 and the module imports without a
-GPU. Its numbers are checked against the reference in test_mbr_kernel.py under `-m gpu`."""
+"""The CUDA C++ MBR kernel (csrc/) compiles with the machine's nvcc for sm_80 and sm_90 (+ PTX), both land in
+the binary, and the module imports without a GPU; an extension that cannot run on the GPU falls back to Triton
+once. Its numbers are checked against the reference in test_mbr_kernel.py under `-m gpu`."""
 
 import importlib.util
+import os
+import subprocess
+import warnings
 
 import pytest
+import torch
+import triton
 
-from sealong_kernels import cuda_build
+import sealong_kernels.mbr as mbr
+from sealong_kernels import cuda_build, reference
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def test_arch_list_from_argument_environment_and_default(monkeypatch):
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    assert cuda_build.arch_list() == ["8.0", "9.0+PTX"]
+    assert cuda_build.gencode_flags(cuda_build.arch_list()) == [
+        "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+        "-gencode=arch=compute_90,code=compute_90"]
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6 9.0a;10.0+PTX")
+    assert cuda_build.arch_list() == ["8.6", "9.0a", "10.0+PTX"]
+    assert cuda_build.gencode_flags(["9.0a"]) == ["-gencode=arch=compute_90a,code=sm_90a"]
+    assert cuda_build.arch_list("90") == ["9.0"]
+    with pytest.raises(ValueError, match="CUDA architecture 'Ampere'"):
+        cuda_build.arch_list("Ampere")
 
 
 @pytest.mark.skipif(cuda_build.nvcc_path() is None, reason="nvcc is not on PATH (compile-only test)")
-def test_csrc_compiles_and_imports(tmp_path):
-    path = cuda_build.build(str(tmp_path), arch="90")
+def test_csrc_compiles_for_two_architectures_and_imports(tmp_path):
+    path = cuda_build.build(str(tmp_path), arch="8.0;9.0+PTX")
     assert path.endswith(".so") and [p.name for p in tmp_path.iterdir()] == [path.rsplit("/", 1)[1]]
+    if os.path.exists(CUOBJDUMP):  # the fatbin holds an sm_80 and an sm_90 cubin and compute_90 PTX
+        elf = subprocess.run([CUOBJDUMP, "--list-elf", path], capture_output=True, text=True, check=True).stdout
+        ptx = subprocess.run([CUOBJDUMP, "--list-ptx", path], capture_output=True, text=True, check=True).stdout
+        assert ".sm_80." in elf and ".sm_90." in elf, elf
+        assert ".sm_90." in ptx and ".sm_80." not in ptx, ptx
     spec = importlib.util.spec_from_file_location("_C", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -34,6 +62,30 @@ def test_build_reports_missing_sources(tmp_path):
         with pytest.raises(RuntimeError, match="no CUDA sources"):
             cuda_build.build(str(tmp_path), csrc=str(tmp_path))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_auto_backend_falls_back_to_triton_once(monkeypatch):
+    """An extension built for other GPUs fails its launch (RuntimeError "no kernel image ..."): backend "auto"
+    warns once, returns the Triton kernel's scores, and never tries the extension again in this process.
+    (CPU tensors stand in for CUDA ones: the Triton kernel runs under the interpreter.)"""
+    calls = []
+
+    def failing_launch(*args):
+        calls.append(1)
+        raise RuntimeError("mbr_scores launch failed: no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(mbr, "cuda_extension", lambda: object())
+    monkeypatch.setattr(mbr, "mbr_scores_cuda", failing_launch)
+    monkeypatch.setattr(mbr, "_EXTENSION_USABLE", [True])
+    emb = torch.randn(2, 5, 24)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = mbr._cuda_or_triton(emb, None, True, False, 1e-12)
+        second = mbr._cuda_or_triton(emb, None, True, False, 1e-12)
+    assert len(calls) == 1 and len(caught) == 1 and "\n" not in str(caught[0].message)
+    assert "cannot run on this GPU (mbr_scores launch failed: no kernel image" in str(caught[0].message)
+    want = reference.mbr_scores(emb.double())
+    assert torch.allclose(first.double(), want, atol=1e-6) and torch.equal(first, second)
 
 
 # Compiles the Triton kernel for sm_90 without a GPU (TRITON_INTERPRET unset, in a fresh process) at the launch

@@ -13,7 +13,7 @@ import sealong_kernels as sk
 from sealong_kernels import reference as ref
 
 METRICS = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-           "logps/rejected", "nll_loss", "log_odds_ratio", "log_odds_chosen"]
+           "logps/rejected", "logits/chosen", "logits/rejected", "nll_loss", "log_odds_ratio", "log_odds_chosen"]
 
 
 def rel(a, b):
@@ -35,9 +35,11 @@ def classic_batch(pairs, t, h, v, lengths, device, scale=1.0):
 
 
 def run_both(hidden, weight, bias, labels, dtype, **kw):
-    """(loss, metrics, grads) of the kernel in `dtype` and of the float64 reference on the same inputs."""
-    ins64 = [x.clone().requires_grad_() if x is not None else None for x in (hidden, weight, bias)]
-    ins = [x.to(dtype).clone().requires_grad_() if x is not None else None for x in (hidden, weight, bias)]
+    """(loss, metrics, grads) of the kernel in `dtype` and of the float64 reference on the same inputs.
+    frozen_head=True: only hidden requires a gradient (the LoRA case, where "deferred" applies)."""
+    train = (True, not kw.get("frozen_head"), not kw.pop("frozen_head", False))
+    ins64 = [x.clone().requires_grad_(t) if x is not None else None for x, t in zip((hidden, weight, bias), train)]
+    ins = [x.to(dtype).clone().requires_grad_(t) if x is not None else None for x, t in zip((hidden, weight, bias), train)]
     chunk = kw.pop("chunk_size", 7)
     strategy = kw.pop("strategy", "auto")
     loss_r, m_r = ref.fused_linear_orpo_loss(ins64[0], ins64[1], labels, bias=ins64[2], **kw)
@@ -45,7 +47,7 @@ def run_both(hidden, weight, bias, labels, dtype, **kw):
     loss_k, m_k = sk.fused_linear_orpo_loss(ins[0], ins[1], labels, bias=ins[2], chunk_size=chunk,
                                             strategy=strategy, **kw)
     loss_k.backward()
-    grads = [(a.grad, b.grad) for a, b in zip(ins, ins64) if a is not None]
+    grads = [(a.grad, b.grad) for a, b in zip(ins, ins64) if a is not None and a.requires_grad]
     return (loss_k, m_k), (loss_r, m_r), grads
 
 
@@ -61,7 +63,8 @@ def check(kernel, reference, grads, tol, metrics=METRICS):
         assert rel(gk, gr) <= tol, rel(gk, gr)
 
 
-# (dtype, strategy, bias, relative tolerance): float16 logits and G carry ~1e-3 relative rounding
+# (dtype, strategy, bias, relative tolerance): float16 logits and G carry ~1e-3 relative rounding.
+# "deferred" is for a frozen head (a trained one runs "recompute"): its cases train the hidden states only.
 CASES = [
     (torch.float32, "deferred", True, 2e-5),
     (torch.float32, "recompute", False, 2e-5),
@@ -75,7 +78,9 @@ def test_classic_layout_matches_reference(dtype, strategy, with_bias, tol, devic
     # 3 pairs of different response lengths; T=23, H=19, V=301, chunk 7: nothing divides anything
     hidden, weight, bias, labels = classic_batch(3, 23, 19, 301, [5, 11, 17, 3, 9, 1], device)
     kernel, reference, grads = run_both(hidden, weight, bias if with_bias else None, labels, dtype,
-                                        strategy=strategy, beta=0.3, nll_weight=0.7)
+                                        strategy=strategy, beta=0.3, nll_weight=0.7,
+                                        frozen_head=strategy == "deferred")
+    assert len(grads) == (1 if strategy == "deferred" else 2 + with_bias)
     check(kernel, reference, grads, tol)
 
 
@@ -95,7 +100,9 @@ def test_reference_is_trl_formula(device):
     assert torch.allclose(loss, nll - beta * ratio.mean(), rtol=1e-12)
     want = {"nll_loss": nll, "logps/chosen": c.mean(), "logps/rejected": r.mean(), "log_odds_ratio": ratio.mean(),
             "log_odds_chosen": log_odds.mean(), "rewards/chosen": beta * c.mean(), "rewards/rejected": beta * r.mean(),
-            "rewards/margins": beta * (c - r).mean(), "rewards/accuracies": (c > r).double().mean()}
+            "rewards/margins": beta * (c - r).mean(), "rewards/accuracies": (c > r).double().mean(),
+            # TRL's logits[loss_mask].mean(): every vocabulary entry of every chosen / rejected label token
+            "logits/chosen": logits[:2][mask[:2]].mean(), "logits/rejected": logits[2:][mask[2:]].mean()}
     for name, value in want.items():
         assert abs(float(metrics[name]) - float(value)) <= 1e-6 * (1 + abs(float(value))), name
 
@@ -103,7 +110,8 @@ def test_reference_is_trl_formula(device):
 def test_sft_mode_matches_reference(device):
     hidden, weight, bias, labels = classic_batch(2, 21, 13, 127, [7, 3, 12, 5], device)
     kernel, reference, grads = run_both(hidden, weight, bias, labels, torch.float32, mode="sft", chunk_size=5)
-    check(kernel, reference, grads, 2e-5, metrics=["nll_loss", "logps/chosen"])
+    check(kernel, reference, grads, 2e-5, metrics=["nll_loss", "logps/chosen", "logits/chosen"])
+    assert "logits/rejected" not in kernel[1]
     # SFT = token-mean NLL over every labeled token of the batch
     mask = labels != -100
     logits = hidden @ weight.T + bias
@@ -132,7 +140,8 @@ def test_packed_layout_matches_reference(strategy, device):
     hidden = torch.randn(seq.shape[0], h, dtype=torch.float64, device=device)
     weight = torch.randn(v, h, dtype=torch.float64, device=device) / 3
     kernel, reference, grads = run_both(hidden, weight, None, lab, torch.float32, strategy=strategy,
-                                        sequence_ids=seq, segment_ids=seg, chunk_size=6)
+                                        sequence_ids=seq, segment_ids=seg, chunk_size=6,
+                                        frozen_head=strategy == "deferred")
     check(kernel, reference, grads, 2e-5)
 
 
@@ -269,14 +278,16 @@ def test_row_kernel_lse_target_and_gradient(rows_per_program, dtype, device):
     z = logits.double()
     lse_want = z.logsumexp(-1)
     g_want = torch.nn.functional.one_hot(targets, 2500).double() - z.softmax(-1)
-    lse, target_logit = logits_rows(logits, targets, write_grad=True, rows_per_program=rows_per_program)
+    lse, target_logit, zsum = logits_rows(logits, targets, write_grad=True, rows_per_program=rows_per_program)
     assert rel(lse, lse_want) <= 1e-6 and torch.equal(target_logit, z.gather(1, targets[:, None])[:, 0].float())
+    assert rel(zsum, z.sum(-1)) <= 1e-6
     tol = 1e-6 if dtype == torch.float32 else 2e-3
     assert rel(logits, g_want) <= tol
-    # the backward configuration: lse given, gradient only
+    # the backward configuration: lse given, gradient times a per-row scale only
     again = z.to(dtype)
-    assert logits_rows(again, targets, lse=lse, write_grad=True, rows_per_program=rows_per_program)[1] is None
-    assert rel(again, g_want) <= tol
+    scale = torch.randn(37, device=device)
+    assert logits_rows(again, targets, lse=lse, write_grad=True, scale=scale, rows_per_program=rows_per_program)[1:] == (None, None)
+    assert rel(again, g_want * scale.double()[:, None]) <= tol
 
 
 def test_no_grad_forward_and_default_chunk(device):
@@ -289,8 +300,14 @@ def test_no_grad_forward_and_default_chunk(device):
         loss_eval, _ = sk.fused_linear_orpo_loss(hidden, weight, labels, chunk_size=2, strategy="deferred")
     loss, _ = sk.fused_linear_orpo_loss(hidden, weight, labels, chunk_size=2, strategy="deferred")
     assert not loss_eval.requires_grad and abs(loss_eval.item() - loss.item()) <= 1e-6 * abs(loss.item())
-    assert default_chunk_size(128256, torch.bfloat16) == 2048 and default_chunk_size(128256, torch.float32) == 1024
-    assert default_chunk_size(10**9, torch.float32) == 16
+    # about M * H / V rows (a chunk's logits ~ the hidden states' size), at least 1024, capped by chunk_bytes and M
+    assert default_chunk_size(33792, 4096, 128256, torch.bfloat16) == 2048                  # 525 MB of logits
+    assert default_chunk_size(33792, 4096, 128256, torch.float32) == 1024                   # capped at 512 MiB
+    assert default_chunk_size(33792, 4096, 128256, torch.bfloat16, chunk_bytes=2**28) == 1024
+    assert default_chunk_size(131072, 4096, 128256, torch.bfloat16, chunk_bytes=2**40) == 4096
+    assert default_chunk_size(2048, 4096, 128256, torch.bfloat16) == 1024                   # the matmul floor
+    assert default_chunk_size(100, 16, 257, torch.float32) == 100 and default_chunk_size(5, 64, 32, torch.float32) == 5
+    assert default_chunk_size(10, 8, 10**9, torch.float32) == 1
 
 
 def test_cpu_fallback_without_the_interpreter(monkeypatch):
