@@ -133,7 +133,8 @@ class PipelineConfig(Checked):
     eval_samples: int = option(16, "samples per eval question for MBR@N / oracle@N", ge=1)
     tiny_warmup_steps: Optional[int] = option(
         None, "demo only: labelled training steps of the tiny base model before SEALONG starts (the base model's "
-        "own training, not the learning-rate warmup, which is train.warmup_ratio); default: sealong/tiny.py's", ge=0)
+        "own training, not the learning-rate warmup, which is train.warmup_ratio); None: TinyConfig's (sealong/tiny.py)",
+        ge=0)
     nproc_per_node: int = option(1, "processes (GPUs) of the torchrun training job", ge=1)
     train_args: str = option("", "extra sealong.train flags, one string (e.g. \"--sp 8 --ulysses 4\")")
     # options of the stages, set for the whole run (None: the stage's value from --config, the preset or its default)

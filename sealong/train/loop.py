@@ -205,7 +205,7 @@ class Logger:
         elif cfg.report_to == "wandb":
             try:
                 import wandb
-                self.wandb = wandb.init(project="sealong", dir=cfg.output_dir, config=cfg.to_dict(), resume="allow")
+                self.wandb = wandb.init(project="sealong", dir=cfg.output_dir, config=cfg.to_dict())
             except ImportError:
                 log.warning("report_to=wandb, but wandb is not installed (pip install 'sealong[logging]'): "
                             "metrics go to metrics.jsonl only")
