@@ -10,6 +10,7 @@ plain-torch twin in `sealong_kernels.reference` (the test oracle and the CPU fal
     sk.ring_attention(q, k, v, group, causal=True)        # zigzag-sharded inputs -> (out, lse)
     sk.ulysses_attention(q, k, v, group, causal=True)     # sequence-sharded inputs -> out
     sk.fused_linear_orpo_loss(hidden, weight, labels, ...)   # -> (loss, metrics)
+    sk.trl.ORPOTrainer / sk.trl.LigerORPOLoss                # TRL integration (TRL itself imported on first use)
 """
 
 from . import reference
@@ -21,3 +22,12 @@ from .ring import merge_partials_, ring_attention, ring_schedule, shard_ranges
 from .ulysses import hybrid_attention, sequence_index, ulysses_attention
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    """`sk.trl` on first access: the package never imports the optional TRL integration by itself."""
+    if name == "trl":
+        import importlib
+
+        return importlib.import_module(".trl", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
