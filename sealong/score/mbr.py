@@ -32,7 +32,8 @@ near-duplicate (seeding stays on).
 Outputs (JSON lines, append-only, resumable: a re-run skips ids already written and cuts a torn last line):
     scores: the samples record + `scores` (null = invalid), `chosen`, `rejected`, `chosen_text`,
             `rejected_text`, `pair_similarity`, `utility`, or `skipped` with its reason
-    pairs:  the same for questions with a pair, plus `context` (from the record or from --prompts, by id)
+    pairs:  the same for questions with a pair, plus `context` (from the record or from --prompts, by id);
+            with --pairs-format trl, TRL's conversational preference records instead (see `pair_record`)
 """
 
 import argparse
@@ -51,6 +52,7 @@ from sealong.score.embed import embed, load_embedder  # noqa: F401
 from sealong.jsonl import JsonlError, append_jsonl, completed_ids, numbered_records, read_jsonl
 
 UTILITIES = ("embedding", "rouge", "answer", "random")
+PAIRS_FORMATS = ("sealong", "trl")
 
 
 @dataclass
@@ -64,12 +66,15 @@ class ScoreConfig:
     reference_mode: bool = False     # the authors' exact behaviour (see the module docstring)
     device: str | None = None        # None: cuda when available, else cpu
     trust_remote_code: bool = False  # let the embedding model run code from its folder (jina-embeddings-v3 needs it)
+    pairs_format: str = "sealong"    # pairs file: "sealong" (scores record + context) or "trl" (prompt/chosen/rejected)
 
     def __post_init__(self):
         if self.utility not in UTILITIES:
             raise ValueError(f"utility must be one of {UTILITIES}, got {self.utility!r}")
         if not 0.0 <= self.dedup_threshold <= 1.0:
             raise ValueError(f"dedup_threshold must be in [0, 1] (0 keeps all), got {self.dedup_threshold}")
+        if self.pairs_format not in PAIRS_FORMATS:
+            raise ValueError(f"pairs_format must be one of {PAIRS_FORMATS}, got {self.pairs_format!r}")
         if self.batch_size < 1 or self.chunk < 1:
             raise ValueError(f"batch_size and chunk must be >= 1, got {self.batch_size}, {self.chunk}")
 
@@ -236,6 +241,22 @@ def _choose(rec, row, valid, gen, cfg, emb):
 # ---------------------------------------------------------------------------------------------- the stage
 
 
+def pair_record(rec, context, pairs_format="sealong"):
+    """One line of the pairs file: the scores record plus its context ("sealong"), or TRL's conversational
+    preference record ("trl"): {"id", "prompt": [user message], "chosen": [assistant message], "rejected": [...]}
+    with the user message of sealong's training (the record's `prompt`, else context + question through the
+    record's `strategy`, default plan_and_solve), so TRL applies the same chat template."""
+    if pairs_format == "sealong":
+        return dict(rec, context=context)
+    from sealong.data import prompts
+
+    message = rec["prompt"] if isinstance(rec.get("prompt"), str) else prompts.user_message(
+        context, rec["question"], rec.get("strategy", prompts.DEFAULT_STRATEGY))
+    return {"id": rec["id"], "prompt": [{"role": "user", "content": message}],
+            "chosen": [{"role": "assistant", "content": rec["chosen_text"]}],
+            "rejected": [{"role": "assistant", "content": rec["rejected_text"]}]}
+
+
 def score_file(samples, out, cfg, pairs=None, prompts=None, log=sys.stderr):
     """Score `samples` into `out` (and `pairs`), resuming; return counts {"written", "skipped: <why>", ...}."""
     records = read_samples(samples)
@@ -263,12 +284,12 @@ def score_file(samples, out, cfg, pairs=None, prompts=None, log=sys.stderr):
     total = sum(len(r["outputs"]) for r in todo)
     start = time.perf_counter()
     if backlog:
-        append_jsonl(pairs, [dict(r, context=r.get("context", contexts.get(r["id"]))) for r in backlog])
+        append_jsonl(pairs, [pair_record(r, r.get("context", contexts.get(r["id"])), cfg.pairs_format) for r in backlog])
         counts["pairs"] += len(backlog)
     with tqdm(total=total, unit="out", desc=f"score ({cfg.utility})", file=log, disable=log is None) as bar:
         for i in range(0, len(todo), cfg.chunk):
             results = score_chunk(todo[i : i + cfg.chunk], cfg, bar)
-            new_pairs = [dict(r, context=r.get("context", contexts.get(r["id"]))) for r in results
+            new_pairs = [pair_record(r, r.get("context", contexts.get(r["id"])), cfg.pairs_format) for r in results
                          if "skipped" not in r and r["id"] not in pairs_done]
             if pairs and new_pairs:
                 append_jsonl(pairs, new_pairs)  # pairs first: a crash before the scores line redoes the id
@@ -300,6 +321,8 @@ def add_arguments(parser):
     parser.add_argument("--reference-mode", action="store_true",
                         help="the authors' code: self-similarity in the mean, truncated outputs may be chosen, no dedup")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--pairs-format", choices=PAIRS_FORMATS, default="sealong",
+                        help="pairs file format: sealong's, or TRL's conversational prompt/chosen/rejected records")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="let the embedding model run code from its folder (e.g. jina-embeddings-v3, the paper's)")
 
@@ -322,7 +345,7 @@ def run(args):
         prompts = None
     cfg = ScoreConfig(utility=args.utility, model=args.model, batch_size=args.batch_size, chunk=args.chunk,
                       seed=args.seed, dedup_threshold=args.dedup_threshold, reference_mode=args.reference_mode,
-                      device=args.device, trust_remote_code=args.trust_remote_code)
+                      device=args.device, trust_remote_code=args.trust_remote_code, pairs_format=args.pairs_format)
     try:
         counts = score_file(samples, out, cfg, pairs=pairs, prompts=prompts)
     except (JsonlError, ValueError, FileNotFoundError) as err:
