@@ -12,11 +12,11 @@ from trl_fixtures import VOCAB, build_tokenizer, orpo_args, preference_rows, req
 import sealong_kernels as sk
 
 
-def train(trainer_class, ORPOConfig, tmp_path, model, rows, steps=3, record=False):
+def train(trainer_class, ORPOConfig, tmp_path, model, rows, steps=3, record=False, **extra):
     from datasets import Dataset
 
     trainer = trainer_class(model=model, args=orpo_args(ORPOConfig, tmp_path / trainer_class.__module__, steps),
-                            train_dataset=Dataset.from_list(rows), processing_class=build_tokenizer())
+                            train_dataset=Dataset.from_list(rows), processing_class=build_tokenizer(), **extra)
     if record:
         if hasattr(trainer, "orpo_loss_fn"):  # ours
             trainer.orpo_loss_fn.chunk_size = 8  # logits chunks of [8, V]
@@ -29,12 +29,21 @@ def train(trainer_class, ORPOConfig, tmp_path, model, rows, steps=3, record=Fals
     return trainer, None
 
 
-def test_our_trainer_matches_trl_for_three_steps(tmp_path):
+@pytest.mark.parametrize("lora", [False, True])
+def test_our_trainer_matches_trl_for_three_steps(tmp_path, lora):
+    """Training logs, then evaluation (TRL's prediction_step and eval_ metrics), full fine-tuning and LoRA."""
+    from datasets import Dataset
+
     ORPOConfig, TRLTrainer = require_trl()
     model = tiny_llama()
     rows = preference_rows(4)
-    theirs, _ = train(TRLTrainer, ORPOConfig, tmp_path, copy.deepcopy(model), rows)
-    ours, _ = train(sk.trl.ORPOTrainer, ORPOConfig, tmp_path, model, rows)
+    extra = {"eval_dataset": Dataset.from_list(preference_rows(2, seed=5))}
+    if lora:
+        from peft import LoraConfig
+
+        extra["peft_config"] = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    theirs, _ = train(TRLTrainer, ORPOConfig, tmp_path, copy.deepcopy(model), rows, **extra)
+    ours, _ = train(sk.trl.ORPOTrainer, ORPOConfig, tmp_path, model, rows, **extra)
     assert isinstance(ours, TRLTrainer)
     logs_t = [h for h in theirs.state.log_history if "loss" in h]
     logs_o = [h for h in ours.state.log_history if "loss" in h]
@@ -47,6 +56,11 @@ def test_our_trainer_matches_trl_for_three_steps(tmp_path):
         for name in names:
             assert o[name] == pytest.approx(t[name], rel=2e-4, abs=2e-5), (step, name, o[name], t[name])
     assert logs_o[-1]["loss"] < logs_o[0]["loss"]  # it trains
+    eval_t, eval_o = theirs.evaluate(), ours.evaluate()
+    assert set(eval_t) == set(eval_o) and {"eval_loss", "eval_logits/chosen", "eval_nll_loss"} <= set(eval_o)
+    for name in eval_t:
+        if "runtime" not in name and "per_second" not in name:
+            assert eval_o[name] == pytest.approx(eval_t[name], rel=2e-4, abs=2e-5), (name, eval_o[name], eval_t[name])
 
 
 def test_our_trainer_allocates_no_batch_by_vocabulary_tensor(tmp_path):
