@@ -7,12 +7,12 @@ import copy
 import pytest
 import torch
 from size_recorder import SizeRecorder
-from trl_fixtures import VOCAB, build_tokenizer, orpo_args, preference_rows, require_trl, tiny_llama
+from trl_fixtures import VOCAB, build_tokenizer, orpo_args, preference_rows, require_trl, tiny_llama, tiny_lora
 
 import sealong_kernels as sk
 
 
-def train(trainer_class, ORPOConfig, tmp_path, model, rows, steps=3, record=False, **extra):
+def train(trainer_class, ORPOConfig, tmp_path, model, rows, steps=3, record=False, strategy="auto", **extra):
     from datasets import Dataset
 
     trainer = trainer_class(model=model, args=orpo_args(ORPOConfig, tmp_path / trainer_class.__module__, steps),
@@ -20,8 +20,7 @@ def train(trainer_class, ORPOConfig, tmp_path, model, rows, steps=3, record=Fals
     if record:
         if hasattr(trainer, "orpo_loss_fn"):  # ours
             trainer.orpo_loss_fn.chunk_size = 8  # logits chunks of [8, V]
-            # the head trains here: "auto" would keep per-sum [V, H] accumulators ("deferred"), within a budget
-            trainer.orpo_loss_fn.strategy = "recompute"
+            trainer.orpo_loss_fn.strategy = strategy
         with SizeRecorder() as rec:
             trainer.train()
         return trainer, rec.largest
@@ -37,11 +36,7 @@ def test_our_trainer_matches_trl_for_three_steps(tmp_path, lora):
     ORPOConfig, TRLTrainer = require_trl()
     model = tiny_llama()
     rows = preference_rows(4)
-    extra = {"eval_dataset": Dataset.from_list(preference_rows(2, seed=5))}
-    if lora:
-        from peft import LoraConfig
-
-        extra["peft_config"] = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    extra = {"eval_dataset": Dataset.from_list(preference_rows(2, seed=5)), "peft_config": tiny_lora() if lora else None}
     theirs, _ = train(TRLTrainer, ORPOConfig, tmp_path, copy.deepcopy(model), rows, **extra)
     ours, _ = train(sk.trl.ORPOTrainer, ORPOConfig, tmp_path, model, rows, **extra)
     assert isinstance(ours, TRLTrainer)
@@ -63,16 +58,22 @@ def test_our_trainer_matches_trl_for_three_steps(tmp_path, lora):
             assert eval_o[name] == pytest.approx(eval_t[name], rel=2e-4, abs=2e-5), (name, eval_o[name], eval_t[name])
 
 
-def test_our_trainer_allocates_no_batch_by_vocabulary_tensor(tmp_path):
+@pytest.mark.parametrize("lora", [False, True])
+def test_our_trainer_allocates_no_batch_by_vocabulary_tensor(tmp_path, lora):
+    """Full fine-tuning ("recompute": the head trains) and LoRA (default strategy: the head is frozen)."""
     ORPOConfig, TRLTrainer = require_trl()
+    extra = {"peft_config": tiny_lora() if lora else None}
     rows = preference_rows(2, seed=1)
     tok = build_tokenizer()
     longest = max(len(tok(r["prompt"] + " " + max(r["chosen"], r["rejected"], key=len))["input_ids"]) for r in rows)
     # the concatenated batch is [2B, T, V] with B = 2 and T >= the longest prompt + answer (+ BOS, EOS)
     logits_bytes = 4 * (longest - 1) * VOCAB * 4
-    _, (ours, op) = train(sk.trl.ORPOTrainer, ORPOConfig, tmp_path, tiny_llama(), rows, steps=1, record=True)
+    # a trained head: "auto" would keep per-sum [V, H] accumulators ("deferred"), within a budget
+    strategy = "auto" if lora else "recompute"
+    _, (ours, op) = train(sk.trl.ORPOTrainer, ORPOConfig, tmp_path, tiny_llama(), rows, steps=1, record=True,
+                          strategy=strategy, **extra)
     assert ours < logits_bytes, (ours, op, logits_bytes)
-    _, (theirs, _) = train(TRLTrainer, ORPOConfig, tmp_path, tiny_llama(), rows, steps=1, record=True)
+    _, (theirs, _) = train(TRLTrainer, ORPOConfig, tmp_path, tiny_llama(), rows, steps=1, record=True, **extra)
     assert theirs >= logits_bytes  # the recorder sees TRL's logits
 
 

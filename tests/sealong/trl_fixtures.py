@@ -36,6 +36,12 @@ def tiny_llama(seed=0, vocab=VOCAB):
     return model
 
 
+def tiny_lora():
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+
+
 def preference_rows(n=4, seed=0):
     """n records of TRL's standard format: prompt, chosen, rejected strings of different lengths."""
     rng = random.Random(seed)
@@ -49,4 +55,4 @@ def orpo_args(ORPOConfig, out, steps=3, **extra):
                       save_strategy="no", learning_rate=1e-3, beta=0.1, seed=0, disable_tqdm=True, **extra)
 
 
-__all__ = ["VOCAB", "build_tokenizer", "orpo_args", "preference_rows", "require_trl", "tiny_llama"]
+__all__ = ["VOCAB", "build_tokenizer", "orpo_args", "preference_rows", "require_trl", "tiny_llama", "tiny_lora"]
