@@ -82,6 +82,16 @@ def mean_logits(hidden, weight, bias=None):
     return value + (bias.detach().float().mean() if bias is not None else 0.0)
 
 
+def head_dtype(hidden, weight, bias=None):
+    """(hidden, weight, bias) in one dtype, as the LM head would compute: the autocast dtype under mixed
+    precision (TRL's bf16=True: bfloat16 hidden states, float32 weights), else the weight's dtype."""
+    if hidden.dtype == weight.dtype and (bias is None or bias.dtype == weight.dtype):
+        return hidden, weight, bias
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
 def fused_linear_orpo_trl(hidden, weight, target, bias=None, nll_target=None, *, beta=0.1, compute_nll_loss=True,
                           ignore_index=-100, chunk_size=None, strategy="auto"):
     """TRL's ORPO loss (module docstring) on hidden [2B, T, H] (or [2B * T, H]) and the LM head weight [V, H].
@@ -90,6 +100,7 @@ def fused_linear_orpo_trl(hidden, weight, target, bias=None, nll_target=None, *,
     rewards/margins, logps/chosen, logps/rejected, logits/chosen, logits/rejected, nll_loss, log_odds_ratio,
     log_odds_chosen) as batch means, and the per-pair float32 [B] tensors chosen_logps / rejected_logps."""
     rows, targets, seq, pairs = preference_entries_with_nll(target.to(hidden.device), nll_target, ignore_index)
+    hidden, weight, bias = head_dtype(hidden, weight, bias)
     hidden3 = hidden.reshape(target.shape[0], target.shape[1], hidden.shape[-1])
     sums = sequence_logp_sums(hidden3, weight, rows, targets, seq, SUMS_PER_PAIR * pairs, bias,
                               chunk_size=chunk_size, strategy=strategy).reshape(pairs, SUMS_PER_PAIR)

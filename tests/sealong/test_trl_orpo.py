@@ -122,6 +122,19 @@ def test_liger_style_loss_object_matches_trl_formulas(with_nll_target):
     torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-6)
 
 
+def test_mixed_precision_runs_the_head_in_the_autocast_dtype():
+    """TRL's bf16=True: bfloat16 hidden states from autocast, float32 head weights (no dtype error)."""
+    hidden = torch.randn(4, 9, 16, requires_grad=True)
+    weight = torch.randn(40, 16) * 0.3
+    target = torch.where(torch.arange(9)[None] >= 3, torch.randint(0, 40, (4, 9)), -100)
+    want, _ = sk.trl.LigerORPOLoss()(weight, hidden, target)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, extras = sk.trl.LigerORPOLoss()(weight, hidden.bfloat16(), target)
+    loss.backward()
+    assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
+    assert float(loss) == pytest.approx(float(want), rel=3e-2)
+
+
 def test_trl_module_imports_without_touching_trl():
     """`import sealong_kernels` never imports TRL (the optional extra); the loss object needs none."""
     import subprocess
