@@ -15,6 +15,7 @@ plain-torch twin in `sealong_kernels.reference` (the test oracle and the CPU fal
 Imports are lazy (PEP 562 module __getattr__): `import sealong_kernels` and `sealong_kernels.reference` need
 torch only, so the references run where triton is not installed (macOS); the first use of a kernel (or of a
 submodule such as `sealong_kernels.hf`) imports its module, and with it triton.
+    sk.trl.ORPOTrainer / sk.trl.LigerORPOLoss             # TRL integration (TRL imported on first use only)
 """
 
 import importlib
@@ -31,7 +32,7 @@ _EXPORTS = {
     "hybrid_attention": "ulysses", "sequence_index": "ulysses", "ulysses_attention": "ulysses",
 }
 _SUBMODULES = ("attention", "attention_kernels", "cuda_build", "decode", "hf", "mbr", "orpo", "reference", "ring",
-               "ring_merge", "runtime", "ulysses")
+               "ring_merge", "runtime", "trl", "ulysses")
 
 
 def __getattr__(name):

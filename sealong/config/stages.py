@@ -18,6 +18,7 @@ from .fields import Checked, option
 Dtype = Literal["bfloat16", "float16", "float32"]
 Strategy = Literal[tuple(STRATEGIES)]
 UTILITIES = ("embedding", "rouge", "answer", "random")
+PAIRS_FORMATS = ("sealong", "trl")
 
 
 @dataclass
@@ -98,6 +99,9 @@ class ScoreConfig(Checked):
     device: Optional[str] = option(None, "cuda or cpu (default: cuda when available)")
     trust_remote_code: bool = option(False, "let the embedding model run code from its folder (e.g. "
                                      "jina-embeddings-v3, the paper's)")
+    pairs_format: Literal[PAIRS_FORMATS] = option(
+        "sealong", "pairs file format: sealong's (scores record + context), or TRL's conversational "
+        "prompt/chosen/rejected records")
 
 
 @dataclass

@@ -32,7 +32,8 @@ near-duplicate (seeding stays on).
 Outputs (JSON lines, append-only, resumable: a re-run skips ids already written and cuts a torn last line):
     scores: the samples record + `scores` (null = invalid), `chosen`, `rejected`, `chosen_text`,
             `rejected_text`, `pair_similarity`, `utility`, or `skipped` with its reason
-    pairs:  the same for questions with a pair, plus `context` (from the record or from --prompts, by id)
+    pairs:  the same for questions with a pair, plus `context` (from the record or from --prompts, by id);
+            with --pairs-format trl, TRL's conversational preference records instead (see `pair_record`)
 """
 
 import functools
@@ -47,7 +48,7 @@ import sealong_kernels as sk
 from sealong.score.embed import embed, load_embedder  # noqa: F401
 from sealong.jsonl import JsonlError, append_jsonl, completed_ids, numbered_records, read_jsonl
 
-from sealong.config.stages import UTILITIES, ScoreConfig  # noqa: F401 (the stage's options, one place)
+from sealong.config.stages import PAIRS_FORMATS, UTILITIES, ScoreConfig  # noqa: F401 (the stage's options, one place)
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -213,6 +214,22 @@ def _choose(rec, row, valid, gen, cfg, emb):
 # ---------------------------------------------------------------------------------------------- the stage
 
 
+def pair_record(rec, context, pairs_format="sealong"):
+    """One line of the pairs file: the scores record plus its context ("sealong"), or TRL's conversational
+    preference record ("trl"): {"id", "prompt": [user message], "chosen": [assistant message], "rejected": [...]}
+    with the user message of sealong's training (the record's `prompt`, else context + question through the
+    record's `strategy`, default plan_and_solve), so TRL applies the same chat template."""
+    if pairs_format == "sealong":
+        return dict(rec, context=context)
+    from sealong.data import prompts
+
+    message = rec["prompt"] if isinstance(rec.get("prompt"), str) else prompts.user_message(
+        context, rec["question"], rec.get("strategy", prompts.DEFAULT_STRATEGY))
+    return {"id": rec["id"], "prompt": [{"role": "user", "content": message}],
+            "chosen": [{"role": "assistant", "content": rec["chosen_text"]}],
+            "rejected": [{"role": "assistant", "content": rec["rejected_text"]}]}
+
+
 def score_file(samples, out, cfg, pairs=None, prompts=None, log=sys.stderr):
     """Score `samples` into `out` (and `pairs`), resuming; return counts {"written", "skipped: <why>", ...}."""
     records = read_samples(samples)
@@ -240,12 +257,12 @@ def score_file(samples, out, cfg, pairs=None, prompts=None, log=sys.stderr):
     total = sum(len(r["outputs"]) for r in todo)
     start = time.perf_counter()
     if backlog:
-        append_jsonl(pairs, [dict(r, context=r.get("context", contexts.get(r["id"]))) for r in backlog])
+        append_jsonl(pairs, [pair_record(r, r.get("context", contexts.get(r["id"])), cfg.pairs_format) for r in backlog])
         counts["pairs"] += len(backlog)
     with tqdm(total=total, unit="out", desc=f"score ({cfg.utility})", file=log, disable=log is None) as bar:
         for i in range(0, len(todo), cfg.chunk):
             results = score_chunk(todo[i : i + cfg.chunk], cfg, bar)
-            new_pairs = [dict(r, context=r.get("context", contexts.get(r["id"]))) for r in results
+            new_pairs = [pair_record(r, r.get("context", contexts.get(r["id"])), cfg.pairs_format) for r in results
                          if "skipped" not in r and r["id"] not in pairs_done]
             if pairs and new_pairs:
                 append_jsonl(pairs, new_pairs)  # pairs first: a crash before the scores line redoes the id

@@ -1,8 +1,9 @@
 """Checkpoints of `sealong.train`: trained weights, configs, data position, loop, optimizer and RNG states.
 
     output_dir/checkpoints/step_000040/
-        adapter/                 LoRA in PEFT format (adapter_config.json + adapter_model.safetensors),
-                                 loadable with PeftModel.from_pretrained onto transformers' model
+        adapter/                 LoRA in PEFT format (adapter_config.json + adapter_model.safetensors + a
+                                 model card README.md), loadable with PeftModel.from_pretrained onto
+                                 transformers' model or on its own: AutoPeftModelForCausalLM.from_pretrained(adapter)
         model.safetensors        full fine-tuning only: every weight, Hugging Face names
         state.json               train config, model config, step, data position, counts, loop state
         optimizer.pt             optimizer, scheduler and loss-scaler states (read with weights_only=True)
@@ -89,7 +90,7 @@ def save_checkpoint(output_dir, step, *, model, optimizer, scheduler, scaler, st
     _fsync(os.path.join(tmp, f"rng_rank{rank}.pt"))
     if rank == 0:
         if finetune == "lora":
-            model.save_pretrained(os.path.join(tmp, "adapter"))
+            save_adapter(model, os.path.join(tmp, "adapter"), state)
         else:
             save_model(model, os.path.join(tmp, "model.safetensors"))  # tied weights stored once
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -110,6 +111,57 @@ def save_checkpoint(output_dir, step, *, model, optimizer, scheduler, scaler, st
         _prune(output_dir, keep)
     barrier()
     return final
+
+
+def save_adapter(model, folder, state):
+    """The LoRA adapter in PEFT format, loadable by transformers + peft alone: task_type CAUSAL_LM (so peft
+    writes no `auto_mapping` to sealong's model class and AutoPeftModelForCausalLM knows the head),
+    base_model_name_or_path = the absolute model folder of the run, and a model card (README.md) with the
+    settings, the data summary and how to load it."""
+    train_cfg = state.get("train_config", {})
+    base = train_cfg.get("model") or None
+    if base and os.path.isdir(base):
+        base = os.path.abspath(base)
+    for config in model.peft_config.values():
+        config.task_type = "CAUSAL_LM"
+        config.base_model_name_or_path = base
+    # sealong never resizes the embeddings; "auto" would read the base config through sealong's model class
+    model.save_pretrained(folder, save_embedding_layers=False)
+    with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:  # replaces peft's empty card
+        f.write(model_card(state, base))
+
+
+def model_card(state, base):
+    """Markdown model card of a sealong adapter: what it is, how to load it, the run's settings and data."""
+    cfg = state.get("train_config", {})
+    settings = "\n".join(f"| `{key}` | `{json.dumps(value)}` |" for key, value in sorted(cfg.items()))
+    return f"""---
+library_name: peft
+pipeline_tag: text-generation
+tags: [sealong, {cfg.get("mode", "orpo")}, lora]
+---
+
+# sealong LoRA adapter
+
+A LoRA adapter trained by `sealong.train` ({cfg.get("mode", "orpo").upper()} on the model's own MBR-scored outputs,
+SEALONG, arXiv 2411.08147) on the base model `{base}`; step {state.get("step")} of {state.get("total_steps")}
+({state.get("epoch")} epochs completed, {state.get("pairs_seen")} pairs seen).
+
+Data: {state.get("data", "unknown")}.
+
+## Load
+
+```python
+from peft import AutoPeftModelForCausalLM
+model = AutoPeftModelForCausalLM.from_pretrained("path/to/this/adapter")   # loads the base model above
+```
+
+## Settings
+
+| key | value |
+| --- | --- |
+{settings}
+"""
 
 
 STALE_DIR = re.compile(r"^step_\d+\.(tmp|old)$")

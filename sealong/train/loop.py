@@ -42,7 +42,7 @@ from . import checkpoint as ckpt
 from .distributed import all_reduce_grads, all_reduce_sum, cleanup, print0, setup
 from .pairs import label_counts, load_pairs, pack_pair
 from .config import TrainConfig, lr_at
-from .loss import METRIC_NAMES, micro_objective, row_logp_sums
+from .loss import METRIC_NAMES, metric_means, micro_objective, row_logit_sums, row_logp_sums
 from .mesh import TrainMesh
 
 log = logging.getLogger("sealong.train")
@@ -116,9 +116,10 @@ def batch_indices(step, num_pairs, steps_per_epoch, cfg):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def micro_step_sums(model, lm_head, pairs, cfg, mesh, device):
+def micro_step_sums(model, lm_head, pairs, cfg, mesh, device, logit_sums=None):
     """Global per-sequence log-prob sums [2p] of a micro-batch's p pairs (chosen 2j, rejected 2j + 1), and
-    the number of tokens this rank ran through the model."""
+    the number of tokens this rank ran through the model. logit_sums: an optional float32 [2p] tensor that
+    receives the per-sequence sums of the mean logit (`row_logit_sums`, the logits/* metrics)."""
     num_seqs = 2 * len(pairs)
     sums, tokens = torch.zeros(num_seqs, dtype=torch.float32, device=device), 0
     for j, pair in enumerate(pairs):
@@ -130,6 +131,9 @@ def micro_step_sums(model, lm_head, pairs, cfg, mesh, device):
             sums = sums + row_logp_sums(hidden, lm_head.weight, to_dev(local.labels), to_dev(local.seq_index),
                                         num_seqs, bias=lm_head.bias, chunk_size=cfg.loss_chunk_size,
                                         group=mesh.sp_group)
+            if logit_sums is not None:
+                logit_sums += row_logit_sums(hidden, lm_head.weight, to_dev(local.labels), to_dev(local.seq_index),
+                                             num_seqs, bias=lm_head.bias, group=mesh.sp_group)
             tokens += local.input_ids.numel()
     return sums, tokens
 
@@ -147,10 +151,11 @@ def train_step(model, lm_head, params, optimizer, scaler, batch, cfg, mesh, devi
     for m in range(accum):
         start = (m * mesh.dp + mesh.dp_rank) * cfg.micro_batch_pairs
         pairs = batch[start:start + cfg.micro_batch_pairs]
-        sums, tokens = micro_step_sums(model, lm_head, pairs, cfg, mesh, device)
+        logit_sums = torch.zeros(2 * len(pairs), dtype=torch.float32, device=device)
+        sums, tokens = micro_step_sums(model, lm_head, pairs, cfg, mesh, device, logit_sums)
         loss, metrics = micro_objective(sums, sequence_counts(pairs).to(device), mode=cfg.mode, beta=cfg.beta,
                                         nll_weight=cfg.nll_weight, batch_chosen_tokens=chosen_tokens,
-                                        batch_pairs=len(batch))
+                                        batch_pairs=len(batch), logit_sums=logit_sums)
         # `loss` is this micro-batch's share of the batch loss (batch-wide denominators): no 1/accum here
         (scaler.scale(loss) if scaler is not None else loss).backward()
         # every rank of an sp group computed the same (global) loss and metrics: count them once
@@ -169,10 +174,9 @@ def train_step(model, lm_head, params, optimizer, scaler, batch, cfg, mesh, devi
     optimizer.zero_grad(set_to_none=True)
     sums_of = all_reduce_sum(sums_of.to(device)).cpu()  # on the device: NCCL reduces CUDA tensors only
     record = {"loss": sums_of[-2].item()}
-    names = METRIC_NAMES if cfg.mode == "orpo" else ("logps/chosen", "nll_loss")
-    for name in names:
-        i = METRIC_NAMES.index(name)
-        record[name] = sums_of[i].item() / (chosen_tokens if name == "nll_loss" else len(batch))
+    names = METRIC_NAMES if cfg.mode == "orpo" else ("logps/chosen", "nll_loss", "logits/chosen")
+    means = metric_means(sums_of, len(batch), [sum(label_counts(p)[k] for p in batch) for k in (0, 1)])
+    record.update({name: means[name] for name in names})
     record.update(grad_norm=float(grad_norm), tokens=int(sums_of[-1].item()))
     if scaler is not None:
         record["loss_scale"] = float(scaler.get_scale())

@@ -26,9 +26,12 @@ import sealong_kernels as sk
 from sealong_kernels import reference
 from sealong_kernels.reference import orpo_objective
 
+# TRL's ORPOTrainer metric names, all of them
 METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-                "logps/rejected", "log_odds_ratio", "log_odds_chosen", "nll_loss")
+                "logps/rejected", "log_odds_ratio", "log_odds_chosen", "nll_loss", "logits/chosen", "logits/rejected")
 PAIR_METRICS = ("rewards/accuracies", "logps/chosen", "logps/rejected", "log_odds_ratio", "log_odds_chosen")
+# token means: over the batch's chosen (0) or rejected (1) label tokens; every other metric is a mean over pairs
+TOKEN_METRICS = {"nll_loss": 0, "logits/chosen": 0, "logits/rejected": 1}
 
 
 def row_logp_sums(hidden, weight, labels, seq_index, num_seqs, *, bias=None, chunk_size=0, group=None):
@@ -46,12 +49,36 @@ def row_logp_sums(hidden, weight, labels, seq_index, num_seqs, *, bias=None, chu
     return reference.global_sum(sums.float(), group)
 
 
-def micro_objective(sums, counts, *, mode, beta, nll_weight, batch_chosen_tokens, batch_pairs):
+def row_logit_sums(hidden, weight, labels, seq_index, num_seqs, *, bias=None, group=None):
+    """Per-sequence sums over the label tokens of the mean logit -> float32 [num_seqs] (detached, a metric).
+
+    mean_v (W h_t + b)_v = h_t . mean_v(W_v) + mean(b): no logits, one [H] vector. TRL logs this mean as
+    logits/chosen and logits/rejected (over every position of its padded batch; here over the answer tokens).
+    Arguments as `row_logp_sums`; summed over `group` (sequence parallel)."""
+    rows = torch.nonzero(labels != -100).flatten()
+    per_token = hidden.detach().index_select(0, rows).float() @ weight.detach().float().mean(0)
+    if bias is not None:
+        per_token = per_token + bias.detach().float().mean()
+    sums = torch.zeros(num_seqs, dtype=torch.float32, device=hidden.device).index_add_(0, seq_index[rows], per_token)
+    if group is not None:
+        torch.distributed.all_reduce(sums, group=group)
+    return sums
+
+
+def metric_means(sums, batch_pairs, batch_tokens):
+    """{name: batch mean} from metric sums [len(METRIC_NAMES)]: TOKEN_METRICS over the batch's label tokens
+    batch_tokens = (chosen, rejected), the others over its pairs."""
+    return {name: float(sums[i]) / max(batch_tokens[TOKEN_METRICS[name]] if name in TOKEN_METRICS else batch_pairs, 1)
+            for i, name in enumerate(METRIC_NAMES)}
+
+
+def micro_objective(sums, counts, *, mode, beta, nll_weight, batch_chosen_tokens, batch_pairs, logit_sums=None):
     """This micro-step's share of the batch loss and its metric sums.
 
-    sums [2p] float32 (the global per-sequence log-prob sums of its p pairs), counts [2p] label tokens.
-    Returns (loss share to backpropagate, metrics float64 [len(METRIC_NAMES)] summed over the p pairs, except
-    nll_loss: summed over chosen tokens). Divide by the batch's pairs / chosen tokens to get TRL's means.
+    sums [2p] float32 (the global per-sequence log-prob sums of its p pairs), counts [2p] label tokens,
+    logit_sums [2p] (optional, `row_logit_sums`). Returns (loss share to backpropagate, metrics float64
+    [len(METRIC_NAMES)] summed over the p pairs, except TOKEN_METRICS: summed over their tokens); `metric_means`
+    turns the sums over the batch into TRL's means.
     """
     pairs = counts.numel() // 2
     chosen_tokens = float(counts[0::2].sum())
@@ -60,6 +87,9 @@ def micro_objective(sums, counts, *, mode, beta, nll_weight, batch_chosen_tokens
     out = torch.zeros(len(METRIC_NAMES), dtype=torch.float64)
     out[METRIC_NAMES.index("nll_loss")] = float(m["nll_loss"]) * chosen_tokens
     out[METRIC_NAMES.index("logps/chosen")] = float(m["logps/chosen"]) * pairs
+    if logit_sums is not None:
+        out[METRIC_NAMES.index("logits/chosen")] = float(logit_sums[0::2].sum())
+        out[METRIC_NAMES.index("logits/rejected")] = float(logit_sums[1::2].sum()) if mode == "orpo" else 0.0
     if mode == "orpo":
         for name in PAIR_METRICS:
             out[METRIC_NAMES.index(name)] = float(m[name]) * pairs

@@ -3,7 +3,9 @@
 Input records (JSON lines, one per question; the scoring stage writes them):
     {"id": ..., "context": ..., "question": ..., "chosen_text": ..., "rejected_text": ...}
 A record may give its user message directly as `prompt` instead of `context` + `question`. SFT needs only
-`chosen_text`. A record with a `skipped` reason, or an empty chosen / rejected text, is skipped and counted.
+`chosen_text`. TRL's preference format is read too (`prompt` / `chosen` / `rejected`, see `trl_record`), and
+the file may be JSON lines, a JSON file (a list of records, or columns) or a `datasets` folder written by
+`save_to_disk` (see `preference_records`). A record with a `skipped` reason, or an empty chosen / rejected text, is skipped and counted.
 A malformed line stops loading with the file and line; nothing is read lazily, so a bad record never
 stops training in the middle of an epoch.
 
@@ -28,6 +30,7 @@ the middle (head and tail kept: the chat header and the question survive); the n
 counted. A pair whose answers alone leave no room for a prompt of `MIN_PROMPT` tokens is skipped and counted.
 """
 
+import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -119,19 +122,21 @@ def load_pairs(path, tokenizer, *, mode="orpo", max_length=32768, strategy=promp
     if strategy not in prompts.STRATEGIES:
         raise ValueError(f"unknown prompt strategy {strategy!r}; choose one of {', '.join(prompts.STRATEGIES)}")
     data = PairData(pairs=[])
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file not found: {path}")
-    for number, record in numbered_records(path):
-        where = f"{path}:{number}"
+    for number, where, record in preference_records(path):
         if record.get("skipped"):
             data.skipped["skipped by the scoring stage"] += 1
             continue
-        chosen_text = _text_field(record, "chosen_text", where)
-        rejected_text = _text_field(record, "rejected_text", where, required=mode == "orpo")
+        prompt = None
+        if is_trl_record(record):
+            prompt, chosen_text, rejected_text = trl_record(tokenizer, record, where, mode)
+        else:
+            chosen_text = _text_field(record, "chosen_text", where)
+            rejected_text = _text_field(record, "rejected_text", where, required=mode == "orpo")
         if not chosen_text.strip() or (mode == "orpo" and not rejected_text.strip()):
             data.skipped["empty chosen or rejected text"] += 1
             continue
-        prompt = encode_prompt(tokenizer, user_message(record, strategy, where))
+        if prompt is None:
+            prompt = encode_prompt(tokenizer, user_message(record, strategy, where))
         if prompt.numel() == 0:
             data.skipped["empty prompt"] += 1
             continue
@@ -148,6 +153,122 @@ def load_pairs(path, tokenizer, *, mode="orpo", max_length=32768, strategy=promp
             data.truncated += 1
         data.pairs.append(Pair(str(record.get("id", number)), prompt, chosen, rejected, truncated))
     return data
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Other formats: JSON, datasets folders, TRL's preference records
+# ---------------------------------------------------------------------------------------------------------
+
+
+def preference_records(path):
+    """Yield (number, where, record) for the records of `path`; `where` names the file and line (or record).
+
+    JSON lines (one object a line; any other file name than below), `*.json` (a list of records, a
+    `{column: [values]}` table, or either under a "train" key), or a folder written by datasets'
+    `save_to_disk` (a Dataset, or a DatasetDict: its "train" split, or its only split)."""
+    if os.path.isdir(path):
+        yield from _dataset_records(path)
+        return
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    if not path.endswith(".json"):
+        for number, record in numbered_records(path):
+            yield number, f"{path}:{number}", record
+        return
+    with open(path, encoding="utf-8") as f:
+        try:
+            table = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+    if isinstance(table, dict) and isinstance(table.get("train"), (list, dict)):
+        table = table["train"]
+    if isinstance(table, dict) and table and all(isinstance(v, list) for v in table.values()):
+        lengths = {len(v) for v in table.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"{path}: columns of different lengths {sorted(lengths)}")
+        table = [dict(zip(table, values)) for values in zip(*table.values())]
+    if not isinstance(table, list):
+        raise ValueError(f"{path}: expected a list of records or a table of columns, got {type(table).__name__}")
+    for number, record in enumerate(table, 1):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: record {number}: expected an object, got {type(record).__name__}")
+        yield number, f"{path}: record {number}", record
+
+
+def _dataset_records(path):
+    try:
+        import datasets
+    except ImportError as err:
+        raise ValueError(f"{path} is a folder: reading a datasets folder needs `pip install datasets` ({err})") from None
+    try:
+        ds = datasets.load_from_disk(path)
+    except FileNotFoundError as err:
+        raise ValueError(f"{path}: not a folder written by datasets' save_to_disk ({err})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds and len(ds) != 1:
+            raise ValueError(f"{path}: a DatasetDict with splits {sorted(ds)} and no 'train' split")
+        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    for number, record in enumerate(ds, 1):
+        yield number, f"{path}: row {number}", record
+
+
+def is_trl_record(record):
+    """TRL's preference format: `chosen` (and `rejected`), no sealong `chosen_text`."""
+    return "chosen" in record and "chosen_text" not in record
+
+
+def _messages(value, where, key):
+    if not isinstance(value, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                              and isinstance(m.get("role"), str) for m in value):
+        raise ValueError(f"{where}: field {key!r} must be a list of {{'role', 'content'}} messages with string "
+                         f"content, got {json.dumps(value, default=str)[:80]}")
+    return value
+
+
+def _answer_content(messages, where, key):
+    if len(messages) != 1 or messages[0]["role"] != "assistant":
+        raise ValueError(f"{where}: field {key!r} must hold one assistant message after the prompt, got roles "
+                         f"{[m['role'] for m in messages]}")
+    return messages[0]["content"]
+
+
+def trl_record(tokenizer, record, where, mode="orpo"):
+    """(prompt ids [P], chosen text, rejected text or None) of a record in TRL's preference format.
+
+    Conversational: `prompt` a list of messages, `chosen` / `rejected` one assistant message each; without
+    `prompt` (TRL's implicit prompt) the messages shared by `chosen` and `rejected` are the prompt. The prompt
+    goes through the chat template with the generation prompt, as sealong's own records (answers: the
+    message content and EOS, as `encode_answer`). Standard: strings, the prompt tokenized as plain text
+    (TRL applies no template to strings) with the tokenizer's BOS in front when it has one."""
+    chosen, rejected, prompt = record.get("chosen"), record.get("rejected"), record.get("prompt")
+    if mode == "orpo" and rejected is None:
+        raise ValueError(f"{where}: TRL preference record without 'rejected' (ORPO needs both answers)")
+    if isinstance(chosen, list):
+        chosen = _messages(chosen, where, "chosen")
+        rejected = None if rejected is None else _messages(rejected, where, "rejected")
+        if prompt is None:
+            shared = 0
+            while (rejected is not None and shared < min(len(chosen), len(rejected)) - 1
+                   and chosen[shared] == rejected[shared]):
+                shared += 1
+            prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected and rejected[shared:]
+            if not prompt:
+                raise ValueError(f"{where}: no 'prompt', and 'chosen' and 'rejected' share no leading message")
+        prompt = _messages(prompt, where, "prompt")
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"{where}: conversational record, but the tokenizer has no chat template")
+        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return (torch.tensor(ids, dtype=torch.long), _answer_content(chosen, where, "chosen"),
+                None if rejected is None else _answer_content(rejected, where, "rejected"))
+    prompt = _text_field(record, "prompt", where)
+    chosen = _text_field(record, "chosen", where)
+    rejected = _text_field(record, "rejected", where, required=mode == "orpo")
+    ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos] + ids
+    return torch.tensor(ids, dtype=torch.long), chosen, rejected
 
 
 def _answer_labels(answer):
