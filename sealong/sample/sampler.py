@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sealong.data.prompts import DEFAULT_STRATEGY, STRATEGIES
-from .kv_cache import PrefixCache, SuffixCache, decode_step, prefill, prefix_attention_fn
+from .kv_cache import DecodeBatch, PrefixPool, SuffixCache, decode_step, prefill, prefix_attention_fn
 
 MASK64 = (1 << 64) - 1
 
@@ -43,11 +43,13 @@ class SamplingParams:
     eos_token_ids: tuple = ()  # any of these ends a sample with finish reason "stop" (the token is counted)
     prefill_chunk: int = 4096  # prompt tokens per prefill forward
     backend: str = "auto"  # "auto" (Triton kernels on CUDA, reference on CPU), "triton", "reference"
-    stats: dict = field(default_factory=lambda: {"prefill_tokens": 0, "decode_tokens": 0, "decode_steps": 0})
+    decode_slots: int = 0  # samples decoded together (continuous batching); 0 = all samples of a generate() call
+    stats: dict = field(default_factory=lambda: {"prefill_tokens": 0, "decode_tokens": 0, "decode_steps": 0,
+                                                 "busy_slot_steps": 0, "slot_steps": 0})
 
     def __post_init__(self):
-        if self.max_new_tokens < 1 or self.prefill_chunk < 1:
-            raise ValueError("max_new_tokens and prefill_chunk must be >= 1")
+        if self.max_new_tokens < 1 or self.prefill_chunk < 1 or self.decode_slots < 0:
+            raise ValueError("max_new_tokens and prefill_chunk must be >= 1 and decode_slots >= 0")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {self.temperature}, {self.top_p}, {self.top_k}")
         if self.backend not in ("auto", "triton", "reference"):
@@ -74,7 +76,11 @@ def _shr(x, s):
 
 def uniform(seeds: torch.Tensor, step: int) -> torch.Tensor:
     """Counter-based U[0, 1) float64 per row: splitmix64(seed + golden * (step + 1)), 53 bits."""
-    z = seeds + _signed((0x9E3779B97F4A7C15 * (step + 1)) & MASK64)
+    return _uniform_from(seeds + _signed((0x9E3779B97F4A7C15 * (step + 1)) & MASK64))
+
+
+def _uniform_from(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's output mix of z = seed + golden * (step + 1) (int64, wrapping) -> U[0, 1) float64."""
     z = (z ^ _shr(z, 30)) * _signed(0xBF58476D1CE4E5B9)
     z = (z ^ _shr(z, 27)) * _signed(0x94D049BB133111EB)
     z = z ^ _shr(z, 31)
@@ -114,57 +120,120 @@ class Completion:
     finish_reason: str = "length"
 
 
-@torch.no_grad()
-def generate(model, prompts: list, seeds: list, params: SamplingParams) -> list:
-    """prompts: token id lists; seeds: per prompt, its samples' seeds (N_b = len(seeds[b]) samples, see sample_seed).
+@dataclass
+class _Active:
+    """A prompt whose samples occupy decode slots."""
 
-    Returns per prompt a list of Completion (one per sample). Every prompt is prefilled exactly once.
+    key: object
+    length: int  # prompt tokens (its prefix in the pool)
+    slots: list  # slot of each sample (index into the slot arrays)
+    completions: list
+    live: int  # samples not finished
+
+
+@torch.no_grad()
+def stream(model, requests, params: SamplingParams, slots: int):
+    """Continuous batching over a fixed budget of `slots` decode slots; yields (key, completions) per prompt.
+
+    requests: iterable of (key, token ids, seeds); prompt b brings N_b = len(seeds) samples (N_b <= slots).
+    Prompts are admitted in order, each as soon as N_b slots are free: its prompt is prefilled once into the
+    prefix pool, its first tokens come from the prefill's last logits, and its samples then decode with all
+    others, one token per slot per step; a finished sample frees its slot at once, and a prompt leaves (its
+    completions are yielded, its prefix dropped) when its last sample finishes. The decode batch is always
+    the S slots (idle ones padded), so each sample's tokens and log-probabilities do not depend on the
+    other prompts where the matrix products are batch invariant at a fixed size (the CPU in float32).
+
+    Slot utilization = busy slot-steps / (S x steps): params.stats["busy_slot_steps"] / ["slot_steps"], a
+    step being one token chosen per slot.
     """
     device = next(model.parameters()).device
     dtype = model.model.embed_tokens.weight.dtype
-    counts = [len(s) for s in seeds]
-    if len(prompts) != len(seeds) or any(len(ids) == 0 for ids in prompts) or 0 in counts:
-        raise ValueError("need one non-empty token list and at least one seed per prompt")
-    prefix = PrefixCache.allocate(model, [len(ids) for ids in prompts], device, dtype)
-    last_hidden = prefill(model, prompts, prefix, params.prefill_chunk, params.backend)  # [B, H]
-    params.stats["prefill_tokens"] += sum(prefix.lengths)
+    prefix = PrefixPool(model, device, dtype)
+    suffix = SuffixCache.allocate(model, slots, params.max_new_tokens, device, dtype)
     prefix_attn = prefix_attention_fn(device, params.backend)
-
-    owner = torch.repeat_interleave(torch.arange(len(prompts)), torch.tensor(counts))  # host [M]: prompt of each row
-    rows = torch.arange(len(owner))  # host [M]: which completion each active row is
-    seed_t = torch.tensor([s for ss in seeds for s in ss], dtype=torch.int64, device=device)
-    completions = [Completion() for _ in range(len(owner))]
     eos = set(int(e) for e in params.eos_token_ids)
-    suffix = SuffixCache.allocate(model, len(owner), params.max_new_tokens, device, dtype)
-    logits = model.lm_head(last_hidden)[owner.to(device)]
-    for step in range(params.max_new_tokens):
-        tokens, logp = choose_tokens(logits, uniform(seed_t, step), params)
-        keep = []
-        for r, tok, lp in zip(rows.tolist(), tokens.tolist(), logp.tolist()):
-            c = completions[r]
+    owner = [None] * slots  # the _Active prompt of each slot (None = free)
+    sample_of = [0] * slots  # which of its prompt's samples the slot holds
+    step = [0] * slots  # tokens the slot's sample has chosen so far
+    seeds = torch.zeros(slots, dtype=torch.int64)
+    logits = torch.zeros(slots, model.config.vocab_size, dtype=dtype, device=device)
+    active, pending, requests = [], None, iter(requests)
+    stats = params.stats
+    for key in ("busy_slot_steps", "slot_steps"):
+        stats.setdefault(key, 0)
+    while True:
+        while True:  # admit prompts, in order, while their samples fit in the free slots
+            if pending is None:
+                pending = next(requests, None)
+            if pending is None:
+                break
+            key, ids, sample_seeds = pending
+            if len(ids) == 0 or not 1 <= len(sample_seeds) <= slots:
+                raise ValueError(f"prompt {key!r}: need a non-empty prompt and 1..{slots} (decode slots) samples, "
+                                 f"got {len(ids)} tokens and {len(sample_seeds)} samples")
+            free = [s for s in range(slots) if owner[s] is None]
+            if len(free) < len(sample_seeds):
+                break
+            pending = None
+            last = prefill(model, [ids], prefix.add(len(ids)), params.prefill_chunk, params.backend)  # [1, H]
+            stats["prefill_tokens"] += len(ids)
+            a = _Active(key, len(ids), free[: len(sample_seeds)], [Completion() for _ in sample_seeds], len(sample_seeds))
+            active.append(a)
+            for i, s in enumerate(a.slots):
+                owner[s], sample_of[s], step[s], seeds[s] = a, i, 0, sample_seeds[i]
+            logits[a.slots] = model.lm_head(last).expand(len(a.slots), -1)
+        if not active:
+            return
+        busy = [s for s in range(slots) if owner[s] is not None]
+        offsets = torch.tensor([_signed((0x9E3779B97F4A7C15 * (t + 1)) & MASK64) for t in step], dtype=torch.int64)
+        tokens, logp = choose_tokens(logits, _uniform_from(seeds + offsets), params)
+        tokens_host, logp_host = tokens.tolist(), logp.tolist()
+        stats["busy_slot_steps"] += len(busy)
+        stats["slot_steps"] += slots
+        stats["decode_tokens"] += len(busy)
+        for s in busy:
+            a, tok = owner[s], tokens_host[s]
+            c = a.completions[sample_of[s]]
             c.tokens.append(tok)
-            c.logprob_sum += lp
+            c.logprob_sum += logp_host[s]
+            step[s] += 1
             if tok in eos:
                 c.finish_reason = "stop"
-            keep.append(tok not in eos)
-        params.stats["decode_tokens"] += len(keep)
-        if step + 1 == params.max_new_tokens or not any(keep):
-            break
-        if not all(keep):  # drop finished samples from the batch
-            keep_t = torch.tensor(keep)
-            rows, owner = rows[keep_t], owner[keep_t]
-            idx = keep_t.nonzero().squeeze(-1).to(device)
-            seed_t, tokens, suffix = seed_t[idx], tokens[idx], suffix.select(idx)
-        per_prompt = torch.bincount(owner, minlength=len(prompts))
-        cu_q = torch.cat([torch.zeros(1, dtype=torch.int64), per_prompt.cumsum(0)]).to(device=device, dtype=torch.int32)
-        positions = torch.tensor(prefix.lengths)[owner].to(device) + step
-        hidden = decode_step(model, tokens, positions, step, prefix, suffix, cu_q, int(per_prompt.max()), prefix_attn)
-        logits = model.lm_head(hidden)
-        params.stats["decode_steps"] += 1
-    out, start = [], 0
-    for n in counts:
-        out.append(completions[start : start + n])
-        start += n
+            if tok in eos or step[s] == params.max_new_tokens:
+                owner[s] = None
+                a.live -= 1
+        for j in reversed(range(len(active))):
+            if active[j].live == 0:
+                prefix.remove(j)
+                done = active.pop(j)
+                yield done.key, done.completions
+        live = [s for s in range(slots) if owner[s] is not None]
+        if not live:
+            continue
+        rows = [s for a in active for s in a.slots if owner[s] is a]
+        per_prompt = [sum(owner[s] is a for s in a.slots) for a in active]
+        fed = torch.tensor([tokens_host[s] if owner[s] is not None else 0 for s in range(slots)])
+        write = torch.tensor([step[s] - 1 if owner[s] is not None else 0 for s in range(slots)])
+        positions = torch.tensor([owner[s].length if owner[s] is not None else 0 for s in range(slots)]) + write
+        batch = DecodeBatch(fed.to(device), positions.to(device), write.to(device), torch.tensor(rows, device=device),
+                            torch.tensor([0] + per_prompt).cumsum(0).to(device=device, dtype=torch.int32),
+                            max(per_prompt), int(write.max()) + 1)
+        logits = model.lm_head(decode_step(model, batch, prefix, suffix, prefix_attn))
+        stats["decode_steps"] += 1
+
+
+def generate(model, prompts: list, seeds: list, params: SamplingParams) -> list:
+    """prompts: token id lists; seeds: per prompt, its samples' seeds (N_b = len(seeds[b]) samples, see sample_seed).
+
+    Returns per prompt a list of Completion (one per sample). Every prompt is prefilled exactly once. Decodes
+    with params.decode_slots slots (0: all samples of the call at once, i.e. one static batch).
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError(f"need one seed list per prompt, got {len(prompts)} prompts and {len(seeds)} seed lists")
+    slots = params.decode_slots or sum(len(s) for s in seeds)
+    out = [None] * len(prompts)
+    for b, completions in stream(model, zip(range(len(prompts)), prompts, seeds), params, max(slots, 1)):
+        out[b] = completions
     return out
 
 

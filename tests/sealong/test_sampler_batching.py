@@ -1,0 +1,94 @@
+"""Continuous batching in the sampler: a fixed budget of decode slots refilled as samples finish."""
+
+import pytest
+import torch
+from test_sampler import naive_generate
+from tiny_checkpoint import build_checkpoint, one_thread  # noqa: F401 (autouse fixture)
+
+from sealong.model import load_model
+from sealong.sample import sampler as S
+from sealong.sample.kv_cache import PrefixPool
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return load_model(build_checkpoint(tmp_path_factory.mktemp("tiny")), dtype=torch.float32)
+
+
+def prompts_and_seeds(n_prompts, samples, lo=5, hi=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(lo, hi, (n_prompts,), generator=g).tolist()
+    prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in lengths]
+    return prompts, [[S.sample_seed(seed, b, i) for i in range(samples)] for b in range(n_prompts)]
+
+
+def frequent_tokens(model, prompts, seeds, k):
+    """The k tokens sampled most often without EOS: as EOS ids they end many samples early, at varied lengths."""
+    free = S.generate(model, prompts, seeds, S.SamplingParams(max_new_tokens=6, temperature=1.0))
+    counts = torch.bincount(torch.tensor([t for cs in free for c in cs for t in c.tokens]), minlength=96)
+    return tuple(counts.argsort(descending=True)[:k].tolist())
+
+
+def test_slots_refilled_equal_naive(model):
+    """4 slots for 5 prompts of 2-3 samples: prompts are admitted as slots free up (prefix pool compacted as
+    prompts leave, slots reused), and every sample is the naive sampler's."""
+    prompts, _ = prompts_and_seeds(5, 1, seed=1)
+    seeds = [[b * 10 + i for i in range(2 + b % 2)] for b in range(5)]
+    params = S.SamplingParams(max_new_tokens=6, temperature=0.9, eos_token_ids=frequent_tokens(model, prompts, seeds, 6),
+                              prefill_chunk=8, decode_slots=4)
+    got = S.generate(model, prompts, seeds, params)
+    for prompt, ss, completions in zip(prompts, seeds, got):
+        for (tokens, reason, lp), c in zip(naive_generate(model, prompt, ss, params), completions):
+            assert c.tokens == tokens and c.finish_reason == reason
+            assert abs(c.logprob_sum - lp) < 1e-4
+    assert params.stats["prefill_tokens"] == sum(map(len, prompts))
+    assert params.stats["busy_slot_steps"] == sum(len(c.tokens) for cs in got for c in cs)
+    assert params.stats["slot_steps"] % 4 == 0 and params.stats["slot_steps"] >= 4 * (params.stats["decode_steps"] + 1)
+
+
+def test_continuous_beats_static_batches_same_tokens(model):
+    """Static batches (today's: 2 prompts x 4 samples decode until their longest sample ends) against 8 slots
+    refilled as samples finish: the same tokens per (prompt, seed), a higher slot utilization."""
+    prompts, seeds = prompts_and_seeds(12, 4, seed=2)
+    eos = frequent_tokens(model, prompts, seeds, 3)
+    static = S.SamplingParams(max_new_tokens=24, temperature=1.0, eos_token_ids=eos)
+    static_out = [c for b in range(0, 12, 2) for c in S.generate(model, prompts[b : b + 2], seeds[b : b + 2], static)]
+    cont = S.SamplingParams(max_new_tokens=24, temperature=1.0, eos_token_ids=eos, decode_slots=8)
+    cont_out = S.generate(model, prompts, seeds, cont)
+    assert [[c.tokens for c in cs] for cs in cont_out] == [[c.tokens for c in cs] for cs in static_out]
+    lengths = [len(c.tokens) for cs in cont_out for c in cs]
+    assert min(lengths) < 6 and max(lengths) == 24  # widely varying
+    util = lambda p: p.stats["busy_slot_steps"] / p.stats["slot_steps"]  # noqa: E731
+    assert static.stats["busy_slot_steps"] == cont.stats["busy_slot_steps"] == sum(lengths)
+    assert util(cont) > util(static) + 0.1
+
+
+def test_same_slots_same_bits_whatever_the_other_prompts(model):
+    """At a fixed slot count every sample's tokens and log-probabilities are bit-identical whatever else is
+    decoding (the CPU in float32): what makes a data-parallel run's merged output equal a one-process run's."""
+    prompts, seeds = prompts_and_seeds(6, 3, seed=3)
+    eos = frequent_tokens(model, prompts, seeds, 4)
+    run = lambda idx: S.generate(model, [prompts[i] for i in idx], [seeds[i] for i in idx],  # noqa: E731
+                                 S.SamplingParams(max_new_tokens=10, temperature=1.0, eos_token_ids=eos, decode_slots=7))
+    together = run(range(6))
+    for part in ([4, 1], [0, 2, 3, 5]):
+        for i, cs in zip(part, run(part)):
+            assert [(c.tokens, c.logprob_sum, c.finish_reason) for c in cs] == \
+                   [(c.tokens, c.logprob_sum, c.finish_reason) for c in together[i]]
+
+
+def test_too_many_samples_for_the_slots(model):
+    with pytest.raises(ValueError, match=r"prompt 0: need a non-empty prompt and 1..2 \(decode slots\) samples"):
+        S.generate(model, [[1, 2, 3]], [[1, 2, 3]], S.SamplingParams(max_new_tokens=2, decode_slots=2))
+
+
+def test_prefix_pool_packs_and_compacts(model):
+    pool = PrefixPool(model, "cpu", torch.float32, capacity=4)
+    for n, fill in ((3, 1.0), (5, 2.0), (2, 3.0)):  # the second add grows the pool
+        view = pool.add(n)
+        for t in view.k + view.v:
+            t.fill_(fill)
+    assert pool.cu_prefix.tolist() == [0, 3, 8, 10]
+    pool.remove(1)
+    assert pool.cu_prefix.tolist() == [0, 3, 5] and pool.lengths == [3, 2]
+    assert (pool.k[0][:3] == 1).all() and (pool.v[1][3:5] == 3).all()
