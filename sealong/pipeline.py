@@ -71,7 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-pairs", type=int, default=None, help="pairs per optimizer step (paper 8)")
     g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
     g.add_argument("--warmup-steps", type=int, default=None, help="demo only: labelled warm-up steps of the tiny model")
-    g.add_argument("--nproc-per-node", type=int, default=1, help="processes of the torchrun training job")
+    g.add_argument("--nproc-per-node", type=int, default=1,
+                   help="processes (GPUs) of the torchrun jobs: data-parallel sampling and training")
     g.add_argument("--train-args", default="", help="extra `--key value` flags for sealong.train, one string")
     g.add_argument("--seed", type=int, default=0)
 
@@ -189,6 +190,7 @@ def sample(r: Runner, model: str, prompts: Path, output: Path, n: int, temperatu
     flags = ["--model", model, "--prompts", str(prompts), "--output", str(output), "--num-samples", str(n),
              "--temperature", str(temperature), "--seed", str(a.seed)]
     flags += opt(a, "max_new_tokens", "--max-new-tokens") + opt(a, "dtype", "--dtype")
+    flags += ["--nproc-per-node", str(a.nproc_per_node)]  # data-parallel sampling on as many processes as training
     r.call("sample", flags + (["--batch-prompts", "4"] if a.preset == "demo" else []))
 
 

@@ -264,7 +264,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0, help="per-sample seeds derive from (seed, id, index)")
     parser.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=list(STRATEGIES), help="the paper's prompt strategy")
-    parser.add_argument("--batch-prompts", type=int, default=1, help="prompts decoded together (N samples each)")
+    parser.add_argument("--batch-prompts", type=int, default=1,
+                        help="prompts decoded together (N samples each): the default of --decode-slots is this x N")
+    parser.add_argument("--decode-slots", type=int, default=None,
+                        help="samples decoding at once (continuous batching: a finished sample's slot goes to the next "
+                             "prompt's; >= --num-samples; default --batch-prompts x --num-samples)")
+    parser.add_argument("--nproc-per-node", type=int, default=1,
+                        help="data-parallel sampling: start torchrun with this many processes (GPUs) on this node; "
+                             "under torchrun (any number of nodes) the job's own ranks are used")
     parser.add_argument("--prefill-chunk", type=int, default=4096, help="prompt tokens per prefill forward")
     parser.add_argument("--max-prompt-tokens", type=int, default=None,
                         help="prompt limit (default: the model's max_position_embeddings minus --max-new-tokens)")
@@ -314,47 +321,99 @@ def samples_record(prompt: dict, completions: list, tokenizer, prompt_tokens: in
 
 
 def run(args) -> int:
+    from sealong.data.prompts import prompt_token_ids
+    from sealong.jsonl import completed_ids
+    from sealong.model import ModelConfig, load_tokenizer
+
+    from . import shards
+
+    if args.num_samples < 1 or args.batch_prompts < 1 or args.nproc_per_node < 1:
+        raise ValueError(f"--num-samples, --batch-prompts and --nproc-per-node must be >= 1, got {args.num_samples}, "
+                         f"{args.batch_prompts} and {args.nproc_per_node}")
+    slots = args.decode_slots or args.batch_prompts * args.num_samples
+    if slots < args.num_samples:
+        raise ValueError(f"--decode-slots {args.decode_slots} cannot hold the {args.num_samples} samples of one prompt")
+    if args.nproc_per_node > 1 and not shards.under_torchrun():
+        return shards.launch("sealong.sampler", args.nproc_per_node, shards.flags_of(args, add_arguments))
+    ranks = shards.Ranks(args.device)
+    try:
+        prompts = read_prompts(args.prompts, args.limit)
+        order = [p["id"] for p in prompts]
+        if ranks.rank == 0:  # fold in the shards of a killed data-parallel run; cut a torn last line
+            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)  # not after the first work
+            shards.merge(args.output, order)
+            completed_ids(args.output)
+        ranks.barrier()
+        done = completed_ids(args.output)
+        todo = [p for p in prompts if p["id"] not in done]
+        if ranks.rank == 0:
+            print(f"sampler: {len(prompts)} prompts in {args.prompts}, {len(prompts) - len(todo)} already in {args.output}", file=sys.stderr)
+        limit = args.max_prompt_tokens or ModelConfig.from_folder(args.model).max_position_embeddings - args.max_new_tokens
+        if limit < 1:
+            raise ValueError(f"no room for a prompt: --max-new-tokens {args.max_new_tokens} leaves {limit} of the model's "
+                             f"{limit + args.max_new_tokens} positions (--max-prompt-tokens must be >= 1)")
+        tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code) if todo else None
+        fit = lambda p: fit_prompt(prompt_token_ids(tokenizer, p["context"], p["question"], args.strategy), limit,  # noqa: E731
+                                   args.truncate == "middle", p["id"])
+        target = args.output
+        if ranks.world > 1:  # every rank tokenizes every prompt to do and takes its part of the same split
+            todo = [todo[i] for i in shards.plan([len(fit(p)[0]) for p in todo], ranks.world)[ranks.rank]]
+            target = shards.shard_path(args.output, ranks.rank)
+        stats = {"prefill_tokens": 0, "decode_tokens": 0, "decode_steps": 0, "busy_slot_steps": 0, "slot_steps": 0}
+        if todo:
+            device = args.device if args.device and ranks.world == 1 else ranks.device
+            stats = sample_prompts(args, todo, fit, tokenizer, slots, target, device, disable_bar=ranks.rank != 0)
+        ranks.barrier()
+        total = dict(zip(stats, ranks.sum(list(stats.values()))))
+        if ranks.rank == 0:
+            if ranks.world > 1:
+                written = shards.merge(args.output, order)
+                missing = set(order) - completed_ids(args.output)
+                if missing:
+                    raise RuntimeError(f"sampler: {len(missing)} of {len(order)} ids missing from {args.output} after "
+                                       f"the merge ({written} records): are the ranks' shard files on one shared filesystem?")
+            if total["slot_steps"]:
+                print(f"sampler: slot utilization {total['busy_slot_steps'] / total['slot_steps']:.1%} (busy slot-steps "
+                      f"{total['busy_slot_steps']} / {total['slot_steps']}, {slots} slots x {ranks.world} rank(s)); "
+                      f"{total['prefill_tokens']} prefill and {total['decode_tokens']} decode tokens", file=sys.stderr)
+    finally:
+        ranks.close()
+    return 0
+
+
+def sample_prompts(args, todo, fit, tokenizer, slots, target, device, disable_bar=False) -> dict:
+    """Sample `todo` through the continuous-batching stream; append its records to `target` in prompt order."""
     from tqdm import tqdm
 
-    from sealong.data.prompts import prompt_token_ids
-    from sealong.jsonl import append_jsonl, completed_ids
-    from sealong.model import eos_token_ids, load_model, load_tokenizer
+    from sealong.jsonl import append_jsonl
+    from sealong.model import eos_token_ids, load_model
 
-    if args.num_samples < 1 or args.batch_prompts < 1:
-        raise ValueError(f"--num-samples and --batch-prompts must be >= 1, got {args.num_samples} and {args.batch_prompts}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    prompts = read_prompts(args.prompts, args.limit)
-    done = completed_ids(args.output)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)  # not after the first batch's work
-    todo = [p for p in prompts if p["id"] not in done]
-    print(f"sampler: {len(prompts)} prompts in {args.prompts}, {len(prompts) - len(todo)} already in {args.output}", file=sys.stderr)
-    if not todo:
-        return 0
-    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    from .shards import in_order
+
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
-    limit = args.max_prompt_tokens or model.config.max_position_embeddings - args.max_new_tokens
-    if limit < 1:
-        raise ValueError(f"no room for a prompt: --max-new-tokens {args.max_new_tokens} leaves {limit} of the model's "
-                         f"{model.config.max_position_embeddings} positions (--max-prompt-tokens must be >= 1)")
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, eos_token_ids=tuple(eos_token_ids(args.model, tokenizer)), prefill_chunk=args.prefill_chunk,
-        backend=args.backend,
+        backend=args.backend, decode_slots=slots,
     )
+    fitted = {}
+
+    def requests():
+        for b, p in enumerate(todo):
+            fitted[b] = fit(p)
+            yield b, fitted[b][0], [sample_seed(args.seed, p["id"], i) for i in range(args.num_samples)]
+
     start = time.perf_counter()
-    bar = tqdm(total=len(todo), unit="prompt", file=sys.stderr)
-    for b in range(0, len(todo), args.batch_prompts):
-        batch = todo[b : b + args.batch_prompts]
-        fitted = [fit_prompt(prompt_token_ids(tokenizer, p["context"], p["question"], args.strategy), limit,
-                             args.truncate == "middle", p["id"]) for p in batch]
-        seeds = [[sample_seed(args.seed, p["id"], i) for i in range(args.num_samples)] for p in batch]
-        results = generate(model, [ids for ids, _ in fitted], seeds, params)
-        append_jsonl(args.output, [samples_record(p, c, tokenizer, len(ids), cut) for p, c, (ids, cut) in zip(batch, results, fitted)])
-        bar.update(len(batch))
+    bar = tqdm(total=len(todo), unit="prompt", file=sys.stderr, disable=disable_bar)
+    for b, completions in in_order(stream(model, requests(), params, slots), len(todo)):
+        ids, cut = fitted.pop(b)
+        append_jsonl(target, [samples_record(todo[b], completions, tokenizer, len(ids), cut)])
+        bar.update(1)
         elapsed = time.perf_counter() - start
-        bar.set_postfix(prompts_s=f"{bar.n / elapsed:.3f}", tokens_s=f"{params.stats['decode_tokens'] / elapsed:.1f}")
+        bar.set_postfix(prompts_s=f"{bar.n / elapsed:.3f}", tokens_s=f"{params.stats['decode_tokens'] / elapsed:.1f}",
+                        slots=f"{params.stats['busy_slot_steps'] / max(params.stats['slot_steps'], 1):.0%}")
     bar.close()
-    return 0
+    return params.stats
 
 
 parser = add_arguments(argparse.ArgumentParser(prog="python -m sealong.sampler", description=__doc__.split("\n\n")[0]))

@@ -1,0 +1,87 @@
+"""Data-parallel sampling: the split by prompt length, shard files, the merge, and torchrun with 2 gloo ranks."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from test_sampler import stage_args, write_prompts
+from tiny_checkpoint import build_checkpoint
+
+from sealong.jsonl import JsonlError
+from sealong.sample import sampler as S
+from sealong.sample import shards
+
+
+def test_plan_balances_tokens_deterministically():
+    lengths = [50, 10, 40, 10, 30, 20, 20, 5]
+    parts = shards.plan(lengths, 3)
+    assert parts == shards.plan(lengths, 3) and sorted(i for p in parts for i in p) == list(range(8))
+    loads = [sum(lengths[i] for i in p) for p in parts]
+    assert parts == [[0, 1, 7], [2, 6], [3, 4, 5]] and loads == [65, 60, 60]  # 50+10+5 | 40+20 | 30+20+10
+    assert shards.plan([7, 7, 7, 7], 2) == [[0, 2], [1, 3]]  # ties: earlier prompt first, lowest rank first
+    assert shards.plan([3], 4) == [[0], [], [], []]
+    with pytest.raises(ValueError, match="world size must be >= 1"):
+        shards.plan([1], 0)
+
+
+def line(i):
+    return json.dumps({"id": f"q{i}", "v": i}) + "\n"
+
+
+def test_merge_orders_dedups_and_cuts_torn_lines(tmp_path):
+    out = str(tmp_path / "samples.jsonl")
+    open(out, "w").write(line(0) + line(3) + '{"id": "q5", "v"')  # a torn last line from a crash
+    open(shards.shard_path(out, 0), "w").write(line(2) + line(0) + '{"id": "q4"')
+    open(shards.shard_path(out, 1), "w").write(line(1) + line(9))
+    assert shards.merge(out, [f"q{i}" for i in range(6)]) == 5
+    assert open(out).read() == line(0) + line(1) + line(2) + line(3) + line(9)  # q9: unknown id, kept last
+    assert shards.shard_files(out) == [] and not os.path.exists(out + ".merge-tmp")
+    assert shards.merge(out, []) == 5 and open(out).read().count("\n") == 5  # no shard: untouched
+    open(shards.shard_path(out, 3), "w").write('{"id": "q7"}\nnot json\n')
+    with pytest.raises(JsonlError, match=r"samples.jsonl.shard-00003:2: not valid JSON"):
+        shards.merge(out, [])
+
+
+def test_in_order_and_flags():
+    assert list(shards.in_order([(2, "c"), (0, "a"), (1, "b")], 3)) == [(0, "a"), (1, "b"), (2, "c")]
+    with pytest.raises(RuntimeError, match="got 2 of 3"):
+        list(shards.in_order([(0, "a"), (2, "c")], 3))
+    args = S.parser.parse_args(["--model", "m", "--prompts", "p", "--output", "o", "--trust-remote-code", "--nproc-per-node", "2"])
+    again = S.parser.parse_args(shards.flags_of(args, S.add_arguments))
+    assert vars(again) == dict(vars(args), nproc_per_node=1)
+
+
+def torchrun(nproc, *flags):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "sealong.sampler", *flags]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr
+
+
+def test_two_gloo_ranks_equal_one_process_and_resume(tmp_path):
+    """torchrun with 2 CPU ranks: the merged output is byte-identical to one process's; after a crash (shards
+    with torn lines, no merged output) a re-run through `--nproc-per-node 2` redoes only the missing ids."""
+    ckpt = build_checkpoint(tmp_path / "tiny")
+    write_prompts(tmp_path / "prompts.jsonl", n=5)
+    flags = ["--decode-slots", "4", "--seed", "3"]
+    one = tmp_path / "one.jsonl"
+    assert S.run(stage_args(ckpt, tmp_path, "--output", str(one), *flags)) == 0
+    args = vars(stage_args(ckpt, tmp_path, *flags))
+    argv = shards.flags_of(stage_args(ckpt, tmp_path, *flags), S.add_arguments)
+    log = torchrun(2, *argv)
+    out = tmp_path / "samples.jsonl"
+    assert out.read_bytes() == one.read_bytes() and shards.shard_files(str(out)) == []
+    assert "slot utilization" in log and args["output"] == str(out)
+    # a killed run: rank 0 had written q0 and was writing q2, rank 1 had written q4; nothing merged yet
+    lines = one.read_text().splitlines(keepends=True)
+    out.unlink()
+    open(shards.shard_path(str(out), 0), "w").write(lines[0] + lines[2][:20])
+    open(shards.shard_path(str(out), 1), "w").write(lines[4])
+    done = subprocess.run([sys.executable, "-m", "sealong.sampler", *argv, "--nproc-per-node", "2"], capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "5 prompts in" in done.stderr and "2 already in" in done.stderr
+    assert out.read_bytes() == one.read_bytes() and shards.shard_files(str(out)) == []
