@@ -170,9 +170,10 @@ class DecodeBatch:
     """One decode step over all S slots (idle slots too: token 0 at position 0, suffix row 0, so shapes never change).
 
     tokens, positions, write [S] int64 (device): the token fed, its position (prompt length + t) and the
-    suffix row it is written to (t); lengths = write + 1. rows [R] (device): the live slots grouped by
-    prompt in pool order; cu_q [B+1] int32 (device): prompt b owns rows[cu_q[b]:cu_q[b+1]]; max_rows = max
-    samples per prompt; span = max(lengths) (host).
+    suffix row it is written to (t); lengths = write + 1. rows [sum N_b] (device): for each prompt of the
+    pool, in pool order, its N_b samples' slots in sample order, S for a sample not decoding (a zero query
+    whose result is dropped); cu_q [B+1] int32 (device): prompt b owns rows[cu_q[b]:cu_q[b+1]]; max_rows =
+    max N_b; span = max(lengths) (host).
     """
 
     tokens: torch.Tensor
@@ -237,11 +238,13 @@ def decode_step(model, batch: DecodeBatch, prefix, suffix: SuffixCache, prefix_a
     def attend(i, q, k, v, scale):
         suffix.k[i][slots, batch.write] = k
         suffix.v[i][slots, batch.write] = v
-        part, lse_part = prefix_attn(q[batch.rows], prefix.k[i], prefix.v[i], batch.cu_q, cu_prefix, scale,
+        q_rows = torch.cat([q, q.new_zeros(1, *q.shape[1:])])[batch.rows]  # row index S: a sample not decoding
+        part, lse_part = prefix_attn(q_rows, prefix.k[i], prefix.v[i], batch.cu_q, cu_prefix, scale,
                                      max_rows=batch.max_rows, max_prefix=max_prefix)
-        out_p = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        lse_p = torch.full((q.shape[1], q.shape[0]), float("-inf"), device=q.device)
-        out_p[batch.rows], lse_p[:, batch.rows] = part.float(), lse_part
+        out_p = torch.zeros((q.shape[0] + 1, *q.shape[1:]), dtype=torch.float32, device=q.device)
+        lse_p = torch.full((q.shape[1], q.shape[0] + 1), float("-inf"), device=q.device)
+        out_p[batch.rows], lse_p[:, batch.rows] = part.float(), lse_part  # row S written many times: dropped
+        out_p, lse_p = out_p[:-1], lse_p[:, :-1]
         out_s, lse_s = suffix_attention(q, suffix.k[i], suffix.v[i], lengths, batch.span, scale)
         out, _ = reference.merge_attention_partials(out_p, lse_p, out_s.float(), lse_s)
         return out.to(q.dtype)

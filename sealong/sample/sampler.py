@@ -21,6 +21,7 @@ Resumable by id; a torn last line from a crash is cut off first.
 
 import argparse
 import hashlib
+import itertools
 import os
 import sys
 import time
@@ -44,12 +45,13 @@ class SamplingParams:
     prefill_chunk: int = 4096  # prompt tokens per prefill forward
     backend: str = "auto"  # "auto" (Triton kernels on CUDA, reference on CPU), "triton", "reference"
     decode_slots: int = 0  # samples decoded together (continuous batching); 0 = all samples of a generate() call
+    prefix_pool_tokens: int = 0  # most prompt tokens held in the prefix pool at once (0 = no limit)
     stats: dict = field(default_factory=lambda: {"prefill_tokens": 0, "decode_tokens": 0, "decode_steps": 0,
                                                  "busy_slot_steps": 0, "slot_steps": 0})
 
     def __post_init__(self):
-        if self.max_new_tokens < 1 or self.prefill_chunk < 1 or self.decode_slots < 0:
-            raise ValueError("max_new_tokens and prefill_chunk must be >= 1 and decode_slots >= 0")
+        if self.max_new_tokens < 1 or self.prefill_chunk < 1 or self.decode_slots < 0 or self.prefix_pool_tokens < 0:
+            raise ValueError("max_new_tokens and prefill_chunk must be >= 1, decode_slots and prefix_pool_tokens >= 0")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {self.temperature}, {self.top_p}, {self.top_k}")
         if self.backend not in ("auto", "triton", "reference"):
@@ -122,28 +124,35 @@ class Completion:
 
 @dataclass
 class _Active:
-    """A prompt whose samples occupy decode slots."""
+    """A prompt in the prefix pool: its samples are decoding, waiting for a slot, or finished."""
 
     key: object
     length: int  # prompt tokens (its prefix in the pool)
-    slots: list  # slot of each sample (index into the slot arrays)
+    seeds: list
     completions: list
-    live: int  # samples not finished
+    slot: list  # per sample: its decode slot while it decodes, else None
+    first_logits: object = None  # [V]: the prefill's last logits, kept until every sample has a slot
+    admitted: int = 0  # samples given a slot so far (in sample order)
+    live: int = 0  # samples decoding now
 
 
 @torch.no_grad()
 def stream(model, requests, params: SamplingParams, slots: int):
     """Continuous batching over a fixed budget of `slots` decode slots; yields (key, completions) per prompt.
 
-    requests: iterable of (key, token ids, seeds); prompt b brings N_b = len(seeds) samples (N_b <= slots).
-    Prompts are admitted in order, each as soon as N_b slots are free: its prompt is prefilled once into the
-    prefix pool, its first tokens come from the prefill's last logits, and its samples then decode with all
+    requests: iterable of (key, token ids, seeds); prompt b brings N_b = len(seeds) samples. Samples are
+    admitted in order (prompt by prompt, sample by sample) as slots free up: a prompt is prefilled once
+    into the prefix pool when its first sample gets a slot (and params.prefix_pool_tokens allows: 0 = no
+    limit), each sample's first token comes from the prefill's last logits, and then it decodes with all
     others, one token per slot per step; a finished sample frees its slot at once, and a prompt leaves (its
-    completions are yielded, its prefix dropped) when its last sample finishes. The decode batch is always
-    the S slots (idle ones padded), so each sample's tokens and log-probabilities do not depend on the
-    other prompts where the matrix products are batch invariant at a fixed size (the CPU in float32).
+    completions are yielded, its prefix dropped) when its last sample finishes.
 
-    Slot utilization = busy slot-steps / (S x steps): params.stats["busy_slot_steps"] / ["slot_steps"], a
+    Batch invariance: the decode batch is always the S slots (idle ones padded) and each prompt's prefix
+    attention always gets its N_b sample rows in sample order (zeros for samples not decoding), so matrix
+    products have fixed sizes and a sample's tokens and log-probabilities do not depend on what else is
+    decoding where those products are batch invariant at a fixed size (the CPU in float32).
+
+    Slot utilization = busy slot-steps / (S x steps) = params.stats["busy_slot_steps"] / ["slot_steps"], a
     step being one token chosen per slot.
     """
     device = next(model.parameters()).device
@@ -152,36 +161,38 @@ def stream(model, requests, params: SamplingParams, slots: int):
     suffix = SuffixCache.allocate(model, slots, params.max_new_tokens, device, dtype)
     prefix_attn = prefix_attention_fn(device, params.backend)
     eos = set(int(e) for e in params.eos_token_ids)
-    owner = [None] * slots  # the _Active prompt of each slot (None = free)
-    sample_of = [0] * slots  # which of its prompt's samples the slot holds
+    owner = [None] * slots  # (the _Active prompt, its sample index) of each slot; None = free
     step = [0] * slots  # tokens the slot's sample has chosen so far
     seeds = torch.zeros(slots, dtype=torch.int64)
     logits = torch.zeros(slots, model.config.vocab_size, dtype=dtype, device=device)
-    active, pending, requests = [], None, iter(requests)
+    active, requests, exhausted = [], iter(requests), False
     stats = params.stats
     for key in ("busy_slot_steps", "slot_steps"):
         stats.setdefault(key, 0)
     while True:
-        while True:  # admit prompts, in order, while their samples fit in the free slots
-            if pending is None:
-                pending = next(requests, None)
-            if pending is None:
-                break
-            key, ids, sample_seeds = pending
-            if len(ids) == 0 or not 1 <= len(sample_seeds) <= slots:
-                raise ValueError(f"prompt {key!r}: need a non-empty prompt and 1..{slots} (decode slots) samples, "
-                                 f"got {len(ids)} tokens and {len(sample_seeds)} samples")
-            free = [s for s in range(slots) if owner[s] is None]
-            if len(free) < len(sample_seeds):
-                break
-            pending = None
-            last = prefill(model, [ids], prefix.add(len(ids)), params.prefill_chunk, params.backend)  # [1, H]
-            stats["prefill_tokens"] += len(ids)
-            a = _Active(key, len(ids), free[: len(sample_seeds)], [Completion() for _ in sample_seeds], len(sample_seeds))
-            active.append(a)
-            for i, s in enumerate(a.slots):
-                owner[s], sample_of[s], step[s], seeds[s] = a, i, 0, sample_seeds[i]
-            logits[a.slots] = model.lm_head(last).expand(len(a.slots), -1)
+        free = [s for s in range(slots) if owner[s] is None]
+        while free:  # admit samples in order while slots are free
+            a = active[-1] if active and active[-1].admitted < len(active[-1].seeds) else None
+            if a is None:
+                if exhausted:
+                    break
+                request = next(requests, None)
+                if request is None:
+                    exhausted = True
+                    break
+                a = _admit_prompt(model, prefix, request, params)
+                if a is None:  # the prefix pool is full: wait for a prompt to leave
+                    requests = itertools.chain([request], requests)
+                    break
+                active.append(a)
+            while free and a.admitted < len(a.seeds):
+                s, i = free.pop(0), a.admitted
+                owner[s], step[s], seeds[s], a.slot[i] = (a, i), 0, a.seeds[i], s
+                logits[s] = a.first_logits
+                a.admitted += 1
+                a.live += 1
+            if a.admitted == len(a.seeds):
+                a.first_logits = None
         if not active:
             return
         busy = [s for s in range(slots) if owner[s] is not None]
@@ -192,34 +203,51 @@ def stream(model, requests, params: SamplingParams, slots: int):
         stats["slot_steps"] += slots
         stats["decode_tokens"] += len(busy)
         for s in busy:
-            a, tok = owner[s], tokens_host[s]
-            c = a.completions[sample_of[s]]
+            (a, i), tok = owner[s], tokens_host[s]
+            c = a.completions[i]
             c.tokens.append(tok)
             c.logprob_sum += logp_host[s]
             step[s] += 1
             if tok in eos:
                 c.finish_reason = "stop"
             if tok in eos or step[s] == params.max_new_tokens:
-                owner[s] = None
+                owner[s], a.slot[i] = None, None
                 a.live -= 1
         for j in reversed(range(len(active))):
-            if active[j].live == 0:
+            if active[j].live == 0 and active[j].admitted == len(active[j].seeds):
                 prefix.remove(j)
                 done = active.pop(j)
                 yield done.key, done.completions
-        live = [s for s in range(slots) if owner[s] is not None]
-        if not live:
+        if all(o is None for o in owner):
             continue
-        rows = [s for a in active for s in a.slots if owner[s] is a]
-        per_prompt = [sum(owner[s] is a for s in a.slots) for a in active]
-        fed = torch.tensor([tokens_host[s] if owner[s] is not None else 0 for s in range(slots)])
-        write = torch.tensor([step[s] - 1 if owner[s] is not None else 0 for s in range(slots)])
-        positions = torch.tensor([owner[s].length if owner[s] is not None else 0 for s in range(slots)]) + write
-        batch = DecodeBatch(fed.to(device), positions.to(device), write.to(device), torch.tensor(rows, device=device),
-                            torch.tensor([0] + per_prompt).cumsum(0).to(device=device, dtype=torch.int32),
-                            max(per_prompt), int(write.max()) + 1)
+        batch = _decode_batch(active, owner, step, tokens_host, slots, device)
         logits = model.lm_head(decode_step(model, batch, prefix, suffix, prefix_attn))
         stats["decode_steps"] += 1
+
+
+def _admit_prompt(model, prefix: PrefixPool, request, params: SamplingParams):
+    """Prefill a request's prompt into the pool -> its _Active, or None when the pool has no room for it yet."""
+    key, ids, sample_seeds = request
+    if len(ids) == 0 or len(sample_seeds) == 0:
+        raise ValueError(f"prompt {key!r}: need a non-empty prompt and at least one sample, got {len(ids)} tokens "
+                         f"and {len(sample_seeds)} samples")
+    if prefix.lengths and params.prefix_pool_tokens and sum(prefix.lengths) + len(ids) > params.prefix_pool_tokens:
+        return None
+    last = prefill(model, [ids], prefix.add(len(ids)), params.prefill_chunk, params.backend)  # [1, H]
+    params.stats["prefill_tokens"] += len(ids)
+    n = len(sample_seeds)
+    return _Active(key, len(ids), list(sample_seeds), [Completion() for _ in range(n)], [None] * n, model.lm_head(last)[0])
+
+
+def _decode_batch(active, owner, step, tokens_host, slots, device) -> DecodeBatch:
+    """The decode step's inputs: every slot's token (0 for idle ones); each prompt's N_b rows in sample order."""
+    fed = torch.tensor([tokens_host[s] if owner[s] is not None else 0 for s in range(slots)])
+    write = torch.tensor([step[s] - 1 if owner[s] is not None else 0 for s in range(slots)])
+    positions = torch.tensor([owner[s][0].length if owner[s] is not None else 0 for s in range(slots)]) + write
+    rows = [slots if s is None else s for a in active for s in a.slot]  # `slots`: a zero query row
+    cu_q = torch.tensor([0] + [len(a.slot) for a in active]).cumsum(0)
+    return DecodeBatch(fed.to(device), positions.to(device), write.to(device), torch.tensor(rows, device=device),
+                       cu_q.to(device=device, dtype=torch.int32), max(len(a.slot) for a in active), int(write.max()) + 1)
 
 
 def generate(model, prompts: list, seeds: list, params: SamplingParams) -> list:
@@ -268,7 +296,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="prompts decoded together (N samples each): the default of --decode-slots is this x N")
     parser.add_argument("--decode-slots", type=int, default=None,
                         help="samples decoding at once (continuous batching: a finished sample's slot goes to the next "
-                             "prompt's; >= --num-samples; default --batch-prompts x --num-samples)")
+                             "waiting sample; default --batch-prompts x --num-samples)")
+    parser.add_argument("--prefix-pool-tokens", type=int, default=0,
+                        help="most prompt tokens whose KV cache is held at once (a prompt stays until its last sample "
+                             "ends); the next prompt waits for room; 0 = no limit")
     parser.add_argument("--nproc-per-node", type=int, default=1,
                         help="data-parallel sampling: start torchrun with this many processes (GPUs) on this node; "
                              "under torchrun (any number of nodes) the job's own ranks are used")
@@ -331,8 +362,8 @@ def run(args) -> int:
         raise ValueError(f"--num-samples, --batch-prompts and --nproc-per-node must be >= 1, got {args.num_samples}, "
                          f"{args.batch_prompts} and {args.nproc_per_node}")
     slots = args.decode_slots or args.batch_prompts * args.num_samples
-    if slots < args.num_samples:
-        raise ValueError(f"--decode-slots {args.decode_slots} cannot hold the {args.num_samples} samples of one prompt")
+    if slots < 1 or args.prefix_pool_tokens < 0:
+        raise ValueError(f"--decode-slots must be >= 1 and --prefix-pool-tokens >= 0, got {slots} and {args.prefix_pool_tokens}")
     if args.nproc_per_node > 1 and not shards.under_torchrun():
         return shards.launch("sealong.sampler", args.nproc_per_node, shards.flags_of(args, add_arguments))
     ranks = shards.Ranks(args.device)
@@ -394,7 +425,7 @@ def sample_prompts(args, todo, fit, tokenizer, slots, target, device, disable_ba
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, eos_token_ids=tuple(eos_token_ids(args.model, tokenizer)), prefill_chunk=args.prefill_chunk,
-        backend=args.backend, decode_slots=slots,
+        backend=args.backend, decode_slots=slots, prefix_pool_tokens=args.prefix_pool_tokens,
     )
     fitted = {}
 

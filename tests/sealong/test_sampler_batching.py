@@ -77,9 +77,19 @@ def test_same_slots_same_bits_whatever_the_other_prompts(model):
                    [(c.tokens, c.logprob_sum, c.finish_reason) for c in together[i]]
 
 
-def test_too_many_samples_for_the_slots(model):
-    with pytest.raises(ValueError, match=r"prompt 0: need a non-empty prompt and 1..2 \(decode slots\) samples"):
-        S.generate(model, [[1, 2, 3]], [[1, 2, 3]], S.SamplingParams(max_new_tokens=2, decode_slots=2))
+def test_more_samples_than_slots_and_a_small_prefix_pool(model):
+    """3 slots for prompts of 5 samples; the pool holds one prompt at a time: samples wait for a slot (or for
+    the pool), and each is still the same as with all samples at once."""
+    prompts, seeds = prompts_and_seeds(3, 5, seed=4)
+    eos = frequent_tokens(model, prompts, seeds, 4)
+    free = S.SamplingParams(max_new_tokens=8, temperature=1.0, eos_token_ids=eos)
+    want = S.generate(model, prompts, seeds, free)
+    tight = S.SamplingParams(max_new_tokens=8, temperature=1.0, eos_token_ids=eos, decode_slots=3, prefix_pool_tokens=1)
+    got = S.generate(model, prompts, seeds, tight)
+    assert [[c.tokens for c in cs] for cs in got] == [[c.tokens for c in cs] for cs in want]
+    assert tight.stats["prefill_tokens"] == free.stats["prefill_tokens"] == sum(map(len, prompts))
+    with pytest.raises(ValueError, match="prompt 0: need a non-empty prompt and at least one sample, got 0 tokens"):
+        S.generate(model, [[]], [[1]], S.SamplingParams(max_new_tokens=2))
 
 
 def test_prefix_pool_packs_and_compacts(model):
