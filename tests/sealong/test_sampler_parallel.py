@@ -1,5 +1,6 @@
 """Data-parallel sampling: the split by prompt length, shard files, the merge, and torchrun with 2 gloo ranks."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -81,3 +82,27 @@ def test_two_gloo_ranks_killed_and_resumed_equal_one_process(tmp_path):
     assert 1 <= already < 5  # rank 1's first record (and whatever rank 0 wrote) was kept, not redone
     assert out.read_bytes() == one.read_bytes() and shards.shard_files(str(out)) == []
     assert "slot utilization" in done.stderr and "x 2 rank(s)" in done.stderr
+
+
+def test_sample_stage_and_pipeline_launch_torchrun(tmp_path, monkeypatch):
+    """`sealong sample --nproc-per-node 2` starts torchrun with the stage's values (YAML < flags); the pipeline's
+    sampling steps pass on its --nproc-per-node."""
+    from sealong import cli, pipeline
+
+    calls = []
+
+    class Done:
+        returncode = 0
+
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd) or Done())
+    assert cli.main(["sample", "--nproc-per-node", "2", "--model", "m", "--prompts", "p.jsonl", "--output", "o.jsonl",
+                     "--temperature", "0.5", "--trust-remote-code"]) == 0
+    cmd = calls[0]
+    assert cmd[1:8] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "sealong.sampler", "--model"]
+    again = S.parser.parse_args(cmd[7:])
+    assert (again.temperature, again.num_samples, again.trust_remote_code, again.nproc_per_node) == (0.5, 32, True, 1)
+    seen = []
+    monkeypatch.setattr(pipeline.Runner, "call", lambda self, stage, flags: seen.append((stage, flags)))
+    args = argparse.Namespace(run_dir=str(tmp_path), preset="paper", explicit=set(), seed=0, nproc_per_node=4)
+    pipeline.sample(pipeline.Runner(args), "m", tmp_path / "p.jsonl", tmp_path / "s.jsonl", 8, 0.7)
+    assert seen[0][0] == "sample" and seen[0][1][seen[0][1].index("--nproc-per-node") + 1] == "4"
