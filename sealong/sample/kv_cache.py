@@ -173,7 +173,7 @@ class DecodeBatch:
     suffix row it is written to (t); lengths = write + 1. rows [sum N_b] (device): for each prompt of the
     pool, in pool order, its N_b samples' slots in sample order, S for a sample not decoding (a zero query
     whose result is dropped); cu_q [B+1] int32 (device): prompt b owns rows[cu_q[b]:cu_q[b+1]]; max_rows =
-    max N_b; span = max(lengths) (host).
+    max N_b; span = max(lengths) (host; or more). cu_prefix / max_prefix: set for a CUDA graph's padded batch.
     """
 
     tokens: torch.Tensor
@@ -183,6 +183,8 @@ class DecodeBatch:
     cu_q: torch.Tensor
     max_rows: int
     span: int
+    cu_prefix: torch.Tensor = None  # [B+1] int32 (device); None: the pool's
+    max_prefix: int = 0  # an upper bound of the prompts' lengths; 0: the pool's longest
 
 
 def run_layers(model, x, position_ids, attend):
@@ -230,8 +232,8 @@ def decode_step(model, batch: DecodeBatch, prefix, suffix: SuffixCache, prefix_a
     Idle slots compute garbage that stays in their own row (no operation mixes rows but the attention,
     which reads only live rows' prefixes and each slot's own suffix).
     """
-    max_prefix = max(prefix.lengths)
-    cu_prefix = prefix.cu_prefix
+    max_prefix = batch.max_prefix or max(prefix.lengths)
+    cu_prefix = prefix.cu_prefix if batch.cu_prefix is None else batch.cu_prefix
     lengths = batch.write + 1
     slots = torch.arange(len(batch.write), device=batch.write.device)
 

@@ -46,6 +46,7 @@ class SamplingParams:
     backend: str = "auto"  # "auto" (Triton kernels on CUDA, reference on CPU), "triton", "reference"
     decode_slots: int = 0  # samples decoded together (continuous batching); 0 = all samples of a generate() call
     prefix_pool_tokens: int = 0  # most prompt tokens held in the prefix pool at once (0 = no limit)
+    cuda_graphs: bool = False  # replay the decode step from CUDA graphs (CUDA only; see sealong/sample/graphs.py)
     stats: dict = field(default_factory=lambda: {"prefill_tokens": 0, "decode_tokens": 0, "decode_steps": 0,
                                                  "busy_slot_steps": 0, "slot_steps": 0})
 
@@ -160,6 +161,11 @@ def stream(model, requests, params: SamplingParams, slots: int):
     prefix = PrefixPool(model, device, dtype)
     suffix = SuffixCache.allocate(model, slots, params.max_new_tokens, device, dtype)
     prefix_attn = prefix_attention_fn(device, params.backend)
+    graphs = None
+    if params.cuda_graphs and torch.device(device).type == "cuda":
+        from .graphs import DecodeGraphs
+
+        graphs = DecodeGraphs(model, suffix, prefix_attn, params.stats)
     eos = set(int(e) for e in params.eos_token_ids)
     owner = [None] * slots  # (the _Active prompt, its sample index) of each slot; None = free
     step = [0] * slots  # tokens the slot's sample has chosen so far
@@ -221,7 +227,10 @@ def stream(model, requests, params: SamplingParams, slots: int):
         if all(o is None for o in owner):
             continue
         batch = _decode_batch(active, owner, step, tokens_host, slots, device)
-        logits = model.lm_head(decode_step(model, batch, prefix, suffix, prefix_attn))
+        if graphs is not None:
+            logits = graphs(batch, prefix)
+        else:
+            logits = model.lm_head(decode_step(model, batch, prefix, suffix, prefix_attn))
         stats["decode_steps"] += 1
 
 
@@ -308,6 +317,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="prompt limit (default: the model's max_position_embeddings minus --max-new-tokens)")
     parser.add_argument("--truncate", choices=["error", "middle"], default="error",
                         help="a prompt over the limit: stop with an error naming its id, or cut its middle")
+    parser.add_argument("--cuda-graphs", action="store_true", help="replay the decode step from CUDA graphs (GPU)")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--backend", choices=["auto", "triton", "reference"], default="auto")
@@ -390,12 +400,13 @@ def run(args) -> int:
         if ranks.world > 1:  # every rank tokenizes every prompt to do and takes its part of the same split
             todo = [todo[i] for i in shards.plan([len(fit(p)[0]) for p in todo], ranks.world)[ranks.rank]]
             target = shards.shard_path(args.output, ranks.rank)
-        stats = {"prefill_tokens": 0, "decode_tokens": 0, "decode_steps": 0, "busy_slot_steps": 0, "slot_steps": 0}
+        stats = {}
         if todo:
             device = args.device if args.device and ranks.world == 1 else ranks.device
             stats = sample_prompts(args, todo, fit, tokenizer, slots, target, device, disable_bar=ranks.rank != 0)
         ranks.barrier()
-        total = dict(zip(stats, ranks.sum(list(stats.values()))))
+        keys = ("prefill_tokens", "decode_tokens", "decode_steps", "busy_slot_steps", "slot_steps")
+        total = dict(zip(keys, ranks.sum([stats.get(k, 0) for k in keys])))
         if ranks.rank == 0:
             if ranks.world > 1:
                 written = shards.merge(args.output, order)
@@ -425,7 +436,7 @@ def sample_prompts(args, todo, fit, tokenizer, slots, target, device, disable_ba
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, eos_token_ids=tuple(eos_token_ids(args.model, tokenizer)), prefill_chunk=args.prefill_chunk,
-        backend=args.backend, decode_slots=slots, prefix_pool_tokens=args.prefix_pool_tokens,
+        backend=args.backend, decode_slots=slots, prefix_pool_tokens=args.prefix_pool_tokens, cuda_graphs=args.cuda_graphs,
     )
     fitted = {}
 

@@ -102,3 +102,79 @@ def test_prefix_pool_packs_and_compacts(model):
     pool.remove(1)
     assert pool.cu_prefix.tolist() == [0, 3, 5] and pool.lengths == [3, 2]
     assert (pool.k[0][:3] == 1).all() and (pool.v[1][3:5] == 3).all()
+
+
+def decode_state(model, device, slots=5):
+    """A prefix pool of 3 prompts and a suffix cache, with a decode batch in the middle of generation."""
+    from sealong.sample.kv_cache import DecodeBatch, SuffixCache, prefill
+
+    g = torch.Generator().manual_seed(7)
+    pool = PrefixPool(model, device, torch.float32)
+    for n in (9, 30, 4):
+        prefill(model, [torch.randint(0, 96, (n,), generator=g).tolist()], pool.add(n), 8)
+    suffix = SuffixCache.allocate(model, slots, 300, device, torch.float32)
+    for t in suffix.k + suffix.v:
+        t.normal_(generator=torch.Generator(device).manual_seed(1))
+    # prompt 0: samples in slots 3, 0; prompt 1: sample 0 done, sample 1 in slot 4; prompt 2: slot 1; slot 2 idle
+    batch = DecodeBatch(torch.tensor([5, 6, 0, 7, 8], device=device), torch.tensor([13, 11, 0, 9 + 2, 30 + 5], device=device),
+                        torch.tensor([4, 7, 0, 2, 5], device=device), torch.tensor([3, 0, 5, 4, 1], device=device),
+                        torch.tensor([0, 2, 4, 5], dtype=torch.int32, device=device), 2, 8)
+    return pool, suffix, batch
+
+
+def test_padded_decode_batch_gives_the_same_step(model):
+    """What a CUDA graph replays: the step padded to its bucket (more rows and prompts, empty; a longer suffix
+    span, masked) equals the step itself, bit for bit on the CPU."""
+    from sealong.sample.graphs import bucket, pad_batch
+    from sealong.sample.kv_cache import decode_step, prefix_attention_fn
+
+    pool, suffix, batch = decode_state(model, "cpu")
+    key, padded = pad_batch(batch, pool, 300)
+    assert key == (8, 4, 2, 32, 256) and padded.rows.tolist() == [3, 0, 5, 4, 1, 5, 5, 5]
+    assert padded.cu_q.tolist() == [0, 2, 4, 5, 5] and padded.cu_prefix.tolist() == [0, 9, 39, 43, 43]
+    assert [bucket(n) for n in (1, 2, 3, 17)] == [1, 2, 4, 32] and bucket(3, 16) == 16
+    attn = prefix_attention_fn("cpu")
+    want = model.lm_head(decode_step(model, batch, pool, suffix, attn))
+    got = model.lm_head(decode_step(model, padded, pool, suffix, attn))
+    assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+def test_decode_graph_replay_equals_eager_gpu(tmp_path):
+    """CUDA graphs: one step captured and replayed equals the same padded step run eagerly; a whole sampling run
+    with graphs gives the eager run's tokens."""
+    from sealong.sample.graphs import DecodeGraphs, pad_batch
+    from sealong.sample.kv_cache import decode_step, prefix_attention_fn
+
+    model = load_model(build_checkpoint(tmp_path / "tiny"), dtype=torch.float32, device="cuda")
+    pool, suffix, batch = decode_state(model, "cuda")
+    attn = prefix_attention_fn("cuda")
+    eager = model.lm_head(decode_step(model, pad_batch(batch, pool, 300)[1], pool, suffix, attn))
+    stats = {}
+    graphs = DecodeGraphs(model, suffix, attn, stats)
+    first, again = graphs(batch, pool), graphs(batch, pool)
+    assert torch.equal(first, eager) and torch.equal(again, eager)
+    assert stats == {"graph_captures": 1, "graph_replays": 2}
+    prompts, seeds = prompts_and_seeds(6, 3, seed=5)
+    eos = frequent_tokens(model, prompts, seeds, 4)
+    runs = [S.SamplingParams(max_new_tokens=12, temperature=1.0, eos_token_ids=eos, decode_slots=5, cuda_graphs=g)
+            for g in (False, True)]
+    out = [S.generate(model, prompts, seeds, p) for p in runs]
+    assert [[c.tokens for c in cs] for cs in out[0]] == [[c.tokens for c in cs] for cs in out[1]]
+    assert runs[1].stats["graph_replays"] == runs[1].stats["decode_steps"] > runs[1].stats["graph_captures"] >= 1
+
+
+def test_suffix_attention_chunks_past_a_row_change_nothing():
+    """A row's suffix attention is bit-identical whether the batch reads one chunk of keys or several (other rows
+    reach further); and it is softmax attention over the row's first lengths[m] keys."""
+    from sealong.sample.kv_cache import suffix_attention
+
+    q, k, v = torch.randn(3, 4, 8), torch.randn(3, 11, 2, 8), torch.randn(3, 11, 2, 8)
+    short = suffix_attention(q[:1], k[:1], v[:1], torch.tensor([3]), 3, 0.3, chunk=4)
+    mixed = suffix_attention(q, k, v, torch.tensor([3, 11, 6]), 11, 0.3, chunk=4)
+    assert torch.equal(mixed[0][:1], short[0]) and torch.equal(mixed[1][:, :1], short[1])
+    for m, n in enumerate([3, 11, 6]):
+        kk, vv = k[m, :n].repeat_interleave(2, dim=1), v[m, :n].repeat_interleave(2, dim=1)  # GQA: head h reads h // 2
+        s = torch.einsum("hd,shd->hs", q[m], kk) * 0.3
+        assert torch.allclose(mixed[0][m], torch.einsum("hs,shd->hd", s.softmax(-1), vv), atol=1e-6)
+        assert torch.allclose(mixed[1][:, m], s.logsumexp(-1), atol=1e-6)
