@@ -1,22 +1,24 @@
 """N samples per long prompt over one shared prefix: the sampling stage of SEALONG.
 
-Each prompt is prefilled once (in chunks) and its KV cache kept once; all N samples of all prompts of a
-batch decode together, attending to their prompt's prefix as one matrix product and to their own suffix,
-merged exactly by log-sum-exp (see sealong/kv_cache.py). HF `generate(num_return_sequences=N)` instead
-prefills and caches the prompt N times.
+Each prompt is prefilled once (in chunks) and its KV cache kept once; the samples decoding at once attend
+to their prompt's prefix as one matrix product per prompt and to their own suffix, merged exactly by
+log-sum-exp (see sealong/sample/kv_cache.py). HF `generate(num_return_sequences=N)` instead prefills and
+caches the prompt N times. Continuous batching (`stream`): a fixed number of decode slots, each finished
+sample's slot going to the next waiting sample, so the batch stays full; optional CUDA graphs of the decode
+step (graphs.py); data-parallel over torchrun ranks with one shard file per rank (shards.py).
 
 Randomness is counter-based: sample i of prompt `id` draws its uniform number at step t from
 hash(seed, id, i) and t alone, so the same seed gives the same output whatever else is in the batch
-(exactly so where the logits are batch-invariant, as on the CPU in float32).
+(exactly so where the logits are batch-invariant, as on the CPU in float32 at a fixed number of slots).
 
     python -m sealong.sampler --model CKPT --prompts run/prompts.jsonl --output run/samples.jsonl \\
-        --num-samples 32 --temperature 0.7 --max-new-tokens 1024
+        --num-samples 32 --temperature 0.7 --max-new-tokens 1024 [--decode-slots 64] [--nproc-per-node 8]
 
 Reads prompts JSONL (`id`, `context`, `question`, other fields kept) and appends one samples record per
 prompt: `id`, `question`, `outputs`, `num_tokens`, `finish_reasons` ("stop" | "length"), `logprob_sum`,
 `logprob_count` (log-probabilities of the sampled tokens under the model's own distribution, temperature 1,
 EOS included), `prompt_tokens`, `truncated`, plus the prompt record's other fields except `context`.
-Resumable by id; a torn last line from a crash is cut off first.
+Written in prompt order; resumable by id; a torn last line from a crash is cut off first.
 """
 
 import argparse
