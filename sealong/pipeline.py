@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
     g.add_argument("--warmup-steps", type=int, default=None, help="demo only: labelled warm-up steps of the tiny model")
     g.add_argument("--nproc-per-node", type=int, default=1,
-                   help="processes (GPUs) of the torchrun jobs: data-parallel sampling and training")
+                   help="processes (GPUs) of the torchrun jobs: data-parallel sampling and scoring, and training")
     g.add_argument("--train-args", default="", help="extra `--key value` flags for sealong.train, one string")
     g.add_argument("--seed", type=int, default=0)
 
@@ -217,7 +217,7 @@ def step_sample_and_score(r: Runner, model: str) -> None:
     r.say(f"sample: {r.args.num_samples} samples per training prompt")
     sample(r, model, r.run / "prompts.jsonl", r.run / "samples.jsonl", r.args.num_samples, r.args.temperature)
     r.say("score: MBR over the samples, chosen = best, rejected = random from the lower half")
-    r.call("score", ["--run-dir", str(r.run), "--seed", str(r.args.seed)])
+    r.call("score", ["--run-dir", str(r.run), "--seed", str(r.args.seed), "--nproc-per-node", str(r.args.nproc_per_node)])
 
 
 def step_train(r: Runner, model: str) -> Path:

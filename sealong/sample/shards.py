@@ -160,7 +160,8 @@ def flags_of(args, add_arguments, skip=("nproc_per_node",)) -> list:
     """The command-line flags that give `args` back through the parser built by `add_arguments`."""
     import argparse
 
-    parser = add_arguments(argparse.ArgumentParser(add_help=False))
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
     flags = []
     for action in parser._actions:
         value = getattr(args, action.dest, None)
@@ -176,5 +177,5 @@ def flags_of(args, add_arguments, skip=("nproc_per_node",)) -> list:
 def launch(module: str, nproc: int, flags: list) -> int:
     """Run `torchrun --standalone --nproc-per-node nproc -m module flags` (one node) and return its exit code."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", module, *flags]
-    print("sampler: " + " ".join(cmd), file=sys.stderr)
+    print(f"{module}: " + " ".join(cmd), file=sys.stderr)
     return subprocess.run(cmd).returncode

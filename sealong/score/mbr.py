@@ -302,6 +302,9 @@ def add_arguments(parser):
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="let the embedding model run code from its folder (e.g. jina-embeddings-v3, the paper's)")
+    parser.add_argument("--nproc-per-node", type=int, default=1,
+                        help="data-parallel scoring: start torchrun with this many processes (GPUs) on this node; "
+                             "under torchrun (any number of nodes) the job's own ranks are used")
 
 
 def run(args):
@@ -323,11 +326,26 @@ def run(args):
     cfg = ScoreConfig(utility=args.utility, model=args.model, batch_size=args.batch_size, chunk=args.chunk,
                       seed=args.seed, dedup_threshold=args.dedup_threshold, reference_mode=args.reference_mode,
                       device=args.device, trust_remote_code=args.trust_remote_code)
+    from sealong.sample import shards
+
+    if args.nproc_per_node > 1 and not shards.under_torchrun():
+        return shards.launch("sealong.score", args.nproc_per_node, shards.flags_of(args, add_arguments))
+    ranks = shards.Ranks(args.device)
     try:
-        counts = score_file(samples, out, cfg, pairs=pairs, prompts=prompts)
+        if ranks.world > 1:  # data parallel (sealong/score/parallel.py)
+            from .parallel import score_file_parallel
+
+            cfg.device = cfg.device or str(ranks.device)
+            counts = score_file_parallel(samples, out, cfg, ranks, pairs=pairs, prompts=prompts)
+        else:
+            counts = score_file(samples, out, cfg, pairs=pairs, prompts=prompts)
     except (JsonlError, ValueError, FileNotFoundError) as err:
         print(f"sealong score: {err}", file=sys.stderr)
         return 1
+    finally:
+        ranks.close()
+    if ranks.rank != 0:
+        return 0
     print("sealong score: " + ", ".join(f"{k} {v}" for k, v in counts.items()), file=sys.stderr)
     print(f"sealong score: scores -> {out}" + (f", pairs -> {pairs}" if pairs else ""), file=sys.stderr)
     return 0

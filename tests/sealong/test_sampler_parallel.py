@@ -103,6 +103,8 @@ def test_sample_stage_and_pipeline_launch_torchrun(tmp_path, monkeypatch):
     assert (again.temperature, again.num_samples, again.trust_remote_code, again.nproc_per_node) == (0.5, 32, True, 1)
     seen = []
     monkeypatch.setattr(pipeline.Runner, "call", lambda self, stage, flags: seen.append((stage, flags)))
-    args = argparse.Namespace(run_dir=str(tmp_path), preset="paper", explicit=set(), seed=0, nproc_per_node=4)
-    pipeline.sample(pipeline.Runner(args), "m", tmp_path / "p.jsonl", tmp_path / "s.jsonl", 8, 0.7)
-    assert seen[0][0] == "sample" and seen[0][1][seen[0][1].index("--nproc-per-node") + 1] == "4"
+    args = argparse.Namespace(run_dir=str(tmp_path), preset="paper", explicit=set(), seed=0, nproc_per_node=4,
+                              num_samples=8, temperature=0.7)
+    pipeline.step_sample_and_score(pipeline.Runner(args), "m")
+    assert [stage for stage, _ in seen] == ["sample", "score"]
+    assert all(flags[flags.index("--nproc-per-node") + 1] == "4" for _, flags in seen)
