@@ -18,7 +18,8 @@ Reads prompts JSONL (`id`, `context`, `question`, other fields kept) and appends
 prompt: `id`, `question`, `outputs`, `num_tokens`, `finish_reasons` ("stop" | "length"), `logprob_sum`,
 `logprob_count` (log-probabilities of the sampled tokens under the model's own distribution, temperature 1,
 EOS included), `prompt_tokens`, `truncated`, plus the prompt record's other fields except `context`.
-Written in prompt order; resumable by id; a torn last line from a crash is cut off first.
+Records are appended to OUTPUT.shard-RANK as prompts finish and merged into OUTPUT in prompt order at the end
+(shards.py); resumable by id (a killed run's shards are merged first; a torn last line is cut off).
 """
 
 import argparse
@@ -398,10 +399,9 @@ def run(args) -> int:
         tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code) if todo else None
         fit = lambda p: fit_prompt(prompt_token_ids(tokenizer, p["context"], p["question"], args.strategy), limit,  # noqa: E731
                                    args.truncate == "middle", p["id"])
-        target = args.output
         if ranks.world > 1:  # every rank tokenizes every prompt to do and takes its part of the same split
             todo = [todo[i] for i in shards.plan([len(fit(p)[0]) for p in todo], ranks.world)[ranks.rank]]
-            target = shards.shard_path(args.output, ranks.rank)
+        target = shards.shard_path(args.output, ranks.rank)  # records in the order prompts finish; merged below
         stats = {}
         if todo:
             device = args.device if args.device and ranks.world == 1 else ranks.device
@@ -410,12 +410,11 @@ def run(args) -> int:
         keys = ("prefill_tokens", "decode_tokens", "decode_steps", "busy_slot_steps", "slot_steps")
         total = dict(zip(keys, ranks.sum([stats.get(k, 0) for k in keys])))
         if ranks.rank == 0:
-            if ranks.world > 1:
-                written = shards.merge(args.output, order)
-                missing = set(order) - completed_ids(args.output)
-                if missing:
-                    raise RuntimeError(f"sampler: {len(missing)} of {len(order)} ids missing from {args.output} after "
-                                       f"the merge ({written} records): are the ranks' shard files on one shared filesystem?")
+            written = shards.merge(args.output, order)
+            missing = set(order) - completed_ids(args.output)
+            if missing:
+                raise RuntimeError(f"sampler: {len(missing)} of {len(order)} ids missing from {args.output} after "
+                                   f"the merge ({written} records): are the ranks' shard files on one shared filesystem?")
             if total["slot_steps"]:
                 print(f"sampler: slot utilization {total['busy_slot_steps'] / total['slot_steps']:.1%} (busy slot-steps "
                       f"{total['busy_slot_steps']} / {total['slot_steps']}, {slots} slots x {ranks.world} rank(s)); "
@@ -426,13 +425,11 @@ def run(args) -> int:
 
 
 def sample_prompts(args, todo, fit, tokenizer, slots, target, device, disable_bar=False) -> dict:
-    """Sample `todo` through the continuous-batching stream; append its records to `target` in prompt order."""
+    """Sample `todo` through the continuous-batching stream; append each record to `target` as its prompt ends."""
     from tqdm import tqdm
 
     from sealong.jsonl import append_jsonl
     from sealong.model import eos_token_ids, load_model
-
-    from .shards import in_order
 
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
     params = SamplingParams(
@@ -449,7 +446,7 @@ def sample_prompts(args, todo, fit, tokenizer, slots, target, device, disable_ba
 
     start = time.perf_counter()
     bar = tqdm(total=len(todo), unit="prompt", file=sys.stderr, disable=disable_bar)
-    for b, completions in in_order(stream(model, requests(), params, slots), len(todo)):
+    for b, completions in stream(model, requests(), params, slots):
         ids, cut = fitted.pop(b)
         append_jsonl(target, [samples_record(todo[b], completions, tokenizer, len(ids), cut)])
         bar.update(1)

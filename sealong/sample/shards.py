@@ -5,9 +5,9 @@
 
 Every rank reads the whole prompts file and the ids already in the output, tokenizes the prompts still to do
 and splits them by `plan` (balanced by prompt tokens, the same split on every rank). Rank r appends its
-records to its own shard `OUTPUT.shard-r` (append-only, one flushed line per prompt, like the output). When
-all ranks are done, rank 0 merges the output and every shard into OUTPUT, in prompt order, atomically (a
-temporary file renamed over it), then deletes the shards. A killed run leaves the output and the shards as
+records to its own shard `OUTPUT.shard-r` as its prompts finish (append-only, one flushed line per prompt;
+a single process is rank 0). When all ranks are done, rank 0 merges the output and every shard into OUTPUT,
+in prompt order, atomically (a temporary file renamed over it), then deletes the shards. A killed run leaves the output and the shards as
 they were: the next run (with any number of ranks) first merges what is there, so it redoes only the
 missing ids. Sample i of prompt `id` draws its randomness from (seed, id, i) alone, and at a fixed number of
 decode slots the decode is batch invariant on the CPU in float32, so the merged output is byte-identical to
@@ -97,18 +97,6 @@ def merge(output: str, order: list) -> int:
     for path in shards:
         os.remove(path)
     return len(lines)
-
-
-def in_order(results, n: int):
-    """Items (index, value) arriving in any order -> yielded as (index, value) in index order 0..n-1."""
-    waiting, nxt = {}, 0
-    for i, value in results:
-        waiting[i] = value
-        while nxt in waiting:
-            yield nxt, waiting.pop(nxt)
-            nxt += 1
-    if nxt != n or waiting:
-        raise RuntimeError(f"in_order: got {nxt + len(waiting)} of {n} results")
 
 
 class Ranks:

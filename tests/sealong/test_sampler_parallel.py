@@ -45,10 +45,7 @@ def test_merge_orders_dedups_and_cuts_torn_lines(tmp_path):
         shards.merge(out, [])
 
 
-def test_in_order_and_flags():
-    assert list(shards.in_order([(2, "c"), (0, "a"), (1, "b")], 3)) == [(0, "a"), (1, "b"), (2, "c")]
-    with pytest.raises(RuntimeError, match="got 2 of 3"):
-        list(shards.in_order([(0, "a"), (2, "c")], 3))
+def test_flags_give_the_arguments_back():
     args = S.parser.parse_args(["--model", "m", "--prompts", "p", "--output", "o", "--trust-remote-code", "--nproc-per-node", "2"])
     again = S.parser.parse_args(shards.flags_of(args, S.add_arguments))
     assert vars(again) == dict(vars(args), nproc_per_node=1)
@@ -108,3 +105,16 @@ def test_sample_stage_and_pipeline_launch_torchrun(tmp_path, monkeypatch):
     pipeline.step_sample_and_score(pipeline.Runner(args), "m")
     assert [stage for stage, _ in seen] == ["sample", "score"]
     assert all(flags[flags.index("--nproc-per-node") + 1] == "4" for _, flags in seen)
+
+
+def test_one_process_resume_keeps_prompt_order(tmp_path):
+    """One process is rank 0 of 1: its records go to a shard as prompts finish, merged in prompt order, so a
+    resume after a crash that kept only a later prompt gives the fresh run's bytes."""
+    ckpt = build_checkpoint(tmp_path / "tiny")
+    write_prompts(tmp_path / "prompts.jsonl", n=3)
+    out = tmp_path / "samples.jsonl"
+    assert S.run(stage_args(ckpt, tmp_path, "--decode-slots", "2")) == 0
+    fresh = out.read_bytes()
+    out.write_bytes(fresh.splitlines(keepends=True)[2])
+    assert S.run(stage_args(ckpt, tmp_path, "--decode-slots", "2")) == 0
+    assert out.read_bytes() == fresh and shards.shard_files(str(out)) == []
