@@ -161,7 +161,7 @@ def stream(model, requests, params: SamplingParams, slots: int):
     """
     device = next(model.parameters()).device
     dtype = model.model.embed_tokens.weight.dtype
-    prefix = PrefixPool(model, device, dtype)
+    prefix = PrefixPool(model, device, dtype, capacity=params.prefix_pool_tokens)  # grows only past the cap
     suffix = SuffixCache.allocate(model, slots, params.max_new_tokens, device, dtype)
     prefix_attn = prefix_attention_fn(device, params.backend)
     graphs = None
@@ -392,10 +392,11 @@ def run(args) -> int:
         todo = [p for p in prompts if p["id"] not in done]
         if ranks.rank == 0:
             print(f"sampler: {len(prompts)} prompts in {args.prompts}, {len(prompts) - len(todo)} already in {args.output}", file=sys.stderr)
-        limit = args.max_prompt_tokens or ModelConfig.from_folder(args.model).max_position_embeddings - args.max_new_tokens
+        positions = ModelConfig.from_folder(args.model).max_position_embeddings
+        limit = args.max_prompt_tokens or positions - args.max_new_tokens
         if limit < 1:
             raise ValueError(f"no room for a prompt: --max-new-tokens {args.max_new_tokens} leaves {limit} of the model's "
-                             f"{limit + args.max_new_tokens} positions (--max-prompt-tokens must be >= 1)")
+                             f"{positions} positions (--max-prompt-tokens must be >= 1)")
         tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code) if todo else None
         fit = lambda p: fit_prompt(prompt_token_ids(tokenizer, p["context"], p["question"], args.strategy), limit,  # noqa: E731
                                    args.truncate == "middle", p["id"])
