@@ -152,8 +152,9 @@ def test_decode_graph_replay_equals_eager_gpu(tmp_path):
     eager = model.lm_head(decode_step(model, pad_batch(batch, pool, 300)[1], pool, suffix, attn))
     stats = {}
     graphs = DecodeGraphs(model, suffix, attn, stats)
-    first, again = graphs(batch, pool), graphs(batch, pool)
-    assert torch.equal(first, eager) and torch.equal(again, eager)
+    first, again = graphs(batch, pool), graphs(batch, pool)  # capture + replay, then replay
+    torch.testing.assert_close(first, eager, rtol=1e-5, atol=1e-5)  # the same kernels (cuBLAS may pick others in capture)
+    assert torch.equal(again, first)
     assert stats == {"graph_captures": 1, "graph_replays": 2}
     prompts, seeds = prompts_and_seeds(6, 3, seed=5)
     eos = frequent_tokens(model, prompts, seeds, 4)
