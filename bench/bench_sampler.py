@@ -25,7 +25,7 @@ import torch
 from bench.common import copy_bandwidth_gbs, cpu_note, is_oom, synchronize, time_ms
 from sealong.sample import kv_cache
 from sealong.model import ModelConfig, Transformer
-from sealong.sample.sampler import SamplingParams, generate
+from sealong.sample.sampler import SamplingParams, generate, sample_seed
 
 LLAMA31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                   num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072,
@@ -34,6 +34,9 @@ LLAMA31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=4096)
 GPU_CASE = dict(prompts=[4096, 16384, 31744], n=32, new=512, hf_new=64, dtype=torch.bfloat16)
+# slot utilization: near-uniform logits (random init), 8 of 256 tokens are EOS: each step ends a sample with
+# probability 1/32, so lengths are geometric (mean ~32, many ending early, a few reaching max_new_tokens)
+SLOTS_CASE = dict(prompts=256, prompt_tokens=(32, 96), n=8, slots=64, new=128, eos=tuple(range(8)))
 CPU_CASE = dict(prompts=[96, 384], n=8, new=8, hf_new=8, dtype=torch.float32)
 
 
@@ -81,17 +84,17 @@ def bench_ours(model, prompt, n, new, dtype, device, copy_gbs):
     total_s = time.perf_counter() - t0
     handle.remove()
     peak = torch.cuda.max_memory_allocated(device) if str(device).startswith("cuda") else None
-    prefix = kv_cache.PrefixCache.allocate(model, [len(prompt)], device, dtype)
+    pool = kv_cache.PrefixPool(model, device, dtype)
+    prefix = pool.add(len(prompt))
     prefill_ms = time_ms(lambda: kv_cache.prefill(model, [prompt], prefix, params.prefill_chunk), device, warmup=1, repeat=3)
     # one decode step late in generation (suffix of t tokens), against its bandwidth floor
     c, t = model.config, new - 1
     suffix = kv_cache.SuffixCache.allocate(model, n, new, device, dtype)
-    tokens = torch.zeros(n, dtype=torch.long, device=device)
-    positions = torch.full((n,), len(prompt) + t, device=device)
-    cu_q = torch.tensor([0, n], dtype=torch.int32, device=device)
+    full = lambda value: torch.full((n,), value, dtype=torch.long, device=device)  # noqa: E731
+    batch = kv_cache.DecodeBatch(full(0), full(len(prompt) + t), full(t), torch.arange(n, device=device),
+                                 torch.tensor([0, n], dtype=torch.int32, device=device), n, t + 1)
     attn = kv_cache.prefix_attention_fn(device)
-    step_ms = time_ms(lambda: model.lm_head(kv_cache.decode_step(model, tokens, positions, t, prefix, suffix, cu_q, n, attn)),
-                      device, warmup=2, repeat=5)
+    step_ms = time_ms(lambda: model.lm_head(kv_cache.decode_step(model, batch, pool, suffix, attn)), device, warmup=2, repeat=5)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     step_bytes = weight_bytes + kv_bytes_per_token(c, dtype) * (len(prompt) + n * (t + 1))
     floor_ms = step_bytes / (copy_gbs * 1e9) * 1e3
@@ -131,6 +134,35 @@ def bench_hf(hf, prompt, n, new, device):
             "decode tok/s": n * new / decode_s, "peak GiB": None if peak is None else peak / 2**30, "note": f"{new} new tokens"}
 
 
+def slot_utilization(device, case=SLOTS_CASE) -> tuple:
+    """Static batches (before continuous batching: slots / N prompts decode until their longest sample ends)
+    against continuous batching on the same number of slots: (rows, identical tokens per (prompt, seed))."""
+    torch.manual_seed(0)  # the random weights
+    _, model = build_models(TINY, device, torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(*case["prompt_tokens"], (case["prompts"],), generator=gen).tolist()
+    prompts = [torch.randint(0, TINY["vocab_size"], (p,), generator=gen).tolist() for p in lengths]
+    seeds = [[sample_seed(0, b, i) for i in range(case["n"])] for b in range(case["prompts"])]
+    per_batch = case["slots"] // case["n"]
+    rows, outputs = [], []
+    for mode in ("static batches", "continuous"):
+        params = SamplingParams(max_new_tokens=case["new"], temperature=1.0, eos_token_ids=case["eos"],
+                                decode_slots=0 if mode == "static batches" else case["slots"])
+        if mode == "static batches":
+            out = [c for b in range(0, len(prompts), per_batch)
+                   for c in generate(model, prompts[b : b + per_batch], seeds[b : b + per_batch], params)]
+        else:
+            out = generate(model, prompts, seeds, params)
+        outputs.append([[c.tokens for c in cs] for cs in out])
+        st = params.stats
+        rows.append({"batching": mode, "slots": case["slots"], "prompts x N": f"{case['prompts']} x {case['n']}",
+                     "max new": case["new"], "tokens": st["busy_slot_steps"], "slot-steps": st["slot_steps"],
+                     "decode forwards": st["decode_steps"], "slot utilization %": 100 * st["busy_slot_steps"] / st["slot_steps"]})
+    all_lengths = [len(t) for cs in outputs[1] for t in cs]
+    rows[1]["sample lengths"] = f"min {min(all_lengths)}, median {sorted(all_lengths)[len(all_lengths) // 2]}, max {max(all_lengths)}"
+    return rows, outputs[0] == outputs[1]
+
+
 def run(device: str, small: bool) -> dict:
     case = CPU_CASE if small else GPU_CASE
     cfg = TINY if small else LLAMA31_8B
@@ -159,7 +191,14 @@ def _run(device, small, case, cfg):
         speedup = row["decode tok/s"] / ref["decode tok/s"] if "decode tok/s" in ref else None
         summary.append(dict(common, **{"prefill tokens ours/HF": f"{row['prefill tokens']}/{ref.get('prefill tokens', 'OOM')}",
                                        "decode speedup": speedup, "% of BW floor": row["% of floor"]}))
+    slot_rows, same = slot_utilization(device)
+    rows += slot_rows
+    summary += [{"batching": r["batching"], "slot utilization %": r["slot utilization %"]} for r in slot_rows]
     notes = cpu_note(device) + [
+        "slot utilization = busy slot-steps / (slots x steps), a step choosing one token per slot (tiny Llama, random "
+        f"init, {SLOTS_CASE['prompts']} prompts x N={SLOTS_CASE['n']}, 8 of 256 tokens are EOS); static batches = "
+        f"{SLOTS_CASE['slots'] // SLOTS_CASE['n']} prompts decoding until their longest sample ends (the sampler "
+        f"before continuous batching); identical tokens per (prompt, seed) in both: {same}",
         f"model: {'Llama-3.1-8B shapes' if not small else 'tiny Llama'} with random weights, {str(case['dtype'])[6:]}; "
         f"copy bandwidth {copy_gbs:.1f} GB/s",
         "floor = (weight bytes + prefix KV bytes + suffix KV bytes) / copy bandwidth, one decode step of N samples",

@@ -165,6 +165,7 @@ def step_eval_set(r: Runner) -> Path:
 
 
 def sample(r: Runner, model: str, prompts: Path, output: Path, **values) -> None:
+    values.setdefault("nproc_per_node", r.args.nproc_per_node)  # data-parallel sampling on the training job's processes
     r.call("sample", model=model, prompts=str(prompts), output=str(output), **values)
 
 
@@ -193,7 +194,7 @@ def step_sample_and_score(r: Runner, model: str) -> None:
     r.say(f"sample: {r.configs['sample'].num_samples} samples per training prompt")
     sample(r, model, r.run / "prompts.jsonl", r.run / "samples.jsonl")
     r.say("score: MBR over the samples, chosen = best, rejected = random from the lower half")
-    r.call("score", run_dir=str(r.run))
+    r.call("score", run_dir=str(r.run), nproc_per_node=r.args.nproc_per_node)
 
 
 def step_train(r: Runner, model: str) -> Path:

@@ -111,7 +111,7 @@ def resolve(stage: str, argv, common: dict | None = None, launcher: bool = False
     flags = parse_flags(parser, list(argv))
     common = {**{f.name: f.default for f in dataclasses.fields(CommonOptions)}, **(common or {}),
               **{f.name: flags.pop(f.name) for f in dataclasses.fields(CommonOptions) if f.name in flags}}
-    launch = {f.name: flags.pop(f.name) for f in dataclasses.fields(LaunchOptions) if f.name in flags}
+    launch = {f.name: flags.pop(f.name) for f in dataclasses.fields(LaunchOptions) if launcher and f.name in flags}
     for name, value in launch.items():
         try:
             check_value(LaunchOptions, name, value)

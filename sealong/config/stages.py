@@ -62,7 +62,16 @@ class SampleConfig(Checked):
     max_new_tokens: int = option(1024, "longest output", ge=1)
     seed: int = option(0, "per-sample seeds derive from (seed, id, index)")
     strategy: Strategy = option(DEFAULT_STRATEGY, "the paper's prompting strategy (Tables 9, 10)")
-    batch_prompts: int = option(1, "prompts decoded together (N samples each)", ge=1)
+    batch_prompts: int = option(1, "prompts decoded together (N samples each): the default of --decode-slots is "
+                                "this x N", ge=1)
+    decode_slots: Optional[int] = option(
+        None, "samples decoding at once (continuous batching: a finished sample's slot goes to the next waiting "
+        "sample; default --batch-prompts x --num-samples)", ge=1)
+    prefix_pool_tokens: int = option(0, "most prompt tokens whose KV cache is held at once (a prompt stays until its "
+                                     "last sample ends; the next prompt waits for room); 0 = no limit", ge=0)
+    nproc_per_node: int = option(1, "data-parallel sampling: start torchrun with this many processes (GPUs) on this "
+                                 "node; under torchrun (any number of nodes) the job's own ranks are used", ge=1)
+    cuda_graphs: bool = option(False, "replay the decode step from CUDA graphs (GPU)")
     prefill_chunk: int = option(4096, "prompt tokens per prefill forward", ge=1)
     max_prompt_tokens: Optional[int] = option(
         None, "prompt limit (default: the model's max_position_embeddings minus --max-new-tokens)", ge=1)
@@ -99,6 +108,8 @@ class ScoreConfig(Checked):
     device: Optional[str] = option(None, "cuda or cpu (default: cuda when available)")
     trust_remote_code: bool = option(False, "let the embedding model run code from its folder (e.g. "
                                      "jina-embeddings-v3, the paper's)")
+    nproc_per_node: int = option(1, "data-parallel scoring: start torchrun with this many processes (GPUs) on this "
+                                 "node; under torchrun (any number of nodes) the job's own ranks are used", ge=1)
     pairs_format: Literal[PAIRS_FORMATS] = option(
         "sealong", "pairs file format: sealong's (scores record + context), or TRL's conversational "
         "prompt/chosen/rejected records")
@@ -139,7 +150,8 @@ class PipelineConfig(Checked):
         None, "demo only: labelled training steps of the tiny base model before SEALONG starts (the base model's "
         "own training, not the learning-rate warmup, which is train.warmup_ratio); None: TinyConfig's (sealong/tiny.py)",
         ge=0)
-    nproc_per_node: int = option(1, "processes (GPUs) of the torchrun training job", ge=1)
+    nproc_per_node: int = option(1, "processes (GPUs) of the torchrun jobs: data-parallel sampling and scoring, and "
+                                 "training", ge=1)
     train_args: str = option("", "extra sealong.train flags, one string (e.g. \"--sp 8 --ulysses 4\")")
     # options of the stages, set for the whole run (None: the stage's value from --config, the preset or its default)
     seed: Optional[int] = option(None, "seed of every stage", sets=("synth", "sample", "score", "train"))

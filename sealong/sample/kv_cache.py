@@ -1,10 +1,10 @@
 """KV caches of the shared-prefix sampler, and the two forward passes that fill and read them.
 
-    prefix cache   k, v [P_total, Hkv, D] per layer: each prompt's tokens once (prompts packed, cu_prefix)
-    suffix cache   k, v [M, L, Hkv, D] per layer: each sample's own generated tokens (M samples, L <= max new)
+    prefix pool    k, v [P_total, Hkv, D] per layer: each decoding prompt's tokens once (packed, cu_prefix)
+    suffix cache   k, v [S, L, Hkv, D] per layer: each decode slot's own generated tokens (S slots, L = max new)
 
 `prefill` runs the prompts through the model chunk by chunk (a chunk's queries see the cache so far and
-themselves, causally) and returns the last token's hidden state. `decode_step` runs one token per sample:
+themselves, causally) and returns the last token's hidden state. `decode_step` runs one token per slot:
 attention of all samples against their prompt's prefix is one matrix product per (prompt, kv head)
 (`sealong_kernels.prefix_decode_attention`), attention against each sample's suffix is a batched product,
 and the two partial results are merged by log-sum-exp, which is exact.
@@ -46,19 +46,40 @@ def prefix_attention_fn(device, backend="auto"):
     return lambda q, k, v, cu_q, cu_p, scale, **kw: reference.prefix_decode_attention(q, k, v, cu_q, cu_p, scale)
 
 
-def suffix_attention(q, k, v, scale):
-    """Each sample's query against its own suffix keys, no mask -> (out [M, Hq, D], lse [Hq, M] float32).
+SUFFIX_CHUNK = 256  # suffix keys per attention chunk (see suffix_attention)
 
-    q [M, Hq, D], k, v [M, S, Hkv, D] with S >= 1. As transformers' eager attention: the products run in the
-    cache's dtype (float32 accumulation inside the matmul), the softmax and log-sum-exp in float32; the suffix
-    cache is never copied to float32 (it is read once per step, like the prefix).
+
+def suffix_attention(q, k, v, lengths, span, scale, chunk=SUFFIX_CHUNK):
+    """Each slot's query against the first lengths[m] keys of its own suffix -> (out [M, Hq, D], lse [Hq, M] float32).
+
+    q [M, Hq, D], k, v [M, L, Hkv, D] (slot-major cache), lengths [M] int64 on the device, all >= 1;
+    span = max(lengths) (host int). As transformers' eager attention: the products run in the cache's dtype
+    (float32 accumulation inside the matmul), the softmax and log-sum-exp in float32.
+
+    Batch invariance: keys are taken in fixed chunks of `chunk` (the last one cut at L), each chunk's
+    (out_c, lse_c) is computed over exactly those positions (masked past lengths[m]) and the chunks are merged
+    in order by log-sum-exp. A chunk wholly past a row's length has lse -inf and out 0, and merging it is exact
+    (weights 1 and 0), so a row's result depends on its own keys only, not on how far the other slots of the
+    batch reach. (Unwritten cache rows are zeros or an earlier sample's finite values, so 0 * v = 0.)
     """
     m, hq, d = q.shape
     hkv = k.shape[2]
-    s = torch.einsum("mhgd,mshd->mhgs", q.reshape(m, hkv, hq // hkv, d), k).float() * scale
-    lse = torch.logsumexp(s, dim=-1)  # [M, Hkv, G]
-    out = torch.einsum("mhgs,mshd->mhgd", torch.exp(s - lse[..., None]).to(v.dtype), v)
-    return out.reshape(m, hq, d), lse.reshape(m, hq).transpose(0, 1)
+    qg = q.reshape(m, hkv, hq // hkv, d)
+    out = lse = None
+    for c0 in range(0, span, chunk):
+        kc, vc = k[:, c0 : c0 + chunk], v[:, c0 : c0 + chunk]
+        pos = torch.arange(c0, c0 + kc.shape[1], device=q.device)
+        s = torch.einsum("mhgd,mshd->mhgs", qg, kc).float() * scale
+        s = s.masked_fill((pos[None, :] >= lengths[:, None])[:, None, None, :], float("-inf"))
+        lse_c = torch.logsumexp(s, dim=-1)  # [M, Hkv, G]; -inf where the chunk is past the row's length
+        p = torch.exp(s - lse_c.masked_fill(torch.isinf(lse_c), 0.0)[..., None])
+        out_c = torch.einsum("mhgs,mshd->mhgd", p.to(v.dtype), vc).float().reshape(m, hq, d)
+        lse_c = lse_c.reshape(m, hq).transpose(0, 1)
+        if out is None:
+            out, lse = out_c, lse_c
+        else:
+            out, lse = reference.merge_attention_partials(out, lse, out_c, lse_c)
+    return out.to(q.dtype), lse
 
 
 @dataclass
@@ -82,22 +103,88 @@ class PrefixCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
+class PrefixPool:
+    """The prefix caches of the prompts now decoding, packed in admission order: k, v [capacity, Hkv, D] per layer.
+
+    `add(n)` appends room for a prompt of n tokens and returns a PrefixCache view of it to prefill into;
+    `remove(j)` drops the j-th prompt and moves the later ones down (one copy of the tail), so the active
+    prompts always sit at cu_prefix = cumsum(lengths) as prefix_decode_attention wants. The pool grows by half
+    its size when a prompt does not fit.
+    """
+
+    def __init__(self, model, device, dtype, capacity=0):
+        c = model.config
+        self.shape = (c.num_key_value_heads, c.head_dim)
+        self.layers, self.device, self.dtype = c.num_hidden_layers, device, dtype
+        self.k = self.v = None
+        self.lengths = []
+        self._grow(max(capacity, 1))
+
+    def _grow(self, capacity):
+        total = sum(self.lengths)
+        new = lambda: [torch.empty((capacity, *self.shape), device=self.device, dtype=self.dtype) for _ in range(self.layers)]  # noqa: E731
+        k, v = new(), new()
+        if self.k is not None:
+            for i in range(self.layers):
+                k[i][:total], v[i][:total] = self.k[i][:total], self.v[i][:total]
+        self.k, self.v = k, v
+
+    def add(self, n: int) -> PrefixCache:
+        total, capacity = sum(self.lengths), self.k[0].shape[0]
+        if total + n > capacity:
+            self._grow(max(total + n, capacity + capacity // 2))
+        self.lengths.append(n)
+        cu = torch.tensor([0, n], dtype=torch.int32, device=self.device)
+        return PrefixCache([t[total : total + n] for t in self.k], [t[total : total + n] for t in self.v], cu, [n])
+
+    def remove(self, j: int) -> None:
+        start = sum(self.lengths[:j])
+        end, total = start + self.lengths[j], sum(self.lengths)
+        if end < total:
+            for t in self.k + self.v:
+                t[start : total - (end - start)] = t[end:total].clone()
+        del self.lengths[j]
+
+    @property
+    def cu_prefix(self) -> torch.Tensor:
+        return torch.tensor([0] + self.lengths, dtype=torch.int64).cumsum(0).to(device=self.device, dtype=torch.int32)
+
+
 @dataclass
 class SuffixCache:
-    k: list  # per layer [M, L, Hkv, D]
+    k: list  # per layer [S, L, Hkv, D]: slot s holds the generated tokens of the sample now in that slot
     v: list
 
     @classmethod
-    def allocate(cls, model, num_samples, max_len, device, dtype):
+    def allocate(cls, model, num_slots, max_len, device, dtype):
+        """Zeros, so that a masked key never multiplies a NaN (see suffix_attention)."""
         c = model.config
-        shape = (num_samples, max_len, c.num_key_value_heads, c.head_dim)
+        shape = (num_slots, max_len, c.num_key_value_heads, c.head_dim)
         layers = range(c.num_hidden_layers)
-        return cls([torch.empty(shape, device=device, dtype=dtype) for _ in layers],
-                   [torch.empty(shape, device=device, dtype=dtype) for _ in layers])
+        return cls([torch.zeros(shape, device=device, dtype=dtype) for _ in layers],
+                   [torch.zeros(shape, device=device, dtype=dtype) for _ in layers])
 
-    def select(self, keep: torch.Tensor) -> "SuffixCache":
-        """Keep only the samples `keep` (indices into the current rows), e.g. after some finished."""
-        return SuffixCache([k.index_select(0, keep) for k in self.k], [v.index_select(0, keep) for v in self.v])
+
+@dataclass
+class DecodeBatch:
+    """One decode step over all S slots (idle slots too: token 0 at position 0, suffix row 0, so shapes never change).
+
+    tokens, positions, write [S] int64 (device): the token fed, its position (prompt length + t) and the
+    suffix row it is written to (t); lengths = write + 1. rows [sum N_b] (device): for each prompt of the
+    pool, in pool order, its N_b samples' slots in sample order, S for a sample not decoding (a zero query
+    whose result is dropped); cu_q [B+1] int32 (device): prompt b owns rows[cu_q[b]:cu_q[b+1]]; max_rows =
+    max N_b; span = max(lengths) (host; or more). cu_prefix / max_prefix: set for a CUDA graph's padded batch.
+    """
+
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    write: torch.Tensor
+    rows: torch.Tensor
+    cu_q: torch.Tensor
+    max_rows: int
+    span: int
+    cu_prefix: torch.Tensor = None  # [B+1] int32 (device); None: the pool's
+    max_prefix: int = 0  # an upper bound of the prompts' lengths; 0: the pool's longest
 
 
 def run_layers(model, x, position_ids, attend):
@@ -137,20 +224,31 @@ def prefill(model, prompts, cache: PrefixCache, chunk_size: int, backend="auto")
 
 
 @torch.no_grad()
-def decode_step(model, tokens, positions, step, prefix: PrefixCache, suffix: SuffixCache, cu_q, max_rows, prefix_attn):
-    """One token per sample: tokens, positions [M] -> hidden [M, H]; writes suffix row `step` of every layer.
+def decode_step(model, batch: DecodeBatch, prefix, suffix: SuffixCache, prefix_attn):
+    """One token per slot -> hidden [S, H]; writes suffix row batch.write[s] of slot s in every layer.
 
-    cu_q [B+1] int32 (device): samples of prompt b are rows cu_q[b]:cu_q[b+1]; max_rows = max samples per prompt.
+    `prefix` is a PrefixPool (or PrefixCache) of the active prompts; the live rows attend to their prompt's
+    prefix (one matrix product per prompt and kv head) and to their own suffix, merged by log-sum-exp.
+    Idle slots compute garbage that stays in their own row (no operation mixes rows but the attention,
+    which reads only live rows' prefixes and each slot's own suffix).
     """
-    max_prefix = max(prefix.lengths)
+    max_prefix = batch.max_prefix or max(prefix.lengths)
+    cu_prefix = prefix.cu_prefix if batch.cu_prefix is None else batch.cu_prefix
+    lengths = batch.write + 1
+    slots = torch.arange(len(batch.write), device=batch.write.device)
 
     def attend(i, q, k, v, scale):
-        suffix.k[i][:, step] = k
-        suffix.v[i][:, step] = v
-        out_p, lse_p = prefix_attn(q, prefix.k[i], prefix.v[i], cu_q, prefix.cu_prefix, scale,
-                                   max_rows=max_rows, max_prefix=max_prefix)
-        out_s, lse_s = suffix_attention(q, suffix.k[i][:, : step + 1], suffix.v[i][:, : step + 1], scale)
-        out, _ = reference.merge_attention_partials(out_p.float(), lse_p, out_s.float(), lse_s)
+        suffix.k[i][slots, batch.write] = k
+        suffix.v[i][slots, batch.write] = v
+        q_rows = torch.cat([q, q.new_zeros(1, *q.shape[1:])])[batch.rows]  # row index S: a sample not decoding
+        part, lse_part = prefix_attn(q_rows, prefix.k[i], prefix.v[i], batch.cu_q, cu_prefix, scale,
+                                     max_rows=batch.max_rows, max_prefix=max_prefix)
+        out_p = torch.zeros((q.shape[0] + 1, *q.shape[1:]), dtype=torch.float32, device=q.device)
+        lse_p = torch.full((q.shape[1], q.shape[0] + 1), float("-inf"), device=q.device)
+        out_p[batch.rows], lse_p[:, batch.rows] = part.float(), lse_part  # row S written many times: dropped
+        out_p, lse_p = out_p[:-1], lse_p[:, :-1]
+        out_s, lse_s = suffix_attention(q, suffix.k[i], suffix.v[i], lengths, batch.span, scale)
+        out, _ = reference.merge_attention_partials(out_p, lse_p, out_s.float(), lse_s)
         return out.to(q.dtype)
 
-    return run_layers(model, model.model.embed_tokens(tokens), positions, attend)
+    return run_layers(model, model.model.embed_tokens(batch.tokens), batch.positions, attend)

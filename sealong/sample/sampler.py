@@ -1,25 +1,29 @@
 """N samples per long prompt over one shared prefix: the sampling stage of SEALONG.
 
-Each prompt is prefilled once (in chunks) and its KV cache kept once; all N samples of all prompts of a
-batch decode together, attending to their prompt's prefix as one matrix product and to their own suffix,
-merged exactly by log-sum-exp (see sealong/kv_cache.py). HF `generate(num_return_sequences=N)` instead
-prefills and caches the prompt N times.
+Each prompt is prefilled once (in chunks) and its KV cache kept once; the samples decoding at once attend
+to their prompt's prefix as one matrix product per prompt and to their own suffix, merged exactly by
+log-sum-exp (see sealong/sample/kv_cache.py). HF `generate(num_return_sequences=N)` instead prefills and
+caches the prompt N times. Continuous batching (`stream`): a fixed number of decode slots, each finished
+sample's slot going to the next waiting sample, so the batch stays full; optional CUDA graphs of the decode
+step (graphs.py); data-parallel over torchrun ranks with one shard file per rank (shards.py).
 
 Randomness is counter-based: sample i of prompt `id` draws its uniform number at step t from
 hash(seed, id, i) and t alone, so the same seed gives the same output whatever else is in the batch
-(exactly so where the logits are batch-invariant, as on the CPU in float32).
+(exactly so where the logits are batch-invariant, as on the CPU in float32 at a fixed number of slots).
 
     python -m sealong.sampler --model CKPT --prompts run/prompts.jsonl --output run/samples.jsonl \\
-        --num-samples 32 --temperature 0.7 --max-new-tokens 1024
+        --num-samples 32 --temperature 0.7 --max-new-tokens 1024 [--decode-slots 64] [--nproc-per-node 8]
 
 Reads prompts JSONL (`id`, `context`, `question`, other fields kept) and appends one samples record per
 prompt: `id`, `question`, `outputs`, `num_tokens`, `finish_reasons` ("stop" | "length"), `logprob_sum`,
 `logprob_count` (log-probabilities of the sampled tokens under the model's own distribution, temperature 1,
 EOS included), `prompt_tokens`, `truncated`, plus the prompt record's other fields except `context`.
-Resumable by id; a torn last line from a crash is cut off first.
+Records are appended to OUTPUT.shard-RANK as prompts finish and merged into OUTPUT in prompt order at the end
+(shards.py); resumable by id (a killed run's shards are merged first; a torn last line is cut off).
 """
 
 import hashlib
+import itertools
 import logging
 import os
 import sys
@@ -28,7 +32,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .kv_cache import PrefixCache, SuffixCache, decode_step, prefill, prefix_attention_fn
+from .kv_cache import DecodeBatch, PrefixPool, SuffixCache, decode_step, prefill, prefix_attention_fn
+
+log = logging.getLogger("sealong.sample")
 
 log = logging.getLogger("sealong.sample")
 
@@ -44,11 +50,15 @@ class SamplingParams:
     eos_token_ids: tuple = ()  # any of these ends a sample with finish reason "stop" (the token is counted)
     prefill_chunk: int = 4096  # prompt tokens per prefill forward
     backend: str = "auto"  # "auto" (Triton kernels on CUDA, reference on CPU), "triton", "reference"
-    stats: dict = field(default_factory=lambda: {"prefill_tokens": 0, "decode_tokens": 0, "decode_steps": 0})
+    decode_slots: int = 0  # samples decoded together (continuous batching); 0 = all samples of a generate() call
+    prefix_pool_tokens: int = 0  # most prompt tokens held in the prefix pool at once (0 = no limit)
+    cuda_graphs: bool = False  # replay the decode step from CUDA graphs (CUDA only; see sealong/sample/graphs.py)
+    stats: dict = field(default_factory=lambda: {"prefill_tokens": 0, "decode_tokens": 0, "decode_steps": 0,
+                                                 "busy_slot_steps": 0, "slot_steps": 0})
 
     def __post_init__(self):
-        if self.max_new_tokens < 1 or self.prefill_chunk < 1:
-            raise ValueError("max_new_tokens and prefill_chunk must be >= 1")
+        if self.max_new_tokens < 1 or self.prefill_chunk < 1 or self.decode_slots < 0 or self.prefix_pool_tokens < 0:
+            raise ValueError("max_new_tokens and prefill_chunk must be >= 1, decode_slots and prefix_pool_tokens >= 0")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {self.temperature}, {self.top_p}, {self.top_k}")
         if self.backend not in ("auto", "triton", "reference"):
@@ -75,7 +85,11 @@ def _shr(x, s):
 
 def uniform(seeds: torch.Tensor, step: int) -> torch.Tensor:
     """Counter-based U[0, 1) float64 per row: splitmix64(seed + golden * (step + 1)), 53 bits."""
-    z = seeds + _signed((0x9E3779B97F4A7C15 * (step + 1)) & MASK64)
+    return _uniform_from(seeds + _signed((0x9E3779B97F4A7C15 * (step + 1)) & MASK64))
+
+
+def _uniform_from(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's output mix of z = seed + golden * (step + 1) (int64, wrapping) -> U[0, 1) float64."""
     z = (z ^ _shr(z, 30)) * _signed(0xBF58476D1CE4E5B9)
     z = (z ^ _shr(z, 27)) * _signed(0x94D049BB133111EB)
     z = z ^ _shr(z, 31)
@@ -115,57 +129,154 @@ class Completion:
     finish_reason: str = "length"
 
 
-@torch.no_grad()
-def generate(model, prompts: list, seeds: list, params: SamplingParams) -> list:
-    """prompts: token id lists; seeds: per prompt, its samples' seeds (N_b = len(seeds[b]) samples, see sample_seed).
+@dataclass
+class _Active:
+    """A prompt in the prefix pool: its samples are decoding, waiting for a slot, or finished."""
 
-    Returns per prompt a list of Completion (one per sample). Every prompt is prefilled exactly once.
+    key: object
+    length: int  # prompt tokens (its prefix in the pool)
+    seeds: list
+    completions: list
+    slot: list  # per sample: its decode slot while it decodes, else None
+    first_logits: object = None  # [V]: the prefill's last logits, kept until every sample has a slot
+    admitted: int = 0  # samples given a slot so far (in sample order)
+    live: int = 0  # samples decoding now
+
+
+@torch.no_grad()
+def stream(model, requests, params: SamplingParams, slots: int):
+    """Continuous batching over a fixed budget of `slots` decode slots; yields (key, completions) per prompt.
+
+    requests: iterable of (key, token ids, seeds); prompt b brings N_b = len(seeds) samples. Samples are
+    admitted in order (prompt by prompt, sample by sample) as slots free up: a prompt is prefilled once
+    into the prefix pool when its first sample gets a slot (and params.prefix_pool_tokens allows: 0 = no
+    limit), each sample's first token comes from the prefill's last logits, and then it decodes with all
+    others, one token per slot per step; a finished sample frees its slot at once, and a prompt leaves (its
+    completions are yielded, its prefix dropped) when its last sample finishes.
+
+    Batch invariance: the decode batch is always the S slots (idle ones padded) and each prompt's prefix
+    attention always gets its N_b sample rows in sample order (zeros for samples not decoding), so matrix
+    products have fixed sizes and a sample's tokens and log-probabilities do not depend on what else is
+    decoding where those products are batch invariant at a fixed size (the CPU in float32).
+
+    Slot utilization = busy slot-steps / (S x steps) = params.stats["busy_slot_steps"] / ["slot_steps"], a
+    step being one token chosen per slot.
     """
     device = next(model.parameters()).device
     dtype = model.model.embed_tokens.weight.dtype
-    counts = [len(s) for s in seeds]
-    if len(prompts) != len(seeds) or any(len(ids) == 0 for ids in prompts) or 0 in counts:
-        raise ValueError("need one non-empty token list and at least one seed per prompt")
-    prefix = PrefixCache.allocate(model, [len(ids) for ids in prompts], device, dtype)
-    last_hidden = prefill(model, prompts, prefix, params.prefill_chunk, params.backend)  # [B, H]
-    params.stats["prefill_tokens"] += sum(prefix.lengths)
+    prefix = PrefixPool(model, device, dtype, capacity=params.prefix_pool_tokens)  # grows only past the cap
+    suffix = SuffixCache.allocate(model, slots, params.max_new_tokens, device, dtype)
     prefix_attn = prefix_attention_fn(device, params.backend)
+    graphs = None
+    if params.cuda_graphs and torch.device(device).type == "cuda":
+        from .graphs import DecodeGraphs
 
-    owner = torch.repeat_interleave(torch.arange(len(prompts)), torch.tensor(counts))  # host [M]: prompt of each row
-    rows = torch.arange(len(owner))  # host [M]: which completion each active row is
-    seed_t = torch.tensor([s for ss in seeds for s in ss], dtype=torch.int64, device=device)
-    completions = [Completion() for _ in range(len(owner))]
+        graphs = DecodeGraphs(model, suffix, prefix_attn, params.stats)
     eos = set(int(e) for e in params.eos_token_ids)
-    suffix = SuffixCache.allocate(model, len(owner), params.max_new_tokens, device, dtype)
-    logits = model.lm_head(last_hidden)[owner.to(device)]
-    for step in range(params.max_new_tokens):
-        tokens, logp = choose_tokens(logits, uniform(seed_t, step), params)
-        keep = []
-        for r, tok, lp in zip(rows.tolist(), tokens.tolist(), logp.tolist()):
-            c = completions[r]
+    owner = [None] * slots  # (the _Active prompt, its sample index) of each slot; None = free
+    step = [0] * slots  # tokens the slot's sample has chosen so far
+    seeds = torch.zeros(slots, dtype=torch.int64)
+    logits = torch.zeros(slots, model.config.vocab_size, dtype=dtype, device=device)
+    active, requests, exhausted = [], iter(requests), False
+    stats = params.stats
+    for key in ("busy_slot_steps", "slot_steps"):
+        stats.setdefault(key, 0)
+    while True:
+        free = [s for s in range(slots) if owner[s] is None]
+        while free:  # admit samples in order while slots are free
+            a = active[-1] if active and active[-1].admitted < len(active[-1].seeds) else None
+            if a is None:
+                if exhausted:
+                    break
+                request = next(requests, None)
+                if request is None:
+                    exhausted = True
+                    break
+                a = _admit_prompt(model, prefix, request, params)
+                if a is None:  # the prefix pool is full: wait for a prompt to leave
+                    requests = itertools.chain([request], requests)
+                    break
+                active.append(a)
+            while free and a.admitted < len(a.seeds):
+                s, i = free.pop(0), a.admitted
+                owner[s], step[s], seeds[s], a.slot[i] = (a, i), 0, a.seeds[i], s
+                logits[s] = a.first_logits
+                a.admitted += 1
+                a.live += 1
+            if a.admitted == len(a.seeds):
+                a.first_logits = None
+        if not active:
+            return
+        busy = [s for s in range(slots) if owner[s] is not None]
+        offsets = torch.tensor([_signed((0x9E3779B97F4A7C15 * (t + 1)) & MASK64) for t in step], dtype=torch.int64)
+        tokens, logp = choose_tokens(logits, _uniform_from(seeds + offsets), params)
+        tokens_host, logp_host = tokens.tolist(), logp.tolist()
+        stats["busy_slot_steps"] += len(busy)
+        stats["slot_steps"] += slots
+        stats["decode_tokens"] += len(busy)
+        for s in busy:
+            (a, i), tok = owner[s], tokens_host[s]
+            c = a.completions[i]
             c.tokens.append(tok)
-            c.logprob_sum += lp
+            c.logprob_sum += logp_host[s]
+            step[s] += 1
             if tok in eos:
                 c.finish_reason = "stop"
-            keep.append(tok not in eos)
-        params.stats["decode_tokens"] += len(keep)
-        if step + 1 == params.max_new_tokens or not any(keep):
-            break
-        if not all(keep):  # drop finished samples from the batch
-            keep_t = torch.tensor(keep)
-            rows, owner = rows[keep_t], owner[keep_t]
-            idx = keep_t.nonzero().squeeze(-1).to(device)
-            seed_t, tokens, suffix = seed_t[idx], tokens[idx], suffix.select(idx)
-        per_prompt = torch.bincount(owner, minlength=len(prompts))
-        cu_q = torch.cat([torch.zeros(1, dtype=torch.int64), per_prompt.cumsum(0)]).to(device=device, dtype=torch.int32)
-        positions = torch.tensor(prefix.lengths)[owner].to(device) + step
-        hidden = decode_step(model, tokens, positions, step, prefix, suffix, cu_q, int(per_prompt.max()), prefix_attn)
-        logits = model.lm_head(hidden)
-        params.stats["decode_steps"] += 1
-    out, start = [], 0
-    for n in counts:
-        out.append(completions[start : start + n])
-        start += n
+            if tok in eos or step[s] == params.max_new_tokens:
+                owner[s], a.slot[i] = None, None
+                a.live -= 1
+        for j in reversed(range(len(active))):
+            if active[j].live == 0 and active[j].admitted == len(active[j].seeds):
+                prefix.remove(j)
+                done = active.pop(j)
+                yield done.key, done.completions
+        if all(o is None for o in owner):
+            continue
+        batch = _decode_batch(active, owner, step, tokens_host, slots, device)
+        if graphs is not None:
+            logits = graphs(batch, prefix)
+        else:
+            logits = model.lm_head(decode_step(model, batch, prefix, suffix, prefix_attn))
+        stats["decode_steps"] += 1
+
+
+def _admit_prompt(model, prefix: PrefixPool, request, params: SamplingParams):
+    """Prefill a request's prompt into the pool -> its _Active, or None when the pool has no room for it yet."""
+    key, ids, sample_seeds = request
+    if len(ids) == 0 or len(sample_seeds) == 0:
+        raise ValueError(f"prompt {key!r}: need a non-empty prompt and at least one sample, got {len(ids)} tokens "
+                         f"and {len(sample_seeds)} samples")
+    if prefix.lengths and params.prefix_pool_tokens and sum(prefix.lengths) + len(ids) > params.prefix_pool_tokens:
+        return None
+    last = prefill(model, [ids], prefix.add(len(ids)), params.prefill_chunk, params.backend)  # [1, H]
+    params.stats["prefill_tokens"] += len(ids)
+    n = len(sample_seeds)
+    return _Active(key, len(ids), list(sample_seeds), [Completion() for _ in range(n)], [None] * n, model.lm_head(last)[0])
+
+
+def _decode_batch(active, owner, step, tokens_host, slots, device) -> DecodeBatch:
+    """The decode step's inputs: every slot's token (0 for idle ones); each prompt's N_b rows in sample order."""
+    fed = torch.tensor([tokens_host[s] if owner[s] is not None else 0 for s in range(slots)])
+    write = torch.tensor([step[s] - 1 if owner[s] is not None else 0 for s in range(slots)])
+    positions = torch.tensor([owner[s][0].length if owner[s] is not None else 0 for s in range(slots)]) + write
+    rows = [slots if s is None else s for a in active for s in a.slot]  # `slots`: a zero query row
+    cu_q = torch.tensor([0] + [len(a.slot) for a in active]).cumsum(0)
+    return DecodeBatch(fed.to(device), positions.to(device), write.to(device), torch.tensor(rows, device=device),
+                       cu_q.to(device=device, dtype=torch.int32), max(len(a.slot) for a in active), int(write.max()) + 1)
+
+
+def generate(model, prompts: list, seeds: list, params: SamplingParams) -> list:
+    """prompts: token id lists; seeds: per prompt, its samples' seeds (N_b = len(seeds[b]) samples, see sample_seed).
+
+    Returns per prompt a list of Completion (one per sample). Every prompt is prefilled exactly once. Decodes
+    with params.decode_slots slots (0: all samples of the call at once, i.e. one static batch).
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError(f"need one seed list per prompt, got {len(prompts)} prompts and {len(seeds)} seed lists")
+    slots = params.decode_slots or sum(len(s) for s in seeds)
+    out = [None] * len(prompts)
+    for b, completions in stream(model, zip(range(len(prompts)), prompts, seeds), params, max(slots, 1)):
+        out[b] = completions
     return out
 
 
@@ -223,50 +334,96 @@ def samples_record(prompt: dict, completions: list, tokenizer, prompt_tokens: in
 
 
 def run(args) -> int:
+    from sealong.data.prompts import prompt_token_ids
+    from sealong.jsonl import completed_ids
+    from sealong.model import ModelConfig, load_tokenizer
+
+    from . import shards
+
+    slots = args.decode_slots or args.batch_prompts * args.num_samples  # ranges: SampleConfig
+    if args.nproc_per_node > 1 and not shards.under_torchrun():
+        return shards.launch("sealong.sampler", args.nproc_per_node, shards.flags_of(args))
+    ranks = shards.Ranks(args.device)
+    try:
+        prompts = read_prompts(args.prompts, args.limit)
+        order = [p["id"] for p in prompts]
+        if ranks.rank == 0:  # fold in the shards of a killed data-parallel run; cut a torn last line
+            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)  # not after the first work
+            shards.merge(args.output, order)
+            completed_ids(args.output)
+        ranks.barrier()
+        done = completed_ids(args.output)
+        todo = [p for p in prompts if p["id"] not in done]
+        if ranks.rank == 0:
+            log.info(f"{len(prompts)} prompts in {args.prompts}, {len(prompts) - len(todo)} already in {args.output}")
+        positions = ModelConfig.from_folder(args.model).max_position_embeddings
+        limit = args.max_prompt_tokens if args.max_prompt_tokens is not None else positions - args.max_new_tokens
+        if limit < 1:
+            raise ValueError(f"no room for a prompt: --max-new-tokens {args.max_new_tokens} leaves {limit} of the model's "
+                             f"{positions} positions (--max-prompt-tokens must be >= 1)")
+        tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code) if todo else None
+        fit = lambda p: fit_prompt(prompt_token_ids(tokenizer, p["context"], p["question"], args.strategy), limit,  # noqa: E731
+                                   args.truncate == "middle", p["id"])
+        if ranks.world > 1:  # every rank tokenizes every prompt to do and takes its part of the same split
+            todo = [todo[i] for i in shards.plan([len(fit(p)[0]) for p in todo], ranks.world)[ranks.rank]]
+        target = shards.shard_path(args.output, ranks.rank)  # records in the order prompts finish; merged below
+        stats = {}
+        if todo:
+            device = args.device if args.device and ranks.world == 1 else ranks.device
+            stats = sample_prompts(args, todo, fit, tokenizer, slots, target, device, disable_bar=ranks.rank != 0)
+        ranks.barrier()
+        keys = ("prefill_tokens", "decode_tokens", "decode_steps", "busy_slot_steps", "slot_steps")
+        total = dict(zip(keys, ranks.sum([stats.get(k, 0) for k in keys])))
+        if ranks.rank == 0:
+            written = shards.merge(args.output, order)
+            missing = set(order) - completed_ids(args.output)
+            if missing:
+                raise RuntimeError(f"sampler: {len(missing)} of {len(order)} ids missing from {args.output} after "
+                                   f"the merge ({written} records): are the ranks' shard files on one shared filesystem?")
+            if total["slot_steps"]:
+                log.info(f"slot utilization {total['busy_slot_steps'] / total['slot_steps']:.1%} (busy slot-steps "
+                         f"{total['busy_slot_steps']} / {total['slot_steps']}, {slots} slots x {ranks.world} rank(s)); "
+                         f"{total['prefill_tokens']} prefill and {total['decode_tokens']} decode tokens")
+    finally:
+        ranks.close()
+    return 0
+
+
+def sample_prompts(args, todo, fit, tokenizer, slots, target, device, disable_bar=False) -> dict:
+    """Sample `todo` through the continuous-batching stream; append each record to `target` as its prompt ends."""
     from tqdm import tqdm
 
-    from sealong.data.prompts import prompt_token_ids
-    from sealong.jsonl import append_jsonl, completed_ids
-    from sealong.model import eos_token_ids, load_model, load_tokenizer
+    from sealong.jsonl import append_jsonl
+    from sealong.model import eos_token_ids, load_model
 
-    if args.num_samples < 1 or args.batch_prompts < 1:
-        raise ValueError(f"--num-samples and --batch-prompts must be >= 1, got {args.num_samples} and {args.batch_prompts}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    prompts = read_prompts(args.prompts, args.limit)
-    done = completed_ids(args.output)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)  # not after the first batch's work
-    todo = [p for p in prompts if p["id"] not in done]
-    log.info(f"{len(prompts)} prompts in {args.prompts}, {len(prompts) - len(todo)} already in {args.output}")
-    if not todo:
-        return 0
-    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
-    limit = (args.max_prompt_tokens if args.max_prompt_tokens is not None
-             else model.config.max_position_embeddings - args.max_new_tokens)
-    if limit < 1:
-        raise ValueError(f"no room for a prompt: --max-new-tokens {args.max_new_tokens} leaves {limit} of the model's "
-                         f"{model.config.max_position_embeddings} positions (--max-prompt-tokens must be >= 1)")
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, eos_token_ids=tuple(eos_token_ids(args.model, tokenizer)), prefill_chunk=args.prefill_chunk,
-        backend=args.backend,
+        backend=args.backend, decode_slots=slots, prefix_pool_tokens=args.prefix_pool_tokens, cuda_graphs=args.cuda_graphs,
     )
+    fitted = {}
+
+    def requests():
+        for b, p in enumerate(todo):
+            fitted[b] = fit(p)
+            yield b, fitted[b][0], [sample_seed(args.seed, p["id"], i) for i in range(args.num_samples)]
+
     start = time.perf_counter()
-    bar = tqdm(total=len(todo), unit="prompt", file=sys.stderr, disable=not sys.stderr.isatty())  # else: log lines
-    for b in range(0, len(todo), args.batch_prompts):
-        batch = todo[b : b + args.batch_prompts]
-        fitted = [fit_prompt(prompt_token_ids(tokenizer, p["context"], p["question"], args.strategy), limit,
-                             args.truncate == "middle", p["id"]) for p in batch]
-        seeds = [[sample_seed(args.seed, p["id"], i) for i in range(args.num_samples)] for p in batch]
-        results = generate(model, [ids for ids, _ in fitted], seeds, params)
-        append_jsonl(args.output, [samples_record(p, c, tokenizer, len(ids), cut) for p, c, (ids, cut) in zip(batch, results, fitted)])
-        bar.update(len(batch))
+    bar = tqdm(total=len(todo), unit="prompt", file=sys.stderr, disable=disable_bar or not sys.stderr.isatty())
+    for b, completions in stream(model, requests(), params, slots):
+        ids, cut = fitted.pop(b)
+        append_jsonl(target, [samples_record(todo[b], completions, tokenizer, len(ids), cut)])
+        bar.update(1)
         elapsed = time.perf_counter() - start
-        bar.set_postfix(prompts_s=f"{bar.n / elapsed:.3f}", tokens_s=f"{params.stats['decode_tokens'] / elapsed:.1f}")
-        if bar.disable:
-            log.info(f"{b + len(batch)}/{len(todo)} prompts, {params.stats['decode_tokens'] / elapsed:.1f} tokens/s")
+        utilization = params.stats['busy_slot_steps'] / max(params.stats['slot_steps'], 1)
+        bar.set_postfix(prompts_s=f"{bar.n / elapsed:.3f}", tokens_s=f"{params.stats['decode_tokens'] / elapsed:.1f}",
+                        slots=f"{utilization:.0%}")
+        if bar.disable and not disable_bar:  # no terminal: log lines instead of the bar
+            log.info(f"{bar.n}/{len(todo)} prompts, {params.stats['decode_tokens'] / elapsed:.1f} tokens/s, "
+                     f"slots {utilization:.0%}")
     bar.close()
-    return 0
+    return params.stats
 
 
 def main(argv=None):

@@ -293,11 +293,28 @@ def run(args):
             print(f"sealong score: --prompts {prompts} does not exist", file=sys.stderr)
             return 2
         prompts = None
+    cfg = args  # ScoreConfig (sealong/config/stages.py)
+    from sealong.sample import shards
+
+    if cfg.nproc_per_node > 1 and not shards.under_torchrun():
+        return shards.launch("sealong.score", cfg.nproc_per_node, shards.flags_of(cfg))
+    ranks = shards.Ranks(cfg.device)
     try:
-        counts = score_file(samples, out, args, pairs=pairs, prompts=prompts)
+        if ranks.world > 1:  # data parallel (sealong/score/parallel.py)
+            from .parallel import score_file_parallel
+            import dataclasses
+
+            cfg = dataclasses.replace(cfg, device=cfg.device or str(ranks.device))
+            counts = score_file_parallel(samples, out, cfg, ranks, pairs=pairs, prompts=prompts)
+        else:
+            counts = score_file(samples, out, cfg, pairs=pairs, prompts=prompts)
     except (JsonlError, ValueError, FileNotFoundError) as err:
         print(f"sealong score: {err}", file=sys.stderr)
         return 1
+    finally:
+        ranks.close()
+    if ranks.rank != 0:
+        return 0
     print("sealong score: " + ", ".join(f"{k} {v}" for k, v in counts.items()), file=sys.stderr)
     print(f"sealong score: scores -> {out}" + (f", pairs -> {pairs}" if pairs else ""), file=sys.stderr)
     return 0

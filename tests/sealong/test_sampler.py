@@ -61,10 +61,12 @@ def test_shared_prefix_equals_naive(model, temperature, top_p, top_k):
         got = S.generate(model, prompts, seeds, params)
     finally:
         handle.remove()
-    # every prompt token entered the model once (not once per sample); then one token per live sample per step
-    decoded = sum(len(c.tokens) - 1 for cs in got for c in cs)  # the last sampled token is never fed back
-    assert counter["tokens"] == 23 + 9 + decoded
+    # every prompt token entered the model once (not once per sample); then one token per slot per decode step
+    # (5 slots: all samples of the call), of which the live samples' are the tokens chosen and fed back
+    assert counter["tokens"] == 23 + 9 + 5 * params.stats["decode_steps"]
     assert params.stats["prefill_tokens"] == 32
+    assert params.stats["decode_tokens"] == params.stats["busy_slot_steps"] == sum(len(c.tokens) for cs in got for c in cs)
+    assert params.stats["slot_steps"] == 5 * max(len(c.tokens) for cs in got for c in cs)
     for prompt, ss, completions in zip(prompts, seeds, got):
         for (tokens, reason, lp), c in zip(naive_generate(model, prompt, ss, params), completions):
             assert c.tokens == tokens and c.finish_reason == reason
