@@ -34,10 +34,11 @@ from .metrics import METRICS, best_over_answers, normalize_answer, sub_em, token
 
 def read_samples(path: str) -> list[dict]:
     """Samples records with gold answers; errors name the file and line."""
-    from sealong.jsonl import JsonlError, numbered_records
+    from sealong.jsonl import IdChecker, JsonlError, numbered_records
 
-    out = []
+    out, check_id = [], IdChecker(path)
     for k, r in numbered_records(path, required=("id", "outputs", "answers")):
+        check_id(k, r["id"])
         if not isinstance(r["outputs"], list) or not r["outputs"] or not all(isinstance(o, str) for o in r["outputs"]):
             raise JsonlError(f"{path}:{k}: (id {r['id']!r}) 'outputs' must be a non-empty list of strings")
         if not isinstance(r["answers"], list) or not r["answers"] or not all(isinstance(a, str) for a in r["answers"]):
@@ -45,8 +46,14 @@ def read_samples(path: str) -> list[dict]:
         n = len(r["outputs"])
         r.setdefault("num_tokens", [len(o.split()) for o in r["outputs"]])
         r.setdefault("finish_reasons", ["stop"] * n)
-        if len(r["num_tokens"]) != n or len(r["finish_reasons"]) != n:
-            raise JsonlError(f"{path}:{k}: (id {r['id']!r}) num_tokens/finish_reasons must have {n} entries")
+        for key, kinds in (("num_tokens", (int, float)), ("finish_reasons", str)):
+            value = r[key]
+            if (not isinstance(value, list) or len(value) != n
+                    or not all(isinstance(v, kinds) and not isinstance(v, bool) for v in value)):
+                raise JsonlError(f"{path}:{k}: (id {r['id']!r}) {key!r} must be a list of {n} "
+                                 f"{'numbers' if key == 'num_tokens' else 'strings'}")
+        if not isinstance(r.get("dataset", "all"), str):
+            raise JsonlError(f"{path}:{k}: (id {r['id']!r}) 'dataset' must be a string")
         r.setdefault("dataset", "all")
         out.append(r)
     if not out:

@@ -210,18 +210,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def read_prompts(path: str, limit=None) -> list:
-    from sealong.jsonl import JsonlError, numbered_records
+    from sealong.jsonl import IdChecker, JsonlError, numbered_records
 
-    records, seen = [], set()
+    records, check_id = [], IdChecker(path)
     for n, record in numbered_records(path, required=("id", "context", "question")):
-        if not isinstance(record["id"], (str, int)) or isinstance(record["id"], bool):
-            raise JsonlError(f"{path}:{n}: 'id' must be a string or an integer, got {type(record['id']).__name__}")
+        check_id(n, record["id"])
         for key in ("context", "question"):
             if not isinstance(record[key], str):
                 raise JsonlError(f"{path}:{n}: (id {record['id']!r}) {key!r} must be a string, got {type(record[key]).__name__}")
-        if record["id"] in seen:
-            raise JsonlError(f"{path}:{n}: duplicate id {record['id']!r}")
-        seen.add(record["id"])
         records.append(record)
         if limit is not None and len(records) >= limit:
             break

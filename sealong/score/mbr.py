@@ -48,7 +48,7 @@ import torch
 
 import sealong_kernels as sk
 from sealong.score.embed import embed, load_embedder  # noqa: F401
-from sealong.jsonl import JsonlError, append_jsonl, completed_ids, numbered_records, read_jsonl
+from sealong.jsonl import IdChecker, JsonlError, append_jsonl, completed_ids, numbered_records, read_jsonl
 
 UTILITIES = ("embedding", "rouge", "answer", "random")
 
@@ -80,26 +80,28 @@ class ScoreConfig:
 def read_samples(path):
     """Samples records, checked: `id` unique, `outputs` a list of strings, `finish_reasons` (when present)
     as long as `outputs`. Errors name the file and line."""
-    records, seen = [], set()
+    records, check_id = [], IdChecker(path)
     for lineno, rec in numbered_records(path, required=("id", "outputs")):
+        check_id(lineno, rec["id"])
         outs, fin = rec["outputs"], rec.get("finish_reasons")
         problem = None
         if not isinstance(outs, list) or not all(isinstance(o, str) for o in outs):
             problem = "`outputs` must be a list of strings"
         elif fin is not None and (not isinstance(fin, list) or len(fin) != len(outs)):
             problem = f"`finish_reasons` must be a list as long as `outputs` ({len(outs)})"
-        elif rec["id"] in seen:
-            problem = f"duplicate id {rec['id']!r}"
         if problem:
             raise JsonlError(f"{path}:{lineno}: {problem}")
-        seen.add(rec["id"])
         records.append(rec)
     return records
 
 
 def read_contexts(path, ids):
     """{id: context} from a prompts JSONL, for the given ids only."""
-    return {r["id"]: r["context"] for r in read_jsonl(path, required=("id", "context")) if r["id"] in ids}
+    check_id, contexts = IdChecker(path), {}
+    for lineno, r in numbered_records(path, required=("id", "context")):
+        if check_id(lineno, r["id"]) in ids:
+            contexts[r["id"]] = r["context"]
+    return contexts
 
 
 def question_generator(seed, qid):

@@ -3,7 +3,8 @@
 Input records (JSON lines, one per question; the scoring stage writes them):
     {"id": ..., "context": ..., "question": ..., "chosen_text": ..., "rejected_text": ...}
 A record may give its user message directly as `prompt` instead of `context` + `question`. SFT needs only
-`chosen_text`. A record with a `skipped` reason, or an empty chosen / rejected text, is skipped and counted.
+`chosen_text`. `id` is optional (the line number stands in); when given it is a string or an integer, unique in
+the file. A record with a `skipped` reason, or an empty chosen / rejected text, is skipped and counted.
 A malformed line stops loading with the file and line; nothing is read lazily, so a bad record never
 stops training in the middle of an epoch.
 
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sealong.data import prompts
-from sealong.jsonl import numbered_records
+from sealong.jsonl import IdChecker, numbered_records
 
 IGNORE = -100
 MIN_PROMPT = 8  # fewest prompt tokens kept by middle truncation
@@ -121,8 +122,11 @@ def load_pairs(path, tokenizer, *, mode="orpo", max_length=32768, strategy=promp
     data = PairData(pairs=[])
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path}")
+    check_id = IdChecker(path)
     for number, record in numbered_records(path):
         where = f"{path}:{number}"
+        if "id" in record:  # optional (the line number stands in); typed and unique when given
+            check_id(number, record["id"])
         if record.get("skipped"):
             data.skipped["skipped by the scoring stage"] += 1
             continue
