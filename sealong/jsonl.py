@@ -10,6 +10,8 @@ integers (never bools: `true` is not the id 1) and unique within a file (`IdChec
 import json
 import os
 
+from sealong.lock import disk_full
+
 
 class JsonlError(ValueError):
     """A malformed JSON lines file; the message starts with `path:line:`."""
@@ -116,10 +118,19 @@ def completed_ids(path: str, key: str = "id") -> set:
 
 
 def append_jsonl(path: str, records, fsync: bool = True) -> None:
-    """Append records (dicts), one line each, flushed (and fsynced) so a crash loses at most the line in flight."""
-    with open(path, "a", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
+    """Append records (dicts), one line each, flushed (and fsynced) so a crash loses at most the line in flight.
+
+    A full disk raises OutputError: the complete lines already in the file are kept (a torn last one is cut
+    when the stage resumes) and a re-run continues after them."""
+    text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+    except OSError as err:
+        full = disk_full(err, path, "every complete record written before is kept; free space and re-run to resume")
+        if full is None:
+            raise
+        raise full from None

@@ -305,7 +305,14 @@ def summary(r: Runner, before: dict, after: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .lock import claim_output
+
     args = resolve(args)
+    with claim_output(args.run_dir, directory=True, what="--run-dir"):  # writable, one pipeline per run dir
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     r = Runner(args)
     r.say(f"pipeline: {args.preset} preset into {r.run}")
     model = step_base_model(r)

@@ -252,13 +252,16 @@ def parse_ns(text: str | None) -> list[int] | None:
 def run(args: argparse.Namespace) -> int:
     if args.greedy is None and args.sampled is None:
         raise ValueError("eval: give --greedy FILE and/or --sampled FILE")
+    from sealong.lock import claim_output
+
     ns = parse_ns(args.ns)
-    greedy = read_samples(args.greedy) if args.greedy else None
-    sampled = read_samples(args.sampled) if args.sampled else None
-    result = evaluate(greedy, sampled, ns, args.embed_model, mbr=not args.no_mbr,
-                      trust_remote_code=getattr(args, "trust_remote_code", False))
     out_dir = args.out_dir or str(Path(args.sampled or args.greedy).parent / "eval")
-    paths = write_report(result, out_dir, plot=not args.no_plot)
+    with claim_output(out_dir, directory=True, what="--out-dir"):  # writable and ours, before any work
+        greedy = read_samples(args.greedy) if args.greedy else None
+        sampled = read_samples(args.sampled) if args.sampled else None
+        result = evaluate(greedy, sampled, ns, args.embed_model, mbr=not args.no_mbr,
+                          trust_remote_code=getattr(args, "trust_remote_code", False))
+        paths = write_report(result, out_dir, plot=not args.no_plot)
     print(Path(paths["md"]).read_text())
     print("eval: wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

@@ -21,7 +21,6 @@ Resumable by id; a torn last line from a crash is cut off first.
 
 import argparse
 import hashlib
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -241,18 +240,25 @@ def samples_record(prompt: dict, completions: list, tokenizer, prompt_tokens: in
 
 
 def run(args) -> int:
+    """The stage: claims --output (writable, one writer: sealong.lock) before any work, then samples."""
+    from sealong.lock import claim_output
+
+    if args.num_samples < 1 or args.batch_prompts < 1:
+        raise ValueError(f"--num-samples and --batch-prompts must be >= 1, got {args.num_samples} and {args.batch_prompts}")
+    with claim_output(args.output, what="--output"):
+        return _sample(args)
+
+
+def _sample(args) -> int:
     from tqdm import tqdm
 
     from sealong.data.prompts import prompt_token_ids
     from sealong.jsonl import append_jsonl, completed_ids
     from sealong.model import eos_token_ids, load_model, load_tokenizer
 
-    if args.num_samples < 1 or args.batch_prompts < 1:
-        raise ValueError(f"--num-samples and --batch-prompts must be >= 1, got {args.num_samples} and {args.batch_prompts}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     prompts = read_prompts(args.prompts, args.limit)
     done = completed_ids(args.output)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)  # not after the first batch's work
     todo = [p for p in prompts if p["id"] not in done]
     print(f"sampler: {len(prompts)} prompts in {args.prompts}, {len(prompts) - len(todo)} already in {args.output}", file=sys.stderr)
     if not todo:

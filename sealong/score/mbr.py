@@ -48,6 +48,7 @@ import torch
 
 import sealong_kernels as sk
 from sealong.score.embed import embed, load_embedder  # noqa: F401
+from sealong.lock import claim_outputs
 from sealong.jsonl import IdChecker, JsonlError, append_jsonl, completed_ids, numbered_records, read_jsonl
 
 UTILITIES = ("embedding", "rouge", "answer", "random")
@@ -239,7 +240,14 @@ def _choose(rec, row, valid, gen, cfg, emb):
 
 
 def score_file(samples, out, cfg, pairs=None, prompts=None, log=sys.stderr):
-    """Score `samples` into `out` (and `pairs`), resuming; return counts {"written", "skipped: <why>", ...}."""
+    """Score `samples` into `out` (and `pairs`), resuming; return counts {"written", "skipped: <why>", ...}.
+
+    `out` and `pairs` are claimed first (writable, one writer at a time: sealong.lock)."""
+    with claim_outputs((out, False, "--out"), (pairs, False, "--pairs")):
+        return _score_file(samples, out, cfg, pairs, prompts, log)
+
+
+def _score_file(samples, out, cfg, pairs, prompts, log):
     records = read_samples(samples)
     done = completed_ids(out)
     todo = [r for r in records if r["id"] not in done]
@@ -255,10 +263,6 @@ def score_file(samples, out, cfg, pairs=None, prompts=None, log=sys.stderr):
         missing = sorted(need - contexts.keys())
         if missing:
             raise ValueError(f"{prompts}: no prompt record for id(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    for path in (out, pairs):
-        if path and os.path.dirname(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-
     from tqdm import tqdm
 
     counts = {"questions": len(records), "already done": len(records) - len(todo), "written": 0, "pairs": 0}

@@ -21,6 +21,8 @@ import shutil
 import torch
 from safetensors.torch import load_file, load_model, save_model
 
+from sealong.lock import disk_full
+
 from .distributed import barrier
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -78,8 +80,26 @@ def _fsync_tree(root):
 
 
 def save_checkpoint(output_dir, step, *, model, optimizer, scheduler, scaler, state, finetune, rank, keep=2):
-    """Write a complete checkpoint for `step` (every rank calls this; rank 0 writes the shared files)."""
+    """Write a complete checkpoint for `step` (every rank calls this; rank 0 writes the shared files).
+
+    A full disk raises OutputError naming the newest complete checkpoint, which is kept (the torn `.tmp`
+    folder is removed to give the space back)."""
     final = checkpoint_dir(output_dir, step)
+    try:
+        return _save(output_dir, step, final, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                     state=state, finetune=finetune, rank=rank, keep=keep)
+    except OSError as err:
+        kept = latest_checkpoint(output_dir)
+        full = disk_full(err, f"saving checkpoint {final}",
+                         f"nothing of it was published; {'the newest complete checkpoint ' + kept if kept else 'no earlier checkpoint'}"
+                         " is kept (resume from it with --resume true after freeing space)")
+        if full is None:
+            raise
+        shutil.rmtree(final + ".tmp", ignore_errors=True)
+        raise full from None
+
+
+def _save(output_dir, step, final, *, model, optimizer, scheduler, scaler, state, finetune, rank, keep):
     tmp = final + ".tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)

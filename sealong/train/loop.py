@@ -27,6 +27,7 @@ The loop (nanoGPT's shape):
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -35,6 +36,8 @@ import sys
 import time
 
 import torch
+
+from sealong.lock import OutputError, OutputLock
 
 from . import checkpoint as ckpt
 from .distributed import all_reduce_grads, all_reduce_sum, cleanup, print0, setup
@@ -245,8 +248,34 @@ class Logger:
 def train(cfg: TrainConfig, info, on_step=None):
     """Train per `cfg` on this rank; returns {"steps", "losses", "checkpoint", "data"} (rank-local copy).
 
-    `on_step(step, record)` is called after every optimizer step (a hook for callers and tests).
+    `on_step(step, record)` is called after every optimizer step (a hook for callers and tests). Rank 0 first
+    claims `output_dir` (writable, one run at a time: sealong.lock); every rank stops if it cannot.
     """
+    with claim_output_dir(cfg, info):
+        return _train(cfg, info, on_step)
+
+
+@contextlib.contextmanager
+def claim_output_dir(cfg, info):
+    """Rank 0 checks and locks output_dir for the whole run; the other ranks learn the outcome (one all-reduce)."""
+    lock, error = OutputLock(cfg.output_dir, directory=True, what="output_dir"), None
+    if info.is_main:
+        try:
+            lock.acquire()
+        except OutputError as err:
+            error = err
+    failed = all_reduce_sum(torch.tensor([float(error is not None)], device=info.device)).item()
+    try:
+        if error is not None:
+            raise error
+        if failed:
+            raise OutputError(f"output_dir {cfg.output_dir}: rank 0 could not claim it (see its error)")
+        yield
+    finally:
+        lock.release()
+
+
+def _train(cfg, info, on_step):
     device = info.device
     existing = ckpt.latest_checkpoint(cfg.output_dir)
     if existing is not None and not cfg.resume:
