@@ -82,9 +82,7 @@ class TrainLauncher:
         self.module.add_arguments(parser)
 
     def run(self, args: argparse.Namespace) -> int:
-        import subprocess
-
-        from .pipeline import launch_command
+        from .launch import launch_command, run_job
 
         if args.nproc_per_node < 1:
             raise ValueError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
@@ -95,7 +93,7 @@ class TrainLauncher:
             flags += [f"--{dest}", _raw(value)]
         cmd = launch_command(args.nproc_per_node, flags)
         print("sealong train: " + " ".join(cmd), file=sys.stderr)
-        return subprocess.run(cmd).returncode
+        return run_job(cmd)  # own process group, signals forwarded, dies with this process (sealong.launch)
 
 
 def load_stage(name: str):

@@ -247,11 +247,6 @@ def step_train(r: Runner, model: str) -> Path:
     return Path(ckpt)
 
 
-def launch_command(nproc: int, train_flags: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "sealong.train", *train_flags]
-
-
 def step_merge(r: Runner, base: str, ckpt: Path) -> str:
     """Base weights + the LoRA adapter merged (peft), saved as a plain checkpoint for the sampler."""
     out = r.run / "after_model"

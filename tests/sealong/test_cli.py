@@ -97,10 +97,9 @@ def test_pipeline_argument_errors(tmp_path, capsys):
 def test_train_stage_launches_torchrun_with_the_yaml_values(tmp_path, monkeypatch):
     calls = []
 
-    class Done:
-        returncode = 0
+    from sealong import launch
 
-    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd) or Done())
+    monkeypatch.setattr(launch, "run_job", lambda cmd: calls.append(cmd) or 0)
     assert cli.main(["train", "--nproc-per-node", "2", "--model", "m", "--data", "p.jsonl", "--lr", "1e-4"]) == 0
     cmd = calls[0]
     assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m"]
