@@ -54,6 +54,8 @@ class TrainConfig:
     sp: int = 1                          # sequence-parallel degree (ring x Ulysses); dp = world size / sp
     ulysses: int = 1                     # Ulysses degree inside the sequence-parallel group (ring degree = sp / ulysses)
     ring_layout: str = "zigzag"          # ring sharding: "zigzag" (balanced causal work) or "plain" (contiguous)
+    dist_timeout: float = 600.0          # seconds a collective waits for the other ranks; then the job fails,
+                                         # naming a rank that did not arrive (sealong.train.watchdog)
     # -- bookkeeping -----------------------------------------------------------------------------------------
     seed: int = 0                        # shuffling, LoRA init and dropout
     save_every: int = 0                  # checkpoint every K optimizer steps (0: only at the end)

@@ -45,6 +45,7 @@ from .pairs import label_counts, load_pairs, pack_pair
 from .config import TrainConfig, lr_at, make_config, parse_overrides, read_config_file
 from .loss import METRIC_NAMES, micro_objective, row_logp_sums
 from .mesh import TrainMesh
+from .watchdog import StepWatchdog, check_timeout
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -139,8 +140,9 @@ def sequence_counts(pairs):
     return torch.tensor([n for pair in pairs for n in label_counts(pair)], dtype=torch.long)
 
 
-def train_step(model, lm_head, params, optimizer, scaler, batch, cfg, mesh, device):
-    """Forward/backward over this rank's micro-batches of `batch` (a list of pairs), reduce, clip, step."""
+def train_step(model, lm_head, params, optimizer, scaler, batch, cfg, mesh, device, meet=None):
+    """Forward/backward over this rank's micro-batches of `batch` (a list of pairs), reduce, clip, step.
+    `meet()` runs before the gradient all-reduce (the stuck-rank watchdog)."""
     accum = cfg.grad_accum_steps(mesh.dp)
     chosen_tokens = sum(label_counts(p)[0] for p in batch)
     sums_of = torch.zeros(len(METRIC_NAMES) + 2, dtype=torch.float64)  # metric sums, loss, tokens
@@ -157,6 +159,8 @@ def train_step(model, lm_head, params, optimizer, scaler, batch, cfg, mesh, devi
         sums_of[:len(METRIC_NAMES)] += metrics / mesh.sp
         sums_of[-2] += loss.item() / mesh.sp
         sums_of[-1] += tokens
+    if meet is not None:
+        meet()
     all_reduce_grads(params)  # every rank holds part of the same batch: SUM over dp x sp
     if scaler is not None:
         scaler.unscale_(optimizer)
@@ -284,6 +288,7 @@ def _train(cfg, info, on_step):
         raise ValueError(f"{cfg.output_dir} already holds checkpoints (newest: {existing}): pass --resume true "
                          "to continue that run, or choose another output_dir")
     mesh = TrainMesh.build(cfg, info)
+    watchdog = StepWatchdog(cfg.dist_timeout)  # names a rank that stops arriving (sealong.train.watchdog)
     cfg.grad_accum_steps(mesh.dp)  # fails early with the sizes when the batch does not divide
     from sealong.model import load_tokenizer
 
@@ -344,7 +349,7 @@ def _train(cfg, info, on_step):
             started = time.perf_counter()
             epoch, indices = batch_indices(step, len(data.pairs), steps_per_epoch, cfg)
             record = train_step(model, lm_head, params, optimizer, scaler, [data.pairs[i] for i in indices],
-                                cfg, mesh, device)
+                                cfg, mesh, device, meet=lambda: watchdog.check(step + 1))
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             step += 1
@@ -430,7 +435,7 @@ def config_from_args(args):
 
 def run(args) -> int:
     cfg = config_from_args(args)
-    info = setup(getattr(args, "device", None))
+    info = setup(getattr(args, "device", None), timeout=check_timeout(cfg.dist_timeout))
     try:
         result = train(cfg, info)
     finally:
