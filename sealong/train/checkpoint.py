@@ -146,6 +146,14 @@ def _prune(output_dir, keep):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
+def _check_finite(path, named):
+    """A run never continues from NaN / inf weights (e.g. a checkpoint saved by a version without the check)."""
+    bad = [name for name, t in named if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"{path}: non-finite weights in {len(bad)} tensor(s), e.g. {bad[0]}: this checkpoint cannot "
+                         "be resumed; delete it to resume from an earlier one, or start a new output_dir")
+
+
 def load_checkpoint(path, *, model, optimizer, scheduler, scaler, finetune, rank, device):
     """Restore weights, optimizer, scheduler, scaler and this rank's RNG; return state.json's dict."""
     with open(os.path.join(path, "state.json")) as f:
@@ -153,12 +161,14 @@ def load_checkpoint(path, *, model, optimizer, scheduler, scaler, finetune, rank
     if finetune == "lora":
         from peft import set_peft_model_state_dict
         weights = load_file(os.path.join(path, "adapter", "adapter_model.safetensors"), device=str(device))
+        _check_finite(path, weights.items())
         result = set_peft_model_state_dict(model, weights)
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
             raise ValueError(f"{path}: adapter has weights the model lacks, e.g. {unexpected[:3]}")
     else:
         load_model(model, os.path.join(path, "model.safetensors"), device=str(device))
+        _check_finite(path, model.named_parameters())
     states = torch.load(os.path.join(path, "optimizer.pt"), map_location=device, weights_only=True)
     optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])

@@ -356,8 +356,8 @@ def _train(cfg, info, on_step):
             elapsed = time.perf_counter() - started
             record.update(epoch=epoch, lr=lr, tokens_per_s=record["tokens"] / max(elapsed, 1e-9),
                           step_time_s=elapsed)
-            if not math.isfinite(record["loss"]) and scaler is None:
-                raise FloatingPointError(f"step {step}: loss is {record['loss']} (try dtype=float32 or a lower lr)")
+            check_finite(step, record, params if step == stop or (cfg.save_every > 0 and step % cfg.save_every == 0)
+                         else (), scaler is not None, cfg, saved)
             losses.append(record["loss"])
             logger.log(step, record, write=step % cfg.log_every == 0 or step == stop)
             if cfg.save_every > 0 and step % cfg.save_every == 0 and step < stop:
@@ -369,6 +369,24 @@ def _train(cfg, info, on_step):
     finally:
         logger.close()
     return {"steps": step, "losses": losses, "checkpoint": saved, "data": data.summary()}
+
+
+class NonFiniteError(ValueError):
+    """A step produced a non-finite loss, gradient norm or parameter; nothing of it was saved."""
+
+
+def check_finite(step, record, params, scaled, cfg, saved):
+    """Stop before anything non-finite is saved: the loss and gradient norm of every step (not under float16
+    loss scaling, whose scaler skips such steps itself) and the updated parameters before each checkpoint."""
+    bad = [] if scaled else [f"{name} {record[key]}" for name, key in (("loss", "loss"), ("gradient norm", "grad_norm"))
+                             if not math.isfinite(record[key])]
+    count = sum(int((~torch.isfinite(p.detach())).sum()) for p in params)
+    if count:
+        bad.append(f"{count} non-finite values in the updated parameters")
+    if bad:
+        raise NonFiniteError(
+            f"step {step}: {', '.join(bad)} (lr={cfg.lr:g}, dtype={cfg.dtype}: try a lower lr or dtype=float32); "
+            f"no checkpoint of this step was written; newest saved checkpoint: {saved or 'none'}")
 
 
 def precision_warning(cfg):
