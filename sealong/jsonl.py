@@ -134,3 +134,58 @@ def append_jsonl(path: str, records, fsync: bool = True) -> None:
         if full is None:
             raise
         raise full from None
+
+
+def fsync_path(path: str) -> None:
+    """Flush a file, or a folder's entries, to disk (folders cannot be fsynced on every file system)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def publish(tmp: str, path: str) -> None:
+    """Rename a finished temporary file over `path` durably: the file's data on disk first, then the rename,
+    then the folder entry; a crash (even a power loss) leaves the old file or the new one, never an empty one."""
+    fsync_path(str(tmp))
+    os.replace(tmp, path)
+    fsync_path(os.path.dirname(os.path.abspath(path)))
+
+
+def write_atomic(path: str, text) -> None:
+    """Write `text` (a string, or an iterable of strings written one by one) to `path` through `path.tmp` and
+    `publish`. A full disk raises OutputError; the previous file is kept."""
+    path = str(path)
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for chunk in [text] if isinstance(text, str) else text:
+                f.write(chunk)
+        publish(tmp, path)
+    except OSError as err:
+        full = disk_full(err, path, "the previous version of the file (if any) is kept")
+        if full is None:
+            raise
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise full from None
+
+
+def write_jsonl_atomic(path: str, records) -> int:
+    """Write all records (dicts), one line each, with write_atomic; returns their number."""
+    count = [0]
+
+    def lines():
+        for record in records:
+            count[0] += 1
+            yield json.dumps(record, ensure_ascii=False) + "\n"
+
+    os.makedirs(os.path.dirname(os.path.abspath(str(path))), exist_ok=True)
+    write_atomic(path, lines())
+    return count[0]

@@ -308,7 +308,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from . import provenance
+
     r = Runner(args)
+    if provenance.read_meta(str(r.run), directory=True) is None:  # how the run directory was started
+        settings = dict(provenance.settings_of(args), preset=args.preset)
+        provenance.write_meta(str(r.run), provenance.stage_meta("pipeline", settings, args.model), directory=True)
     r.say(f"pipeline: {args.preset} preset into {r.run}")
     model = step_base_model(r)
     step_synth(r, model)

@@ -27,6 +27,8 @@ import json
 import sys
 from pathlib import Path
 
+from sealong.jsonl import publish, write_atomic
+
 from .metrics import METRICS, best_over_answers, normalize_answer, sub_em, token_f1  # noqa: F401
 
 
@@ -199,15 +201,13 @@ def write_report(result: dict, out_dir: str | Path, plot: bool = True) -> dict:
         paths["png"] = out / "eval_vs_n.png"
         tmp = out / "eval_vs_n.tmp.png"
         plot_vs_n(result, tmp)
-        tmp.replace(paths["png"])
+        publish(tmp, paths["png"])  # fsync, then rename
     _atomic_write(paths["json"], json.dumps(result, indent=1))
     return paths
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(str(path), text)  # temporary file, fsync, rename (sealong.jsonl)
 
 
 def compare_table(before: dict, after: dict, metric: str = "subem") -> str:
@@ -252,6 +252,7 @@ def parse_ns(text: str | None) -> list[int] | None:
 def run(args: argparse.Namespace) -> int:
     if args.greedy is None and args.sampled is None:
         raise ValueError("eval: give --greedy FILE and/or --sampled FILE")
+    from sealong import provenance
     from sealong.lock import claim_output
 
     ns = parse_ns(args.ns)
@@ -262,6 +263,10 @@ def run(args: argparse.Namespace) -> int:
         result = evaluate(greedy, sampled, ns, args.embed_model, mbr=not args.no_mbr,
                           trust_remote_code=getattr(args, "trust_remote_code", False))
         paths = write_report(result, out_dir, plot=not args.no_plot)
+        settings = {"greedy": args.greedy, "sampled": args.sampled, "ns": result["ns"], "mbr": not args.no_mbr,
+                    "embed_model": args.embed_model}
+        paths["meta"] = provenance.write_meta(out_dir, provenance.stage_meta("eval", settings, args.embed_model),
+                                              directory=True)
     print(Path(paths["md"]).read_text())
     print("eval: wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

@@ -15,8 +15,10 @@ hash(seed, id, i) and t alone, so the same seed gives the same output whatever e
 Reads prompts JSONL (`id`, `context`, `question`, other fields kept) and appends one samples record per
 prompt: `id`, `question`, `outputs`, `num_tokens`, `finish_reasons` ("stop" | "length"), `logprob_sum`,
 `logprob_count` (log-probabilities of the sampled tokens under the model's own distribution, temperature 1,
-EOS included), `prompt_tokens`, `truncated`, plus the prompt record's other fields except `context`.
-Resumable by id; a torn last line from a crash is cut off first.
+EOS included), `prompt_tokens`, `truncated`, `sampler` (the settings that made it: model and its config hash,
+N, temperature, top-p/k, seed, ...), plus the prompt record's other fields except `context`. The settings are
+also in `<output>.meta.json` (sealong.provenance). Resumable by id; a torn last line from a crash is cut off
+first; a resume under other settings is refused, naming them. Every prompt's length is checked before sampling.
 """
 
 import argparse
@@ -170,15 +172,18 @@ def generate(model, prompts: list, seeds: list, params: SamplingParams) -> list:
 # ---------------------------------------------------------------------------------------------- the stage
 
 
+def _too_long(prompt_id, tokens: int, limit: int, others=()) -> str:
+    more = f" (and {len(others)} more: {', '.join(map(repr, others[:5]))}{' ...' if len(others) > 5 else ''})" if others else ""
+    return (f"prompt {prompt_id!r} has {tokens} tokens, over the limit of {limit}{more} (model context minus "
+            "--max-new-tokens, or --max-prompt-tokens); pass --truncate middle to cut it from the middle")
+
+
 def fit_prompt(ids: list, limit: int, truncate: bool, prompt_id) -> tuple:
     """(ids, truncated): ids within `limit` tokens, cut from the middle as LongBench does when `truncate`."""
     if len(ids) <= limit:
         return ids, False
     if not truncate:
-        raise ValueError(
-            f"prompt {prompt_id!r} has {len(ids)} tokens, over the limit of {limit} (model context minus "
-            "--max-new-tokens, or --max-prompt-tokens); pass --truncate middle to cut it from the middle"
-        )
+        raise ValueError(_too_long(prompt_id, len(ids), limit))
     head = limit // 2
     return ids[:head] + ids[len(ids) - (limit - head) :], True
 
@@ -239,6 +244,29 @@ def samples_record(prompt: dict, completions: list, tokenizer, prompt_tokens: in
     return record
 
 
+def sampler_settings(args) -> dict:
+    """The options that change the samples: kept in `<output>.meta.json` and in every record (`sampler`)."""
+    from sealong.provenance import model_fingerprint
+
+    model = model_fingerprint(args.model)
+    return {"model": model["path"], "model_config_sha256": model["config_sha256"], "num_samples": args.num_samples,
+            "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+            "max_new_tokens": args.max_new_tokens, "seed": args.seed, "strategy": args.strategy,
+            "max_prompt_tokens": args.max_prompt_tokens, "truncate": args.truncate, "dtype": args.dtype}
+
+
+def check_prompt_lengths(prompts: list, tokenizer, strategy: str, limit: int, truncate: bool) -> None:
+    """Every prompt within `limit` tokens (or cut, with `truncate`), checked before any sampling: the error names
+    the first prompt over the limit and counts the others."""
+    from sealong.data.prompts import prompt_token_ids
+
+    if truncate:
+        return
+    over = [(p["id"], n) for p in prompts if (n := len(prompt_token_ids(tokenizer, p["context"], p["question"], strategy))) > limit]
+    if over:
+        raise ValueError(_too_long(*over[0], limit, [i for i, _ in over[1:]]))
+
+
 def run(args) -> int:
     """The stage: claims --output (writable, one writer: sealong.lock) before any work, then samples."""
     from sealong.lock import claim_output
@@ -254,21 +282,26 @@ def _sample(args) -> int:
 
     from sealong.data.prompts import prompt_token_ids
     from sealong.jsonl import append_jsonl, completed_ids
-    from sealong.model import eos_token_ids, load_model, load_tokenizer
+    from sealong import provenance
+    from sealong.model import ModelConfig, eos_token_ids, load_model, load_tokenizer
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     prompts = read_prompts(args.prompts, args.limit)
     done = completed_ids(args.output)
+    settings = sampler_settings(args)  # a resume under other settings is refused, naming the difference
+    provenance.start(args.output, "sample", settings, bool(done), model=args.model, what="--output", record_key="sampler")
     todo = [p for p in prompts if p["id"] not in done]
     print(f"sampler: {len(prompts)} prompts in {args.prompts}, {len(prompts) - len(todo)} already in {args.output}", file=sys.stderr)
     if not todo:
         return 0
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
-    model = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
-    limit = args.max_prompt_tokens or model.config.max_position_embeddings - args.max_new_tokens
+    positions = ModelConfig.from_folder(args.model).max_position_embeddings
+    limit = args.max_prompt_tokens or positions - args.max_new_tokens
     if limit < 1:
         raise ValueError(f"no room for a prompt: --max-new-tokens {args.max_new_tokens} leaves {limit} of the model's "
-                         f"{model.config.max_position_embeddings} positions (--max-prompt-tokens must be >= 1)")
+                         f"{positions} positions (--max-prompt-tokens must be >= 1)")
+    check_prompt_lengths(todo, tokenizer, args.strategy, limit, args.truncate == "middle")  # all of them, up front
+    model = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, eos_token_ids=tuple(eos_token_ids(args.model, tokenizer)), prefill_chunk=args.prefill_chunk,
@@ -282,7 +315,8 @@ def _sample(args) -> int:
                              args.truncate == "middle", p["id"]) for p in batch]
         seeds = [[sample_seed(args.seed, p["id"], i) for i in range(args.num_samples)] for p in batch]
         results = generate(model, [ids for ids, _ in fitted], seeds, params)
-        append_jsonl(args.output, [samples_record(p, c, tokenizer, len(ids), cut) for p, c, (ids, cut) in zip(batch, results, fitted)])
+        append_jsonl(args.output, [dict(samples_record(p, c, tokenizer, len(ids), cut), sampler=settings)
+                                   for p, c, (ids, cut) in zip(batch, results, fitted)])
         bar.update(len(batch))
         elapsed = time.perf_counter() - start
         bar.set_postfix(prompts_s=f"{bar.n / elapsed:.3f}", tokens_s=f"{params.stats['decode_tokens'] / elapsed:.1f}")

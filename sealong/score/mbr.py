@@ -29,9 +29,11 @@ Near-duplicates are measured by the embedding cosine (embedding utility) or ROUG
 self-similarity (same ranking, different values), truncated outputs can be chosen, no pair is dropped as a
 near-duplicate (seeding stays on).
 
-Outputs (JSON lines, append-only, resumable: a re-run skips ids already written and cuts a torn last line):
+Outputs (JSON lines, append-only, resumable: a re-run skips ids already written and cuts a torn last line;
+a re-run with other --utility / --model / --seed / --dedup-threshold / --reference-mode is refused):
     scores: the samples record + `scores` (null = invalid), `chosen`, `rejected`, `chosen_text`,
-            `rejected_text`, `pair_similarity`, `utility`, or `skipped` with its reason
+            `rejected_text`, `pair_similarity`, `utility`, or `skipped` with its reason; `scorer` (the settings
+            below that made it; the samples' `sampler` settings ride along) and `<out>.meta.json`
     pairs:  the same for questions with a pair, plus `context` (from the record or from --prompts, by id)
 """
 
@@ -48,6 +50,7 @@ import torch
 
 import sealong_kernels as sk
 from sealong.score.embed import embed, load_embedder  # noqa: F401
+from sealong import provenance
 from sealong.lock import claim_outputs
 from sealong.jsonl import IdChecker, JsonlError, append_jsonl, completed_ids, numbered_records, read_jsonl
 
@@ -247,11 +250,24 @@ def score_file(samples, out, cfg, pairs=None, prompts=None, log=sys.stderr):
         return _score_file(samples, out, cfg, pairs, prompts, log)
 
 
+def scorer_settings(cfg):
+    """The options that change scores and pairs: kept in `<out>.meta.json`, `<pairs>.meta.json` and in every record
+    (`scorer`); a resume under other ones is refused."""
+    embedder = provenance.model_fingerprint(cfg.model) if cfg.utility == "embedding" else None
+    return {"utility": cfg.utility, "embedder": embedder and embedder["path"],
+            "embedder_config_sha256": embedder and embedder["config_sha256"], "seed": cfg.seed,
+            "dedup_threshold": cfg.dedup_threshold, "reference_mode": cfg.reference_mode}
+
+
 def _score_file(samples, out, cfg, pairs, prompts, log):
     records = read_samples(samples)
     done = completed_ids(out)
     todo = [r for r in records if r["id"] not in done]
     pairs_done = completed_ids(pairs) if pairs else set()
+    settings = scorer_settings(cfg)
+    for path, written, what in ((out, done, "--out"), (pairs, pairs_done, "--pairs")):
+        if path:
+            provenance.start(path, "score", settings, bool(written), model=cfg.model, what=what, record_key="scorer")
     # scored earlier (e.g. without --pairs) but with no pair written yet: the pair comes from the scores record
     backlog = [r for r in read_jsonl(out) if "skipped" not in r and r["id"] not in pairs_done] if pairs and done else []
     contexts = {}
@@ -273,7 +289,7 @@ def _score_file(samples, out, cfg, pairs, prompts, log):
         counts["pairs"] += len(backlog)
     with tqdm(total=total, unit="out", desc=f"score ({cfg.utility})", file=log, disable=log is None) as bar:
         for i in range(0, len(todo), cfg.chunk):
-            results = score_chunk(todo[i : i + cfg.chunk], cfg, bar)
+            results = [dict(r, scorer=settings) for r in score_chunk(todo[i : i + cfg.chunk], cfg, bar)]
             new_pairs = [dict(r, context=r.get("context", contexts.get(r["id"]))) for r in results
                          if "skipped" not in r and r["id"] not in pairs_done]
             if pairs and new_pairs:

@@ -21,6 +21,7 @@ import shutil
 import torch
 from safetensors.torch import load_file, load_model, save_model
 
+from sealong.jsonl import fsync_path as _fsync  # a file, or a folder's entries
 from sealong.lock import disk_full
 
 from .distributed import barrier
@@ -56,20 +57,6 @@ def _rng_state():
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
-
-
-def _fsync(path):
-    """Flush a file or a folder (its entries) to disk; folders cannot be opened for fsync everywhere."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # e.g. folders on some file systems
-    finally:
-        os.close(fd)
 
 
 def _fsync_tree(root):

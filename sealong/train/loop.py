@@ -37,6 +37,8 @@ import time
 
 import torch
 
+from sealong import provenance
+from sealong.jsonl import append_jsonl
 from sealong.lock import OutputError, OutputLock
 
 from . import checkpoint as ckpt
@@ -227,9 +229,8 @@ class Logger:
     def log(self, step, record, write):
         if not self.is_main:
             return
-        if write:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, **record}) + "\n")
+        if write:  # a full disk: OutputError, the lines before are kept
+            append_jsonl(self.path, [{"step": step, **record}], fsync=False)
             if self.writer is not None:
                 for key, value in record.items():
                     self.writer.add_scalar(f"train/{key}", value, step)
@@ -281,6 +282,9 @@ def claim_output_dir(cfg, info):
 
 def _train(cfg, info, on_step):
     device = info.device
+    if info.is_main and not (cfg.resume and provenance.read_meta(cfg.output_dir, directory=True)):
+        settings = dict(cfg.to_dict(), data_sha256=provenance.file_sha256(cfg.data))
+        provenance.write_meta(cfg.output_dir, provenance.stage_meta("train", settings, cfg.model), directory=True)
     existing = ckpt.latest_checkpoint(cfg.output_dir)
     if existing is not None and not cfg.resume:
         # a fresh run would interleave its checkpoints with the old ones: pruning keeps the newest steps (the
