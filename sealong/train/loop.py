@@ -287,15 +287,15 @@ def claim_output_dir(cfg, info):
 
 def _train(cfg, info, on_step):
     device = info.device
-    if info.is_main and not (cfg.resume and provenance.read_meta(cfg.output_dir, directory=True)):
-        settings = dict(cfg.to_dict(), data_sha256=provenance.file_sha256(cfg.data))
-        provenance.write_meta(cfg.output_dir, provenance.stage_meta("train", settings, cfg.model), directory=True)
     existing = ckpt.latest_checkpoint(cfg.output_dir)
     if existing is not None and not cfg.resume:
         # a fresh run would interleave its checkpoints with the old ones: pruning keeps the newest steps (the
         # old run's) and deletes the new ones, and a later --resume would continue the old run
         raise ValueError(f"{cfg.output_dir} already holds checkpoints (newest: {existing}): pass --resume true "
                          "to continue that run, or choose another output_dir")
+    if info.is_main and not (existing and provenance.read_meta(cfg.output_dir, directory=True)):
+        settings = dict(cfg.to_dict(), data_sha256=provenance.file_sha256(cfg.data))  # a resumed run keeps its own
+        provenance.write_meta(cfg.output_dir, provenance.stage_meta("train", settings, cfg.model), directory=True)
     mesh = TrainMesh.build(cfg, info)
     watchdog = StepWatchdog(cfg.dist_timeout)  # names a rank that stops arriving (sealong.train.watchdog)
     cfg.grad_accum_steps(mesh.dp)  # fails early with the sizes when the batch does not divide

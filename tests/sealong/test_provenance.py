@@ -126,6 +126,9 @@ def test_train_and_eval_write_meta(tmp_path):
     assert meta["stage"] == "train" and meta["settings"]["lr"] == 1e-3 and meta["settings"]["lora_r"] == 2
     assert meta["settings"]["data_sha256"] == hashlib.sha256(open(data, "rb").read()).hexdigest()
     assert meta["model"]["config_sha256"] is not None
+    with pytest.raises(ValueError, match="already holds checkpoints"):  # a refused run leaves the meta file alone
+        train(make_config(dict(cfg.to_dict(), lr=2e-3)).validate(), setup("cpu"))
+    assert read_meta(cfg.output_dir, directory=True) == meta
     sampled = tmp_path / "s.jsonl"
     sampled.write_text(json.dumps({"id": "a", "outputs": ["paris", "rome"], "answers": ["paris"]}) + "\n")
     import argparse
