@@ -1,4 +1,4 @@
-"""No trainer outlives its launcher (sealong.launch): killing `sealong train` (SIGKILL or SIGTERM) or torchrun
+"""No trainer outlives its launcher (sealong.launch): killing `sealong train` (SIGKILL, SIGTERM, SIGINT) or torchrun
 itself (SIGKILL) leaves no torchrun or worker process behind within 10 seconds."""
 
 import os
@@ -71,7 +71,7 @@ def _env():
 
 
 @pytest.mark.parametrize("victim,sig", [("launcher", signal.SIGKILL), ("launcher", signal.SIGTERM),
-                                        ("torchrun", signal.SIGKILL)])
+                                        ("launcher", signal.SIGINT), ("torchrun", signal.SIGKILL)])
 def test_killing_the_launcher_or_torchrun_leaves_no_worker(tmp_path, victim, sig):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            os.path.join(HERE, "launch_worker.py"), str(tmp_path)]
