@@ -173,7 +173,9 @@ def generate(model, prompts: list, seeds: list, params: SamplingParams) -> list:
 
 
 def _too_long(prompt_id, tokens: int, limit: int, others=()) -> str:
-    more = f" (and {len(others)} more: {', '.join(map(repr, others[:5]))}{' ...' if len(others) > 5 else ''})" if others else ""
+    more = ""
+    if others:
+        more = f" (and {len(others)} more: {', '.join(map(repr, others[:5]))}{' ...' if len(others) > 5 else ''})"
     return (f"prompt {prompt_id!r} has {tokens} tokens, over the limit of {limit}{more} (model context minus "
             "--max-new-tokens, or --max-prompt-tokens); pass --truncate middle to cut it from the middle")
 
@@ -262,7 +264,8 @@ def check_prompt_lengths(prompts: list, tokenizer, strategy: str, limit: int, tr
 
     if truncate:
         return
-    over = [(p["id"], n) for p in prompts if (n := len(prompt_token_ids(tokenizer, p["context"], p["question"], strategy))) > limit]
+    lengths = ((p["id"], len(prompt_token_ids(tokenizer, p["context"], p["question"], strategy))) for p in prompts)
+    over = [(i, n) for i, n in lengths if n > limit]
     if over:
         raise ValueError(_too_long(*over[0], limit, [i for i, _ in over[1:]]))
 
@@ -289,7 +292,8 @@ def _sample(args) -> int:
     prompts = read_prompts(args.prompts, args.limit)
     done = completed_ids(args.output)
     settings = sampler_settings(args)  # a resume under other settings is refused, naming the difference
-    provenance.start(args.output, "sample", settings, bool(done), model=args.model, what="--output", record_key="sampler")
+    provenance.start(args.output, "sample", settings, bool(done), model=args.model, what="--output",
+                     record_key="sampler")
     todo = [p for p in prompts if p["id"] not in done]
     print(f"sampler: {len(prompts)} prompts in {args.prompts}, {len(prompts) - len(todo)} already in {args.output}", file=sys.stderr)
     if not todo:
