@@ -42,17 +42,15 @@ def top_parser() -> argparse.ArgumentParser:
 def train_launcher(argv: list, common: dict) -> int:
     """`sealong train`: check the options here (errors before any process starts), then run the same command
     line, less the launcher's own flag, under torchrun. Only what the user typed is forwarded."""
-    import subprocess
-
     from sealong.config.parser import resolve
-    from sealong.train.launch import launch_command, without_launcher_flags
+    from sealong.launch import launch_command, run_job, without_launcher_flags
 
     resolved = resolve("train", argv, common=common, launcher=True, prog="sealong train")
     nproc = resolved.launch.get("nproc_per_node", 1)
     forwarded = [t for key, value in common.items() for t in (f"--{key}", str(value))] + without_launcher_flags(argv)
     cmd = launch_command(nproc, forwarded)
     print("sealong train: " + " ".join(cmd), file=sys.stderr)
-    return subprocess.run(cmd).returncode
+    return run_job(cmd)  # own process group, signals forwarded, dies with this process (sealong.launch)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -202,7 +202,7 @@ def step_train(r: Runner, model: str) -> Path:
     import subprocess
 
     from .train.checkpoint import latest_checkpoint
-    from .train.launch import launch_command
+    from .launch import launch_command, run_job
 
     a = r.args
     out = r.run / "train"
@@ -213,7 +213,7 @@ def step_train(r: Runner, model: str) -> Path:
                  "--data", str(r.run / "pairs.jsonl"), "--output_dir", str(out), "--resume"]
         r.say(f"train: {r.configs['train'].mode} on {r.run / 'pairs.jsonl'} through torchrun "
               f"({a.nproc_per_node} process(es))")
-        rc = subprocess.run(launch_command(a.nproc_per_node, flags + shlex.split(a.train_args))).returncode
+        rc = run_job(launch_command(a.nproc_per_node, flags + shlex.split(a.train_args)))  # dies with the pipeline
         if rc:
             raise RuntimeError(f"pipeline: stage train failed with exit code {rc}")
         tmp = out / "DONE.tmp"  # atomic: a kill mid-write must not leave an empty marker that blocks resuming
@@ -282,14 +282,26 @@ def summary(r: Runner, before: dict, after: dict) -> str:
 def run(cfg, resolved=None) -> int:
     """Every step in order; `resolved` (sealong.config.parser.Resolved) carries the stage sections of the preset
     and --config file; without it, the preset the pipeline would pick (demo without --model, else paper)."""
+    from .lock import claim_output
+
     if resolved is None:
         from .config.parser import resolve
 
         resolved = resolve("pipeline", [] if cfg.model is None else ["--model", cfg.model])
     check(cfg)
+    with claim_output(cfg.run_dir, directory=True, what="--run-dir"):  # writable, one pipeline per run dir
+        return _run(cfg, resolved)
+
+
+def _run(cfg, resolved) -> int:
+    from . import provenance
+
     r = Runner(cfg, stage_configs(cfg, resolved.sections), resolved.common["preset"], resolved.common["log_level"])
     r.config_path = r.write_config()
     check_train_args(r)
+    if provenance.read_meta(str(r.run), directory=True) is None:  # how the run directory was started
+        settings = dict(provenance.settings_of(cfg), preset=r.preset)
+        provenance.write_meta(str(r.run), provenance.stage_meta("pipeline", settings, cfg.model), directory=True)
     r.say(f"pipeline: {r.preset} preset into {r.run}; settings in {r.config_path}")
     model = step_base_model(r)
     step_synth(r, model)

@@ -11,9 +11,10 @@ the sampling stage use, and it carries the id, question and paragraphs only. The
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from sealong import jsonl
 
 
 @dataclass(frozen=True)
@@ -105,16 +106,8 @@ def json_lines(path: str | Path, kind: str):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{kind} file not found: {path}")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            yield where, lineno, obj
+    for lineno, obj in jsonl.json_lines(str(path)):  # non-UTF-8 or invalid JSON: file, line and column
+        yield f"{path}:{lineno}", lineno, obj
 
 
 def to_json(rec: MusiqueRecord, decomposition: list | None = None) -> dict:

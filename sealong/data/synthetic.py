@@ -25,6 +25,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sealong import jsonl, provenance
+
 from .musique import MusiqueRecord, Paragraph, read_musique, to_json
 
 RELATIONS = {  # relation -> (subject type, object type)
@@ -176,17 +178,9 @@ def world_questions(seed: int, num_train: int, num_eval: int = 0, num_warmup: in
 
 
 def write_jsonl_atomic(path: Path, records) -> int:
-    """Write all records to `path` through a temporary file and a rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    n = 0
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            n += 1
-    tmp.replace(path)
-    return n
+    """Write all records to `path` through a temporary file, fsync and a rename: a crash never leaves half a
+    file (sealong.jsonl.write_jsonl_atomic)."""
+    return jsonl.write_jsonl_atomic(str(path), records)
 
 
 # ---- the `synth` stage --------------------------------------------------------------------------------------------
@@ -228,6 +222,7 @@ def run(args) -> int:
     builder = ContextBuilder(pool, tokenizer, cfg)
     records = [builder.build(r) for r in _progress(train, "synth")]
     n = write_jsonl_atomic(prompts_path, records)
+    provenance.write_meta(str(prompts_path), provenance.stage_meta("synth", provenance.settings_of(args), args.tokenizer))
     over = [r["id"] for r in records if r["supporting_over_budget"]]
     print(f"synth: wrote {n} prompts to {prompts_path} ({len(over)} whose supporting passages alone exceed the "
           f"budget{': ' + ', '.join(over[:5]) + (' ...' if len(over) > 5 else '') if over else ''}; "

@@ -26,6 +26,8 @@ import json
 import sys
 from pathlib import Path
 
+from sealong.jsonl import publish, write_atomic
+
 from .metrics import METRICS, best_over_answers, normalize_answer, sub_em, token_f1  # noqa: F401
 
 
@@ -33,10 +35,11 @@ from .metrics import METRICS, best_over_answers, normalize_answer, sub_em, token
 
 def read_samples(path: str) -> list[dict]:
     """Samples records with gold answers; errors name the file and line."""
-    from sealong.jsonl import JsonlError, numbered_records
+    from sealong.jsonl import IdChecker, JsonlError, numbered_records
 
-    out = []
+    out, check_id = [], IdChecker(path)
     for k, r in numbered_records(path, required=("id", "outputs", "answers")):
+        check_id(k, r["id"])
         if not isinstance(r["outputs"], list) or not r["outputs"] or not all(isinstance(o, str) for o in r["outputs"]):
             raise JsonlError(f"{path}:{k}: (id {r['id']!r}) 'outputs' must be a non-empty list of strings")
         if not isinstance(r["answers"], list) or not r["answers"] or not all(isinstance(a, str) for a in r["answers"]):
@@ -44,8 +47,14 @@ def read_samples(path: str) -> list[dict]:
         n = len(r["outputs"])
         r.setdefault("num_tokens", [len(o.split()) for o in r["outputs"]])
         r.setdefault("finish_reasons", ["stop"] * n)
-        if len(r["num_tokens"]) != n or len(r["finish_reasons"]) != n:
-            raise JsonlError(f"{path}:{k}: (id {r['id']!r}) num_tokens/finish_reasons must have {n} entries")
+        for key, kinds in (("num_tokens", (int, float)), ("finish_reasons", str)):
+            value = r[key]
+            if (not isinstance(value, list) or len(value) != n
+                    or not all(isinstance(v, kinds) and not isinstance(v, bool) for v in value)):
+                raise JsonlError(f"{path}:{k}: (id {r['id']!r}) {key!r} must be a list of {n} "
+                                 f"{'numbers' if key == 'num_tokens' else 'strings'}")
+        if not isinstance(r.get("dataset", "all"), str):
+            raise JsonlError(f"{path}:{k}: (id {r['id']!r}) 'dataset' must be a string")
         r.setdefault("dataset", "all")
         out.append(r)
     if not out:
@@ -191,15 +200,13 @@ def write_report(result: dict, out_dir: str | Path, plot: bool = True) -> dict:
         paths["png"] = out / "eval_vs_n.png"
         tmp = out / "eval_vs_n.tmp.png"
         plot_vs_n(result, tmp)
-        tmp.replace(paths["png"])
+        publish(tmp, paths["png"])  # fsync, then rename
     _atomic_write(paths["json"], json.dumps(result, indent=1))
     return paths
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(str(path), text)  # temporary file, fsync, rename (sealong.jsonl)
 
 
 def compare_table(before: dict, after: dict, metric: str = "subem") -> str:
@@ -231,13 +238,21 @@ def parse_ns(text: str | None) -> list[int] | None:
 def run(args) -> int:
     if args.greedy is None and args.sampled is None:
         raise ValueError("eval: give --greedy FILE and/or --sampled FILE")
+    from sealong import provenance
+    from sealong.lock import claim_output
+
     ns = parse_ns(args.ns)
-    greedy = read_samples(args.greedy) if args.greedy else None
-    sampled = read_samples(args.sampled) if args.sampled else None
-    result = evaluate(greedy, sampled, ns, args.embed_model, mbr=not args.no_mbr,
-                      trust_remote_code=getattr(args, "trust_remote_code", False))
     out_dir = args.out_dir or str(Path(args.sampled or args.greedy).parent / "eval")
-    paths = write_report(result, out_dir, plot=not args.no_plot)
+    with claim_output(out_dir, directory=True, what="--out-dir"):  # writable and ours, before any work
+        greedy = read_samples(args.greedy) if args.greedy else None
+        sampled = read_samples(args.sampled) if args.sampled else None
+        result = evaluate(greedy, sampled, ns, args.embed_model, mbr=not args.no_mbr,
+                          trust_remote_code=getattr(args, "trust_remote_code", False))
+        paths = write_report(result, out_dir, plot=not args.no_plot)
+        settings = {"greedy": args.greedy, "sampled": args.sampled, "ns": result["ns"], "mbr": not args.no_mbr,
+                    "embed_model": args.embed_model}
+        paths["meta"] = provenance.write_meta(out_dir, provenance.stage_meta("eval", settings, args.embed_model),
+                                              directory=True)
     print(Path(paths["md"]).read_text())
     print("eval: wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

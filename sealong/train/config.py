@@ -68,6 +68,8 @@ class TrainConfig(Checked):
     sp: int = option(1, "sequence-parallel degree (ring x Ulysses); dp = world size / sp", ge=1)
     ulysses: int = option(1, "Ulysses degree inside the sequence-parallel group (ring degree = sp / ulysses)", ge=1)
     ring_layout: Literal["zigzag", "plain"] = option("zigzag", "ring sharding: zigzag (balanced causal work) or plain")
+    dist_timeout: float = option(600.0, "seconds a collective waits for the other ranks; then the job fails, naming a "
+                                 "rank that did not arrive (sealong.train.watchdog)", gt=0)
     device: Optional[Literal["cpu", "cuda"]] = option(None, "default: cuda when available")
     # -- bookkeeping -----------------------------------------------------------------------------------------
     seed: int = option(0, "shuffling, LoRA init and dropout")

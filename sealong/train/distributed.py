@@ -7,9 +7,14 @@ MASTER_ADDR, ...) selects the rendezvous, so several nodes work through torchrun
 import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from sealong.launch import die_with_parent
+
+DEFAULT_TIMEOUT = 600.0  # seconds a collective may wait for the other ranks (TrainConfig.dist_timeout)
 
 
 @dataclass
@@ -25,21 +30,25 @@ class DistInfo:
         return self.rank == 0
 
 
-def setup(device=None):
+def setup(device=None, timeout=DEFAULT_TIMEOUT):
     """Join (or create) the default process group and pick this rank's device.
 
-    A process group created by the caller (a test harness) is used as is; under torchrun one is created;
-    otherwise this is a single process. `device` forces "cpu" or "cuda"; the default is CUDA when present.
+    A process group created by the caller (a test harness) is used as is; under torchrun one is created, with
+    `timeout` seconds for every collective (instead of the backends' 30 minutes), and this worker is set to
+    die with torchrun (sealong.launch.die_with_parent); otherwise this is a single process. `device` forces
+    "cpu" or "cuda"; the default is CUDA when present.
     """
     use_cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError("device=cuda was asked for but CUDA is not available")
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: never outlive torchrun
+        die_with_parent()
     owns = False
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         backend = "nccl" if use_cuda else "gloo"
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
         owns = True
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()

@@ -26,8 +26,14 @@ The loop (nanoGPT's shape):
 * metrics.jsonl (every ORPO metric), TensorBoard or W&B (--report_to), a progress bar on rank 0 when stderr is
   a terminal, otherwise a text log line per logged step;
 * checkpoints every `save_every` steps and at the end (sealong/checkpoint.py).
+
+Reliability: rank 0 locks `output_dir` for the run (sealong.lock) and writes `output_dir/meta.json`
+(sealong.provenance); every collective waits at most `dist_timeout` seconds and a rank that stops arriving is
+named (sealong.train.watchdog); loss and gradient norm are checked finite every step and the parameters before
+every save (NonFiniteError: nothing non-finite is ever saved).
 """
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -38,12 +44,17 @@ import time
 
 import torch
 
+from sealong import provenance
+from sealong.jsonl import append_jsonl
+from sealong.lock import OutputError, OutputLock
+
 from . import checkpoint as ckpt
 from .distributed import all_reduce_grads, all_reduce_sum, cleanup, print0, setup
 from .pairs import label_counts, load_pairs, pack_pair
 from .config import TrainConfig, lr_at
 from .loss import METRIC_NAMES, metric_means, micro_objective, row_logit_sums, row_logp_sums
 from .mesh import TrainMesh
+from .watchdog import StepWatchdog, check_timeout
 
 log = logging.getLogger("sealong.train")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -143,8 +154,9 @@ def sequence_counts(pairs):
     return torch.tensor([n for pair in pairs for n in label_counts(pair)], dtype=torch.long)
 
 
-def train_step(model, lm_head, params, optimizer, scaler, batch, cfg, mesh, device):
-    """Forward/backward over this rank's micro-batches of `batch` (a list of pairs), reduce, clip, step."""
+def train_step(model, lm_head, params, optimizer, scaler, batch, cfg, mesh, device, meet=None):
+    """Forward/backward over this rank's micro-batches of `batch` (a list of pairs), reduce, clip, step.
+    `meet()` runs before the gradient all-reduce (the stuck-rank watchdog)."""
     accum = cfg.grad_accum_steps(mesh.dp)
     chosen_tokens = sum(label_counts(p)[0] for p in batch)
     sums_of = torch.zeros(len(METRIC_NAMES) + 2, dtype=torch.float64)  # metric sums, loss, tokens
@@ -162,6 +174,8 @@ def train_step(model, lm_head, params, optimizer, scaler, batch, cfg, mesh, devi
         sums_of[:len(METRIC_NAMES)] += metrics / mesh.sp
         sums_of[-2] += loss.item() / mesh.sp
         sums_of[-1] += tokens
+    if meet is not None:
+        meet()
     all_reduce_grads(params)  # every rank holds part of the same batch: SUM over dp x sp
     if scaler is not None:
         scaler.unscale_(optimizer)
@@ -236,9 +250,8 @@ class Logger:
     def log(self, step, record, write):
         if not self.is_main:
             return
-        if write:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, **record}) + "\n")
+        if write:  # a full disk: OutputError, the lines before are kept
+            append_jsonl(self.path, [{"step": step, **record}], fsync=False)
             if self.writer is not None:
                 for key, value in record.items():
                     self.writer.add_scalar(f"train/{key}", value, step)
@@ -268,8 +281,34 @@ class Logger:
 def train(cfg: TrainConfig, info, on_step=None):
     """Train per `cfg` on this rank; returns {"steps", "losses", "checkpoint", "data"} (rank-local copy).
 
-    `on_step(step, record)` is called after every optimizer step (a hook for callers and tests).
+    `on_step(step, record)` is called after every optimizer step (a hook for callers and tests). Rank 0 first
+    claims `output_dir` (writable, one run at a time: sealong.lock); every rank stops if it cannot.
     """
+    with claim_output_dir(cfg, info):
+        return _train(cfg, info, on_step)
+
+
+@contextlib.contextmanager
+def claim_output_dir(cfg, info):
+    """Rank 0 checks and locks output_dir for the whole run; the other ranks learn the outcome (one all-reduce)."""
+    lock, error = OutputLock(cfg.output_dir, directory=True, what="output_dir"), None
+    if info.is_main:
+        try:
+            lock.acquire()
+        except OutputError as err:
+            error = err
+    failed = all_reduce_sum(torch.tensor([float(error is not None)], device=info.device)).item()
+    try:
+        if error is not None:
+            raise error
+        if failed:
+            raise OutputError(f"output_dir {cfg.output_dir}: rank 0 could not claim it (see its error)")
+        yield
+    finally:
+        lock.release()
+
+
+def _train(cfg, info, on_step):
     device = info.device
     existing = ckpt.latest_checkpoint(cfg.output_dir)
     if existing is not None and not cfg.resume:
@@ -277,7 +316,11 @@ def train(cfg: TrainConfig, info, on_step=None):
         # old run's) and deletes the new ones, and a later --resume would continue the old run
         raise ValueError(f"{cfg.output_dir} already holds checkpoints (newest: {existing}): pass --resume true "
                          "to continue that run, or choose another output_dir")
+    if info.is_main and not (existing and provenance.read_meta(cfg.output_dir, directory=True)):
+        settings = dict(cfg.to_dict(), data_sha256=provenance.file_sha256(cfg.data))  # a resumed run keeps its own
+        provenance.write_meta(cfg.output_dir, provenance.stage_meta("train", settings, cfg.model), directory=True)
     mesh = TrainMesh.build(cfg, info)
+    watchdog = StepWatchdog(cfg.dist_timeout)  # names a rank that stops arriving (sealong.train.watchdog)
     cfg.grad_accum_steps(mesh.dp)  # fails early with the sizes when the batch does not divide
     if info.is_main:
         write_config(cfg)
@@ -340,15 +383,15 @@ def train(cfg: TrainConfig, info, on_step=None):
             started = time.perf_counter()
             epoch, indices = batch_indices(step, len(data.pairs), steps_per_epoch, cfg)
             record = train_step(model, lm_head, params, optimizer, scaler, [data.pairs[i] for i in indices],
-                                cfg, mesh, device)
+                                cfg, mesh, device, meet=lambda: watchdog.check(step + 1))
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             step += 1
             elapsed = time.perf_counter() - started
             record.update(epoch=epoch, lr=lr, tokens_per_s=record["tokens"] / max(elapsed, 1e-9),
                           step_time_s=elapsed)
-            if not math.isfinite(record["loss"]) and scaler is None:
-                raise FloatingPointError(f"step {step}: loss is {record['loss']} (try dtype=float32 or a lower lr)")
+            check_finite(step, record, params if step == stop or (cfg.save_every > 0 and step % cfg.save_every == 0)
+                         else (), scaler is not None, cfg, saved)
             losses.append(record["loss"])
             logger.log(step, record, write=step % cfg.log_every == 0 or step == stop)
             if cfg.save_every > 0 and step % cfg.save_every == 0 and step < stop:
@@ -360,6 +403,24 @@ def train(cfg: TrainConfig, info, on_step=None):
     finally:
         logger.close()
     return {"steps": step, "losses": losses, "checkpoint": saved, "data": data.summary()}
+
+
+class NonFiniteError(ValueError):
+    """A step produced a non-finite loss, gradient norm or parameter; nothing of it was saved."""
+
+
+def check_finite(step, record, params, scaled, cfg, saved):
+    """Stop before anything non-finite is saved: the loss and gradient norm of every step (not under float16
+    loss scaling, whose scaler skips such steps itself) and the updated parameters before each checkpoint."""
+    bad = [] if scaled else [f"{name} {record[key]}" for name, key in (("loss", "loss"), ("gradient norm", "grad_norm"))
+                             if not math.isfinite(record[key])]
+    count = sum(int((~torch.isfinite(p.detach())).sum()) for p in params)
+    if count:
+        bad.append(f"{count} non-finite values in the updated parameters")
+    if bad:
+        raise NonFiniteError(
+            f"step {step}: {', '.join(bad)} (lr={cfg.lr:g}, dtype={cfg.dtype}: try a lower lr or dtype=float32); "
+            f"no checkpoint of this step was written; newest saved checkpoint: {saved or 'none'}")
 
 
 def precision_warning(cfg):
@@ -413,7 +474,7 @@ def write_config(cfg):
 
 
 def run(cfg: TrainConfig) -> int:
-    info = setup(cfg.device)
+    info = setup(cfg.device, timeout=check_timeout(cfg.dist_timeout))
     try:
         result = train(cfg, info)
     finally:

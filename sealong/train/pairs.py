@@ -5,7 +5,9 @@ Input records (JSON lines, one per question; the scoring stage writes them):
 A record may give its user message directly as `prompt` instead of `context` + `question`. SFT needs only
 `chosen_text`. TRL's preference format is read too (`prompt` / `chosen` / `rejected`, see `trl_record`), and
 the file may be JSON lines, a JSON file (a list of records, or columns) or a `datasets` folder written by
-`save_to_disk` (see `preference_records`). A record with a `skipped` reason, or an empty chosen / rejected text, is skipped and counted.
+`save_to_disk` (see `preference_records`). `id` is optional (the line or record number stands in); when given it
+is a string or an integer, unique in the file. A record with a `skipped` reason, or an empty chosen / rejected
+text, is skipped and counted.
 A malformed line stops loading with the file and line; nothing is read lazily, so a bad record never
 stops training in the middle of an epoch.
 
@@ -38,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sealong.data import prompts
-from sealong.jsonl import numbered_records
+from sealong.jsonl import IdChecker, numbered_records
 
 IGNORE = -100
 MIN_PROMPT = 8  # fewest prompt tokens kept by middle truncation
@@ -122,7 +124,10 @@ def load_pairs(path, tokenizer, *, mode="orpo", max_length=32768, strategy=promp
     if strategy not in prompts.STRATEGIES:
         raise ValueError(f"unknown prompt strategy {strategy!r}; choose one of {', '.join(prompts.STRATEGIES)}")
     data = PairData(pairs=[])
+    check_id = IdChecker(path)
     for number, where, record in preference_records(path):
+        if "id" in record:  # optional (the line number stands in); typed and unique when given
+            check_id(number, record["id"])
         if record.get("skipped"):
             data.skipped["skipped by the scoring stage"] += 1
             continue

@@ -64,7 +64,10 @@ def test_bad_config_file_is_one_line_with_file_and_line(tmp_path, capsys, text, 
 
 
 def test_bad_config_in_train_and_pipeline_is_rc_2_before_any_work(tmp_path, capsys, monkeypatch):
+    from sealong import launch
+
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("torchrun must not start"))
+    monkeypatch.setattr(launch, "run_job", lambda *a, **k: pytest.fail("torchrun must not start"))
     cfg = tmp_path / "c.yaml"
     cfg.write_text("train:\n  lerning_rate: 1\n")
     assert cli.main(["train", "--config", str(cfg), "--model", "m", "--data", "d"]) == 2

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from train_fixtures import tiny_setup, one_thread  # noqa: F401 (autouse fixture)
 
-from sealong import cli
+from sealong import cli, launch
 from sealong.config.parser import resolve
 from sealong.config.stages import STAGES
 from sealong.train import loop
@@ -38,16 +38,12 @@ def test_sealong_train_forwards_only_what_the_user_set(tmp_path, monkeypatch):
     config, out = _layers(tmp_path, model, data), str(tmp_path / "out")
     calls = []
 
-    class Done:
-        returncode = 0
-
     def torchrun(cmd, **kw):  # run the job's command line in this process instead of under torchrun
         calls.append(cmd)
         assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", "-m"]
-        Done.returncode = loop.main(cmd[7:])
-        return Done
+        return loop.main(cmd[7:])
 
-    monkeypatch.setattr(subprocess, "run", torchrun)
+    monkeypatch.setattr(launch, "run_job", torchrun)
     argv = ["--preset", "demo", "train", "--config", str(config), "--learning-rate=3e-4", "--output_dir", out,
             "--nproc-per-node", "1"]
     assert cli.main(argv) == 0

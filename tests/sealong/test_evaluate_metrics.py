@@ -112,7 +112,7 @@ def test_bad_inputs_name_the_argument_or_line(tmp_path):
         read_samples(_write(tmp_path / "s.jsonl", bad))
     bad = _sampled()
     bad[0]["num_tokens"] = [1]
-    with pytest.raises(ValueError, match="num_tokens/finish_reasons must have 4 entries"):
+    with pytest.raises(ValueError, match=r"s\.jsonl:1: .*'num_tokens' must be a list of 4 numbers"):
         read_samples(_write(tmp_path / "s.jsonl", bad))
     with pytest.raises(ValueError, match="give --greedy FILE and/or --sampled FILE"):
         run(Namespace(greedy=None, sampled=None, ns=None, embed_model=None, no_mbr=True, out_dir=None, no_plot=True))
