@@ -16,7 +16,7 @@ from sealong.train.loop import NonFiniteError, train
 
 def _config(model, data, out, **overrides):
     values = dict(model=model, data=data, output_dir=out, batch_pairs=2, lr=1e-3, lora_r=2, lora_alpha=4,
-                  dtype="float32", progress=False, tensorboard=False, save_every=1, epochs=2)
+                  dtype="float32", progress=False, save_every=1, epochs=2)
     values.update(overrides)
     return make_config(values).validate()
 

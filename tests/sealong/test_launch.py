@@ -90,7 +90,7 @@ def test_killing_sealong_train_mid_training_leaves_no_trainer(tmp_path):
     launcher = subprocess.Popen(
         [sys.executable, "-m", "sealong.cli", "train", "--nproc-per-node", "2", "--model", model, "--data", data,
          "--output_dir", str(out), "--epochs", "100000", "--batch_pairs", "2", "--lora_r", "2", "--lora_alpha", "4",
-         "--dtype", "float32", "--device", "cpu", "--progress", "false", "--tensorboard", "false",
+         "--dtype", "float32", "--device", "cpu", "--progress", "false",
          "--gradient_checkpointing", "false"],
         env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = out / "metrics.jsonl"

@@ -20,6 +20,7 @@ from sealong.jsonl import append_jsonl, read_jsonl
 from sealong.lock import OutputError, OutputLock, claim_output, lock_path
 from sealong.sample import sampler
 from sealong.score import mbr
+from sealong.config.parser import resolve
 from sealong.train.config import make_config
 from sealong.train.distributed import setup
 from sealong.train.loop import train
@@ -59,8 +60,8 @@ def test_lock_names_the_holder_and_a_dead_holder_is_taken_over(tmp_path):
 def _sample_args(ckpt, tmp_path, output):
     (tmp_path / "prompts.jsonl").write_text("".join(
         json.dumps({"id": f"q{i}", "context": "paris is a city", "question": "where is paris ?"}) + "\n" for i in range(2)))
-    return sampler.parser.parse_args(["--model", ckpt, "--prompts", str(tmp_path / "prompts.jsonl"), "--output", str(output),
-                                      "--num-samples", "2", "--max-new-tokens", "3", "--dtype", "float32", "--device", "cpu"])
+    return resolve("sample", ["--model", ckpt, "--prompts", str(tmp_path / "prompts.jsonl"), "--output", str(output),
+                                      "--num-samples", "2", "--max-new-tokens", "3", "--dtype", "float32", "--device", "cpu"]).cfg
 
 
 def test_second_sample_run_is_refused(tmp_path):
@@ -89,7 +90,7 @@ def test_second_score_run_is_refused(tmp_path):
 def _train_config(tmp_path, output_dir):
     model, data = tiny_setup(str(tmp_path), n_pairs=2)
     return make_config(dict(model=model, data=data, output_dir=str(output_dir), batch_pairs=2, lr=1e-3, lora_r=2,
-                            lora_alpha=4, dtype="float32", progress=False, tensorboard=False)).validate()
+                            lora_alpha=4, dtype="float32", progress=False)).validate()
 
 
 def test_second_train_run_is_refused(tmp_path):
@@ -135,19 +136,11 @@ def test_unwritable_outputs_fail_before_any_work(tmp_path, no_work):
 
 
 def report_args(sampled, out_dir):
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    report.add_arguments(parser)
-    return parser.parse_args(["--sampled", str(sampled), "--out-dir", str(out_dir), "--no-mbr", "--no-plot"])
+    return resolve("eval", ["--sampled", str(sampled), "--out-dir", str(out_dir), "--no-mbr", "--no-plot"]).cfg
 
 
 def pipeline_args(run_dir):
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    pipeline.add_arguments(parser)
-    return parser.parse_args(["--run-dir", str(run_dir)])
+    return resolve("pipeline", ["--run-dir", str(run_dir)]).cfg
 
 
 def test_full_disk_says_what_was_kept():
@@ -163,7 +156,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypa
 
     model, data = tiny_setup(str(tmp_path), n_pairs=4)
     cfg = make_config(dict(model=model, data=data, output_dir=str(tmp_path / "train"), batch_pairs=2, lr=1e-3,
-                           lora_r=2, lora_alpha=4, dtype="float32", progress=False, tensorboard=False,
+                           lora_r=2, lora_alpha=4, dtype="float32", progress=False,
                            save_every=1)).validate()
     real_save, calls = ckpt.torch.save, []
 

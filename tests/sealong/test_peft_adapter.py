@@ -21,8 +21,7 @@ def test_auto_peft_model_loads_a_sealong_adapter_with_our_logits(tmp_path):
 
     model, data = tiny_setup(str(tmp_path), n_pairs=2)
     cfg = make_config(dict(model=model, data=data, output_dir=str(tmp_path / "out"), batch_pairs=2, lr=5e-2,
-                           lora_r=4, lora_alpha=8, lora_dropout=0.0, dtype="float32", progress=False,
-                           tensorboard=False)).validate()
+                           lora_r=4, lora_alpha=8, lora_dropout=0.0, dtype="float32", progress=False)).validate()
     adapter = os.path.join(train(cfg, setup("cpu"))["checkpoint"], "adapter")
     config = json.load(open(os.path.join(adapter, "adapter_config.json")))
     assert config["task_type"] == "CAUSAL_LM"

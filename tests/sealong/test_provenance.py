@@ -10,6 +10,7 @@ import pytest
 from tiny_checkpoint import build_checkpoint, one_thread  # noqa: F401 (autouse fixture)
 
 import sealong
+from sealong.config.parser import resolve
 from sealong.data.synthetic import write_jsonl_atomic
 from sealong.evaluate.report import write_report
 from sealong.jsonl import read_jsonl
@@ -31,8 +32,8 @@ def _prompts(path, contexts):
 
 
 def _args(ckpt, prompts, out, *extra):
-    return sampler.parser.parse_args(["--model", ckpt, "--prompts", prompts, "--output", str(out), "--num-samples", "2",
-                                      "--max-new-tokens", "3", "--dtype", "float32", "--device", "cpu", *extra])
+    return resolve("sample", ["--model", ckpt, "--prompts", prompts, "--output", str(out), "--num-samples", "2",
+                                      "--max-new-tokens", "3", "--dtype", "float32", "--device", "cpu", *extra]).cfg
 
 
 def test_sample_records_settings_and_refuses_to_resume_under_others(ckpts, tmp_path):
@@ -120,7 +121,7 @@ def test_train_and_eval_write_meta(tmp_path):
 
     model, data = tiny_setup(str(tmp_path), n_pairs=2)
     cfg = make_config(dict(model=model, data=data, output_dir=str(tmp_path / "train"), batch_pairs=2, lr=1e-3,
-                           lora_r=2, lora_alpha=4, dtype="float32", progress=False, tensorboard=False)).validate()
+                           lora_r=2, lora_alpha=4, dtype="float32", progress=False)).validate()
     train(cfg, setup("cpu"))
     meta = read_meta(cfg.output_dir, directory=True)
     assert meta["stage"] == "train" and meta["settings"]["lr"] == 1e-3 and meta["settings"]["lora_r"] == 2
@@ -131,10 +132,6 @@ def test_train_and_eval_write_meta(tmp_path):
     assert read_meta(cfg.output_dir, directory=True) == meta
     sampled = tmp_path / "s.jsonl"
     sampled.write_text(json.dumps({"id": "a", "outputs": ["paris", "rome"], "answers": ["paris"]}) + "\n")
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    report.add_arguments(parser)
-    report.run(parser.parse_args(["--sampled", str(sampled), "--out-dir", str(tmp_path / "eval"), "--no-mbr", "--no-plot"]))
+    report.run(resolve("eval", ["--sampled", str(sampled), "--out-dir", str(tmp_path / "eval"), "--no-mbr", "--no-plot"]).cfg)
     meta = read_meta(str(tmp_path / "eval"), directory=True)
     assert meta["stage"] == "eval" and meta["settings"]["sampled"] == str(sampled) and meta["settings"]["ns"] == [1, 2]

@@ -38,7 +38,7 @@ def test_readme_trl_section_runs(tmp_path):
                                 "chosen": [{"role": "assistant", "content": " ".join(words[6:8])}],
                                 "rejected": [{"role": "assistant", "content": " ".join(words[8:])}]}) + "\n")
     cfg = make_config(dict(model=model_dir, data=str(pairs_file), output_dir=str(tmp_path / "sealong"), batch_pairs=2,
-                           lora_r=4, lora_alpha=8, dtype="float32", progress=False, tensorboard=False,
+                           lora_r=4, lora_alpha=8, dtype="float32", progress=False,
                            max_steps=1)).validate()
     adapter_dir = os.path.join(train(cfg, setup("cpu"))["checkpoint"], "adapter")
     scope = {"model_dir": model_dir, "pairs_file": str(pairs_file), "adapter_dir": adapter_dir,

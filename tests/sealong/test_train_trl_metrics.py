@@ -19,8 +19,7 @@ def test_logged_metrics_are_trls_with_mean_logits_of_the_answers(tmp_path):
 
     model, data = tiny_setup(str(tmp_path), n_pairs=4)
     cfg = make_config(dict(model=model, data=data, output_dir=str(tmp_path / "out"), batch_pairs=4, lr=1e-3,
-                           lora_r=4, lora_alpha=8, lora_dropout=0.0, dtype="float32", progress=False,
-                           tensorboard=False, max_steps=1)).validate()
+                           lora_r=4, lora_alpha=8, lora_dropout=0.0, dtype="float32", progress=False, max_steps=1)).validate()
     records = []
     train(cfg, setup("cpu"), on_step=lambda step, record: records.append(record))
     assert set(METRIC_NAMES) == TRL_NAMES and TRL_NAMES <= set(records[0])
