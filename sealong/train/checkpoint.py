@@ -6,6 +6,10 @@
         model.safetensors        full fine-tuning only: every weight, Hugging Face names
         state.json               train config, model config, step, data position, counts, loop state
         optimizer.pt             optimizer, scheduler and loss-scaler states (read with weights_only=True)
+        dcp/                     FSDP2 runs (sealong/train/fsdp.py): each rank's shards of the trained weights
+                                 and optimizer states (torch.distributed.checkpoint), read on resume; optimizer.pt
+                                 then holds the scheduler and scaler only, and adapter/ or model.safetensors the
+                                 gathered weights (full fine-tuning: in the compute dtype)
         rng_rank{r}.pt           each rank's torch RNG states (dropout), so a resumed run draws the same masks
 
 A checkpoint is written into `step_N.tmp`, flushed to disk (fsync of every file and folder) and only then
@@ -19,8 +23,9 @@ import re
 import shutil
 
 import torch
-from safetensors.torch import load_file, load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
+from . import fsdp
 from .distributed import barrier
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -77,8 +82,11 @@ def _fsync_tree(root):
         _fsync(folder)
 
 
-def save_checkpoint(output_dir, step, *, model, optimizer, scheduler, scaler, state, finetune, rank, keep=2):
-    """Write a complete checkpoint for `step` (every rank calls this; rank 0 writes the shared files)."""
+def save_checkpoint(output_dir, step, *, model, optimizer, scheduler, scaler, state, finetune, rank, keep=2,
+                    export_dtype=None):
+    """Write a complete checkpoint for `step` (every rank calls this; rank 0 writes the shared files).
+
+    `export_dtype`: the dtype of an FSDP run's exported model.safetensors (None: the stored dtype)."""
     final = checkpoint_dir(output_dir, step)
     tmp = final + ".tmp"
     if rank == 0:
@@ -87,12 +95,18 @@ def save_checkpoint(output_dir, step, *, model, optimizer, scheduler, scaler, st
     barrier()
     torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
     _fsync(os.path.join(tmp, f"rng_rank{rank}.pt"))
+    sharded = fsdp.is_sharded(model)
+    if sharded:  # collectives: every rank writes its shards, then the export is gathered to rank 0
+        fsdp.save_sharded(os.path.join(tmp, "dcp"), model, optimizer, finetune)
+        export = fsdp.full_export(model, finetune, export_dtype)
     if rank == 0:
         if finetune == "lora":
-            model.save_pretrained(os.path.join(tmp, "adapter"))
+            model.save_pretrained(os.path.join(tmp, "adapter"), **({"state_dict": export} if sharded else {}))
+        elif sharded:
+            save_file(export, os.path.join(tmp, "model.safetensors"))
         else:
             save_model(model, os.path.join(tmp, "model.safetensors"))  # tied weights stored once
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        torch.save({"optimizer": None if sharded else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None},
                    os.path.join(tmp, "optimizer.pt"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
@@ -130,7 +144,9 @@ def load_checkpoint(path, *, model, optimizer, scheduler, scaler, finetune, rank
     """Restore weights, optimizer, scheduler, scaler and this rank's RNG; return state.json's dict."""
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
-    if finetune == "lora":
+    if fsdp.is_sharded(model):
+        fsdp.load_sharded(os.path.join(path, "dcp"), model, optimizer, finetune)
+    elif finetune == "lora":
         from peft import set_peft_model_state_dict
         weights = load_file(os.path.join(path, "adapter", "adapter_model.safetensors"), device=str(device))
         result = set_peft_model_state_dict(model, weights)
@@ -140,7 +156,11 @@ def load_checkpoint(path, *, model, optimizer, scheduler, scaler, finetune, rank
     else:
         load_model(model, os.path.join(path, "model.safetensors"), device=str(device))
     states = torch.load(os.path.join(path, "optimizer.pt"), map_location=device, weights_only=True)
-    optimizer.load_state_dict(states["optimizer"])
+    if (states["optimizer"] is None) != fsdp.is_sharded(model):
+        raise ValueError(f"{path}: saved {'with' if states['optimizer'] is None else 'without'} FSDP; resume with "
+                         "the same data_parallel setting and world size")
+    if states["optimizer"] is not None:
+        optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
     if scaler is not None and states["scaler"] is not None:
         scaler.load_state_dict(states["scaler"])

@@ -54,6 +54,10 @@ class TrainConfig:
     sp: int = 1                          # sequence-parallel degree (ring x Ulysses); dp = world size / sp
     ulysses: int = 1                     # Ulysses degree inside the sequence-parallel group (ring degree = sp / ulysses)
     ring_layout: str = "zigzag"          # ring sharding: "zigzag" (balanced causal work) or "plain" (contiguous)
+    # issue 16: "fsdp" shards weights, gradients and AdamW states over all dp x sp ranks (FSDP2, sealong/train/fsdp.py;
+    # full fine-tuning keeps float32 masters); "replicate": a full copy per rank and a gradient all-reduce (QLoRA and
+    # float16 loss scaling need it); "auto": fsdp except for those two. One process never shards.
+    data_parallel: str = "auto"
     # -- bookkeeping -----------------------------------------------------------------------------------------
     seed: int = 0                        # shuffling, LoRA init and dropout
     save_every: int = 0                  # checkpoint every K optimizer steps (0: only at the end)
@@ -78,6 +82,8 @@ class TrainConfig:
             (self.finetune in ("lora", "full"), f"finetune must be 'lora' or 'full', got {self.finetune!r}"),
             (self.dtype in ("bfloat16", "float16", "float32"), f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}"),
             (self.ring_layout in ("zigzag", "plain"), f"ring_layout must be zigzag or plain, got {self.ring_layout!r}"),
+            (self.data_parallel in ("auto", "fsdp", "replicate"),
+             f"data_parallel must be 'auto', 'fsdp' or 'replicate', got {self.data_parallel!r}"),
             (not (self.qlora and self.finetune == "full"), "qlora=true needs finetune=lora"),
             (self.max_length >= 16, f"max_length must be >= 16, got {self.max_length}"),
             (self.batch_pairs >= 1 and self.micro_batch_pairs >= 1, "batch_pairs and micro_batch_pairs must be >= 1"),

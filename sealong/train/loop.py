@@ -37,6 +37,7 @@ import time
 import torch
 
 from . import checkpoint as ckpt
+from . import fsdp
 from .distributed import all_reduce_grads, all_reduce_sum, cleanup, print0, setup
 from .pairs import label_counts, load_pairs, pack_pair
 from .config import TrainConfig, lr_at, make_config, parse_overrides, read_config_file
@@ -71,12 +72,14 @@ def quantize_base_linears(model, targets, compute_dtype):
     return model
 
 
-def build_model(cfg, device):
-    """The model to train: (module to call, lm_head module, trainable parameters)."""
+def build_model(cfg, device, weights_dtype=None):
+    """The model to train: (module to call, lm_head module, trainable parameters).
+
+    `weights_dtype`: the dtype the weights are stored in when not cfg.dtype (FSDP's float32 masters)."""
     from sealong.model import load_model
 
     dtype = DTYPES[cfg.dtype]
-    model = load_model(cfg.model, dtype=dtype, device=device)
+    model = load_model(cfg.model, dtype=weights_dtype or dtype, device=device)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.finetune == "full":
         return model, model.lm_head, [p for p in model.parameters() if p.requires_grad]
@@ -154,10 +157,12 @@ def train_step(model, lm_head, params, optimizer, scaler, batch, cfg, mesh, devi
         sums_of[:len(METRIC_NAMES)] += metrics / mesh.sp
         sums_of[-2] += loss.item() / mesh.sp
         sums_of[-1] += tokens
-    all_reduce_grads(params)  # every rank holds part of the same batch: SUM over dp x sp
+    if not fsdp.is_sharded(model):  # FSDP reduce-scattered the gradients (a SUM) in backward
+        all_reduce_grads(params)  # every rank holds part of the same batch: SUM over dp x sp
     if scaler is not None:
         scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+    grad_norm = fsdp.local_value(grad_norm)  # a DTensor under FSDP
     if scaler is not None:
         scaler.step(optimizer)  # skipped (and the scale lowered) when a gradient is inf / NaN
         scaler.update()
@@ -271,11 +276,16 @@ def train(cfg: TrainConfig, info, on_step=None):
            f"{cfg.grad_accum_steps(mesh.dp)}")
 
     torch.manual_seed(cfg.seed)  # same LoRA initialisation on every rank
-    model, lm_head, params = build_model(cfg, device)
+    sharded = fsdp.use_fsdp(cfg, info.world_size)
+    model, lm_head, params = build_model(cfg, device, fsdp.master_dtype(cfg) if sharded else None)
+    if sharded:
+        fsdp.shard_model(model, fsdp.fsdp_mesh(device), compute_dtype=DTYPES[cfg.dtype])
+        params = [p for p in model.parameters() if p.requires_grad]  # the sharded DTensor parameters
     torch.manual_seed(cfg.seed + 7919 * (info.rank + 1))  # per-rank dropout streams
     print0(f"model: {cfg.finetune}{' (QLoRA NF4)' if cfg.qlora else ''}, "
-           f"{sum(p.numel() for p in params):,} trainable parameters, {cfg.dtype}")
-    warning = precision_warning(cfg)
+           f"{sum(p.numel() for p in params):,} trainable parameters, {cfg.dtype}, "
+           f"{'FSDP2 over ' + str(info.world_size) + ' ranks' if sharded else 'replicated'}")
+    warning = None if sharded else precision_warning(cfg)  # FSDP keeps float32 masters
     if warning:
         print0(f"warning: {warning}")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
@@ -307,7 +317,7 @@ def train(cfg: TrainConfig, info, on_step=None):
                  "model_config": model_config_dict(model)}
         return ckpt.save_checkpoint(cfg.output_dir, at_step, model=model, optimizer=optimizer, scheduler=scheduler,
                                     scaler=scaler, state=state, finetune=cfg.finetune, rank=info.rank,
-                                    keep=cfg.keep_checkpoints)
+                                    keep=cfg.keep_checkpoints, export_dtype=DTYPES[cfg.dtype])
 
     model.train()
     try:
