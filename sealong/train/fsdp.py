@@ -161,12 +161,17 @@ def load_sharded(folder, model, optimizer, finetune):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    options = _options(finetune)
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(finetune))
     state = {"model": model_sd, "optimizer": optim_sd}
     dcp.load(state, checkpoint_id=folder)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=options)
+    # LoRA's state leaves the frozen base out: loading is not strict, so check that only the base is missing
+    result = set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                            options=_options(finetune, strict=finetune != "lora"))
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    missing = [k for k in result.missing_keys if k not in frozen]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{folder}: the checkpoint does not fit the model: missing {missing[:3]}, "
+                         f"unexpected {result.unexpected_keys[:3]}")
 
 
 def full_export(model, finetune, dtype=None):

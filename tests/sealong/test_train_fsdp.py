@@ -1,11 +1,11 @@
-"""FSDP2 (`data_parallel: fsdp`, sealong/train/fsdp.py) on gloo processes: LoRA and full fine-tuning with
-DP=2 and DP x SP = 2 x 2 give the losses and weights of one process; each rank stores 1/W of the
-parameters, gradients and AdamW states; a run killed after step k and resumed from its distributed
-checkpoint ends bit-identical to an uninterrupted one, and exports a PEFT adapter / safetensors model.
+"""FSDP2 (`data_parallel: fsdp`, sealong/train/fsdp.py) on gloo processes: full fine-tuning with DP=2 and
+DP x SP = 2 x 2 gives the losses and weights of one process (LoRA under FSDP: test_train_parallel.py); each
+rank stores 1/W of the parameters, gradients and AdamW states; a run killed after step k and resumed from its
+distributed checkpoint ends bit-identical to an uninterrupted one, and exports a PEFT adapter / safetensors
+model.
 
 Tolerances are those of test_train_parallel.py (float32, LoRA dropout 0: only the order of floating-point
-sums differs from one process: reduce-scatter instead of one process's accumulation).
-"""
+sums differs from one process: reduce-scatter instead of one process's accumulation)."""
 
 import json
 import os
@@ -49,22 +49,23 @@ def _train_runs(rank, world_size, runs):
 
 
 @pytest.mark.slow
-def test_fsdp_lora_and_full_match_one_process(tmp_path):
+def test_fsdp_full_finetuning_and_replicated_lora_match_one_process(tmp_path):
+    # LoRA under FSDP (the default with several ranks) is test_train_parallel.py's: DP 2, SP 2 ring / Ulysses,
+    # 2 x 2, hybrid. Here: full fine-tuning under FSDP, and LoRA on the replicated path (data_parallel replicate).
     model, data = tiny_setup(str(tmp_path), n_pairs=12)
     want = {}
     for name, overrides in (("lora", {}), ("full", FULL)):
         single = train(_config(model, data, str(tmp_path / f"single_{name}"), **overrides), setup("cpu"))
         want[name] = (single["losses"], _weights(single["checkpoint"], name))
-    for world, sp in ((2, 1), (4, 2)):  # dp 2; dp 2 x sp 2 (ring)
-        cases = {f"{name}_w{world}_sp{sp}": (name, {**overrides, "sp": sp, "data_parallel": "fsdp"})
-                 for name, overrides in (("lora", {}), ("full", FULL))}
-        runs = [(model, data, str(tmp_path / case), overrides) for case, (_, overrides) in cases.items()]
-        got = run_distributed(_train_runs, world, args=(runs,))[0]
-        for (case, (name, _)), result in zip(cases.items(), got):
+    runs = {2: {"full_dp2": ("full", {**FULL, "data_parallel": "fsdp"}),
+                "lora_dp2_replicate": ("lora", {"data_parallel": "replicate"})},
+            4: {"full_dp2_x_sp2": ("full", {**FULL, "sp": 2})}}  # data_parallel auto: FSDP
+    for world, cases in runs.items():
+        args = [(model, data, str(tmp_path / case), overrides) for case, (_, overrides) in cases.items()]
+        for (case, (name, _)), result in zip(cases.items(), run_distributed(_train_runs, world, args=(args,))[0]):
             _assert_same(result, want[name], case)
-        out = tmp_path / f"lora_w{world}_sp{sp}"
-        step = sorted(os.listdir(out / "checkpoints"))[-1]
-        assert os.path.isdir(out / "checkpoints" / step / "dcp")  # resumable from the sharded states
+            step = sorted(os.listdir(tmp_path / case / "checkpoints"))[-1]
+            assert os.path.isdir(tmp_path / case / "checkpoints" / step / "dcp") == ("replicate" not in case), case
 
 
 def _state_bytes(rank, world_size, model_dir):
