@@ -76,6 +76,12 @@ def master_dtype(cfg):
     return torch.float32 if cfg.finetune == "full" else None
 
 
+def compute_dtype(cfg, dtype):
+    """FSDP's param_dtype: full fine-tuning computes in `dtype` (cfg.dtype) from its float32 masters; LoRA
+    None: the base already is `dtype` and the float32 adapters compute in float32, as peft does unsharded."""
+    return dtype if cfg.finetune == "full" else None
+
+
 def fsdp_mesh(device):
     """The 1-D device mesh of all ranks (dp x sp flattened; ranks = dp_rank * sp + sp_rank)."""
     from torch.distributed.device_mesh import init_device_mesh

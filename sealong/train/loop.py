@@ -277,9 +277,11 @@ def train(cfg: TrainConfig, info, on_step=None):
 
     torch.manual_seed(cfg.seed)  # same LoRA initialisation on every rank
     sharded = fsdp.use_fsdp(cfg, info.world_size)
-    model, lm_head, params = build_model(cfg, device, fsdp.master_dtype(cfg) if sharded else None)
+    # FSDP: read onto the CPU; fully_shard moves each layer's shard to the device (peak: shards + one layer)
+    model, lm_head, params = build_model(cfg, torch.device("cpu") if sharded else device,
+                                         fsdp.master_dtype(cfg) if sharded else None)
     if sharded:
-        fsdp.shard_model(model, fsdp.fsdp_mesh(device), compute_dtype=DTYPES[cfg.dtype])
+        fsdp.shard_model(model, fsdp.fsdp_mesh(device), fsdp.compute_dtype(cfg, DTYPES[cfg.dtype]))
         params = [p for p in model.parameters() if p.requires_grad]  # the sharded DTensor parameters
     torch.manual_seed(cfg.seed + 7919 * (info.rank + 1))  # per-rank dropout streams
     print0(f"model: {cfg.finetune}{' (QLoRA NF4)' if cfg.qlora else ''}, "

@@ -69,35 +69,44 @@ def test_fsdp_full_finetuning_and_replicated_lora_match_one_process(tmp_path):
 
 
 def _state_bytes(rank, world_size, model_dir):
-    """Bytes of trainable parameters, gradients and AdamW states this rank holds after one step, per finetune."""
+    """Bytes of trainable parameters, gradients and AdamW states this rank holds after one step, per finetune,
+    with the loop's bfloat16 recipes: full fine-tuning from float32 masters, LoRA on a bfloat16 base."""
     from sealong.train import fsdp
     from sealong.train.loop import build_model
 
     found = {}
     for finetune in ("lora", "full"):
-        cfg = _config(model_dir, "unused", "unused", finetune=finetune)
+        cfg = _config(model_dir, "unused", "unused", finetune=finetune, dtype="bfloat16")
         torch.manual_seed(0)
-        model, lm_head, params = build_model(cfg, torch.device("cpu"))
+        model, lm_head, params = build_model(cfg, torch.device("cpu"), fsdp.master_dtype(cfg))
         if world_size > 1:
-            fsdp.shard_model(model, fsdp.fsdp_mesh(torch.device("cpu")))
+            fsdp.shard_model(model, fsdp.fsdp_mesh(torch.device("cpu")), fsdp.compute_dtype(cfg, torch.bfloat16))
             params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-3)
         hidden = model(torch.arange(6, 30), torch.arange(24))
-        (hidden @ lm_head.weight.T).logsumexp(-1).mean().backward()  # lm_head read as the loss reads it
+        (hidden @ lm_head.weight.T).float().logsumexp(-1).mean().backward()  # lm_head read as the loss reads it
         optimizer.step()
         found[finetune] = fsdp.training_state_bytes(params, optimizer)
+        found[finetune]["dtypes"] = (str(hidden.dtype), sorted({str(p.dtype) for p in params}))
     return found
 
 
 def test_fsdp_stores_one_share_of_the_training_state_per_rank(tmp_path):
+    from sealong.model import load_model
+
     # a model whose every dim-0 size divides by 2: the shards are exactly equal
     model, _ = tiny_setup(str(tmp_path), n_pairs=1)
     one = _state_bytes(0, 1, model)
+    assert one["full"]["params"] == 4 * sum(p.numel() for p in load_model(model).parameters())  # float32 masters
     for want in one.values():
         assert want["params"] > 0 and want["grads"] == want["params"] and want["optimizer"] == 2 * want["params"]
     for rank, got in enumerate(run_distributed(_state_bytes, 2, args=(model,))):
         for finetune, want in one.items():
-            assert got[finetune] == {k: v // 2 for k, v in want.items()}, (rank, finetune, got, one)
+            for part in ("params", "grads", "optimizer"):
+                assert got[finetune][part] == want[part] // 2, (rank, finetune, part, got, want)
+        # full fine-tuning: float32 masters (and gradients, AdamW states) computing in bfloat16; LoRA: float32
+        # adapters on a bfloat16 base (frozen weights all-gathered with the adapters in one group), as unsharded
+        assert got["full"]["dtypes"] == ("torch.bfloat16", ["torch.float32"]) == got["lora"]["dtypes"]
 
 
 class Killed(RuntimeError):
@@ -150,3 +159,18 @@ def test_fsdp_kill_and_resume_is_bit_identical(tmp_path, finetune):
         loaded = {k: v for k, v in hf.state_dict().items() if "lora_" in k}
         assert len(loaded) == len(got) and all(torch.equal(loaded[k.replace(".weight", ".default.weight")], v)
                                                for k, v in got.items())
+
+
+def test_data_parallel_choice():
+    from sealong.train.fsdp import use_fsdp
+
+    cfg = lambda **kw: _config("m", "d", "o", **kw)  # noqa: E731
+    assert use_fsdp(cfg(), 2) and not use_fsdp(cfg(), 1)  # auto: FSDP with several ranks
+    assert not use_fsdp(cfg(data_parallel="replicate"), 8)
+    # auto keeps the replicated path where FSDP cannot go; asking for FSDP there is an error naming the setting
+    assert not use_fsdp(cfg(qlora=True), 2) and not use_fsdp(cfg(dtype="float16"), 2)
+    assert use_fsdp(cfg(dtype="float16", loss_scaling=False), 2)
+    with pytest.raises(ValueError, match="data_parallel=fsdp: QLoRA.*data_parallel=replicate"):
+        use_fsdp(cfg(qlora=True, data_parallel="fsdp"), 2)
+    with pytest.raises(ValueError, match="data_parallel must be 'auto', 'fsdp' or 'replicate'"):
+        cfg(data_parallel="ddp")
