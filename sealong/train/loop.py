@@ -20,10 +20,12 @@ The loop (nanoGPT's shape):
 * each optimizer step sees `batch_pairs` pairs: dp x micro_batch_pairs x accumulation (derived, asserted);
 * the loss of a micro-step is its share of the batch loss, normalised by the batch's chosen tokens and
   pairs (sealong/train_loss.py), so gradients summed over micro-steps and all dp x sp ranks are exact;
-  gradients are all-reduced once, after the last micro-step;
+* with several ranks, FSDP2 (sealong/train/fsdp.py) shards weights, gradients and AdamW states over all of them
+  and reduce-scatters (sums) gradients in every backward; `data_parallel: replicate` keeps a full copy per rank
+  and all-reduces gradients once, after the last micro-step;
 * AdamW, linear warmup then cosine to zero, clipping, float16 loss scaling when asked;
 * metrics.jsonl (every ORPO metric), TensorBoard when installed, a progress bar on rank 0;
-* checkpoints every `save_every` steps and at the end (sealong/checkpoint.py).
+* checkpoints every `save_every` steps and at the end (sealong/checkpoint.py; sharded under FSDP).
 """
 
 import argparse
