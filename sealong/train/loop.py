@@ -288,7 +288,7 @@ def train(cfg: TrainConfig, info, on_step=None):
     torch.manual_seed(cfg.seed + 7919 * (info.rank + 1))  # per-rank dropout streams
     print0(f"model: {cfg.finetune}{' (QLoRA NF4)' if cfg.qlora else ''}, "
            f"{sum(p.numel() for p in params):,} trainable parameters, {cfg.dtype}, "
-           f"{'FSDP2 over ' + str(info.world_size) + ' ranks' if sharded else 'replicated'}")
+           f"{f'FSDP2 over {info.world_size} ranks' if sharded else 'replicated' if info.world_size > 1 else 'one process'}")
     warning = None if sharded else precision_warning(cfg)  # FSDP keeps float32 masters
     if warning:
         print0(f"warning: {warning}")
