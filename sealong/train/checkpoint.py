@@ -7,6 +7,10 @@
         model.safetensors        full fine-tuning only: every weight, Hugging Face names
         state.json               train config, model config, step, data position, counts, loop state
         optimizer.pt             optimizer, scheduler and loss-scaler states (read with weights_only=True)
+        dcp/                     FSDP2 runs (sealong/train/fsdp.py): each rank's shards of the trained weights
+                                 and optimizer states (torch.distributed.checkpoint), read on resume; optimizer.pt
+                                 then holds the scheduler and scaler only, and adapter/ or model.safetensors the
+                                 gathered weights (full fine-tuning: in the compute dtype)
         rng_rank{r}.pt           each rank's torch RNG states (dropout), so a resumed run draws the same masks
 
 A checkpoint is written into `step_N.tmp`, flushed to disk (fsync of every file and folder) and only then
@@ -20,11 +24,12 @@ import re
 import shutil
 
 import torch
-from safetensors.torch import load_file, load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from sealong.jsonl import fsync_path as _fsync  # a file, or a folder's entries
 from sealong.lock import disk_full
 
+from . import fsdp
 from .distributed import barrier
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -67,15 +72,17 @@ def _fsync_tree(root):
         _fsync(folder)
 
 
-def save_checkpoint(output_dir, step, *, model, optimizer, scheduler, scaler, state, finetune, rank, keep=2):
+def save_checkpoint(output_dir, step, *, model, optimizer, scheduler, scaler, state, finetune, rank, keep=2,
+                    export_dtype=None):
     """Write a complete checkpoint for `step` (every rank calls this; rank 0 writes the shared files).
 
-    A full disk raises OutputError naming the newest complete checkpoint, which is kept (the torn `.tmp`
-    folder is removed to give the space back)."""
+    `export_dtype`: the dtype of an FSDP run's exported model.safetensors (None: the stored dtype). A full disk
+    raises OutputError naming the newest complete checkpoint, which is kept (the torn `.tmp` folder is removed
+    to give the space back)."""
     final = checkpoint_dir(output_dir, step)
     try:
         return _save(output_dir, step, final, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                     state=state, finetune=finetune, rank=rank, keep=keep)
+                     state=state, finetune=finetune, rank=rank, keep=keep, export_dtype=export_dtype)
     except OSError as err:
         kept = latest_checkpoint(output_dir)
         full = disk_full(err, f"saving checkpoint {final}",
@@ -87,7 +94,7 @@ def save_checkpoint(output_dir, step, *, model, optimizer, scheduler, scaler, st
         raise full from None
 
 
-def _save(output_dir, step, final, *, model, optimizer, scheduler, scaler, state, finetune, rank, keep):
+def _save(output_dir, step, final, *, model, optimizer, scheduler, scaler, state, finetune, rank, keep, export_dtype):
     tmp = final + ".tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -95,12 +102,18 @@ def _save(output_dir, step, final, *, model, optimizer, scheduler, scaler, state
     barrier()
     torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
     _fsync(os.path.join(tmp, f"rng_rank{rank}.pt"))
+    sharded = fsdp.is_sharded(model)
+    if sharded:  # collectives: every rank writes its shards, then the export is gathered to rank 0
+        fsdp.save_sharded(os.path.join(tmp, "dcp"), model, optimizer, finetune)
+        export = fsdp.full_export(model, finetune, export_dtype)
     if rank == 0:
         if finetune == "lora":
-            save_adapter(model, os.path.join(tmp, "adapter"), state)
+            save_adapter(model, os.path.join(tmp, "adapter"), state, export if sharded else None)
+        elif sharded:
+            save_file(export, os.path.join(tmp, "model.safetensors"))
         else:
             save_model(model, os.path.join(tmp, "model.safetensors"))  # tied weights stored once
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        torch.save({"optimizer": None if sharded else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None},
                    os.path.join(tmp, "optimizer.pt"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
@@ -120,11 +133,11 @@ def _save(output_dir, step, final, *, model, optimizer, scheduler, scaler, state
     return final
 
 
-def save_adapter(model, folder, state):
+def save_adapter(model, folder, state, state_dict=None):
     """The LoRA adapter in PEFT format, loadable by transformers + peft alone: task_type CAUSAL_LM (so peft
     writes no `auto_mapping` to sealong's model class and AutoPeftModelForCausalLM knows the head),
     base_model_name_or_path = the absolute model folder of the run, and a model card (README.md) with the
-    settings, the data summary and how to load it."""
+    settings, the data summary and how to load it. `state_dict`: the adapter weights gathered from FSDP shards."""
     train_cfg = state.get("train_config", {})
     base = train_cfg.get("model") or None
     if base and os.path.isdir(base):
@@ -133,7 +146,7 @@ def save_adapter(model, folder, state):
         config.task_type = "CAUSAL_LM"
         config.base_model_name_or_path = base
     # sealong never resizes the embeddings; "auto" would read the base config through sealong's model class
-    model.save_pretrained(folder, save_embedding_layers=False)
+    model.save_pretrained(folder, save_embedding_layers=False, **({"state_dict": state_dict} if state_dict is not None else {}))
     with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:  # replaces peft's empty card
         f.write(model_card(state, base))
 
@@ -197,7 +210,9 @@ def load_checkpoint(path, *, model, optimizer, scheduler, scaler, finetune, rank
     """Restore weights, optimizer, scheduler, scaler and this rank's RNG; return state.json's dict."""
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
-    if finetune == "lora":
+    if fsdp.is_sharded(model):
+        fsdp.load_sharded(os.path.join(path, "dcp"), model, optimizer, finetune)
+    elif finetune == "lora":
         from peft import set_peft_model_state_dict
         weights = load_file(os.path.join(path, "adapter", "adapter_model.safetensors"), device=str(device))
         _check_finite(path, weights.items())
@@ -209,7 +224,11 @@ def load_checkpoint(path, *, model, optimizer, scheduler, scaler, finetune, rank
         load_model(model, os.path.join(path, "model.safetensors"), device=str(device))
         _check_finite(path, model.named_parameters())
     states = torch.load(os.path.join(path, "optimizer.pt"), map_location=device, weights_only=True)
-    optimizer.load_state_dict(states["optimizer"])
+    if (states["optimizer"] is None) != fsdp.is_sharded(model):
+        raise ValueError(f"{path}: saved {'with' if states['optimizer'] is None else 'without'} FSDP; resume with "
+                         "the same data_parallel setting and world size")
+    if states["optimizer"] is not None:
+        optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
     if scaler is not None and states["scaler"] is not None:
         scaler.load_state_dict(states["scaler"])

@@ -68,6 +68,11 @@ class TrainConfig(Checked):
     sp: int = option(1, "sequence-parallel degree (ring x Ulysses); dp = world size / sp", ge=1)
     ulysses: int = option(1, "Ulysses degree inside the sequence-parallel group (ring degree = sp / ulysses)", ge=1)
     ring_layout: Literal["zigzag", "plain"] = option("zigzag", "ring sharding: zigzag (balanced causal work) or plain")
+    data_parallel: Literal["auto", "fsdp", "replicate"] = option(
+        "auto", "fsdp: weights, gradients and AdamW states sharded over all dp x sp ranks (FSDP2, "
+        "sealong/train/fsdp.py; full fine-tuning keeps float32 masters); replicate: a full copy per rank and a "
+        "gradient all-reduce (QLoRA and float16 loss scaling need it); auto: fsdp except for those two. One process "
+        "never shards")
     dist_timeout: float = option(600.0, "seconds a collective waits for the other ranks; then the job fails, naming a "
                                  "rank that did not arrive (sealong.train.watchdog)", gt=0)
     device: Optional[Literal["cpu", "cuda"]] = option(None, "default: cuda when available")

@@ -93,7 +93,8 @@ GRAD_BUCKET = 2**27  # gradient elements per all-reduce buffer (512 MiB in float
 
 def all_reduce_grads(params, group=None, bucket_elements=GRAD_BUCKET):
     """Sum the gradients of `params` over the group through flat float32 buffers of at most `bucket_elements`
-    (one collective for LoRA-sized models; full fine-tuning never holds a float32 copy of every gradient)."""
+    (one collective for LoRA-sized models; full fine-tuning never holds a float32 copy of every gradient).
+    Used by `data_parallel: replicate` only; FSDP2 reduce-scatters gradients itself (sealong/train/fsdp.py)."""
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return
     grads = [p.grad for p in params if p.grad is not None]

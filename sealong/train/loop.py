@@ -21,11 +21,13 @@ The loop (nanoGPT's shape):
 * each optimizer step sees `batch_pairs` pairs: dp x micro_batch_pairs x accumulation (derived, asserted);
 * the loss of a micro-step is its share of the batch loss, normalised by the batch's chosen tokens and
   pairs (sealong/train_loss.py), so gradients summed over micro-steps and all dp x sp ranks are exact;
-  gradients are all-reduced once, after the last micro-step;
+* with several ranks, FSDP2 (sealong/train/fsdp.py) shards weights, gradients and AdamW states over all of them
+  and reduce-scatters (sums) gradients in every backward; `data_parallel: replicate` keeps a full copy per rank
+  and all-reduces gradients once, after the last micro-step;
 * AdamW, linear warmup then cosine to zero, clipping, float16 loss scaling when asked;
 * metrics.jsonl (every ORPO metric), TensorBoard or W&B (--report_to), a progress bar on rank 0 when stderr is
   a terminal, otherwise a text log line per logged step;
-* checkpoints every `save_every` steps and at the end (sealong/checkpoint.py).
+* checkpoints every `save_every` steps and at the end (sealong/train/checkpoint.py; sharded under FSDP).
 
 Reliability: rank 0 locks `output_dir` for the run (sealong.lock) and writes `output_dir/meta.json`
 (sealong.provenance); every collective waits at most `dist_timeout` seconds and a rank that stops arriving is
@@ -49,6 +51,7 @@ from sealong.jsonl import append_jsonl
 from sealong.lock import OutputError, OutputLock
 
 from . import checkpoint as ckpt
+from . import fsdp
 from .distributed import all_reduce_grads, all_reduce_sum, cleanup, print0, setup
 from .pairs import label_counts, load_pairs, pack_pair
 from .config import TrainConfig, lr_at
@@ -85,12 +88,14 @@ def quantize_base_linears(model, targets, compute_dtype):
     return model
 
 
-def build_model(cfg, device):
-    """The model to train: (module to call, lm_head module, trainable parameters)."""
+def build_model(cfg, device, weights_dtype=None):
+    """The model to train: (module to call, lm_head module, trainable parameters).
+
+    `weights_dtype`: the dtype the weights are stored in when not cfg.dtype (FSDP's float32 masters)."""
     from sealong.model import load_model
 
     dtype = DTYPES[cfg.dtype]
-    model = load_model(cfg.model, dtype=dtype, device=device)
+    model = load_model(cfg.model, dtype=weights_dtype or dtype, device=device)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.finetune == "full":
         return model, model.lm_head, [p for p in model.parameters() if p.requires_grad]
@@ -176,10 +181,12 @@ def train_step(model, lm_head, params, optimizer, scaler, batch, cfg, mesh, devi
         sums_of[-1] += tokens
     if meet is not None:
         meet()
-    all_reduce_grads(params)  # every rank holds part of the same batch: SUM over dp x sp
+    if not fsdp.is_sharded(model):  # FSDP reduce-scattered the gradients (a SUM) in backward
+        all_reduce_grads(params)  # every rank holds part of the same batch: SUM over dp x sp
     if scaler is not None:
         scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+    grad_norm = fsdp.local_value(grad_norm)  # a DTensor under FSDP
     if scaler is not None:
         scaler.step(optimizer)  # skipped (and the scale lowered) when a gradient is inf / NaN
         scaler.update()
@@ -339,11 +346,18 @@ def _train(cfg, info, on_step):
            f"{cfg.grad_accum_steps(mesh.dp)}")
 
     torch.manual_seed(cfg.seed)  # same LoRA initialisation on every rank
-    model, lm_head, params = build_model(cfg, device)
+    sharded = fsdp.use_fsdp(cfg, info.world_size)
+    # FSDP: read onto the CPU; fully_shard moves each layer's shard to the device (peak: shards + one layer)
+    model, lm_head, params = build_model(cfg, torch.device("cpu") if sharded else device,
+                                         fsdp.master_dtype(cfg) if sharded else None)
+    if sharded:
+        fsdp.shard_model(model, fsdp.fsdp_mesh(device), fsdp.compute_dtype(cfg, DTYPES[cfg.dtype]))
+        params = [p for p in model.parameters() if p.requires_grad]  # the sharded DTensor parameters
     torch.manual_seed(cfg.seed + 7919 * (info.rank + 1))  # per-rank dropout streams
     print0(f"model: {cfg.finetune}{' (QLoRA NF4)' if cfg.qlora else ''}, "
-           f"{sum(p.numel() for p in params):,} trainable parameters, {cfg.dtype}")
-    warning = precision_warning(cfg)
+           f"{sum(p.numel() for p in params):,} trainable parameters, {cfg.dtype}, "
+           f"{f'FSDP2 over {info.world_size} ranks' if sharded else 'replicated' if info.world_size > 1 else 'one process'}")
+    warning = None if sharded else precision_warning(cfg)  # FSDP keeps float32 masters
     if warning:
         print0(f"warning: {warning}")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
@@ -375,7 +389,7 @@ def _train(cfg, info, on_step):
                  "model_config": model_config_dict(model)}
         return ckpt.save_checkpoint(cfg.output_dir, at_step, model=model, optimizer=optimizer, scheduler=scheduler,
                                     scaler=scaler, state=state, finetune=cfg.finetune, rank=info.rank,
-                                    keep=cfg.keep_checkpoints)
+                                    keep=cfg.keep_checkpoints, export_dtype=DTYPES[cfg.dtype])
 
     model.train()
     try:

@@ -1,11 +1,10 @@
-"""`sealong.train` on several gloo processes (DP=2, SP=2 ring, SP=2 Ulysses, SP=2 ring with the classic
-two-sequence layout, DP x SP = 2 x 2, hybrid Ulysses 2 x ring 2) gives the losses and LoRA weights of one
-process (packed layout) on the same data.
+"""`sealong.train` on several gloo processes (FSDP2, the default with several ranks: DP=2, SP=2 ring, SP=2
+Ulysses, SP=2 ring with the classic two-sequence layout, DP x SP = 2 x 2, hybrid Ulysses 2 x ring 2) gives the
+losses and LoRA weights of one process (packed layout) on the same data.
 
 Everything is float32 and LoRA dropout is 0 (dropout masks differ with the token split); what differs
-between layouts is only the order of floating-point sums (gradient all-reduce, ring merges, split loss
-sums), so losses agree to 1e-5 relative and the LoRA weights after 3 AdamW steps to 1e-4 relative.
-"""
+between layouts is only the order of floating-point sums (gradient reduce-scatter, ring merges, split loss
+sums), so losses agree to 1e-5 relative and the LoRA weights after 3 AdamW steps to 1e-4 relative."""
 
 import os
 
