@@ -31,7 +31,8 @@ def attention_mask(
     if cu_seqlens is not None:
         if tq != tk or q_start != k_start:
             raise ValueError(f"cu_seqlens needs q and k to be the same tokens (Tq={tq}, Tk={tk}, q_start={q_start}, k_start={k_start})")
-        cu = cu_seqlens.to(device=device, dtype=torch.int64)
+        cu = getattr(cu_seqlens, "cu_seqlens", cu_seqlens)  # a VarlenPlan (sealong_kernels.attention) or the tensor
+        cu = cu.to(device=device, dtype=torch.int64)
         if cu.ndim != 1 or int(cu[0]) != 0 or int(cu[-1]) != tq or bool((cu[1:] < cu[:-1]).any()):
             raise ValueError(f"cu_seqlens must be non-decreasing, start at 0 and end at T={tq}, got {cu.tolist()}")
         seq = torch.bucketize(torch.arange(tq, device=device), cu[1:], right=True)  # [T] sequence index

@@ -378,15 +378,15 @@ class RingAttentionFunction(torch.autograd.Function):
         q_seg = None if segment_ids is None else segment_ids.to(torch.int32).contiguous()
         k_segs = None if q_seg is None else torch.stack(ring.all_gather(q_seg))  # [W, T_local]
         out, lse = _ring_forward(q, k, v, ring, causal, scale, q_seg, k_segs, layout, cu_seqlens, backend)
-        ctx.save_for_backward(q, k, v, out, lse, q_seg, k_segs, cu_seqlens)
-        ctx.setup = (ring, causal, scale, layout, backend)
+        ctx.save_for_backward(q, k, v, out, lse, q_seg, k_segs)
+        ctx.setup = (ring, causal, scale, layout, backend, cu_seqlens)  # cu_seqlens: a tensor or a VarlenPlan
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, q_seg, k_segs, cu_seqlens = ctx.saved_tensors
-        ring, causal, scale, layout, backend = ctx.setup
+        q, k, v, out, lse, q_seg, k_segs = ctx.saved_tensors
+        ring, causal, scale, layout, backend, cu_seqlens = ctx.setup
         dq, dk, dv = _ring_backward(dout.contiguous(), q, k, v, out, lse, ring, causal, scale, q_seg, k_segs,
                                     layout, cu_seqlens, backend)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None

@@ -1,0 +1,80 @@
+"""Tile tables of the attention kernels, chosen from real ahead-of-time compiles (no GPU needed to read them).
+
+A tile is (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M always runs along queries and BLOCK_N along keys:
+the forward and dQ kernels keep a [BLOCK_M, D] query tile resident and stream key blocks; the dK/dV kernel keeps
+a [BLOCK_N, D] key tile resident and streams query blocks.
+
+`CANDIDATES[kind]` is what `python -m bench.compile_report --candidates` compiles. `TILES[(kind, arch)][block_d]`
+are the candidates that `ptxas -v` reported free of spill stores and spill loads for both 16-bit dtypes, for every
+visibility flag set the compile report covers, under Triton 3.6 (the GPU machines') and Triton 3.9, best first
+by expectation (larger tiles first: fewer passes over the streamed operand). `SHARED[(kind, arch, block_d,
+elem_bytes, tile)]` is the `metadata.shared` those compiles requested (the largest over flag sets and the two
+Tritons), the number the launcher checks against the device's per-block limit instead of an estimate.
+
+Source of every number: bench/results/compile_*_candidates_triton-*.json (regenerate with
+`TRITON_INTERPRET=0 python -m bench.compile_report --candidates` under each Triton, then
+`python -m bench.compile_report --table` prints this file's TILES / SHARED literals).
+"""
+
+# every tile the compile report tries, per kernel kind (largest first)
+CANDIDATES = {
+    "fwd": [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 2), (64, 64, 4, 3), (64, 64, 4, 2),
+            (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)],
+    "dq": [(128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 8, 2), (128, 32, 4, 2), (64, 64, 4, 3), (64, 64, 4, 2),
+           (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)],
+    "dkdv": [(64, 128, 8, 3), (64, 64, 8, 3), (64, 64, 4, 2), (32, 128, 8, 2), (32, 128, 4, 2), (32, 64, 8, 2),
+             (32, 64, 4, 2), (32, 32, 4, 2), (16, 64, 4, 2), (16, 32, 4, 2)],
+}
+KINDS = tuple(CANDIDATES)
+ARCHS = (90, 80)  # tables per compute capability; other GPUs use the sm_80 table (see `table_arch`)
+HEAD_DIM_BLOCKS = (16, 32, 64, 128, 256)  # BLOCK_D = max(16, next power of two of the head dim)
+
+TILES = {}  # filled below from the compile sweep
+SHARED = {}
+
+
+def table_arch(capability):
+    """The table serving a device of this compute capability (major * 10 + minor): 90 for Hopper, else 80."""
+    return 90 if capability == 90 else 80
+
+
+def block_d_of(head_dim):
+    return max(16, 1 << (int(head_dim) - 1).bit_length())
+
+
+def elem_bytes_of(dtype):
+    """2 for float16 / bfloat16 (str or torch dtype), 4 for float32."""
+    name = str(dtype).replace("torch.", "")
+    if name in ("float16", "bfloat16", "fp16", "bf16"):
+        return 2
+    if name in ("float32", "fp32"):
+        return 4
+    raise ValueError(f"attention tiles: unsupported dtype {dtype!r}")
+
+
+def launchable_tiles(kind, head_dim, dtype, arch=90, shared_limit=None):
+    """The tiles the launcher may run for this kernel kind ("fwd", "dq", "dkdv"), head dim, dtype and arch, best first.
+
+    Head dims up to 64 use the head-dim-64 table (their registers and shared memory are at most its own). float32
+    (tests and GPU checks only) gets the 16-bit tiles whose recorded shared memory, doubled, fits. With
+    `shared_limit` (the device's per-block bytes) tiles whose recorded shared memory exceeds it are dropped.
+    """
+    if kind not in CANDIDATES:
+        raise ValueError(f"attention tiles: kind must be one of {KINDS}, got {kind!r}")
+    arch = table_arch(arch)
+    block_d = max(64, block_d_of(head_dim))
+    if block_d > 256:
+        raise ValueError(f"attention tiles: head dim {head_dim} is not supported (at most 256)")
+    scale = elem_bytes_of(dtype) // 2
+    tiles = TILES.get((kind, arch), {}).get(block_d, [])
+    if shared_limit is not None or scale > 1:
+        limit = shared_limit if shared_limit is not None else {90: 227 * 1024, 80: 163 * 1024}[arch]
+        tiles = [t for t in tiles if SHARED.get((kind, arch, block_d, 2, t), 0) * scale <= limit]
+    return list(tiles)
+
+
+def recorded_shared(kind, head_dim, dtype, tile, arch=90):
+    """metadata.shared of this tile's compile (bytes), scaled for float32; None when it was never compiled."""
+    block_d = max(64, block_d_of(head_dim))
+    shared = SHARED.get((kind, table_arch(arch), block_d, 2, tuple(tile)))
+    return None if shared is None else shared * (elem_bytes_of(dtype) // 2)
