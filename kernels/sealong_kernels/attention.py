@@ -28,13 +28,13 @@ without building the mask; the dK/dV kernel does the same over query blocks. Til
 """
 
 import importlib.util
-from dataclasses import dataclass
 
 import torch
 import triton
 
 from . import reference
 from .runtime import interpreting, triton_available
+from .attention_plan import VarlenPlan, block_lists, varlen_plan  # noqa: F401 (re-exported)
 from .attention_tiles import launchable_tiles
 from .attention_kernels import (  # layer 1: the @triton.jit kernels
     _attn_bwd_delta_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_fwd_kernel,
@@ -50,6 +50,25 @@ _HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None  # imported
 
 
 INTERPRETER_TILE = (16, 16, 1, 1)  # interpreted programs are slow per element: small tiles, many programs
+PLAN_BLOCK = 128  # block classes are planned per 128 x 128 (every GPU tile divides it); the interpreter: its tile
+
+
+def _plan_blocks(tq, tk, flags, q_start, k_start, cu_seqlens, segment_ids, k_segment_ids, seq_idx, qseg, kseg):
+    """(block lists by query blocks, by key blocks, PLAN_M, PLAN_N) for calls with packed sequences or segments
+    (`attention_plan.block_lists`), else dummies with HAS_PLAN off. Cached on the batch's VarlenPlan or segment
+    tensor when q and k are the same tokens, so every layer's forward and backward shares one build."""
+    plan_m = plan_n = INTERPRETER_TILE[0] if interpreting() else PLAN_BLOCK
+    if not (flags["HAS_SEQ"] or flags["HAS_SEG"]) or tq == 0 or tk == 0:
+        return seq_idx[:1], seq_idx[:1], plan_m, plan_n, False
+    cache = None
+    if isinstance(cu_seqlens, VarlenPlan):
+        cache = cu_seqlens.blocks
+    elif segment_ids is not None and k_segment_ids is None:
+        cache = segment_ids.__dict__.setdefault("_sealong_blocks", {})
+    rows, cols = block_lists(tq, tk, plan_m, plan_n, causal=flags["CAUSAL"], q_start=q_start, k_start=k_start,
+                             seq_idx=seq_idx if flags["HAS_SEQ"] else None, qseg=qseg if flags["HAS_SEG"] else None,
+                             kseg=kseg if flags["HAS_SEG"] else None, cache=cache, device=seq_idx.device)
+    return rows, cols, plan_m, plan_n, True
 _TUNED = {}  # (kind, arch, BLOCK_D, dtype, flags, log2 bucket of Tq * Tk) -> the fastest launchable tile
 
 
@@ -89,46 +108,6 @@ def choose_tile(key, tiles, run, bench=None):
 def _precision(dtype):
     # fp32 inputs (CPU tests, GPU checks) must not silently round to tf32; 16-bit inputs use the tensor cores
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
-@dataclass(frozen=True)
-class VarlenPlan:
-    """The packed-sequence layout of one batch, built once by the caller and passed to every layer's attention
-    (forward and backward) in place of cu_seqlens: no layer validates, rebuilds seq_idx or reads a length on the
-    host again.
-
-    cu_seqlens [S + 1] int32 (validated: starts at 0, non-decreasing, ends at total), seq_idx [total] int32 (the
-    sequence of every token), max_seqlen (a Python int when the builder read it, for flash-attn's varlen call).
-    """
-
-    cu_seqlens: torch.Tensor
-    seq_idx: torch.Tensor
-    total: int
-    max_seqlen: int | None = None
-
-
-def varlen_plan(cu_seqlens, total, *, device=None, validate=True):
-    """Build a VarlenPlan from cu_seqlens [S + 1] for `total` tokens.
-
-    validate=True checks the boundaries and reads the longest sequence in one host sync (once per batch);
-    validate=False trusts boundaries the caller built itself (no host sync at all, max_seqlen None).
-    """
-    if isinstance(cu_seqlens, VarlenPlan):
-        return cu_seqlens
-    total = int(total)
-    cu = torch.as_tensor(cu_seqlens).to(device=device, dtype=torch.int32).contiguous()
-    if cu.ndim != 1 or cu.numel() < 2:
-        raise ValueError(f"cu_seqlens must be a 1D tensor of at least 2 boundaries, got shape {tuple(cu.shape)}")
-    lengths = cu[1:] - cu[:-1]
-    max_seqlen = None
-    if validate:
-        bad = (cu[0] != 0) | (cu[-1] != total) | (lengths < 0).any()
-        bad, max_seqlen = torch.stack([bad.to(torch.int64), lengths.max().to(torch.int64)]).tolist()  # one sync
-        if bad:
-            raise ValueError(f"cu_seqlens must be non-decreasing, start at 0 and end at T={total}, got {cu.tolist()}")
-    seq_idx = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device, dtype=torch.int32),
-                                      lengths.to(torch.int64), output_size=total)  # sequence index of every token
-    return VarlenPlan(cu, seq_idx, total, max_seqlen)
 
 
 def _cu_tensor(cu_seqlens):
@@ -217,11 +196,14 @@ def attention_forward(q, k, v, *, causal=True, softmax_scale=None, q_start=0, k_
     lse = torch.empty(hq, tq, dtype=torch.float32, device=q.device)
     if tq == 0:
         return out, lse
-    args = (q, k, v, out, lse, seq_idx, cu, qseg, kseg,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-            tq, tk, int(q_start), int(k_start), hq // hkv, scale * LOG2E)
     flags = dict(CAUSAL=bool(causal), HAS_SEQ=cu_seqlens is not None, HAS_SEG=segment_ids is not None,
                  PRECISION=_precision(q.dtype))
+    rows, _, plan_m, plan_n, has_plan = _plan_blocks(tq, tk, flags, q_start, k_start, cu_seqlens, segment_ids,
+                                                     k_segment_ids, seq_idx, qseg, kseg)
+    flags.update(HAS_PLAN=has_plan, PLAN_M=plan_m, PLAN_N=plan_n)
+    args = (q, k, v, out, lse, seq_idx, cu, qseg, kseg, rows,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+            tq, tk, int(q_start), int(k_start), hq // hkv, scale * LOG2E)
     _launch(_attn_fwd_kernel, "fwd", lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), hq), args, flags, d, tq * tk)
     return out, lse
 
@@ -266,13 +248,17 @@ def attention_backward(dout, q, k, v, out, lse, *, delta=None, causal=True, soft
     dv = torch.empty(tk, hkv, d, dtype=torch.float32, device=q.device)
     flags = dict(CAUSAL=bool(causal), HAS_SEQ=cu_seqlens is not None, HAS_SEG=segment_ids is not None,
                  PRECISION=_precision(q.dtype))
+    rows, cols, plan_m, plan_n, has_plan = _plan_blocks(tq, tk, flags, q_start, k_start, cu_seqlens, segment_ids,
+                                                        k_segment_ids, seq_idx, qseg, kseg)
+    flags.update(HAS_PLAN=has_plan, PLAN_M=plan_m, PLAN_N=plan_n)
     common = (tq, tk, int(q_start), int(k_start), hq // hkv, scale)
     strides_in = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1))
     _launch(_attn_bwd_dkdv_kernel, "dkdv", lambda meta: (triton.cdiv(tk, meta["BLOCK_N"]), hkv),
-            (q, k, v, dout, lse, delta, dk, dv, seq_idx, cu, qseg, kseg, *strides_in,
+            (q, k, v, dout, lse, delta, dk, dv, seq_idx, cu, qseg, kseg, cols, *strides_in,
              dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *common), flags, d, tq * tk)
     _launch(_attn_bwd_dq_kernel, "dq", lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), hq),
-            (q, k, v, dout, lse, delta, dq, seq_idx, cu, qseg, kseg, *strides_in, dq.stride(0), dq.stride(1), *common),
+            (q, k, v, dout, lse, delta, dq, seq_idx, cu, qseg, kseg, rows, *strides_in, dq.stride(0), dq.stride(1),
+             *common),
             flags, d, tq * tk)
     return dq, dk, dv
 
