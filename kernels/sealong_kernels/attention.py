@@ -192,7 +192,7 @@ def attention_forward(q, k, v, *, causal=True, softmax_scale=None, q_start=0, k_
     tq, hq, d = q.shape
     tk, hkv, _ = k.shape
     scale = d**-0.5 if softmax_scale is None else float(softmax_scale)
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape)  # contiguous, as the op's fake implementation says
     lse = torch.empty(hq, tq, dtype=torch.float32, device=q.device)
     if tq == 0:
         return out, lse
@@ -365,7 +365,11 @@ def flash_attention(q, k, v, causal=True, cu_seqlens=None, softmax_scale=None, *
         raise ValueError(f"backend must be 'auto', 'flash_attn', 'triton' or 'reference', got {backend!r}")
     if backend == "triton" and not triton_available(q):
         raise ValueError(f"backend='triton' needs CUDA tensors or TRITON_INTERPRET=1, got device {q.device}")
-    if cu_seqlens is not None and backend == "triton":  # validated once for forward and backward
-        cu_seqlens = varlen_plan(cu_seqlens, q.shape[0], device=q.device)
+    if backend == "triton":  # the torch.library ops (torch.compile traces them); cu_seqlens validated once here
+        plan = None if cu_seqlens is None else varlen_plan(cu_seqlens, q.shape[0], device=q.device)
+        return flash_attention_op(q, k, v, causal, softmax_scale, q_start, k_start, plan, segment_ids, k_segment_ids)
     return _FlashAttention.apply(q, k, v, causal, softmax_scale, q_start, k_start, cu_seqlens, segment_ids,
-                                 k_segment_ids, backend == "reference")
+                                 k_segment_ids, True)
+
+
+from .attention_op import flash_attention_op  # noqa: E402 (the ops wrap this module's raw ops)
