@@ -321,7 +321,22 @@ def run(device: str, small: bool) -> dict:
     return dict(name="attention", rows=rows + ring + comm + blocks, notes=notes, summary=summary)
 
 
+def run_blocks() -> dict:
+    """The block table alone (counts only, device-independent): `python -m bench.bench_attention --blocks`."""
+    return dict(name="attention_blocks", rows=block_rows(),
+                notes=["one 32K preference pair (30K prompt, 1K chosen, 1K rejected; segments 0/1/2, causal), "
+                       "128 x 128 block pairs; plan = attention_plan.block_classes (what the kernels loop over), "
+                       "ideal = the token-level rule per block pair, range kernel = causal key range, all masked"])
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--blocks"]:
+        from bench.common import format_rows, write_results
+
+        result = run_blocks()
+        print(format_rows(result["rows"]))
+        print(write_results(result, "cpu"))
+        sys.exit(0)
     from bench.run_all import main
 
     sys.exit(main(["--only", "attention"]))

@@ -155,6 +155,23 @@ def _last_dim_contiguous(*ts):
     return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
 
 
+GQA_SPLITS = None  # force the dK/dV split of the query-head group (tests); None: `gqa_splits` decides
+
+
+def gqa_splits(tk, hkv, group, device, block_n=64):
+    """Programs per kv head of the dK/dV grid: 1, or (when key blocks x kv heads fill less than two waves of the
+    GPU's SMs) the largest divisor of the query-head group up to what fills two waves; each split sums its share
+    of the group into its own float32 dK / dV, summed afterwards."""
+    if GQA_SPLITS is not None:
+        return GQA_SPLITS if group % GQA_SPLITS == 0 else 1
+    if interpreting() or not torch.cuda.is_available() or group == 1:
+        return 1
+    programs = triton.cdiv(tk, block_n) * hkv
+    waves = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    want = triton.cdiv(waves, programs) if programs < waves else 1
+    return max(s for s in range(1, group + 1) if group % s == 0 and s <= want)
+
+
 def _launch(kernel, kind, grid, args, flags, head_dim, scores):
     """Launch `kernel` (forward, dQ or dK/dV) with grid(meta) -> grid tuple, meta holding BLOCK_M and BLOCK_N.
 
@@ -179,20 +196,21 @@ def _launch(kernel, kind, grid, args, flags, head_dim, scores):
 
 
 def attention_forward(q, k, v, *, causal=True, softmax_scale=None, q_start=0, k_start=0,
-                      cu_seqlens=None, segment_ids=None, k_segment_ids=None):
+                      cu_seqlens=None, segment_ids=None, k_segment_ids=None, out_dtype=None):
     """Raw forward: -> (out [Tq, Hq, D] in q's dtype, lse [Hq, Tq] float32, natural log). See module docstring.
 
-    Runs our Triton kernel on CUDA (or on CPU under TRITON_INTERPRET=1), else the reference."""
+    Runs our Triton kernel on CUDA (or on CPU under TRITON_INTERPRET=1), else the reference. out_dtype: the
+    output's dtype (default q's; a ring asks for float32 partials, merged without a 16-bit round trip)."""
     if not triton_available(q):
         return reference.attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale, q_start=q_start,
                                            k_start=k_start, cu_seqlens=_cu_tensor(cu_seqlens), segment_ids=segment_ids,
-                                           k_segment_ids=k_segment_ids)
+                                           k_segment_ids=k_segment_ids, out_dtype=out_dtype)
     seq_idx, cu, qseg, kseg = _check_inputs(q, k, v, q_start, k_start, cu_seqlens, segment_ids, k_segment_ids)
     q, k, v = _last_dim_contiguous(q, k, v)
     tq, hq, d = q.shape
     tk, hkv, _ = k.shape
     scale = d**-0.5 if softmax_scale is None else float(softmax_scale)
-    out = q.new_empty(q.shape)  # contiguous, as the op's fake implementation says
+    out = q.new_empty(q.shape, dtype=out_dtype or q.dtype)  # contiguous, as the op's fake implementation says
     lse = torch.empty(hq, tq, dtype=torch.float32, device=q.device)
     if tq == 0:
         return out, lse
@@ -243,9 +261,11 @@ def attention_backward(dout, q, k, v, out, lse, *, delta=None, causal=True, soft
                 torch.zeros(tk, hkv, d, dtype=torch.float32, device=q.device),
                 torch.zeros(tk, hkv, d, dtype=torch.float32, device=q.device))
     # every program stores its whole tile (zeros where it saw nothing), so no memset is needed
+    group = hq // hkv
+    splits = gqa_splits(tk, hkv, group, q.device)
     dq = torch.empty(tq, hq, d, dtype=torch.float32, device=q.device)
-    dk = torch.empty(tk, hkv, d, dtype=torch.float32, device=q.device)
-    dv = torch.empty(tk, hkv, d, dtype=torch.float32, device=q.device)
+    dk = torch.empty(splits, tk, hkv, d, dtype=torch.float32, device=q.device)
+    dv = torch.empty(splits, tk, hkv, d, dtype=torch.float32, device=q.device)
     flags = dict(CAUSAL=bool(causal), HAS_SEQ=cu_seqlens is not None, HAS_SEG=segment_ids is not None,
                  PRECISION=_precision(q.dtype))
     rows, cols, plan_m, plan_n, has_plan = _plan_blocks(tq, tk, flags, q_start, k_start, cu_seqlens, segment_ids,
@@ -253,14 +273,17 @@ def attention_backward(dout, q, k, v, out, lse, *, delta=None, causal=True, soft
     flags.update(HAS_PLAN=has_plan, PLAN_M=plan_m, PLAN_N=plan_n)
     common = (tq, tk, int(q_start), int(k_start), hq // hkv, scale)
     strides_in = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1))
-    _launch(_attn_bwd_dkdv_kernel, "dkdv", lambda meta: (triton.cdiv(tk, meta["BLOCK_N"]), hkv),
+    _launch(_attn_bwd_dkdv_kernel, "dkdv", lambda meta: (triton.cdiv(tk, meta["BLOCK_N"]), hkv, splits),
             (q, k, v, dout, lse, delta, dk, dv, seq_idx, cu, qseg, kseg, cols, *strides_in,
-             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *common), flags, d, tq * tk)
+             dk.stride(1), dk.stride(2), dv.stride(1), dv.stride(2), dk.stride(0), dv.stride(0),
+             tq, tk, int(q_start), int(k_start), group, group // splits, scale), flags, d, tq * tk)
     _launch(_attn_bwd_dq_kernel, "dq", lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), hq),
             (q, k, v, dout, lse, delta, dq, seq_idx, cu, qseg, kseg, rows, *strides_in, dq.stride(0), dq.stride(1),
              *common),
             flags, d, tq * tk)
-    return dq, dk, dv
+    if splits == 1:
+        return dq, dk[0], dv[0]
+    return dq, dk.sum(0), dv.sum(0)
 
 
 # ---------------------------------------------------------------------------------------------------------

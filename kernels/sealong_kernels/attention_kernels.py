@@ -286,19 +286,24 @@ def _attn_bwd_dkdv_listed(dk, dv, k, v, offs_n, n_ok, kseq, kseg, Qh, DOh, Lse_h
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DOut, Lse, Delta, DK, DV, SeqIdx, CuSeqlens, QSeg, KSeg, Blocks,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    Tq, Tk, q_start, k_start, group, sm_scale,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dks, stride_dvs,
+    Tq, Tk, q_start, k_start, group, group_per, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_SEG: tl.constexpr, PRECISION: tl.constexpr,
     HAS_PLAN: tl.constexpr = False, PLAN_M: tl.constexpr = 128, PLAN_N: tl.constexpr = 128,
 ):
-    """One key block of one kv head: dK, dV summed over the group's query heads and visible query blocks (the
-    query range that can see it, or with HAS_PLAN the full and partial query blocks of its plan column).
+    """One key block of one kv head: dK, dV summed over the group's query heads (or this split's group_per of
+    them) and visible query blocks (the query range that can see it, or with HAS_PLAN the full and partial query
+    blocks of its plan column).
 
     Works in the transposed orientation (rows = keys): P^T = exp2(K Q^T * scale * log2e - lse * log2e).
     """
     start_n = tl.program_id(0) * BLOCK_N
     hk = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)  # the group's query heads split over programs: partial dK / dV per split
+    g_lo = split * group_per
+    DK += split.to(tl.int64) * stride_dks
+    DV += split.to(tl.int64) * stride_dvs
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < Tk
@@ -316,7 +321,7 @@ def _attn_bwd_dkdv_kernel(
                                CAUSAL, HAS_SEQ, HAS_SEG)  # with a plan: the bounds of the query loads
     if HAS_PLAN:
         full, n_full, part, n_part = _plan_row(Blocks, start_n // PLAN_N, tl.cdiv(Tk, PLAN_N), tl.cdiv(Tq, PLAN_M))
-        for g in range(group):  # the query heads that share this kv head
+        for g in range(g_lo, g_lo + group_per):  # this program's query heads of the kv head's group
             h = hk * group + g
             Qh, DOh, Lse_h, Delta_h = Q + h * stride_qh, DOut + h * stride_doh, Lse + h * Tq, Delta + h * Tq
             dk, dv = _attn_bwd_dkdv_listed(dk, dv, k, v, offs_n, n_ok, kseq, kseg, Qh, DOh, Lse_h, Delta_h, SeqIdx,
@@ -328,7 +333,7 @@ def _attn_bwd_dkdv_kernel(
                                            k_start, qk_scale, PLAN_M, BLOCK_M, True, CAUSAL, HAS_SEQ, HAS_SEG,
                                            PRECISION)
     else:
-        for g in range(group):  # the query heads that share this kv head
+        for g in range(g_lo, g_lo + group_per):  # this program's query heads of the kv head's group
             h = hk * group + g
             Qh, DOh, Lse_h, Delta_h = Q + h * stride_qh, DOut + h * stride_doh, Lse + h * Tq, Delta + h * Tq
             dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, offs_n, n_ok, kseq, kseg, Qh, DOh, Lse_h, Delta_h, SeqIdx,

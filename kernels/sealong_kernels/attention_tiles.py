@@ -4,33 +4,42 @@ A tile is (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M always runs along q
 the forward and dQ kernels keep a [BLOCK_M, D] query tile resident and stream key blocks; the dK/dV kernel keeps
 a [BLOCK_N, D] key tile resident and streams query blocks.
 
-`CANDIDATES[kind]` is what `python -m bench.compile_report --candidates` compiles. `TILES[(kind, arch)][block_d]`
-are the candidates that `ptxas -v` reported free of spill stores and spill loads for both 16-bit dtypes, for every
-visibility flag set the compile report covers, under Triton 3.6 (the GPU machines') and Triton 3.9, best first
-by expectation (larger tiles first: fewer passes over the streamed operand). `SHARED[(kind, arch, block_d,
-elem_bytes, tile)]` is the `metadata.shared` those compiles requested (the largest over flag sets and the two
-Tritons), the number the launcher checks against the device's per-block limit instead of an estimate.
+`TILES[(kind, arch)][block_d]` lists, per kernel kind, compute capability table (90: H100 / H200, 80: A100 and
+every other GPU) and head-dim block, the tiles the launcher may run: the first of `CANDIDATES[kind]` (larger tiles
+first: fewer passes over the streamed operand) that `ptxas -v` reported free of spill stores and loads for sm_90
+or sm_80 under both Triton 3.6 (the GPU machines') and Triton 3.9, compiled with a real launch's alignment
+specialization and the packed-training flags (`TRITON_INTERPRET=0 python -m bench.compile_report --candidates`
+compiles every candidate). `BOUNDED` names the entries without a spill-free candidate and their spill bound.
+`SHARED[(kind, arch, block_d, 2, tile)]` is the `metadata.shared` the compile report recorded (the largest over
+its flag sets and the two Tritons): the launcher checks it against the device's per-block limit.
 
-Source of every number: bench/results/compile_*_candidates_triton-*.json (regenerate with
-`TRITON_INTERPRET=0 python -m bench.compile_report --candidates` under each Triton, then
-`python -m bench.compile_report --table` prints this file's TILES / SHARED literals).
+Every launchable tile is in the committed compile reports, bench/results/compile_<date>_triton-<v>.json
+(`TRITON_INTERPRET=0 python -m bench.compile_report` under each Triton), which tests/kernels/test_compile_report.py
+checks: zero spills at head dims 64 and 128, shared memory within 227 KB (sm_90) / 163 KB (sm_80).
 """
 
 # every tile the compile report tries, per kernel kind (largest first)
 CANDIDATES = {
-    "fwd": [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 2), (64, 64, 4, 3), (64, 64, 4, 2),
-            (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)],
-    "dq": [(128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 8, 2), (128, 32, 4, 2), (64, 64, 4, 3), (64, 64, 4, 2),
-           (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)],
-    "dkdv": [(64, 128, 8, 3), (64, 64, 8, 3), (64, 64, 4, 2), (32, 128, 8, 2), (32, 128, 4, 2), (32, 64, 8, 2),
-             (32, 64, 4, 2), (32, 32, 4, 2), (16, 64, 4, 2), (16, 32, 4, 2)],
+    "fwd": [(128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
+    "dq": [(128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
+    "dkdv": [(64, 64, 8, 2), (32, 128, 8, 2), (32, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)],
 }
+MAX_TILES = 1  # launchable tiles per (kind, arch, head dim); with more, the launcher measures them and caches the best
 KINDS = tuple(CANDIDATES)
 ARCHS = (90, 80)  # tables per compute capability; other GPUs use the sm_80 table (see `table_arch`)
 HEAD_DIM_BLOCKS = (16, 32, 64, 128, 256)  # BLOCK_D = max(16, next power of two of the head dim)
 
-TILES = {}  # filled below from the compile sweep
-SHARED = {}
+# (kind, arch) -> {BLOCK_D: [tiles, best first]}: the first candidate free of spills in every compile tried
+TILES = {
+    ("fwd", 90): {64: [(128, 64, 8, 3)], 128: [(128, 64, 8, 3)], 256: [(64, 32, 4, 2)]},
+    ("fwd", 80): {64: [(64, 32, 4, 2)], 128: [(128, 64, 8, 3)], 256: [(32, 32, 4, 2)]},
+    ("dq", 90): {64: [(128, 32, 8, 2)], 128: [(128, 32, 8, 2)], 256: [(128, 32, 8, 2)]},
+    ("dq", 80): {64: [(128, 32, 8, 2)], 128: [(128, 32, 8, 2)], 256: [(32, 32, 4, 2)]},
+    ("dkdv", 90): {64: [(64, 64, 8, 2)], 128: [(32, 64, 8, 2)], 256: [(16, 32, 4, 2)]},
+    ("dkdv", 80): {64: [(32, 32, 4, 2)], 128: [(32, 64, 8, 2)], 256: [(16, 32, 4, 2)]},
+}
+SHARED = {}  # (kind, arch, BLOCK_D, 2, tile) -> bytes: filled below from the compile report
+BOUNDED = {}  # (kind, arch, BLOCK_D) -> (tile, spill bytes): no spill-free candidate; the least-spilling one
 
 
 def table_arch(capability):

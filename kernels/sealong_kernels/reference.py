@@ -69,7 +69,8 @@ def _attention_scores(q, k, softmax_scale, mask):
 
 
 def attention_forward(
-    q, k, v, *, causal=True, softmax_scale=None, q_start=0, k_start=0, cu_seqlens=None, segment_ids=None, k_segment_ids=None
+    q, k, v, *, causal=True, softmax_scale=None, q_start=0, k_start=0, cu_seqlens=None, segment_ids=None, k_segment_ids=None,
+    out_dtype=None,
 ):
     """out, lse = softmax(q k^T * scale, masked) v, logsumexp of the masked scaled scores.
 
@@ -87,7 +88,7 @@ def attention_forward(
     lse = torch.logsumexp(s, dim=-1)  # -inf for empty rows
     p = torch.exp(s - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])  # empty rows: exp(-inf) = 0
     out = torch.einsum("hgqk,khd->qhgd", p, v.to(s.dtype)).reshape(tq, hq, d)
-    return out.to(q.dtype), lse.reshape(hq, tq)
+    return out.to(out_dtype or q.dtype), lse.reshape(hq, tq)
 
 
 def attention_backward(

@@ -318,3 +318,11 @@ def test_gpu_flash_attn_backend_matches_ours():
         outs[backend] = (out, lse, dq, dk, dv)
     for a, b in zip(outs["flash_attn"], outs["triton"]):
         assert rel(a, b) < 2e-2
+
+
+@pytest.mark.parametrize("splits", [2, 4])
+def test_gqa_group_split_over_programs(splits, monkeypatch, device):
+    """dK/dV with the query-head group split over a grid dimension (partial sums per split), packed + segments."""
+    monkeypatch.setattr(attn, "GQA_SPLITS", splits)
+    seg = preference_segments(19, 7, 9, device)
+    check(*rand_qkv(35, 35, 4, 1, 16, torch.float32, device), causal=True, segment_ids=seg)
