@@ -38,8 +38,31 @@ TILES = {
     ("dkdv", 90): {64: [(64, 64, 8, 2)], 128: [(32, 64, 8, 2)], 256: [(16, 32, 4, 2)]},
     ("dkdv", 80): {64: [(32, 32, 4, 2)], 128: [(32, 64, 8, 2)], 256: [(16, 32, 4, 2)]},
 }
-SHARED = {}  # (kind, arch, BLOCK_D, 2, tile) -> bytes: filled below from the compile report
-BOUNDED = {}  # (kind, arch, BLOCK_D) -> (tile, spill bytes): no spill-free candidate; the least-spilling one
+# (kind, arch, BLOCK_D, 2, tile) -> bytes of shared memory, the largest in bench/results/compile_2026-12-01_triton-*.json
+SHARED = {
+    ('dkdv', 80, 64, 2, (32, 32, 4, 2)): 18944,
+    ('dkdv', 80, 128, 2, (32, 64, 8, 2)): 53760,
+    ('dkdv', 80, 256, 2, (16, 32, 4, 2)): 53504,
+    ('dkdv', 90, 64, 2, (64, 64, 8, 2)): 50688,
+    ('dkdv', 90, 128, 2, (32, 64, 8, 2)): 66048,
+    ('dkdv', 90, 256, 2, (16, 32, 4, 2)): 53504,
+    ('dq', 80, 64, 2, (128, 32, 8, 2)): 45312,
+    ('dq', 80, 128, 2, (128, 32, 8, 2)): 86272,
+    ('dq', 80, 256, 2, (32, 32, 4, 2)): 69888,
+    ('dq', 90, 64, 2, (128, 32, 8, 2)): 49408,
+    ('dq', 90, 128, 2, (128, 32, 8, 2)): 98560,
+    ('dq', 90, 256, 2, (128, 32, 8, 2)): 196864,
+    ('fwd', 80, 64, 2, (64, 32, 4, 2)): 16640,
+    ('fwd', 80, 128, 2, (128, 64, 8, 3)): 99328,
+    ('fwd', 80, 256, 2, (32, 32, 4, 2)): 51456,
+    ('fwd', 90, 64, 2, (128, 64, 8, 3)): 66560,
+    ('fwd', 90, 128, 2, (128, 64, 8, 3)): 132096,
+    ('fwd', 90, 256, 2, (64, 32, 4, 2)): 98560,
+}
+# (kind, arch, BLOCK_D) -> (tile, spill bytes per thread): no spill-free candidate, the least-spilling one and its
+# worst spill over both Tritons and both flag sets in the same reports (dK/dV keeps [BLOCK_N, 256] dK and dV in
+# float32 registers plus K and V)
+BOUNDED = {("dkdv", 90, 256): ((16, 32, 4, 2), 48), ("dkdv", 80, 256): ((16, 32, 4, 2), 56)}
 
 
 def table_arch(capability):
