@@ -3,10 +3,12 @@
 Layers, in reading order:
   1. `@triton.jit` kernels, in `sealong_kernels.attention_kernels`: the visibility rule, forward (online
      softmax), backward preprocess (delta), dK/dV (one program per key block and kv head, looping over the
-     query heads of its group, no atomics), dQ (one program per query block and query head).
+     query heads of its group or a split of them, no atomics), dQ (one program per query block and query head).
   2. Launch wrappers `attention_forward` / `attention_backward`: the raw ops, same signatures as their
-     twins in `sealong_kernels.reference` (the ring and Ulysses code calls them per step).
-  3. `_FlashAttention(torch.autograd.Function)` and the public `flash_attention`, with backend dispatch.
+     twins in `sealong_kernels.reference` (the ring and Ulysses code calls them per step). Plans
+     (`attention_plan`: the batch's VarlenPlan, the block classes) and tiles (`attention_tiles`) live apart.
+  3. The public `flash_attention`, with backend dispatch: the Triton path through the torch.library ops of
+     `attention_op` (torch.compile traces them), the reference path through `_FlashAttention`.
 
 Math (per query head h, kv head h // G, G = Hq // Hkv, scale = D ** -0.5 unless given):
     S = scale * Q K^T (masked: -inf where not visible),  lse = logsumexp_j S,  O = exp(S - lse) V
@@ -19,9 +21,11 @@ Visibility (see `reference.attention_mask`): key j is visible from query i iff (
 q_start + i >= k_start + j) and (same packed sequence of cu_seqlens) and (kseg[j] == 0 or kseg[j] == qseg[i]).
 A query row that sees no key gets out = 0 and lse = -inf.
 
-Work skipping: a query block loops only over the key range it can see (causal: up to its last query's
-position; cu_seqlens: its own sequences), and the key blocks that every query of the block sees whole run
-without building the mask; the dK/dV kernel does the same over query blocks. Tiles: on a GPU the fastest of
+Work skipping: with packed sequences or segments, a query block loops over the key blocks of its row of the
+block-class plan (`attention_plan.block_lists`: empty pairs never visited, full pairs without the mask, partial
+pairs with it; loads bounded by its sequences' key range); without them, over the key range it can see (causal:
+up to its last query's position), the key blocks every query sees whole without the mask. The dK/dV kernel does
+the same over query blocks. Tiles: on a GPU the fastest of
 `attention_tiles.launchable_tiles` (spill-free in ahead-of-time compiles for sm_90 / sm_80 under Triton 3.6 and
 3.9, their compiled shared memory checked against the device's limit), measured once per size bucket and cached;
 16 x 16 under the interpreter.
