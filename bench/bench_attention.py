@@ -141,6 +141,37 @@ def kernel_rows(device, small):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Block classes of a packed preference pair (counted from the plan the kernels run on; no timing)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def block_rows(prompt=30720, answer=1024, block=128, dense=True):
+    """Key blocks visited, blocks on the masked path and chosen blocks visited by rejected queries for one
+    preference pair (prompt, chosen, rejected as segments 0, 1, 2; causal), per (block x block) pair:
+    the plan (`attention_plan.block_classes`, what the kernels loop over), the dense ideal (the token-level
+    rule, `dense_block_classes`) and the range kernel before the plan (causal bound only, every block masked)."""
+    from sealong_kernels.attention_plan import block_classes, block_counts, dense_block_classes
+
+    seg = torch.cat([torch.zeros(prompt), torch.ones(answer), torch.full((answer,), 2)]).to(torch.int32)
+    t = seg.numel()
+    kw = dict(causal=True, qseg=seg, kseg=seg)
+    n = -(-t // block)
+    nq_rej = answer // block  # all-rejected query blocks see the chosen answer's blocks below their diagonal
+    rows = [dict(table="blocks", T=t, block=block, source="plan (kernels)",
+                 **block_counts(block_classes(t, t, block, block, **kw), seg, seg, block, block))]
+    if dense:
+        rows.append(dict(table="blocks", T=t, block=block, source="ideal (dense rule)",
+                         **block_counts(dense_block_classes(t, t, block, block, **kw), seg, seg, block, block)))
+    before = n * (n + 1) // 2
+    rows.append(dict(table="blocks", T=t, block=block, source="range kernel (before plan)", pairs=n * n,
+                     visited=before, masked=before, full=0, empty=n * n - before,
+                     chosen_blocks_visited_by_rejected_queries=nq_rej * (answer // block)))
+    for r in rows:
+        r["masked_pct_of_visited"] = 100.0 * r["masked"] / r["visited"]
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
 # One-device ring simulation
 # ---------------------------------------------------------------------------------------------------------
 
@@ -276,6 +307,7 @@ def run(device: str, small: bool) -> dict:
     rows, notes = kernel_rows(device, small)
     ring, ring_notes = ring_rows(device, small)
     comm = comm_rows(32768) + comm_rows(131072)
+    blocks = block_rows()
     notes += ring_notes + cpu_note(device) + [
         "communication: Llama-3.1-8B (32 layers, Hq=32, Hkv=8, D=128, bf16), W=8, bytes sent per rank; "
         "formulas in bench_attention.comm_rows; GBps_to_hide_ring = K/V step bytes / zigzag step compute at 400 TFLOP/s",
@@ -284,10 +316,27 @@ def run(device: str, small: bool) -> dict:
                     speedup_vs_sdpa=r.get("speedup_vs_sdpa")) for r in rows]
     summary += [dict(T=f"ring {r['layout']} W={r['W']}", mode="fwd / fwd+bwd eff",
                      sealong_tflops=r["fwd_eff"], speedup_vs_sdpa=r["fwd_bwd_eff"]) for r in ring if r["W"] > 1]
-    return dict(name="attention", rows=rows + ring + comm, notes=notes, summary=summary)
+    notes.append("blocks: one 32K preference pair (30K prompt, 1K chosen, 1K rejected; segments 0/1/2, causal), "
+                 "128 x 128 block pairs; bench_attention.block_rows")
+    return dict(name="attention", rows=rows + ring + comm + blocks, notes=notes, summary=summary)
+
+
+def run_blocks() -> dict:
+    """The block table alone (counts only, device-independent): `python -m bench.bench_attention --blocks`."""
+    return dict(name="attention_blocks", rows=block_rows(),
+                notes=["one 32K preference pair (30K prompt, 1K chosen, 1K rejected; segments 0/1/2, causal), "
+                       "128 x 128 block pairs; plan = attention_plan.block_classes (what the kernels loop over), "
+                       "ideal = the token-level rule per block pair, range kernel = causal key range, all masked"])
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--blocks"]:
+        from bench.common import format_rows, write_results
+
+        result = run_blocks()
+        print(format_rows(result["rows"]))
+        print(write_results(result, "cpu"))
+        sys.exit(0)
     from bench.run_all import main
 
     sys.exit(main(["--only", "attention"]))

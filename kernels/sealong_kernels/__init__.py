@@ -7,6 +7,7 @@ plain-torch twin in `sealong_kernels.reference` (the test oracle and the CPU fal
     sk.mbr_scores(emb, mask=None, normalize=True)        # emb [B, N, D] -> scores [B, N]
     sk.select_pairs(scores, generator=None)               # -> (chosen [B], rejected [B])
     sk.flash_attention(q, k, v, causal=True, cu_seqlens=None, softmax_scale=None)  # -> (out, lse)
+    plan = sk.varlen_plan(cu_seqlens, T)                  # once per batch; cu_seqlens=plan in every layer
     sk.ring_attention(q, k, v, group, causal=True)        # zigzag-sharded inputs -> (out, lse)
     sk.ulysses_attention(q, k, v, group, causal=True)     # sequence-sharded inputs -> out
     sk.fused_linear_orpo_loss(hidden, weight, labels, ...)   # -> (loss, metrics)
@@ -24,14 +25,14 @@ __version__ = "0.1.0"
 
 # public name -> submodule that defines it
 _EXPORTS = {
-    "flash_attention": "attention",
+    "flash_attention": "attention", "VarlenPlan": "attention_plan", "varlen_plan": "attention_plan",
     "prefix_decode_attention": "decode",
     "mbr_scores": "mbr", "select_pairs": "mbr",
     "fused_linear_orpo_loss": "orpo", "sequence_logp_sums": "orpo", "shared_prompt_targets": "orpo",
     "merge_partials_": "ring", "ring_attention": "ring", "ring_schedule": "ring", "shard_ranges": "ring",
     "hybrid_attention": "ulysses", "sequence_index": "ulysses", "ulysses_attention": "ulysses",
 }
-_SUBMODULES = ("attention", "attention_kernels", "cuda_build", "decode", "hf", "mbr", "orpo", "reference", "ring",
+_SUBMODULES = ("attention", "attention_kernels", "attention_op", "attention_plan", "attention_tiles", "cuda_build", "decode", "hf", "mbr", "orpo", "reference", "ring",
                "ring_merge", "runtime", "trl", "ulysses")
 
 

@@ -3,10 +3,12 @@
 Layers, in reading order:
   1. `@triton.jit` kernels, in `sealong_kernels.attention_kernels`: the visibility rule, forward (online
      softmax), backward preprocess (delta), dK/dV (one program per key block and kv head, looping over the
-     query heads of its group, no atomics), dQ (one program per query block and query head).
+     query heads of its group or a split of them, no atomics), dQ (one program per query block and query head).
   2. Launch wrappers `attention_forward` / `attention_backward`: the raw ops, same signatures as their
-     twins in `sealong_kernels.reference` (the ring and Ulysses code calls them per step).
-  3. `_FlashAttention(torch.autograd.Function)` and the public `flash_attention`, with backend dispatch.
+     twins in `sealong_kernels.reference` (the ring and Ulysses code calls them per step). Plans
+     (`attention_plan`: the batch's VarlenPlan, the block classes) and tiles (`attention_tiles`) live apart.
+  3. The public `flash_attention`, with backend dispatch: the Triton path through the torch.library ops of
+     `attention_op` (torch.compile traces them), the reference path through `_FlashAttention`.
 
 Math (per query head h, kv head h // G, G = Hq // Hkv, scale = D ** -0.5 unless given):
     S = scale * Q K^T (masked: -inf where not visible),  lse = logsumexp_j S,  O = exp(S - lse) V
@@ -19,10 +21,14 @@ Visibility (see `reference.attention_mask`): key j is visible from query i iff (
 q_start + i >= k_start + j) and (same packed sequence of cu_seqlens) and (kseg[j] == 0 or kseg[j] == qseg[i]).
 A query row that sees no key gets out = 0 and lse = -inf.
 
-Work skipping: a query block loops only over the key range it can see (causal: up to its last query's
-position; cu_seqlens: its own sequences), and the key blocks that every query of the block sees whole run
-without building the mask; the dK/dV kernel does the same over query blocks. Tiles: autotuned on a GPU for
-large calls (TILE_CONFIGS, pruned by a shared-memory estimate), 16 x 16 under the interpreter.
+Work skipping: with packed sequences or segments, a query block loops over the key blocks of its row of the
+block-class plan (`attention_plan.block_lists`: empty pairs never visited, full pairs without the mask, partial
+pairs with it; loads bounded by its sequences' key range); without them, over the key range it can see (causal:
+up to its last query's position), the key blocks every query sees whole without the mask. The dK/dV kernel does
+the same over query blocks. Tiles: on a GPU the fastest of
+`attention_tiles.launchable_tiles` (spill-free in ahead-of-time compiles for sm_90 / sm_80 under Triton 3.6 and
+3.9, their compiled shared memory checked against the device's limit), measured once per size bucket and cached;
+16 x 16 under the interpreter.
 """
 
 import importlib.util
@@ -32,6 +38,8 @@ import triton
 
 from . import reference
 from .runtime import interpreting, triton_available
+from .attention_plan import VarlenPlan, block_lists, varlen_plan  # noqa: F401 (re-exported)
+from .attention_tiles import launchable_tiles
 from .attention_kernels import (  # layer 1: the @triton.jit kernels
     _attn_bwd_delta_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_fwd_kernel,
 )
@@ -45,58 +53,70 @@ _HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None  # imported
 # ---------------------------------------------------------------------------------------------------------
 
 
-# Tile configs (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by the autotuner on a GPU, best first by
-# expectation; none was measured on a GPU here. "fwd" serves the forward and dQ kernels (rows = queries),
-# "dkdv" the dK/dV kernel (rows = keys: BLOCK_N, loop over queries: BLOCK_M).
-TILE_CONFIGS = {
-    "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 2), (64, 32, 4, 2)],
-    "dkdv": [(64, 128, 8, 3), (64, 64, 8, 3), (64, 64, 4, 2), (32, 128, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)],
-}
 INTERPRETER_TILE = (16, 16, 1, 1)  # interpreted programs are slow per element: small tiles, many programs
-SMEM_BUDGET = 200 * 1024  # bytes; H100 has 227 KiB per block, leave room for the compiler's own buffers
+PLAN_BLOCK = 128  # block classes are planned per 128 x 128 (every GPU tile divides it); the interpreter: its tile
 
 
-def _smem_estimate(kind, bm, bn, stages, head_dim, elem_bytes):
-    """Shared memory of the pipelined loop: the resident tile plus `stages` copies of the streamed K/V or Q/dO."""
-    resident, streamed = (bm, bn) if kind == "fwd" else (bn, bm)
-    return (resident + stages * 2 * streamed) * head_dim * elem_bytes
+def _plan_blocks(tq, tk, flags, q_start, k_start, cu_seqlens, segment_ids, k_segment_ids, seq_idx, qseg, kseg):
+    """(block lists by query blocks, by key blocks, PLAN_M, PLAN_N) for calls with packed sequences or segments
+    (`attention_plan.block_lists`), else dummies with HAS_PLAN off. Cached on the batch's VarlenPlan or segment
+    tensor when q and k are the same tokens, so every layer's forward and backward shares one build."""
+    plan_m = plan_n = INTERPRETER_TILE[0] if interpreting() else PLAN_BLOCK
+    if not (flags["HAS_SEQ"] or flags["HAS_SEG"]) or tq == 0 or tk == 0:
+        return seq_idx[:1], seq_idx[:1], plan_m, plan_n, False
+    cache = None
+    if isinstance(cu_seqlens, VarlenPlan):
+        cache = cu_seqlens.blocks
+    elif segment_ids is not None and k_segment_ids is None:
+        cache = segment_ids.__dict__.setdefault("_sealong_blocks", {})
+    rows, cols = block_lists(tq, tk, plan_m, plan_n, causal=flags["CAUSAL"], q_start=q_start, k_start=k_start,
+                             seq_idx=seq_idx if flags["HAS_SEQ"] else None, qseg=qseg if flags["HAS_SEG"] else None,
+                             kseg=kseg if flags["HAS_SEG"] else None, cache=cache, device=seq_idx.device)
+    return rows, cols, plan_m, plan_n, True
+_TUNED = {}  # (kind, arch, BLOCK_D, dtype, flags, log2 bucket of Tq * Tk) -> the fastest launchable tile
 
 
-TUNE_MIN_SCORES = 1 << 22  # Tq * Tk below this: the first fitting tile, no tuning (it would cost more than it saves)
+def _device_arch(device):
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
 
 
-def _fitting_tiles(kind, block_d, elem_bytes):
-    """The configs of TILE_CONFIGS[kind] whose shared memory estimate fits (at least the smallest one)."""
-    tiles = [t for t in TILE_CONFIGS[kind] if _smem_estimate(kind, t[0], t[1], t[3], block_d, elem_bytes) <= SMEM_BUDGET]
-    return tiles or TILE_CONFIGS[kind][-1:]
+def _shared_limit(device):
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", None) or 227 * 1024
 
 
-def _prune_for(kind):
-    def prune(configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}  # triton passes constexpr kwargs separately (3.6+)
-        q = args["Q"]
-        block_d = args.get("BLOCK_D") or max(16, triton.next_power_of_2(q.shape[-1]))
-        fits = set(_fitting_tiles(kind, block_d, q.element_size()))
-        keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in fits]
-        return keep or configs[-1:]
-    return prune
+def _tiles_for(kind, head_dim, dtype, device):
+    """The launchable tiles of `attention_tiles` for this device: spill-free in ahead-of-time compiles, recorded
+    shared memory within the device's per-block limit."""
+    tiles = launchable_tiles(kind, head_dim, dtype, _device_arch(device), _shared_limit(device))
+    if not tiles:
+        raise ValueError(f"no {kind} tile of head dim {head_dim} ({dtype}) fits this GPU's shared memory")
+    return tiles
 
 
-def _autotuned(kernel, kind):
-    configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=st) for bm, bn, w, st in TILE_CONFIGS[kind]]
-    return triton.autotune(configs, key=["BLOCK_D", "CAUSAL", "HAS_SEQ", "HAS_SEG"],
-                           prune_configs_by={"early_config_prune": _prune_for(kind)})(kernel)
-
-
-# (plain kernel for the interpreter, autotuned kernel for GPUs); the autotuner keys also include the dtypes
-_FWD = (_attn_fwd_kernel, _autotuned(_attn_fwd_kernel, "fwd"))
-_DKDV = (_attn_bwd_dkdv_kernel, _autotuned(_attn_bwd_dkdv_kernel, "dkdv"))
-_DQ = (_attn_bwd_dq_kernel, _autotuned(_attn_bwd_dq_kernel, "fwd"))
+def choose_tile(key, tiles, run, bench=None):
+    """The fastest of `tiles` for `key`, measured once per key and cached (small calls included: the key's size
+    bucket keeps a tile tuned on a short call from serving a long one). run(tile) launches the kernel with that
+    tile (the kernels overwrite their whole outputs, so repeated launches are harmless); bench(fn) -> ms."""
+    if key not in _TUNED:
+        if len(tiles) == 1:
+            _TUNED[key] = tiles[0]
+        else:
+            if bench is None:
+                from triton.testing import do_bench as bench
+            _TUNED[key] = min(tiles, key=lambda t: bench(lambda: run(t)))
+    return _TUNED[key]
 
 
 def _precision(dtype):
     # fp32 inputs (CPU tests, GPU checks) must not silently round to tf32; 16-bit inputs use the tensor cores
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _cu_tensor(cu_seqlens):
+    """The cu_seqlens tensor of a plan (or the tensor / None itself), for the plain-torch twins."""
+    return cu_seqlens.cu_seqlens if isinstance(cu_seqlens, VarlenPlan) else cu_seqlens
 
 
 def _check_inputs(q, k, v, q_start, k_start, cu_seqlens, segment_ids, k_segment_ids):
@@ -121,13 +141,10 @@ def _check_inputs(q, k, v, q_start, k_start, cu_seqlens, segment_ids, k_segment_
     if cu_seqlens is not None:
         if tq != tk or q_start != k_start:
             raise ValueError(f"cu_seqlens needs q and k to be the same tokens (Tq={tq}, Tk={tk}, q_start={q_start}, k_start={k_start})")
-        cu = cu_seqlens.to(device=dev, dtype=torch.int32).contiguous()
-        # one host sync for the whole check (this runs per layer and per pass)
-        if cu.ndim != 1 or cu.numel() < 2 or bool((cu[0] != 0) | (cu[-1] != tq) | (cu[1:] < cu[:-1]).any()):
-            raise ValueError(f"cu_seqlens must be non-decreasing, start at 0 and end at T={tq}, got {cu.tolist()}")
-        lengths = (cu[1:] - cu[:-1]).to(torch.int64)
-        seq_idx = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=dev, dtype=torch.int32), lengths,
-                                          output_size=tq)  # sequence index of every token
+        plan = cu_seqlens if isinstance(cu_seqlens, VarlenPlan) else varlen_plan(cu_seqlens, tq, device=dev)
+        if plan.total != tq:
+            raise ValueError(f"the varlen plan covers {plan.total} tokens, q has {tq}")
+        seq_idx, cu = plan.seq_idx.to(dev), plan.cu_seqlens.to(dev)
     if segment_ids is not None or k_segment_ids is not None:
         if segment_ids is None:
             raise ValueError("k_segment_ids needs segment_ids for the queries")
@@ -142,49 +159,74 @@ def _last_dim_contiguous(*ts):
     return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
 
 
-def _launch(kernels, kind, grid, args, flags, head_dim, scores):
-    """Launch one of _FWD / _DKDV / _DQ: grid(meta) -> grid tuple, meta holding BLOCK_M and BLOCK_N.
+GQA_SPLITS = None  # force the dK/dV split of the query-head group (tests); None: `gqa_splits` decides
 
-    Interpreter: small tiles. GPU: the autotuner for calls with at least TUNE_MIN_SCORES = Tq * Tk scores,
-    else the first tile that fits."""
-    plain, tuned = kernels
+
+def gqa_splits(tk, hkv, group, device, block_n=64):
+    """Programs per kv head of the dK/dV grid: 1, or (when key blocks x kv heads fill less than two waves of the
+    GPU's SMs) the largest divisor of the query-head group up to what fills two waves; each split sums its share
+    of the group into its own float32 dK / dV, summed afterwards."""
+    if GQA_SPLITS is not None:
+        return GQA_SPLITS if group % GQA_SPLITS == 0 else 1
+    if interpreting() or not torch.cuda.is_available() or group == 1:
+        return 1
+    programs = triton.cdiv(tk, block_n) * hkv
+    waves = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    want = triton.cdiv(waves, programs) if programs < waves else 1
+    return max(s for s in range(1, group + 1) if group % s == 0 and s <= want)
+
+
+def _launch(kernel, kind, grid, args, flags, head_dim, scores):
+    """Launch `kernel` (forward, dQ or dK/dV) with grid(meta) -> grid tuple, meta holding BLOCK_M and BLOCK_N.
+
+    Interpreter: small tiles. GPU: the cached fastest of the launchable tiles for this size bucket."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     meta = dict(flags, HEAD_DIM=head_dim, BLOCK_D=block_d)
+
+    def run(tile):
+        bm, bn, warps, stages = tile
+        kernel[grid(dict(BLOCK_M=bm, BLOCK_N=bn))](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                                                   num_stages=stages)
+
+    if interpreting():
+        return run(INTERPRETER_TILE)
+    q = args[0]
+    tiles = _tiles_for(kind, head_dim, q.dtype, q.device)
+    key = (kind, _device_arch(q.device), block_d, q.dtype, tuple(sorted(flags.items())), max(int(scores), 1).bit_length())
     try:
-        if interpreting() or scores < TUNE_MIN_SCORES:
-            bm, bn, warps, stages = INTERPRETER_TILE if interpreting() else _fitting_tiles(kind, block_d, args[0].element_size())[0]
-            plain[grid(dict(BLOCK_M=bm, BLOCK_N=bn))](*args, **meta, BLOCK_M=bm, BLOCK_N=bn,
-                                                      num_warps=warps, num_stages=stages)
-        else:
-            tuned[grid](*args, **meta)
+        run(choose_tile(key, tiles, run))
     except triton.runtime.errors.OutOfResources as err:
         raise ValueError(f"head dim {head_dim} does not fit this GPU's shared memory ({err})") from err
 
 
 def attention_forward(q, k, v, *, causal=True, softmax_scale=None, q_start=0, k_start=0,
-                      cu_seqlens=None, segment_ids=None, k_segment_ids=None):
+                      cu_seqlens=None, segment_ids=None, k_segment_ids=None, out_dtype=None):
     """Raw forward: -> (out [Tq, Hq, D] in q's dtype, lse [Hq, Tq] float32, natural log). See module docstring.
 
-    Runs our Triton kernel on CUDA (or on CPU under TRITON_INTERPRET=1), else the reference."""
+    Runs our Triton kernel on CUDA (or on CPU under TRITON_INTERPRET=1), else the reference. out_dtype: the
+    output's dtype (default q's; a ring asks for float32 partials, merged without a 16-bit round trip)."""
     if not triton_available(q):
         return reference.attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale, q_start=q_start,
-                                           k_start=k_start, cu_seqlens=cu_seqlens, segment_ids=segment_ids,
-                                           k_segment_ids=k_segment_ids)
+                                           k_start=k_start, cu_seqlens=_cu_tensor(cu_seqlens), segment_ids=segment_ids,
+                                           k_segment_ids=k_segment_ids, out_dtype=out_dtype)
     seq_idx, cu, qseg, kseg = _check_inputs(q, k, v, q_start, k_start, cu_seqlens, segment_ids, k_segment_ids)
     q, k, v = _last_dim_contiguous(q, k, v)
     tq, hq, d = q.shape
     tk, hkv, _ = k.shape
     scale = d**-0.5 if softmax_scale is None else float(softmax_scale)
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape, dtype=out_dtype or q.dtype)  # contiguous, as the op's fake implementation says
     lse = torch.empty(hq, tq, dtype=torch.float32, device=q.device)
     if tq == 0:
         return out, lse
-    args = (q, k, v, out, lse, seq_idx, cu, qseg, kseg,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-            tq, tk, int(q_start), int(k_start), hq // hkv, scale * LOG2E)
     flags = dict(CAUSAL=bool(causal), HAS_SEQ=cu_seqlens is not None, HAS_SEG=segment_ids is not None,
                  PRECISION=_precision(q.dtype))
-    _launch(_FWD, "fwd", lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), hq), args, flags, d, tq * tk)
+    rows, _, plan_m, plan_n, has_plan = _plan_blocks(tq, tk, flags, q_start, k_start, cu_seqlens, segment_ids,
+                                                     k_segment_ids, seq_idx, qseg, kseg)
+    flags.update(HAS_PLAN=has_plan, PLAN_M=plan_m, PLAN_N=plan_n)
+    args = (q, k, v, out, lse, seq_idx, cu, qseg, kseg, rows,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+            tq, tk, int(q_start), int(k_start), hq // hkv, scale * LOG2E)
+    _launch(_attn_fwd_kernel, "fwd", lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), hq), args, flags, d, tq * tk)
     return out, lse
 
 
@@ -197,7 +239,8 @@ def attention_backward(dout, q, k, v, out, lse, *, delta=None, causal=True, soft
     if not triton_available(q):
         return reference.attention_backward(dout, q, k, v, out, lse, delta=delta, causal=causal,
                                             softmax_scale=softmax_scale, q_start=q_start, k_start=k_start,
-                                            cu_seqlens=cu_seqlens, segment_ids=segment_ids, k_segment_ids=k_segment_ids)
+                                            cu_seqlens=_cu_tensor(cu_seqlens), segment_ids=segment_ids,
+                                            k_segment_ids=k_segment_ids)
     seq_idx, cu, qseg, kseg = _check_inputs(q, k, v, q_start, k_start, cu_seqlens, segment_ids, k_segment_ids)
     q, k, v, dout = _last_dim_contiguous(q, k, v, dout.to(q.dtype))
     tq, hq, d = q.shape
@@ -222,20 +265,29 @@ def attention_backward(dout, q, k, v, out, lse, *, delta=None, causal=True, soft
                 torch.zeros(tk, hkv, d, dtype=torch.float32, device=q.device),
                 torch.zeros(tk, hkv, d, dtype=torch.float32, device=q.device))
     # every program stores its whole tile (zeros where it saw nothing), so no memset is needed
+    group = hq // hkv
+    splits = gqa_splits(tk, hkv, group, q.device)
     dq = torch.empty(tq, hq, d, dtype=torch.float32, device=q.device)
-    dk = torch.empty(tk, hkv, d, dtype=torch.float32, device=q.device)
-    dv = torch.empty(tk, hkv, d, dtype=torch.float32, device=q.device)
+    dk = torch.empty(splits, tk, hkv, d, dtype=torch.float32, device=q.device)
+    dv = torch.empty(splits, tk, hkv, d, dtype=torch.float32, device=q.device)
     flags = dict(CAUSAL=bool(causal), HAS_SEQ=cu_seqlens is not None, HAS_SEG=segment_ids is not None,
                  PRECISION=_precision(q.dtype))
+    rows, cols, plan_m, plan_n, has_plan = _plan_blocks(tq, tk, flags, q_start, k_start, cu_seqlens, segment_ids,
+                                                        k_segment_ids, seq_idx, qseg, kseg)
+    flags.update(HAS_PLAN=has_plan, PLAN_M=plan_m, PLAN_N=plan_n)
     common = (tq, tk, int(q_start), int(k_start), hq // hkv, scale)
     strides_in = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1))
-    _launch(_DKDV, "dkdv", lambda meta: (triton.cdiv(tk, meta["BLOCK_N"]), hkv),
-            (q, k, v, dout, lse, delta, dk, dv, seq_idx, cu, qseg, kseg, *strides_in,
-             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *common), flags, d, tq * tk)
-    _launch(_DQ, "fwd", lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), hq),
-            (q, k, v, dout, lse, delta, dq, seq_idx, cu, qseg, kseg, *strides_in, dq.stride(0), dq.stride(1), *common),
+    _launch(_attn_bwd_dkdv_kernel, "dkdv", lambda meta: (triton.cdiv(tk, meta["BLOCK_N"]), hkv, splits),
+            (q, k, v, dout, lse, delta, dk, dv, seq_idx, cu, qseg, kseg, cols, *strides_in,
+             dk.stride(1), dk.stride(2), dv.stride(1), dv.stride(2), dk.stride(0), dv.stride(0),
+             tq, tk, int(q_start), int(k_start), group, group // splits, scale), flags, d, tq * tk)
+    _launch(_attn_bwd_dq_kernel, "dq", lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), hq),
+            (q, k, v, dout, lse, delta, dq, seq_idx, cu, qseg, kseg, rows, *strides_in, dq.stride(0), dq.stride(1),
+             *common),
             flags, d, tq * tk)
-    return dq, dk, dv
+    if splits == 1:
+        return dq, dk[0], dv[0]
+    return dq, dk.sum(0), dv.sum(0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -251,7 +303,8 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, softmax_scale, q_start, k_start, cu_seqlens, segment_ids, k_segment_ids, use_ref):
         kw = dict(causal=causal, softmax_scale=softmax_scale, q_start=q_start, k_start=k_start,
-                  cu_seqlens=cu_seqlens, segment_ids=segment_ids, k_segment_ids=k_segment_ids)
+                  cu_seqlens=_cu_tensor(cu_seqlens) if use_ref else cu_seqlens, segment_ids=segment_ids,
+                  k_segment_ids=k_segment_ids)
         out, lse = (reference.attention_forward if use_ref else attention_forward)(q, k, v, **kw)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.kw, ctx.use_ref = kw, use_ref
@@ -283,8 +336,9 @@ def _flash_attn_varlen(q, k, v, causal, softmax_scale, cu_seqlens):
         cu_k = torch.tensor([0, tk], dtype=torch.int32, device=q.device)
         max_q, max_k = tq, tk
     else:
-        cu_q = cu_k = cu_seqlens.to(device=q.device, dtype=torch.int32)
-        max_q = max_k = int((cu_q[1:] - cu_q[:-1]).max())
+        plan = varlen_plan(cu_seqlens, tq, device=q.device)  # a plan built by the caller: no host sync here
+        cu_q = cu_k = plan.cu_seqlens
+        max_q = max_k = plan.max_seqlen if plan.max_seqlen is not None else int((cu_q[1:] - cu_q[:-1]).max())
     out, lse, _ = flash_attn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0,
                                                     softmax_scale=softmax_scale, causal=causal, return_attn_probs=True)
     if lse.shape != (q.shape[1], tq):  # older releases pad the LSE per sequence: not this contract
@@ -318,6 +372,8 @@ def flash_attention(q, k, v, causal=True, cu_seqlens=None, softmax_scale=None, *
     Segment ids [T] int32 implement the shared-prompt preference packing: 0 = prompt, 1 = chosen, 2 = rejected
     (rejected tokens see the prompt and themselves, never the chosen answer). q_start / k_start are global
     positions of the first query / key, so one call computes a ring step. A row that sees no key: out 0, lse -inf.
+    cu_seqlens may be a `VarlenPlan` (`varlen_plan(cu_seqlens, T)`, built once per batch): then the call validates
+    nothing and reads nothing on the host (a raw tensor is validated here, one host sync per call).
 
     backend: "auto" (see `flash_attention_backend`), "flash_attn", "triton" or "reference".
     """
@@ -336,5 +392,11 @@ def flash_attention(q, k, v, causal=True, cu_seqlens=None, softmax_scale=None, *
         raise ValueError(f"backend must be 'auto', 'flash_attn', 'triton' or 'reference', got {backend!r}")
     if backend == "triton" and not triton_available(q):
         raise ValueError(f"backend='triton' needs CUDA tensors or TRITON_INTERPRET=1, got device {q.device}")
+    if backend == "triton":  # the torch.library ops (torch.compile traces them); cu_seqlens validated once here
+        plan = None if cu_seqlens is None else varlen_plan(cu_seqlens, q.shape[0], device=q.device)
+        return flash_attention_op(q, k, v, causal, softmax_scale, q_start, k_start, plan, segment_ids, k_segment_ids)
     return _FlashAttention.apply(q, k, v, causal, softmax_scale, q_start, k_start, cu_seqlens, segment_ids,
-                                 k_segment_ids, backend == "reference")
+                                 k_segment_ids, True)
+
+
+from .attention_op import flash_attention_op  # noqa: E402 (the ops wrap this module's raw ops)

@@ -83,47 +83,85 @@ def _query_range(start_n, Tq, Tk, q_start, k_start, SeqIdx, CuSeqlens, BLOCK_M: 
 
 
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, q, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg, stride_kt, stride_vt,
-                    offs_d, d_ok, lo, hi, q_start, k_start, qk_scale,
+def _attn_fwd_block(acc, l_i, m_i, q, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg, stride_kt, stride_vt,
+                    offs_d, d_ok, start_n, lo, hi, q_start, k_start, qk_scale,
                     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr,
                     HAS_SEG: tl.constexpr, PRECISION: tl.constexpr):
-    """Online softmax over key blocks [lo, hi); MASKED=False only for whole blocks every query sees."""
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        offs_n64 = offs_n.to(tl.int64)
-        k_mask = d_ok[:, None]
-        v_mask = d_ok[None, :]
-        if MASKED:
-            n_ok = offs_n < hi
-            k_mask = k_mask & n_ok[None, :]
-            v_mask = v_mask & n_ok[:, None]
-        kT = tl.load(Kh + offs_n64[None, :] * stride_kt + offs_d[:, None], mask=k_mask, other=0.0)  # [BLOCK_D, BLOCK_N]
-        s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale  # scores in log2 units
-        if MASKED:
-            ok = _rows_see_keys(offs_m, m_ok, qseq, qseg, offs_n, n_ok, SeqIdx, KSeg, q_start, k_start,
-                                CAUSAL, HAS_SEQ, HAS_SEG)
-            s = tl.where(ok, s, float("-inf"))
-        # update running max and normalizer (a row with no visible key so far keeps m = -inf, p = 0)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(Vh + offs_n64[:, None] * stride_vt + offs_d[None, :], mask=v_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    """Online softmax step over the key block at start_n; MASKED=False only for whole blocks every query sees."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_n64 = offs_n.to(tl.int64)
+    k_mask = d_ok[:, None]
+    v_mask = d_ok[None, :]
+    if MASKED:
+        n_ok = (offs_n >= lo) & (offs_n < hi)  # never loads a key outside the visible range
+        k_mask = k_mask & n_ok[None, :]
+        v_mask = v_mask & n_ok[:, None]
+    kT = tl.load(Kh + offs_n64[None, :] * stride_kt + offs_d[:, None], mask=k_mask, other=0.0)  # [BLOCK_D, BLOCK_N]
+    s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale  # scores in log2 units
+    if MASKED:
+        ok = _rows_see_keys(offs_m, m_ok, qseq, qseg, offs_n, n_ok, SeqIdx, KSeg, q_start, k_start,
+                            CAUSAL, HAS_SEQ, HAS_SEG)
+        s = tl.where(ok, s, float("-inf"))
+    # update running max and normalizer (a row with no visible key so far keeps m = -inf, p = 0)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(Vh + offs_n64[:, None] * stride_vt + offs_d[None, :], mask=v_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg, stride_kt, stride_vt,
+                    offs_d, d_ok, lo, hi, q_start, k_start, qk_scale,
+                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr,
+                    HAS_SEG: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over the key blocks of [lo, hi)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        acc, l_i, m_i = _attn_fwd_block(acc, l_i, m_i, q, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg, stride_kt,
+                                        stride_vt, offs_d, d_ok, start_n, lo, hi, q_start, k_start, qk_scale,
+                                        BLOCK_N, MASKED, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_listed(acc, l_i, m_i, q, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg, stride_kt, stride_vt,
+                     offs_d, d_ok, Idx, count, lo, hi, q_start, k_start, qk_scale,
+                     PLAN_N: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                     HAS_SEQ: tl.constexpr, HAS_SEG: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over the plan's key blocks Idx[0:count] (each PLAN_N keys, BLOCK_N at a time)."""
+    for i in range(count * (PLAN_N // BLOCK_N)):  # one flat loop (pipelined), not an unrolled one per plan block
+        start_n = tl.load(Idx + i // (PLAN_N // BLOCK_N)) * PLAN_N + (i % (PLAN_N // BLOCK_N)) * BLOCK_N
+        acc, l_i, m_i = _attn_fwd_block(acc, l_i, m_i, q, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg,
+                                        stride_kt, stride_vt, offs_d, d_ok, start_n, lo, hi, q_start,
+                                        k_start, qk_scale, BLOCK_N, MASKED, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _plan_row(Blocks, row, n_rows, n_cols):
+    """(full list, its count, partial list, its count) of plan row `row` in a packed list tensor."""
+    n_full = tl.load(Blocks + row)
+    n_part = tl.load(Blocks + n_rows + row)
+    full = Blocks + 2 * n_rows + row * n_cols
+    part = Blocks + 2 * n_rows + n_rows * n_cols + row * n_cols
+    return full, n_full, part, n_part
+
+
+@triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, Out, Lse, SeqIdx, CuSeqlens, QSeg, KSeg,
+    Q, K, V, Out, Lse, SeqIdx, CuSeqlens, QSeg, KSeg, Blocks,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     Tq, Tk, q_start, k_start, group, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_SEG: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_PLAN: tl.constexpr = False, PLAN_M: tl.constexpr = 128, PLAN_N: tl.constexpr = 128,
 ):
-    """One query block of one query head: O = softmax(S) V with an online softmax over key blocks."""
+    """One query block of one query head: O = softmax(S) V with an online softmax over key blocks (the key range
+    it can see, or with HAS_PLAN the full and partial key blocks of its plan row)."""
     pid = tl.program_id(0)
     if CAUSAL:  # the heaviest query blocks (last rows) first, so the tail of the grid is short work
         pid = tl.num_programs(0) - 1 - pid
@@ -138,19 +176,27 @@ def _attn_fwd_kernel(
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     qseq = tl.load(SeqIdx + offs_m, mask=m_ok, other=-1) if HAS_SEQ else 0
     qseg = tl.load(QSeg + offs_m, mask=m_ok, other=-1) if HAS_SEG else 0
-    lo, mid, hi = _key_range(start_m, Tq, Tk, q_start, k_start, SeqIdx, CuSeqlens, BLOCK_M, BLOCK_N,
-                             CAUSAL, HAS_SEQ, HAS_SEG)
-
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of S * log2(e)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running normalizer
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     Kh, Vh = K + hk * stride_kh, V + hk * stride_vh
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg, stride_kt,
-                                    stride_vt, offs_d, d_ok, lo, mid, q_start, k_start, qk_scale,
-                                    BLOCK_N, False, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg, stride_kt,
-                                    stride_vt, offs_d, d_ok, mid, hi, q_start, k_start, qk_scale,
-                                    BLOCK_N, True, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
+    lo, mid, hi = _key_range(start_m, Tq, Tk, q_start, k_start, SeqIdx, CuSeqlens, BLOCK_M, BLOCK_N,
+                             CAUSAL, HAS_SEQ, HAS_SEG)  # with a plan: the bounds of the masked blocks' loads
+    if HAS_PLAN:
+        full, n_full, part, n_part = _plan_row(Blocks, start_m // PLAN_M, tl.cdiv(Tq, PLAN_M), tl.cdiv(Tk, PLAN_N))
+        acc, l_i, m_i = _attn_fwd_listed(acc, l_i, m_i, q, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg, stride_kt,
+                                         stride_vt, offs_d, d_ok, full, n_full, lo, hi, q_start, k_start, qk_scale,
+                                         PLAN_N, BLOCK_N, False, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
+        acc, l_i, m_i = _attn_fwd_listed(acc, l_i, m_i, q, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg, stride_kt,
+                                         stride_vt, offs_d, d_ok, part, n_part, lo, hi, q_start, k_start, qk_scale,
+                                         PLAN_N, BLOCK_N, True, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
+    else:
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg, stride_kt,
+                                        stride_vt, offs_d, d_ok, lo, mid, q_start, k_start, qk_scale,
+                                        BLOCK_N, False, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg, stride_kt,
+                                        stride_vt, offs_d, d_ok, mid, hi, q_start, k_start, qk_scale,
+                                        BLOCK_N, True, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
 
     # normalize; empty rows: out 0, lse -inf. LSE back to natural log.
     seen = l_i > 0.0
@@ -176,54 +222,88 @@ def _attn_bwd_delta_kernel(Out, DOut, Delta, stride_ot, stride_oh, stride_dt, st
 
 
 @triton.jit
+def _attn_bwd_dkdv_block(dk, dv, k, v, offs_n, n_ok, kseq, kseg, Qh, DOh, Lse_h, Delta_h, SeqIdx, QSeg,
+                         stride_qt, stride_dot, offs_d, d_ok, start_m, lo, hi, q_start, k_start, qk_scale,
+                         BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr,
+                         HAS_SEG: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dK, dV of one key block from the query block at start_m of one query head (rows = keys)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    m_ok = (offs_m >= lo) & (offs_m < hi)  # rows outside load as q = dO = 0, lse = +inf: P = 0, add nothing
+    offs_m64 = offs_m.to(tl.int64)
+    qT = tl.load(Qh + offs_m64[None, :] * stride_qt + offs_d[:, None],
+                 mask=m_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_M]
+    do = tl.load(DOh + offs_m64[:, None] * stride_dot + offs_d[None, :],
+                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    lse = tl.load(Lse_h + offs_m, mask=m_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634  # empty rows: P = 0
+    delta = tl.load(Delta_h + offs_m, mask=m_ok, other=0.0)
+    # P^T from the saved (global) lse: no renormalization
+    pT = tl.exp2(tl.dot(k, qT, input_precision=PRECISION) * qk_scale - lse[None, :])
+    if MASKED:
+        qseq = tl.load(SeqIdx + offs_m, mask=m_ok, other=-1) if HAS_SEQ else 0
+        qseg = tl.load(QSeg + offs_m, mask=m_ok, other=-1) if HAS_SEG else 0
+        ok = _visible(offs_m[None, :], offs_n[:, None], m_ok[None, :], n_ok[:, None], q_start, k_start,
+                      qseq[None, :] if HAS_SEQ else 0, kseq[:, None] if HAS_SEQ else 0,
+                      qseg[None, :] if HAS_SEG else 0, kseg[:, None] if HAS_SEG else 0, CAUSAL, HAS_SEQ, HAS_SEG)
+        pT = tl.where(ok, pT, 0.0)
+    dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
+    # dS^T = P^T * (dP^T - delta), dP^T = V dO^T
+    dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    dsT = pT * (dpT - delta[None, :])
+    dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, offs_n, n_ok, kseq, kseg, Qh, DOh, Lse_h, Delta_h, SeqIdx, QSeg,
                          stride_qt, stride_dot, offs_d, d_ok, lo, hi, q_start, k_start, qk_scale,
                          BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr,
                          HAS_SEG: tl.constexpr, PRECISION: tl.constexpr):
-    """Accumulate dK, dV of one key block over query blocks [lo, hi) of one query head (rows = keys)."""
+    """Accumulate dK, dV of one key block over query blocks [lo, hi) of one query head."""
     for start_m in range(lo, hi, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < hi  # rows past hi load as q = dO = 0, lse = +inf: P = 0, they add nothing
-        offs_m64 = offs_m.to(tl.int64)
-        qT = tl.load(Qh + offs_m64[None, :] * stride_qt + offs_d[:, None],
-                     mask=m_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_M]
-        do = tl.load(DOh + offs_m64[:, None] * stride_dot + offs_d[None, :],
-                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
-        lse = tl.load(Lse_h + offs_m, mask=m_ok, other=float("inf"))
-        lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634  # empty rows: P = 0
-        delta = tl.load(Delta_h + offs_m, mask=m_ok, other=0.0)
-        # P^T from the saved (global) lse: no renormalization
-        pT = tl.exp2(tl.dot(k, qT, input_precision=PRECISION) * qk_scale - lse[None, :])
-        if MASKED:
-            qseq = tl.load(SeqIdx + offs_m, mask=m_ok, other=-1) if HAS_SEQ else 0
-            qseg = tl.load(QSeg + offs_m, mask=m_ok, other=-1) if HAS_SEG else 0
-            ok = _visible(offs_m[None, :], offs_n[:, None], m_ok[None, :], n_ok[:, None], q_start, k_start,
-                          qseq[None, :] if HAS_SEQ else 0, kseq[:, None] if HAS_SEQ else 0,
-                          qseg[None, :] if HAS_SEG else 0, kseg[:, None] if HAS_SEG else 0, CAUSAL, HAS_SEQ, HAS_SEG)
-            pT = tl.where(ok, pT, 0.0)
-        dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
-        # dS^T = P^T * (dP^T - delta), dP^T = V dO^T
-        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        dsT = pT * (dpT - delta[None, :])
-        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PRECISION)
+        dk, dv = _attn_bwd_dkdv_block(dk, dv, k, v, offs_n, n_ok, kseq, kseg, Qh, DOh, Lse_h, Delta_h, SeqIdx, QSeg,
+                                      stride_qt, stride_dot, offs_d, d_ok, start_m, lo, hi, q_start, k_start, qk_scale,
+                                      BLOCK_M, MASKED, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_listed(dk, dv, k, v, offs_n, n_ok, kseq, kseg, Qh, DOh, Lse_h, Delta_h, SeqIdx, QSeg,
+                          stride_qt, stride_dot, offs_d, d_ok, Idx, count, lo, hi, q_start, k_start, qk_scale,
+                          PLAN_M: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                          HAS_SEQ: tl.constexpr, HAS_SEG: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dK, dV of one key block over the plan's query blocks Idx[0:count] (PLAN_M rows, BLOCK_M at a time)."""
+    for i in range(count * (PLAN_M // BLOCK_M)):  # one flat loop (pipelined), not an unrolled one per plan block
+        start_m = tl.load(Idx + i // (PLAN_M // BLOCK_M)) * PLAN_M + (i % (PLAN_M // BLOCK_M)) * BLOCK_M
+        dk, dv = _attn_bwd_dkdv_block(dk, dv, k, v, offs_n, n_ok, kseq, kseg, Qh, DOh, Lse_h, Delta_h, SeqIdx,
+                                      QSeg, stride_qt, stride_dot, offs_d, d_ok, start_m, lo, hi,
+                                      q_start, k_start, qk_scale, BLOCK_M, MASKED, CAUSAL, HAS_SEQ, HAS_SEG,
+                                      PRECISION)
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DOut, Lse, Delta, DK, DV, SeqIdx, CuSeqlens, QSeg, KSeg,
+    Q, K, V, DOut, Lse, Delta, DK, DV, SeqIdx, CuSeqlens, QSeg, KSeg, Blocks,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    Tq, Tk, q_start, k_start, group, sm_scale,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dks, stride_dvs,
+    Tq, Tk, q_start, k_start, group, group_per, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_SEG: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_PLAN: tl.constexpr = False, PLAN_M: tl.constexpr = 128, PLAN_N: tl.constexpr = 128,
 ):
-    """One key block of one kv head: dK, dV summed over the group's query heads and visible query blocks.
+    """One key block of one kv head: dK, dV summed over the group's query heads (or this split's group_per of
+    them) and visible query blocks (the query range that can see it, or with HAS_PLAN the full and partial query
+    blocks of its plan column).
 
     Works in the transposed orientation (rows = keys): P^T = exp2(K Q^T * scale * log2e - lse * log2e).
     """
     start_n = tl.program_id(0) * BLOCK_N
     hk = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)  # the group's query heads split over programs: partial dK / dV per split
+    g_lo = split * group_per
+    DK += split.to(tl.int64) * stride_dks
+    DV += split.to(tl.int64) * stride_dvs
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < Tk
@@ -234,24 +314,62 @@ def _attn_bwd_dkdv_kernel(
     v = tl.load(V + offs_n64[:, None] * stride_vt + hk * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
     kseq = tl.load(SeqIdx + offs_n, mask=n_ok, other=-2) if HAS_SEQ else 0
     kseg = tl.load(KSeg + offs_n, mask=n_ok, other=-2) if HAS_SEG else 0
-    lo, mid, hi = _query_range(start_n, Tq, Tk, q_start, k_start, SeqIdx, CuSeqlens, BLOCK_M, BLOCK_N,
-                               CAUSAL, HAS_SEQ, HAS_SEG)
     qk_scale = sm_scale * 1.4426950408889634
-
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for g in range(group):  # the query heads that share this kv head
-        h = hk * group + g
-        Qh, DOh, Lse_h, Delta_h = Q + h * stride_qh, DOut + h * stride_doh, Lse + h * Tq, Delta + h * Tq
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, offs_n, n_ok, kseq, kseg, Qh, DOh, Lse_h, Delta_h, SeqIdx, QSeg,
-                                      stride_qt, stride_dot, offs_d, d_ok, lo, mid, q_start, k_start, qk_scale,
-                                      BLOCK_M, True, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, offs_n, n_ok, kseq, kseg, Qh, DOh, Lse_h, Delta_h, SeqIdx, QSeg,
-                                      stride_qt, stride_dot, offs_d, d_ok, mid, hi, q_start, k_start, qk_scale,
-                                      BLOCK_M, False, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
+    lo, mid, hi = _query_range(start_n, Tq, Tk, q_start, k_start, SeqIdx, CuSeqlens, BLOCK_M, BLOCK_N,
+                               CAUSAL, HAS_SEQ, HAS_SEG)  # with a plan: the bounds of the query loads
+    if HAS_PLAN:
+        full, n_full, part, n_part = _plan_row(Blocks, start_n // PLAN_N, tl.cdiv(Tk, PLAN_N), tl.cdiv(Tq, PLAN_M))
+        for g in range(g_lo, g_lo + group_per):  # this program's query heads of the kv head's group
+            h = hk * group + g
+            Qh, DOh, Lse_h, Delta_h = Q + h * stride_qh, DOut + h * stride_doh, Lse + h * Tq, Delta + h * Tq
+            dk, dv = _attn_bwd_dkdv_listed(dk, dv, k, v, offs_n, n_ok, kseq, kseg, Qh, DOh, Lse_h, Delta_h, SeqIdx,
+                                           QSeg, stride_qt, stride_dot, offs_d, d_ok, full, n_full, lo, hi, q_start,
+                                           k_start, qk_scale, PLAN_M, BLOCK_M, False, CAUSAL, HAS_SEQ, HAS_SEG,
+                                           PRECISION)
+            dk, dv = _attn_bwd_dkdv_listed(dk, dv, k, v, offs_n, n_ok, kseq, kseg, Qh, DOh, Lse_h, Delta_h, SeqIdx,
+                                           QSeg, stride_qt, stride_dot, offs_d, d_ok, part, n_part, lo, hi, q_start,
+                                           k_start, qk_scale, PLAN_M, BLOCK_M, True, CAUSAL, HAS_SEQ, HAS_SEG,
+                                           PRECISION)
+    else:
+        for g in range(g_lo, g_lo + group_per):  # this program's query heads of the kv head's group
+            h = hk * group + g
+            Qh, DOh, Lse_h, Delta_h = Q + h * stride_qh, DOut + h * stride_doh, Lse + h * Tq, Delta + h * Tq
+            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, offs_n, n_ok, kseq, kseg, Qh, DOh, Lse_h, Delta_h, SeqIdx,
+                                          QSeg, stride_qt, stride_dot, offs_d, d_ok, lo, mid, q_start, k_start,
+                                          qk_scale, BLOCK_M, True, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
+            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, offs_n, n_ok, kseq, kseg, Qh, DOh, Lse_h, Delta_h, SeqIdx,
+                                          QSeg, stride_qt, stride_dot, offs_d, d_ok, mid, hi, q_start, k_start,
+                                          qk_scale, BLOCK_M, False, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
 
     tl.store(DK + offs_n64[:, None] * stride_dkt + hk * stride_dkh + offs_d[None, :], dk * sm_scale, mask=kv_mask)
     tl.store(DV + offs_n64[:, None] * stride_dvt + hk * stride_dvh + offs_d[None, :], dv, mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_block(dq, q, do, lse, delta, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg, stride_kt, stride_vt,
+                       offs_d, d_ok, start_n, lo, hi, q_start, k_start, qk_scale,
+                       BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr,
+                       HAS_SEG: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dQ of one query block from the key block at start_n; MASKED=False only for whole visible blocks."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_n64 = offs_n.to(tl.int64)
+    kv_mask = d_ok[:, None]
+    if MASKED:
+        n_ok = (offs_n >= lo) & (offs_n < hi)  # never loads a key outside the visible range
+        kv_mask = kv_mask & n_ok[None, :]
+    kT = tl.load(Kh + offs_n64[None, :] * stride_kt + offs_d[:, None], mask=kv_mask, other=0.0)  # [BLOCK_D, BLOCK_N]
+    vT = tl.load(Vh + offs_n64[None, :] * stride_vt + offs_d[:, None], mask=kv_mask, other=0.0)
+    p = tl.exp2(tl.dot(q, kT, input_precision=PRECISION) * qk_scale - lse[:, None])
+    if MASKED:
+        ok = _rows_see_keys(offs_m, m_ok, qseq, qseg, offs_n, n_ok, SeqIdx, KSeg, q_start, k_start,
+                            CAUSAL, HAS_SEQ, HAS_SEG)
+        p = tl.where(ok, p, 0.0)
+    dp = tl.dot(do, vT, input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
+    return dq
 
 
 @triton.jit
@@ -259,34 +377,36 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, offs_m, m_ok, qseq, qseg, Kh, Vh, 
                        offs_d, d_ok, lo, hi, q_start, k_start, qk_scale,
                        BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr,
                        HAS_SEG: tl.constexpr, PRECISION: tl.constexpr):
-    """Accumulate dQ of one query block over key blocks [lo, hi); MASKED=False only for whole visible blocks."""
+    """Accumulate dQ of one query block over the key blocks of [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        offs_n64 = offs_n.to(tl.int64)
-        kv_mask = d_ok[:, None]
-        if MASKED:
-            n_ok = offs_n < hi
-            kv_mask = kv_mask & n_ok[None, :]
-        kT = tl.load(Kh + offs_n64[None, :] * stride_kt + offs_d[:, None], mask=kv_mask, other=0.0)  # [BLOCK_D, BLOCK_N]
-        vT = tl.load(Vh + offs_n64[None, :] * stride_vt + offs_d[:, None], mask=kv_mask, other=0.0)
-        p = tl.exp2(tl.dot(q, kT, input_precision=PRECISION) * qk_scale - lse[:, None])
-        if MASKED:
-            ok = _rows_see_keys(offs_m, m_ok, qseq, qseg, offs_n, n_ok, SeqIdx, KSeg, q_start, k_start,
-                                CAUSAL, HAS_SEQ, HAS_SEG)
-            p = tl.where(ok, p, 0.0)
-        dp = tl.dot(do, vT, input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
+        dq = _attn_bwd_dq_block(dq, q, do, lse, delta, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg, stride_kt,
+                                stride_vt, offs_d, d_ok, start_n, lo, hi, q_start, k_start, qk_scale,
+                                BLOCK_N, MASKED, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_listed(dq, q, do, lse, delta, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg, stride_kt, stride_vt,
+                        offs_d, d_ok, Idx, count, lo, hi, q_start, k_start, qk_scale,
+                        PLAN_N: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                        HAS_SEQ: tl.constexpr, HAS_SEG: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dQ of one query block over the plan's key blocks Idx[0:count]."""
+    for i in range(count * (PLAN_N // BLOCK_N)):  # one flat loop (pipelined), not an unrolled one per plan block
+        start_n = tl.load(Idx + i // (PLAN_N // BLOCK_N)) * PLAN_N + (i % (PLAN_N // BLOCK_N)) * BLOCK_N
+        dq = _attn_bwd_dq_block(dq, q, do, lse, delta, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg, stride_kt,
+                                stride_vt, offs_d, d_ok, start_n, lo, hi, q_start, k_start, qk_scale,
+                                BLOCK_N, MASKED, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
     return dq
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DOut, Lse, Delta, DQ, SeqIdx, CuSeqlens, QSeg, KSeg,
+    Q, K, V, DOut, Lse, Delta, DQ, SeqIdx, CuSeqlens, QSeg, KSeg, Blocks,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh,
     Tq, Tk, q_start, k_start, group, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_SEG: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_PLAN: tl.constexpr = False, PLAN_M: tl.constexpr = 128, PLAN_N: tl.constexpr = 128,
 ):
     """One query block of one query head: dQ = scale * sum over visible key blocks of dS K."""
     pid = tl.program_id(0)
@@ -308,16 +428,24 @@ def _attn_bwd_dq_kernel(
     delta = tl.load(Delta + h * Tq + offs_m, mask=m_ok, other=0.0)
     qseq = tl.load(SeqIdx + offs_m, mask=m_ok, other=-1) if HAS_SEQ else 0
     qseg = tl.load(QSeg + offs_m, mask=m_ok, other=-1) if HAS_SEG else 0
-    lo, mid, hi = _key_range(start_m, Tq, Tk, q_start, k_start, SeqIdx, CuSeqlens, BLOCK_M, BLOCK_N,
-                             CAUSAL, HAS_SEQ, HAS_SEG)
     qk_scale = sm_scale * 1.4426950408889634
-
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     Kh, Vh = K + hk * stride_kh, V + hk * stride_vh
-    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg, stride_kt, stride_vt,
-                            offs_d, d_ok, lo, mid, q_start, k_start, qk_scale,
-                            BLOCK_N, False, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg, stride_kt, stride_vt,
-                            offs_d, d_ok, mid, hi, q_start, k_start, qk_scale,
-                            BLOCK_N, True, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
+    lo, mid, hi = _key_range(start_m, Tq, Tk, q_start, k_start, SeqIdx, CuSeqlens, BLOCK_M, BLOCK_N,
+                             CAUSAL, HAS_SEQ, HAS_SEG)  # with a plan: the bounds of the masked blocks' loads
+    if HAS_PLAN:
+        full, n_full, part, n_part = _plan_row(Blocks, start_m // PLAN_M, tl.cdiv(Tq, PLAN_M), tl.cdiv(Tk, PLAN_N))
+        dq = _attn_bwd_dq_listed(dq, q, do, lse, delta, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg, stride_kt,
+                                 stride_vt, offs_d, d_ok, full, n_full, lo, hi, q_start, k_start, qk_scale,
+                                 PLAN_N, BLOCK_N, False, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
+        dq = _attn_bwd_dq_listed(dq, q, do, lse, delta, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg, stride_kt,
+                                 stride_vt, offs_d, d_ok, part, n_part, lo, hi, q_start, k_start, qk_scale,
+                                 PLAN_N, BLOCK_N, True, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
+    else:
+        dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg, stride_kt,
+                                stride_vt, offs_d, d_ok, lo, mid, q_start, k_start, qk_scale,
+                                BLOCK_N, False, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
+        dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg, stride_kt,
+                                stride_vt, offs_d, d_ok, mid, hi, q_start, k_start, qk_scale,
+                                BLOCK_N, True, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
     tl.store(DQ + offs_m64[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :], dq * sm_scale, mask=q_mask)

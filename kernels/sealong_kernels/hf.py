@@ -8,7 +8,7 @@
 
 import torch
 
-from .attention import flash_attention
+from .attention import flash_attention, varlen_plan
 from .orpo import fused_linear_orpo_loss
 
 
@@ -60,15 +60,65 @@ class FusedLinearORPOLoss(torch.nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _assert_on_device(cond, message):
+    """Check a device bool without a host sync (an asynchronous assert on CUDA; on the CPU it raises at once)."""
+    torch._assert_async(cond, message)
+
+
+def _cached_on(tensor, build):
+    """build() once per batch: the result rides on the tensor every layer receives (the mask, the position ids,
+    the collator's cu_seqlens), so later layers and the backward reuse it without reading the host again."""
+    cached = getattr(tensor, "_sealong_varlen_plan", None)
+    if cached is None:
+        cached = build()
+        tensor._sealong_varlen_plan = cached
+    return cached
+
+
+def cu_seqlens_from_position_ids(position_ids):
+    """cu_seqlens [T + 1] int32 of a flattened batch from its position ids, without a host sync.
+
+    A sequence starts wherever the position id equals the batch's smallest one (transformers' rule for packed
+    flash-attention batches, e.g. DataCollatorWithFlattening without return_flash_attn_kwargs); token 0 always
+    starts one. Fixed size: the entries after the last real boundary are T (zero-length sequences), which the
+    kernel treats as empty.
+        position_ids [0 1 2 0 1 0 1 2 3] -> cu_seqlens [0 3 5 9 9 9 9 9 9 9]
+    """
+    pos = position_ids.reshape(-1)
+    t = pos.numel()
+    start = pos == pos.min()
+    start[0] = True
+    seq = torch.cumsum(start, 0) - 1  # sequence index of every token
+    slot = torch.where(start, seq, t + 1)  # starts go to their sequence's slot, other tokens to a discarded one
+    cu = torch.full((t + 2,), t, dtype=torch.int64, device=pos.device)
+    cu.scatter_(0, slot, torch.arange(t, device=pos.device))
+    return cu[: t + 1].to(torch.int32)
+
+
+def _pack_valid(valid):
+    """Order of the B * S tokens putting every row's valid tokens first (rows in order, tokens in order), padding
+    last, and the varlen plan of that order (cu_seqlens [B + 2]: one sequence per row, then all padding as one
+    sequence, whose rows are zeroed afterwards). Fixed shapes: no host sync, any padding pattern."""
+    flat = valid.reshape(-1)
+    order = torch.argsort((~flat).to(torch.int8), stable=True)
+    counts = valid.sum(1)
+    cu = torch.cat([torch.zeros(1, dtype=counts.dtype, device=valid.device), torch.cumsum(counts, 0),
+                    torch.full((1,), flat.numel(), dtype=counts.dtype, device=valid.device)])
+    return order, varlen_plan(cu, flat.numel(), validate=False)
+
+
 def sealong_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                               sliding_window=None, softcap=None, **kwargs):
-    """transformers attention function running `sealong_kernels.flash_attention`.
+    """transformers attention function running `sealong_kernels.flash_attention`, without host syncs.
 
     query [B, Hq, Sq, D], key / value [B, Hkv, Sk, D] (K/V heads not repeated: GQA happens in the kernel).
-    attention_mask: None or the 2D padding mask [B, Sk] (our mask function hands it through unchanged);
-    padded tokens are dropped and the rows packed into one call with cu_seqlens (padded query rows get 0).
-    Packed batches from DataCollatorWithFlattening (kwargs cu_seq_lens_q == cu_seq_lens_k, B == 1) run as
-    one call too. With a KV cache (Sq < Sk) each row is one call with q_start = Sk_valid - Sq_valid.
+    attention_mask: None or the 2D padding mask [B, Sk] (our mask function hands it through unchanged).
+    * Padding (Sq == Sk): the tokens are reordered (every row's valid tokens first, padding last, fixed size) and
+      run as one packed call with cu_seqlens; padded query rows get 0.
+    * Packed batches from DataCollatorWithFlattening (B == 1, no mask): cu_seqlens from the kwargs cu_seq_lens_q
+      (== cu_seq_lens_k) when given, else from position_ids resets (`cu_seqlens_from_position_ids`).
+    * With a KV cache (Sq < Sk) the queries are the last Sq positions: Sq == 1 runs all rows in one call (row and
+      padding as segment ids); Sq > 1 one call per row with q_start = Sk - Sq.
     Returns (out [B, Sq, Hq, D], None).
     """
     if dropout:
@@ -83,28 +133,43 @@ def sealong_attention_forward(module, query, key, value, attention_mask, dropout
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, S, H, D]
     kw = dict(causal=causal, softmax_scale=scaling)
 
-    cu = kwargs.get("cu_seq_lens_q")
-    if cu is not None and b == 1 and sq == sk and attention_mask is None:
-        if kwargs.get("cu_seq_lens_k") is not None and not torch.equal(kwargs["cu_seq_lens_k"], cu):
-            raise ValueError("attn_implementation='sealong' needs cu_seq_lens_q == cu_seq_lens_k")
-        return flash_attention(q[0], k[0], v[0], cu_seqlens=cu.to(torch.int32), **kw)[0][None], None
+    if b == 1 and sq == sk and attention_mask is None:
+        cu, plan = kwargs.get("cu_seq_lens_q"), None
+        if cu is not None:  # the collator's boundaries: validated once (one host sync per batch, first layer)
+            cu_k = kwargs.get("cu_seq_lens_k")
+            if cu_k is not None and cu_k is not cu:
+                if cu_k.shape != cu.shape:
+                    raise ValueError("attn_implementation='sealong' needs cu_seq_lens_q == cu_seq_lens_k")
+                _assert_on_device((cu_k == cu).all(), "attn_implementation='sealong' needs cu_seq_lens_q == cu_seq_lens_k")
+            plan = _cached_on(cu, lambda: varlen_plan(cu, sq, device=q.device))
+        elif kwargs.get("position_ids") is not None:  # boundaries built here are valid by construction
+            pos = kwargs["position_ids"]
+            plan = _cached_on(pos, lambda: varlen_plan(cu_seqlens_from_position_ids(pos), sq, validate=False))
+        if plan is not None:
+            return flash_attention(q[0], k[0], v[0], cu_seqlens=plan, **kw)[0][None], None
 
     valid = torch.ones(b, sk, dtype=torch.bool, device=q.device) if attention_mask is None else attention_mask.bool()
     if sq == sk:  # training / prefill: every row's valid tokens packed into one call
-        counts = valid.sum(1)
-        cu_seqlens = torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0)).to(torch.int32)
-        flat = valid.reshape(-1).nonzero().squeeze(1)
-        pack = lambda t: t.reshape(b * sk, t.shape[2], d)[flat]  # noqa: E731
-        out_packed, _ = flash_attention(pack(q), pack(k), pack(v), cu_seqlens=cu_seqlens, **kw)
-        out = q.new_zeros(b * sq, hq, d).index_copy(0, flat, out_packed)
-        return out.reshape(b, sq, hq, d), None
+        order, plan = _cached_on(valid if attention_mask is None else attention_mask, lambda: _pack_valid(valid))
+        pack = lambda t: t.reshape(b * sk, t.shape[2], d)[order]  # noqa: E731
+        out_packed, _ = flash_attention(pack(q), pack(k), pack(v), cu_seqlens=plan, **kw)
+        out = q.new_zeros(b * sq, hq, d).index_copy(0, order, out_packed)
+        return (out * valid.reshape(-1, 1, 1).to(out.dtype)).reshape(b, sq, hq, d), None
 
-    out = q.new_zeros(b, sq, hq, d)  # decoding with a cache: the queries are the last Sq positions
-    for row in range(b):
-        qi, ki = valid[row, -sq:].nonzero().squeeze(1), valid[row].nonzero().squeeze(1)
-        o, _ = flash_attention(q[row, qi], k[row, ki], v[row, ki], q_start=len(ki) - len(qi), **kw)
-        out[row, qi] = o
-    return out, None
+    # decoding with a cache: query i of a row sits at position Sk - Sq + i; padded keys get segment -1 (seen by no
+    # query), the row's valid keys segment row + 1 (seen by that row's queries only)
+    rows = torch.arange(1, b + 1, dtype=torch.int32, device=q.device)[:, None]
+    kseg = torch.where(valid, rows, -1).to(torch.int32)
+    q_valid = valid[:, -sq:]
+    if sq == 1:  # every key is at or before the query: one call, rows told apart by segment ids
+        out, _ = flash_attention(q.reshape(b, hq, d), k.reshape(b * sk, -1, d), v.reshape(b * sk, -1, d),
+                                 causal=False, softmax_scale=scaling, segment_ids=rows.reshape(-1),
+                                 k_segment_ids=kseg.reshape(-1))
+        out = out.reshape(b, 1, hq, d)
+    else:
+        out = torch.stack([flash_attention(q[r], k[r], v[r], q_start=sk - sq, segment_ids=rows[r].expand(sq),
+                                           k_segment_ids=kseg[r], **kw)[0] for r in range(b)])
+    return out * q_valid[..., None, None].to(out.dtype), None
 
 
 def register_transformers_attention(name="sealong"):

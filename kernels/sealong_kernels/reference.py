@@ -31,7 +31,8 @@ def attention_mask(
     if cu_seqlens is not None:
         if tq != tk or q_start != k_start:
             raise ValueError(f"cu_seqlens needs q and k to be the same tokens (Tq={tq}, Tk={tk}, q_start={q_start}, k_start={k_start})")
-        cu = cu_seqlens.to(device=device, dtype=torch.int64)
+        cu = getattr(cu_seqlens, "cu_seqlens", cu_seqlens)  # a VarlenPlan (sealong_kernels.attention) or the tensor
+        cu = cu.to(device=device, dtype=torch.int64)
         if cu.ndim != 1 or int(cu[0]) != 0 or int(cu[-1]) != tq or bool((cu[1:] < cu[:-1]).any()):
             raise ValueError(f"cu_seqlens must be non-decreasing, start at 0 and end at T={tq}, got {cu.tolist()}")
         seq = torch.bucketize(torch.arange(tq, device=device), cu[1:], right=True)  # [T] sequence index
@@ -68,7 +69,8 @@ def _attention_scores(q, k, softmax_scale, mask):
 
 
 def attention_forward(
-    q, k, v, *, causal=True, softmax_scale=None, q_start=0, k_start=0, cu_seqlens=None, segment_ids=None, k_segment_ids=None
+    q, k, v, *, causal=True, softmax_scale=None, q_start=0, k_start=0, cu_seqlens=None, segment_ids=None, k_segment_ids=None,
+    out_dtype=None,
 ):
     """out, lse = softmax(q k^T * scale, masked) v, logsumexp of the masked scaled scores.
 
@@ -86,7 +88,7 @@ def attention_forward(
     lse = torch.logsumexp(s, dim=-1)  # -inf for empty rows
     p = torch.exp(s - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])  # empty rows: exp(-inf) = 0
     out = torch.einsum("hgqk,khd->qhgd", p, v.to(s.dtype)).reshape(tq, hq, d)
-    return out.to(q.dtype), lse.reshape(hq, tq)
+    return out.to(out_dtype or q.dtype), lse.reshape(hq, tq)
 
 
 def attention_backward(

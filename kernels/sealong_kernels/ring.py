@@ -90,10 +90,16 @@ class Block:
 def step_blocks(q_ranges, k_ranges, causal=True):
     """The blocks to compute for local queries at global `q_ranges` against keys at global `k_ranges`.
 
-    Chunk pairs whose keys all lie after the queries are skipped; pairs whose keys all lie before are
+    The diagonal step (q_ranges == k_ranges) is one causal call. Otherwise chunk pairs whose keys all lie after
+    the queries are skipped; pairs whose keys all lie before are
     computed without a mask; the others with the causal mask by global position. Unmasked blocks that
     share their keys (or queries) and are adjacent are coalesced into one call.
     """
+    if causal and list(q_ranges) == list(k_ranges):
+        # the diagonal step (a rank's own shard): local order follows global position, so one causal call with
+        # q_start = k_start covers it, instead of a causal call per chunk and an unmasked one between them
+        t = sum(e - s for s, e in q_ranges)
+        return [Block(0, t, 0, t, causal=True, q_start=q_ranges[0][0], k_start=q_ranges[0][0])] if t else []
     blocks, q_off = [], 0
     for qs, qe in q_ranges:
         k_off = 0
@@ -143,7 +149,7 @@ def attend_step(q, k, v, out, lse, blocks, forward_op, *, softmax_scale, q_seg=N
     for b in blocks:
         o, l = forward_op(
             q[b.q_lo:b.q_hi], k[b.k_lo:b.k_hi], v[b.k_lo:b.k_hi], causal=b.causal, softmax_scale=softmax_scale,
-            q_start=b.q_start, k_start=b.k_start,
+            q_start=b.q_start, k_start=b.k_start, out_dtype=out.dtype,  # partials in the accumulator's precision
             segment_ids=None if q_seg is None else q_seg[b.q_lo:b.q_hi],
             k_segment_ids=None if k_seg is None else k_seg[b.k_lo:b.k_hi])
         merge_partials_(out[b.q_lo:b.q_hi], lse[:, b.q_lo:b.q_hi], o, l)
@@ -378,15 +384,15 @@ class RingAttentionFunction(torch.autograd.Function):
         q_seg = None if segment_ids is None else segment_ids.to(torch.int32).contiguous()
         k_segs = None if q_seg is None else torch.stack(ring.all_gather(q_seg))  # [W, T_local]
         out, lse = _ring_forward(q, k, v, ring, causal, scale, q_seg, k_segs, layout, cu_seqlens, backend)
-        ctx.save_for_backward(q, k, v, out, lse, q_seg, k_segs, cu_seqlens)
-        ctx.setup = (ring, causal, scale, layout, backend)
+        ctx.save_for_backward(q, k, v, out, lse, q_seg, k_segs)
+        ctx.setup = (ring, causal, scale, layout, backend, cu_seqlens)  # cu_seqlens: a tensor or a VarlenPlan
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, q_seg, k_segs, cu_seqlens = ctx.saved_tensors
-        ring, causal, scale, layout, backend = ctx.setup
+        q, k, v, out, lse, q_seg, k_segs = ctx.saved_tensors
+        ring, causal, scale, layout, backend, cu_seqlens = ctx.setup
         dq, dk, dv = _ring_backward(dout.contiguous(), q, k, v, out, lse, ring, causal, scale, q_seg, k_segs,
                                     layout, cu_seqlens, backend)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None

@@ -66,7 +66,8 @@ def visibility_mask(t: int, device, cu_seqlens=None, segment_ids=None) -> torch.
     idx = torch.arange(t, device=device)
     mask = idx[None, :] <= idx[:, None]
     if cu_seqlens is not None:
-        seq = torch.bucketize(idx, cu_seqlens[1:].to(device=device, dtype=torch.long), right=True)
+        cu = getattr(cu_seqlens, "cu_seqlens", cu_seqlens)  # a sealong_kernels VarlenPlan or the tensor
+        seq = torch.bucketize(idx, cu[1:].to(device=device, dtype=torch.long), right=True)
         mask &= seq[None, :] == seq[:, None]
     if segment_ids is not None:
         seg = segment_ids.to(device)
@@ -208,8 +209,10 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(position_ids, x.dtype)
         kwargs = {}
-        if cu_seqlens is not None:
-            kwargs["cu_seqlens"] = cu_seqlens
+        if cu_seqlens is not None:  # validated once per batch, not in every layer's forward and backward
+            from sealong_kernels.attention import varlen_plan
+
+            kwargs["cu_seqlens"] = varlen_plan(cu_seqlens, input_ids.shape[0], device=input_ids.device)
         if segment_ids is not None:
             kwargs["segment_ids"] = segment_ids
         for layer in self.model.layers:

@@ -26,3 +26,12 @@ def test_comm_volume_formulas():
 def test_flop_formula():
     assert bench_attention.fwd_flops(4096, 32, 128) == 4 * 4096 * 4096 * 32 * 128 / 2
     assert bench_attention.fwd_flops(4096, 32, 128, causal=False) == 4 * 4096 * 4096 * 32 * 128
+
+
+def test_block_rows_of_a_preference_pair():
+    """The bench's block table at a small size: plan == dense ideal, the range kernel's counts by formula."""
+    rows = {r["source"]: r for r in bench_attention.block_rows(prompt=96, answer=32, block=16)}
+    plan, ideal, before = rows["plan (kernels)"], rows["ideal (dense rule)"], rows["range kernel (before plan)"]
+    assert {k: plan[k] for k in ("visited", "masked", "empty")} == {k: ideal[k] for k in ("visited", "masked", "empty")}
+    assert plan["chosen_blocks_visited_by_rejected_queries"] == 0 and before["chosen_blocks_visited_by_rejected_queries"] == 4
+    assert before["visited"] == before["masked"] == 10 * 11 // 2 and plan["masked"] == 10

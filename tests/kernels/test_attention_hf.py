@@ -64,3 +64,66 @@ def test_sealong_rejects_dropout(device):
 
     with pytest.raises(ValueError, match="dropout"):
         sealong_attention_forward(attn, q, kv, kv, None, dropout=0.1)
+
+
+def test_position_ids_packing_equals_separate_sequences(device):
+    """DataCollatorWithFlattening without return_flash_attn_kwargs: one row, position ids restart at every
+    sequence, no mask and no cu_seq_lens; the sequences must not see each other."""
+    seed = int(torch.randint(0, 2**31, ()))
+    lengths = (5, 7, 4)
+    seqs = [torch.randint(0, 97, (1, n), device=device) for n in lengths]
+    ids = torch.cat(seqs, 1)
+    pos = torch.cat([torch.arange(n, device=device) for n in lengths])[None]
+    model = tiny_llama("sealong", seed).to(device)
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=pos).logits[0]
+        alone = torch.cat([model(input_ids=s).logits[0] for s in seqs])
+    assert rel(packed, alone) < 1e-5
+
+
+def test_cu_seqlens_from_position_ids():
+    from sealong_kernels.hf import cu_seqlens_from_position_ids
+
+    cu = cu_seqlens_from_position_ids(torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]]))
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 5, 9, 9, 9, 9, 9, 9, 9]
+
+
+@pytest.mark.parametrize("path", ["padding", "position_ids"])
+def test_attention_interface_reads_nothing_on_the_host(path, device):
+    """Forward and backward of the attention function with a padding mask (holes included) or packed position
+    ids, under the no-host-read patch; results match the reference per row / per sequence."""
+    from sealong_kernels import reference as ref
+    from sealong_kernels.hf import sealong_attention_forward
+    from tests.kernels.test_attention_plan import no_host_reads
+
+    torch.manual_seed(1)
+    b, s, hq, hkv, d = (2, 11, 2, 1, 16) if path == "padding" else (1, 13, 2, 1, 16)
+    query = torch.randn(b, hq, s, d, device=device, requires_grad=True)
+    key, value = (torch.randn(b, hkv, s, d, device=device, requires_grad=True) for _ in range(2))
+    module = torch.nn.Module()
+    if path == "padding":
+        mask = torch.ones(b, s, dtype=torch.long, device=device)
+        mask[0, :3] = 0  # left padding
+        mask[1, 6] = 0  # a hole
+        kwargs = {}
+    else:
+        mask = None
+        kwargs = dict(position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4, 5]], device=device))
+    with no_host_reads():
+        out, _ = sealong_attention_forward(module, query, key, value, mask, **kwargs)
+        out.square().sum().backward()
+    for r in range(b):
+        if path == "padding":
+            keep = mask[r].bool()
+            groups = [keep.nonzero().squeeze(1)]
+        else:
+            groups = [torch.arange(0, 4), torch.arange(4, 7), torch.arange(7, 13)]
+        for idx in groups:
+            q, k, v = (t[r][:, idx].transpose(0, 1).detach().double().requires_grad_() for t in (query, key, value))
+            o, _ = ref.attention_forward(q, k, v, causal=True)
+            o.square().sum().backward()
+            assert rel(out[r, idx], o) < 1e-5
+            assert rel(query.grad[r][:, idx].transpose(0, 1), q.grad) < 1e-4
+            assert rel(key.grad[r][:, idx].transpose(0, 1), k.grad) < 1e-4
+        if path == "padding":
+            assert torch.all(out[r, ~mask[r].bool()] == 0)

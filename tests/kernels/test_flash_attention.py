@@ -7,6 +7,7 @@ dS before dS K, as in every flash attention). Without CUDA the kernels run under
 
 import pytest
 import torch
+import triton.testing
 
 import sealong_kernels as sk
 from sealong_kernels import attention as attn
@@ -174,18 +175,32 @@ def test_autograd_strided_inputs(dtype, device):
 
 @pytest.mark.parametrize("tune", [True, False])
 def test_gpu_launch_paths_rectangular_tiles(tune, monkeypatch, device):
-    """The GPU launch paths, run here under the interpreter: the autotuner (one config per kernel, so nothing
-    to benchmark) and the fixed first fitting tile for small calls; rectangular tiles catch BLOCK_M / BLOCK_N
-    mix-ups in grids and ranges."""
-    monkeypatch.setattr(attn, "TILE_CONFIGS", {"fwd": [(32, 16, 4, 2)], "dkdv": [(16, 32, 4, 2)]})
-    monkeypatch.setattr(attn, "_FWD", (attn._attn_fwd_kernel, attn._autotuned(attn._attn_fwd_kernel, "fwd")))
-    monkeypatch.setattr(attn, "_DKDV", (attn._attn_bwd_dkdv_kernel, attn._autotuned(attn._attn_bwd_dkdv_kernel, "dkdv")))
-    monkeypatch.setattr(attn, "_DQ", (attn._attn_bwd_dq_kernel, attn._autotuned(attn._attn_bwd_dq_kernel, "fwd")))
+    """The GPU launch path, run here under the interpreter: tiles from the table (two per kernel, so the tuner
+    measures and caches, or one, so it does not), rectangular tiles to catch BLOCK_M / BLOCK_N mix-ups."""
+    tiles = {"fwd": [(32, 16, 4, 2), (16, 32, 4, 2)], "dq": [(32, 16, 4, 2)], "dkdv": [(16, 32, 4, 2), (32, 16, 4, 2)]}
+    monkeypatch.setattr(attn, "_tiles_for", lambda kind, *a: tiles[kind] if tune else tiles[kind][:1])
+    monkeypatch.setattr(attn, "_device_arch", lambda dev: 90)
+    monkeypatch.setattr(attn, "_TUNED", {})
     monkeypatch.setattr(attn, "interpreting", lambda: False)
-    monkeypatch.setattr(attn, "TUNE_MIN_SCORES", 0 if tune else 1 << 40)
+    timings = iter(range(100, 0, -1))  # each measurement faster than the one before: the last tile tried wins
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn: (fn(), next(timings))[1])
     check(*rand_qkv(45, 45, 4, 2, 32, torch.float32, device), causal=True)
     seg = preference_segments(20, 11, 14, device)
     check(*rand_qkv(45, 45, 2, 1, 16, torch.float32, device), causal=True, segment_ids=seg)
+    chosen = {key[0]: tile for key, tile in attn._TUNED.items()}
+    assert chosen == {kind: ts[-1] if tune else ts[0] for kind, ts in tiles.items()}
+
+
+def test_tile_choice_is_cached_per_size_bucket():
+    """A key is measured once (small calls included); another size bucket is measured again."""
+    calls = []
+    bench = lambda fn: (fn(), len(calls))[1]  # noqa: E731
+    run = calls.append
+    attn._TUNED.pop(("test", 1), None), attn._TUNED.pop(("test", 2), None)
+    assert attn.choose_tile(("test", 1), ["a", "b", "c"], run, bench) == "a" and calls == ["a", "b", "c"]
+    assert attn.choose_tile(("test", 1), ["a", "b", "c"], run, bench) == "a" and len(calls) == 3
+    attn.choose_tile(("test", 2), ["a", "b"], run, bench)
+    assert len(calls) == 5
 
 
 def test_reference_backend_matches(device):
@@ -303,3 +318,11 @@ def test_gpu_flash_attn_backend_matches_ours():
         outs[backend] = (out, lse, dq, dk, dv)
     for a, b in zip(outs["flash_attn"], outs["triton"]):
         assert rel(a, b) < 2e-2
+
+
+@pytest.mark.parametrize("splits", [2, 4])
+def test_gqa_group_split_over_programs(splits, monkeypatch, device):
+    """dK/dV with the query-head group split over a grid dimension (partial sums per split), packed + segments."""
+    monkeypatch.setattr(attn, "GQA_SPLITS", splits)
+    seg = preference_segments(19, 7, 9, device)
+    check(*rand_qkv(35, 35, 4, 1, 16, torch.float32, device), causal=True, segment_ids=seg)

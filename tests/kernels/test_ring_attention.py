@@ -300,3 +300,12 @@ def test_ring_matches_single_process_attention(world):
     for _, message in per_rank:
         assert message is not None and "every rank of the ring group must hold the same shard shape" in message
         assert "(4, 2, 4, 1, 0)" in message and "(6, 2, 4, 1, 0)" in message
+
+
+def test_diagonal_step_is_one_causal_call():
+    for layout in ("zigzag", "plain"):
+        for rank in range(4):
+            (block,) = ring_schedule(48, 4, rank, layout, True)[0]
+            first = shard_ranges(48, 4, rank, layout)[0][0]
+            assert block.causal and (block.q_lo, block.k_lo, block.q_start, block.k_start) == (0, 0, first, first)
+            assert block.q_hi == block.k_hi == 12

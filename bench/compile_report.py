@@ -1,0 +1,268 @@
+"""Compile report: every attention kernel compiled ahead of time for sm_90 and sm_80 as a real launch would
+(16-byte aligned pointers, strides and lengths marked multiples of 16), every tile the launcher can choose, head
+dims 64 / 128 / 256, bfloat16 and float16; `ptxas -v` registers, spill stores / loads and stack, and the shared
+memory the compiled kernel requests (`metadata.shared`). No GPU needed (bench/aot.py).
+
+    TRITON_INTERPRET=0 python -m bench.compile_report                 # -> bench/results/compile_<date>_triton-<v>.json
+    TRITON_INTERPRET=0 python -m bench.compile_report --candidates    # every CANDIDATES tile (bf16, all flags on)
+    python -m bench.compile_report --table                            # TILES / SHARED literals from candidate files
+
+Cases come from providers: functions returning case dicts
+
+    dict(fn=<@triton.jit>, arg_types={name: "*bf16" | "*fp32" | "*i32" | "i32" | "fp32"}, constexprs={...},
+         num_warps=4, num_stages=2, divisible_ints=(names,), labels={...}, archs=(90, 80))
+
+(`archs` optional, default both). `PROVIDERS` lists them; a provider of other kernels (a module with `cases()`)
+is appended by `providers()` when importable (bench/compile_cases_kernels.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import importlib
+import json
+import os
+import sys
+
+RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
+HEAD_DIMS = (64, 128, 256)
+DTYPES = ("bf16", "fp16")
+# (dtype, (CAUSAL, HAS_SEQ, HAS_SEG)) per launchable tile: packed preference pairs in training (the block-class
+# plan path) in bfloat16, a plain causal call (the key-range path) in float16; both dtypes and both code paths
+COMBOS = (("bf16", (True, True, True)), ("fp16", (True, False, False)))
+FP32_NAMES = {"Lse", "Delta", "DK", "DV", "DQ"}
+I32_NAMES = {"SeqIdx", "CuSeqlens", "QSeg", "KSeg", "Blocks"}
+LEN_NAMES = ("Tq", "Tk", "q_start", "k_start")  # a long call's lengths and offsets are multiples of 16
+
+
+def _attention_arg_types(fn, dtype):
+    """Triton types of an attention kernel's arguments: 16-bit Q/K/V/O/dO, float32 LSE / delta / gradients."""
+    types = {}
+    for name in fn.arg_names:
+        if name in FP32_NAMES:
+            types[name] = "*fp32"
+        elif name in I32_NAMES:
+            types[name] = "*i32"
+        elif name in ("Q", "K", "V", "Out", "DOut"):
+            types[name] = "*" + dtype
+        elif name in ("qk_scale", "sm_scale"):
+            types[name] = "fp32"
+        else:
+            types[name] = "i32"
+    return types
+
+
+def attention_case(kind, head_dim, dtype, tile, flags, arch):
+    """One case for the forward ("fwd"), dQ ("dq") or dK/dV ("dkdv") kernel with this tile and flag set."""
+    from sealong_kernels import attention_kernels as K
+    from sealong_kernels.attention import PLAN_BLOCK
+    from sealong_kernels.attention_tiles import block_d_of
+
+    fn = {"fwd": K._attn_fwd_kernel, "dq": K._attn_bwd_dq_kernel, "dkdv": K._attn_bwd_dkdv_kernel}[kind]
+    bm, bn, warps, stages = tile
+    causal, seq, seg = flags
+    block_d = block_d_of(head_dim)
+    # the launcher plans block classes (HAS_PLAN) whenever packed sequences or segments are on
+    consts = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, HAS_SEQ=seq,
+                  HAS_SEG=seg, PRECISION="tf32", HAS_PLAN=seq or seg, PLAN_M=PLAN_BLOCK, PLAN_N=PLAN_BLOCK)
+    divisible = tuple(n for n in fn.arg_names if n.startswith("stride") or n in LEN_NAMES)
+    return dict(fn=fn, arg_types=_attention_arg_types(fn, dtype), constexprs=consts, num_warps=warps,
+                num_stages=stages, divisible_ints=divisible, archs=(arch,),
+                labels=dict(kind=kind, head_dim=head_dim, block_d=block_d, dtype=dtype, tile=list(tile),
+                            causal=causal, has_seq=seq, has_seg=seg, has_plan=seq or seg))
+
+
+def _small_kernel_cases():
+    """The backward preprocess (delta) and the ring merge, as `attention_backward` / `merge_partials_` launch them."""
+    from sealong_kernels import attention_kernels as K
+    from sealong_kernels.ring_merge import _merge_kernel
+
+    cases = []
+    for d in HEAD_DIMS:
+        for dtype in DTYPES:
+            fn = K._attn_bwd_delta_kernel
+            consts = dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=64)
+            cases.append(dict(fn=fn, arg_types=_attention_arg_types(fn, dtype), constexprs=consts, num_warps=4,
+                              num_stages=3, divisible_ints=tuple(n for n in fn.arg_names if n.startswith("stride") or n == "T"),
+                              labels=dict(kind="delta", head_dim=d, dtype=dtype, tile=[64, d, 4, 3])))
+            block_t = 16 if d > 64 else 32
+            types = dict(Out="*fp32", Lse="*fp32", OutB="*" + dtype, LseB="*fp32")
+            arg_types = {n: types.get(n, "i32") for n in _merge_kernel.arg_names if n not in ("HEAD_DIM", "BLOCK_T", "BLOCK_D")}
+            cases.append(dict(fn=_merge_kernel, arg_types=arg_types,
+                              constexprs=dict(HEAD_DIM=d, BLOCK_T=block_t, BLOCK_D=d), num_warps=4, num_stages=3,
+                              divisible_ints=tuple(n for n in arg_types if n.startswith("stride") or n == "T"),
+                              labels=dict(kind="ring_merge", head_dim=d, dtype=dtype, tile=[block_t, d, 4, 3])))
+    return cases
+
+
+def attention_cases(head_dims=HEAD_DIMS, combos=COMBOS, kinds=None, archs=None, first_only=False):
+    """Every tile `launchable_tiles` can return, per kernel, head dim, arch and COMBOS entry, plus delta and merge
+    (first_only: the first tile per kernel, head dim and arch; kinds / archs: a subset)."""
+    from sealong_kernels.attention_tiles import ARCHS, KINDS, launchable_tiles
+
+    cases = []
+    for kind in kinds or KINDS:
+        for arch in archs or ARCHS:
+            for d in head_dims:
+                for dtype, flags in combos:
+                    tiles = launchable_tiles(kind, d, dtype, arch)
+                    cases += [attention_case(kind, d, dtype, tile, flags, arch) for tile in tiles[:1 if first_only else None]]
+    return cases + (_small_kernel_cases() if kinds is None else [])
+
+
+def ci_cases():
+    """The subset the CPU test compiles live (about a dozen compiles): the first launchable tile of every kernel at
+    head dims 64 and 128 for sm_90 (training flags, bf16), at 128 for sm_80, and delta / merge at 128."""
+    cases = attention_cases((64, 128), COMBOS[:1], kinds=("fwd", "dq", "dkdv"), archs=(90,), first_only=True)
+    cases += attention_cases((128,), COMBOS[:1], kinds=("fwd", "dq", "dkdv"), archs=(80,), first_only=True)
+    small = [c for c in _small_kernel_cases() if c["labels"]["head_dim"] == 128 and c["labels"]["dtype"] == "bf16"]
+    return cases + [dict(c, archs=(90,)) for c in small]
+
+
+def candidate_cases(head_dims=HEAD_DIMS):
+    """Every CANDIDATES tile at bf16 with all visibility flags on (the most code), for building the tile table."""
+    from sealong_kernels.attention_tiles import ARCHS, CANDIDATES
+
+    return [attention_case(kind, d, "bf16", tile, (True, True, True), arch)
+            for kind, tiles in CANDIDATES.items() for arch in ARCHS for d in head_dims for tile in tiles]
+
+
+PROVIDERS = [attention_cases]
+
+
+def providers():
+    """PROVIDERS plus `bench.compile_cases_kernels.cases` (the other kernels' cases) when that module exists."""
+    found = list(PROVIDERS)
+    try:
+        found.append(importlib.import_module("bench.compile_cases_kernels").cases)
+    except ModuleNotFoundError as err:
+        if err.name != "bench.compile_cases_kernels":
+            raise
+    return found
+
+
+def compile_case(case, arch):
+    """compile_stats of one case for one arch, with the case's labels; a failed compile is recorded, not raised."""
+    from bench.aot import compile_stats
+
+    record = dict(case.get("labels", {}), kernel=case["fn"].__name__, arch=arch)
+    try:
+        record.update(compile_stats(case["fn"], case["arg_types"], case["constexprs"], arch=arch,
+                                    num_warps=case.get("num_warps", 4), num_stages=case.get("num_stages", 2),
+                                    divisible_ints=tuple(case.get("divisible_ints", ())),
+                                    unaligned=tuple(case.get("unaligned", ()))))
+    except Exception as err:  # noqa: BLE001 -- an out-of-resources or lowering error is a result of the report
+        record["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+    return record
+
+
+def run_cases(cases, log=None):
+    records = []
+    for i, case in enumerate(cases):
+        for arch in case.get("archs", (90, 80)):
+            records.append(compile_case(case, arch))
+            if log:
+                r = records[-1]
+                print(f"[{i + 1}/{len(cases)}] {r['kernel']} sm_{arch} {r.get('head_dim')} {r.get('dtype')} {r.get('tile')}: "
+                      f"{r.get('error') or ''}regs {r.get('registers')} spills {r.get('spill_stores')}/{r.get('spill_loads')} "
+                      f"shared {r.get('shared')}", file=log, flush=True)
+    return records
+
+
+def write_report(records, tag=""):
+    """bench/results/compile_<date>[_<tag>]_triton-<version>.json, atomically; returns the path."""
+    import triton
+
+    date = datetime.date.today().isoformat()
+    name = f"compile_{date}{'_' + tag if tag else ''}_triton-{triton.__version__}.json"
+    path = os.path.join(RESULTS_DIR, name)
+    body = dict(name="compile", triton=triton.__version__, date=date, command=" ".join(["python -m bench.compile_report", *sys.argv[1:]]),
+                records=records)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(body, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def clean(record):
+    return "error" not in record and record["spill_stores"] == 0 and record["spill_loads"] == 0 \
+        and record["shared"] <= record["shared_limit"]
+
+
+def violations(records):
+    """The records that spill, fail to compile or request more shared memory than their arch allows, as text."""
+    return [f"{r['kernel']} sm_{r['arch']} d={r.get('head_dim')} {r.get('dtype')} tile {r.get('tile')}: "
+            f"{r.get('error') or ''}spills {r.get('spill_stores')}/{r.get('spill_loads')} B, shared {r.get('shared')} B"
+            for r in records if not clean(r)]
+
+
+def table_from(paths):
+    """TILES / SHARED / BOUNDED from candidate files of several Tritons: per (kind, arch, block_d) the tiles clean
+    in every file (at most MAX_TILES, CANDIDATES order); where none is, the tile whose worst spill over the files
+    is least, with that bound (documented in BOUNDED, checked by the tests)."""
+    from sealong_kernels.attention_tiles import CANDIDATES, MAX_TILES
+
+    ok, shared, seen, worst = {}, {}, {}, {}
+    for path in paths:
+        for r in json.load(open(path))["records"]:
+            key = (r["kind"], r["arch"], r["block_d"], tuple(r["tile"]))
+            seen[key] = seen.get(key, 0) + 1
+            ok[key] = ok.get(key, True) and clean(r)
+            spill = float("inf") if "error" in r or r["shared"] > r["shared_limit"] else max(r["spill_stores"], r["spill_loads"])
+            worst[key] = max(worst.get(key, 0), spill)
+            if "shared" in r:
+                shared[key] = max(shared.get(key, 0), r["shared"])
+    tiles, table_shared, bounded = {}, {}, {}
+    for kind, arch, block_d in sorted({k[:3] for k in ok}):
+        complete = [t for t in CANDIDATES[kind] if seen.get((kind, arch, block_d, t)) == len(paths)]
+        good = [t for t in complete if ok[(kind, arch, block_d, t)]][:MAX_TILES]
+        if not good and complete:
+            best = min(complete, key=lambda t: worst[(kind, arch, block_d, t)])
+            if worst[(kind, arch, block_d, best)] < float("inf"):
+                good = [best]
+                bounded[(kind, arch, block_d)] = (best, int(worst[(kind, arch, block_d, best)]))
+        if good:
+            tiles.setdefault((kind, arch), {})[block_d] = good
+            table_shared.update({(kind, arch, block_d, 2, t): shared[(kind, arch, block_d, t)] for t in good})
+    return tiles, table_shared, bounded
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--candidates", action="store_true", help="compile every candidate tile (bf16, all flags on)")
+    parser.add_argument("--table", action="store_true", help="print TILES / SHARED from the candidate result files")
+    parser.add_argument("--ci", action="store_true", help="compile the CI subset only; print JSON, write nothing")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    if args.table:
+        paths = sorted(glob.glob(os.path.join(RESULTS_DIR, "compile_*_candidates_triton-*.json")))
+        latest = {}
+        for p in paths:  # the newest file per Triton version
+            latest[p.rsplit("_triton-", 1)[1]] = p
+        tiles, shared, bounded = table_from(list(latest.values()))
+        print("# from", ", ".join(os.path.basename(p) for p in latest.values()))
+        print("TILES.update(" + repr(tiles) + ")")
+        print("SHARED.update(" + repr(shared) + ")")
+        print("BOUNDED.update(" + repr(bounded) + ")")
+        return 0
+    log = None if args.quiet else sys.stderr
+    if args.ci:
+        records = run_cases(ci_cases(), log)
+        print("RECORDS" + json.dumps(records))
+        return 0
+    if args.candidates:
+        records = run_cases(candidate_cases(), log)
+        path = write_report(records, "candidates")
+    else:
+        records = run_cases([c for p in providers() for c in p()], log)
+        path = write_report(records)
+    bad = [r for r in records if not clean(r)]
+    print(f"{path}: {len(records)} compiles, {len(bad)} with spills, errors or too much shared memory")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
