@@ -172,5 +172,5 @@ def test_data_parallel_choice():
     assert use_fsdp(cfg(dtype="float16", loss_scaling=False), 2)
     with pytest.raises(ValueError, match="data_parallel=fsdp: QLoRA.*data_parallel=replicate"):
         use_fsdp(cfg(qlora=True, data_parallel="fsdp"), 2)
-    with pytest.raises(ValueError, match="data_parallel must be 'auto', 'fsdp' or 'replicate'"):
+    with pytest.raises(ValueError, match="data_parallel: expected one of auto, fsdp, replicate"):
         cfg(data_parallel="ddp")

@@ -17,7 +17,7 @@ SLEEP = 600  # the stuck rank's nap: far longer than dist_timeout (20 s: ranks m
 
 def _train_with_a_stuck_rank(rank, world_size, model, data, out):
     cfg = make_config(dict(model=model, data=data, output_dir=out, batch_pairs=2, lr=1e-3, lora_r=2, lora_alpha=4,
-                           dtype="float32", progress=False, tensorboard=False, gradient_checkpointing=False,
+                           dtype="float32", progress=False, gradient_checkpointing=False,
                            epochs=3, dist_timeout=20)).validate()
 
     def hook(step, record):
