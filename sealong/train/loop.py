@@ -161,7 +161,10 @@ def sequence_counts(pairs):
 
 def train_step(model, lm_head, params, optimizer, scaler, batch, cfg, mesh, device, meet=None):
     """Forward/backward over this rank's micro-batches of `batch` (a list of pairs), reduce, clip, step.
-    `meet()` runs before the gradient all-reduce (the stuck-rank watchdog)."""
+    `meet()` (the stuck-rank watchdog) runs first, before the step's first collective: FSDP's all-gather in the
+    forward, a ring exchange, or the gradient all-reduce."""
+    if meet is not None:
+        meet()
     accum = cfg.grad_accum_steps(mesh.dp)
     chosen_tokens = sum(label_counts(p)[0] for p in batch)
     sums_of = torch.zeros(len(METRIC_NAMES) + 2, dtype=torch.float64)  # metric sums, loss, tokens
@@ -179,8 +182,6 @@ def train_step(model, lm_head, params, optimizer, scaler, batch, cfg, mesh, devi
         sums_of[:len(METRIC_NAMES)] += metrics / mesh.sp
         sums_of[-2] += loss.item() / mesh.sp
         sums_of[-1] += tokens
-    if meet is not None:
-        meet()
     if not fsdp.is_sharded(model):  # FSDP reduce-scattered the gradients (a SUM) in backward
         all_reduce_grads(params)  # every rank holds part of the same batch: SUM over dp x sp
     if scaler is not None:
@@ -397,7 +398,7 @@ def _train(cfg, info, on_step):
             started = time.perf_counter()
             epoch, indices = batch_indices(step, len(data.pairs), steps_per_epoch, cfg)
             record = train_step(model, lm_head, params, optimizer, scaler, [data.pairs[i] for i in indices],
-                                cfg, mesh, device, meet=lambda: watchdog.check(step + 1))
+                                cfg, mesh, device, meet=lambda: watchdog.check(step + 1, "the step's first collective"))
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             step += 1

@@ -110,7 +110,7 @@ def test_trl_jsonl_trains_with_python_m_sealong_train(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     run = subprocess.run([sys.executable, "-m", "sealong.train", "--model", model, "--data", str(data),
                           "--output_dir", str(out), "--batch_pairs", "2", "--lora_r", "4", "--dtype", "float32",
-                          "--progress", "false", "--tensorboard", "false", "--device", "cpu"],
+                          "--progress", "false", "--device", "cpu"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "data: 4 pairs" in run.stdout + run.stderr

@@ -22,7 +22,7 @@ def _train_with_a_stuck_rank(rank, world_size, model, data, out):
 
     def hook(step, record):
         if rank == 1 and step == 1:
-            time.sleep(SLEEP)  # alive but stuck: step 2 never reaches its gradient all-reduce
+            time.sleep(SLEEP)  # alive but stuck: step 2 never starts (with FSDP its forward would wait in an all-gather)
 
     return train(cfg, setup("cpu"), on_step=hook)
 
@@ -34,7 +34,7 @@ def test_a_stuck_rank_fails_the_job_within_the_timeout_and_is_named(tmp_path):
         run_distributed(_train_with_a_stuck_rank, 2, args=(model, data, str(tmp_path / "out")), timeout=SLEEP - 60)
     message = str(err.value)
     assert "rank 0 of 2 failed" in message
-    assert "StuckRankError: step 2: rank(s) 1 did not reach the gradient all-reduce within dist_timeout=20 s" in message
+    assert "StuckRankError: step 2: rank(s) 1 did not reach the step's first collective within dist_timeout=20 s" in message
     assert time.monotonic() - started < SLEEP / 2  # failed on the watchdog, not after the nap
 
 
