@@ -329,19 +329,26 @@ def check_empty_sequences(counts, mode="orpo", skip_empty=False):
     return keep
 
 
-def orpo_objective(logp_sum, counts, *, mode="orpo", beta=0.1, nll_weight=1.0, skip_empty=False):
+def orpo_objective(logp_sum, counts, *, mode="orpo", beta=0.1, nll_weight=1.0, skip_empty=False,
+                   nll_reduction="token"):
     """ORPO / SFT loss and TRL-named metrics from per-sequence log-prob sums.
 
     logp_sum [2P] (differentiable), counts [2P]: sums and numbers of label tokens of the chosen (2p) and
     rejected (2p + 1) response of every pair. With c, r the mean logps of a kept pair's responses
     (clamped to <= LOGP_MAX):
-        nll      = -(sum of chosen logp sums) / (number of chosen label tokens)     [token mean, batch-wide]
+        nll      = -(sum of chosen logp sums) / (number of chosen label tokens)     nll_reduction="token":
+                                                                                    token mean, batch-wide
+        nll      = -mean_pairs(chosen logp sum / its label tokens)                  nll_reduction="sequence":
+                   (XTuner's ORPO, what the SEALONG authors trained with: one pair per micro-step, each
+                   chosen response's token mean, averaged over pairs; long answers weigh no more)
         log_odds = (c - r) - (log1mexp(c) - log1mexp(r))
         loss     = nll_weight * nll - mean_pairs(beta * logsigmoid(log_odds))        (ORPO)
         loss     = nll_weight * nll                                                  (SFT)
     Pairs with an empty response raise, or with skip_empty=True are left out of every term and counted in
     metrics['skipped_pairs']. If no pair is left the loss is 0 (with zero gradients), never NaN.
     """
+    if nll_reduction not in ("token", "sequence"):
+        raise ValueError(f"nll_reduction: expected 'token' or 'sequence', got {nll_reduction!r}")
     keep = check_empty_sequences(counts, mode, skip_empty)
     sums = logp_sum.reshape(-1, 2)
     n = counts.reshape(-1, 2).to(sums.dtype)
@@ -351,8 +358,8 @@ def orpo_objective(logp_sum, counts, *, mode="orpo", beta=0.1, nll_weight=1.0, s
         loss = logp_sum.sum() * 0
         metrics["nll_loss"] = loss.detach().float()
         return loss, metrics
-    nll = -sums_k[:, 0].sum() / n_k[:, 0].sum()
     chosen = sums_k[:, 0] / n_k[:, 0]
+    nll = -chosen.mean() if nll_reduction == "sequence" else -sums_k[:, 0].sum() / n_k[:, 0].sum()
     loss = nll_weight * nll
     metrics["nll_loss"] = nll.detach().float()
     metrics["logps/chosen"] = chosen.detach().mean().float()

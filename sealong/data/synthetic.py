@@ -202,12 +202,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-examples", type=int, default=2048, help="training prompts to synthesize (at most the file's)")
     g.add_argument("--num-eval", type=int, default=200,
                    help="held-out evaluation questions (the built-in world's, or the first of --eval-musique)")
+    g.add_argument("--world", choices=["fresh", "fixed"], default="fresh",
+                   help="built-in world without --musique: fresh facts per question (sealong.data.fresh_world: answers "
+                   "must be read from the context) or one fixed set of facts (a model can memorize them)")
     g.add_argument("--eval-musique", default=None,
                    help="MuSiQue file (e.g. dev) converted to a LongBench-format eval.jsonl with long contexts")
     g.add_argument("--min-tokens", type=int, default=4096, help="lower end of the uniform context length")
     g.add_argument("--max-tokens", type=int, default=31744, help="upper end of the uniform context length")
     g.add_argument("--distractors", choices=["random", "nearest"], default="random",
                    help="random (paper) or nearest to the question by embedding (faiss)")
+    g.add_argument("--own-distractors", choices=["first", "skip"], default="first",
+                   help="first: the question's own non-supporting paragraphs before others (the authors' code); "
+                   "skip: other records' paragraphs only (easier contexts)")
     g.add_argument("--embed-model", default=None, help="sentence-transformers model for --distractors nearest")
     g.add_argument("--seed", type=int, default=0, help="seeds question choice, context length, distractors, world")
     g.add_argument("--include-unanswerable", action="store_true", help="keep MuSiQue's unanswerable questions")
@@ -240,12 +246,18 @@ def run(args: argparse.Namespace) -> int:
         return 0
     tokenizer = load_counting_tokenizer(args.tokenizer)
     cfg = ContextConfig(min_tokens=args.min_tokens, max_tokens=args.max_tokens, distractors=args.distractors,
-                        embed_model=args.embed_model, seed=args.seed)
+                        own_distractors=getattr(args, "own_distractors", "first"), embed_model=args.embed_model,
+                        seed=args.seed)
     if args.musique is not None:
         pool = read_musique(args.musique, answerable_only=not args.include_unanswerable)
         train = random.Random(args.seed).sample(pool, min(args.num_examples, len(pool)))
-    else:  # one world: the first questions train, the next ones are held out (distinct questions, same facts)
-        questions = world_questions(args.seed, args.num_examples, args.num_eval if want_eval else 0)
+    else:  # one world: the first questions train, the next ones are held out (distinct questions)
+        if getattr(args, "world", "fresh") == "fresh":
+            from .fresh_world import fresh_questions
+
+            questions = fresh_questions(args.seed, args.num_examples, args.num_eval if want_eval else 0)
+        else:
+            questions = world_questions(args.seed, args.num_examples, args.num_eval if want_eval else 0)
         write_jsonl_atomic(out / "world_musique.jsonl", (q.to_json() for q in questions["train"]))  # as MuSiQue
         pool = train = [q.record() for q in questions["train"]]
     builder = ContextBuilder(pool, tokenizer, cfg)

@@ -43,6 +43,8 @@ class TrainConfig:
     micro_batch_pairs: int = 1           # pairs per data-parallel rank per micro-step (1 with sequence parallel)
     beta: float = 0.1                    # ORPO odds-ratio weight
     nll_weight: float = 1.0              # weight of the NLL term on chosen tokens
+    nll_reduction: str = "sequence"      # "sequence": mean over pairs of each chosen response's token mean (XTuner,
+    #                                      the authors'); "token": token mean over the batch's chosen tokens
     weight_decay: float = 0.1            # AdamW weight decay
     adam_betas: tuple = (0.9, 0.999)     # AdamW betas
     adam_eps: float = 1e-8               # AdamW epsilon
@@ -77,6 +79,8 @@ class TrainConfig:
             (self.layout in ("packed", "classic"), f"layout must be 'packed' or 'classic', got {self.layout!r}"),
             (self.finetune in ("lora", "full"), f"finetune must be 'lora' or 'full', got {self.finetune!r}"),
             (self.dtype in ("bfloat16", "float16", "float32"), f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}"),
+            (self.nll_reduction in ("sequence", "token"),
+             f"nll_reduction must be 'sequence' or 'token', got {self.nll_reduction!r}"),
             (self.ring_layout in ("zigzag", "plain"), f"ring_layout must be zigzag or plain, got {self.ring_layout!r}"),
             (not (self.qlora and self.finetune == "full"), "qlora=true needs finetune=lora"),
             (self.max_length >= 16, f"max_length must be >= 16, got {self.max_length}"),

@@ -4,10 +4,11 @@ One plain process (CPU or one GPU):
 
     python -m sealong.train --model /models/Llama-3.1-8B-Instruct --data run/pairs.jsonl --output_dir run/train
 
-Eight GPUs as the paper trained (sequence parallel 8, one 32K-token pair at a time, accumulation 8 = batch 8):
+Eight GPUs as the paper trained (sequence parallel 8, one 32K-token pair at a time; the authors' config gives
+64 pairs per optimizer step: XTuner multiplies its accumulation 8 by the SP size 8; the paper's text says batch 8):
 
     torchrun --standalone --nproc_per_node=8 -m sealong.train --model /models/Llama-3.1-8B-Instruct \
-        --data run/pairs.jsonl --output_dir run/train --sp 8            # ring; --ulysses 8 or 2 for Ulysses / hybrid
+        --data run/pairs.jsonl --output_dir run/train --sp 8 --batch_pairs 64   # ring; --ulysses 8 or 2 for Ulysses / hybrid
 
 Several nodes: torchrun's usual rendezvous flags (`--nnodes 2 --rdzv_backend c10d --rdzv_endpoint host:29500`);
 with 16 GPUs and `--sp 8` that is dp 2. Every key of `TrainConfig` (sealong/train_config.py) is a
@@ -40,7 +41,7 @@ from . import checkpoint as ckpt
 from .distributed import all_reduce_grads, all_reduce_sum, cleanup, print0, setup
 from .pairs import label_counts, load_pairs, pack_pair
 from .config import TrainConfig, lr_at, make_config, parse_overrides, read_config_file
-from .loss import METRIC_NAMES, micro_objective, row_logp_sums
+from .loss import METRIC_NAMES, micro_objective, nll_denominator, row_logp_sums
 from .mesh import TrainMesh
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -147,7 +148,7 @@ def train_step(model, lm_head, params, optimizer, scaler, batch, cfg, mesh, devi
         sums, tokens = micro_step_sums(model, lm_head, pairs, cfg, mesh, device)
         loss, metrics = micro_objective(sums, sequence_counts(pairs).to(device), mode=cfg.mode, beta=cfg.beta,
                                         nll_weight=cfg.nll_weight, batch_chosen_tokens=chosen_tokens,
-                                        batch_pairs=len(batch))
+                                        batch_pairs=len(batch), nll_reduction=cfg.nll_reduction)
         # `loss` is this micro-batch's share of the batch loss (batch-wide denominators): no 1/accum here
         (scaler.scale(loss) if scaler is not None else loss).backward()
         # every rank of an sp group computed the same (global) loss and metrics: count them once
@@ -169,7 +170,8 @@ def train_step(model, lm_head, params, optimizer, scaler, batch, cfg, mesh, devi
     names = METRIC_NAMES if cfg.mode == "orpo" else ("logps/chosen", "nll_loss")
     for name in names:
         i = METRIC_NAMES.index(name)
-        record[name] = sums_of[i].item() / (chosen_tokens if name == "nll_loss" else len(batch))
+        record[name] = sums_of[i].item() / (nll_denominator(cfg.nll_reduction, chosen_tokens, len(batch))
+                                            if name == "nll_loss" else len(batch))
     record.update(grad_norm=float(grad_norm), tokens=int(sums_of[-1].item()))
     if scaler is not None:
         record["loss_scale"] = float(scaler.get_scale())
