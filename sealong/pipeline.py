@@ -40,7 +40,7 @@ PRESETS = {
     # warm-up stops on a labelled dev slice (35-55% greedy, oracle@16 >= 80%); one SEALONG round on 512 questions,
     # evaluated on 400 held-out ones (README: its measured table and run time)
     "demo-gain": dict(num_examples=512, num_eval=400, min_tokens=110, max_tokens=150, num_samples=16, eval_samples=8,
-                      temperature=1.0, max_new_tokens=64, mode="orpo", lora_r=32, lora_alpha=32, lr=1e-3, epochs=1,
+                      temperature=1.0, max_new_tokens=56, mode="orpo", lora_r=32, lora_alpha=32, lr=1e-3, epochs=2,
                       batch_pairs=8, dtype="float32", warmup_steps=4000),
     "paper": dict(num_examples=2048, num_eval=200, min_tokens=4096, max_tokens=31744, num_samples=32, eval_samples=16,
                   temperature=0.7, max_new_tokens=1024, mode="orpo", lora_r=128, lora_alpha=128, lr=5e-5, epochs=1,
@@ -207,7 +207,7 @@ def sample(r: Runner, model: str, prompts: Path, output: Path, n: int, temperatu
     flags = ["--model", model, "--prompts", str(prompts), "--output", str(output), "--num-samples", str(n),
              "--temperature", str(temperature), "--seed", str(a.seed)]
     flags += opt(a, "max_new_tokens", "--max-new-tokens") + opt(a, "dtype", "--dtype")
-    r.call("sample", flags + ({"demo": ["--batch-prompts", "4"], "demo-gain": ["--batch-prompts", "8"]}.get(a.preset, [])))
+    r.call("sample", flags + ({"demo": ["--batch-prompts", "4"], "demo-gain": ["--batch-prompts", "16"]}.get(a.preset, [])))
 
 
 def embedding_model(r: Runner) -> str | None:

@@ -256,6 +256,7 @@ def plot_vs_n(results: dict, path: str | Path, metric: str = "subem") -> None:
         ax.set_xticks(ns, [str(n) for n in ns])
         ax.minorticks_off()
         ax.set_xlabel("N (samples)")
+        ax.set_ylim(0, 100)  # percentages on one fixed, shared scale: before and after read alike
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"average {'SubEM' if metric == 'subem' else metric.upper()} (%)")
