@@ -36,6 +36,7 @@ class TinyConfig:
     num_kv_heads: int = 2
     intermediate_size: int = 256
     max_positions: int = 1024
+    tie_embeddings: bool = False  # lm_head shares the input embedding (makes copying a name easier to learn)
     warmup_questions: int = 4096  # labelled questions of the reading world, disjoint from the method's questions
     warmup_steps: int = 3000  # the most gradient steps; the dev check below may stop earlier
     warmup_batch: int = 8
@@ -98,7 +99,8 @@ def build_base_model(folder: str | Path, cfg: TinyConfig, skip_questions: int, s
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=cfg.max_positions, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+        max_position_embeddings=cfg.max_positions, rms_norm_eps=1e-5, rope_theta=10000.0,
+        tie_word_embeddings=cfg.tie_embeddings,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(config)

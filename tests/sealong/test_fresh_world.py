@@ -129,3 +129,18 @@ def test_plot_has_one_shared_axis_and_distinct_titles(tmp_path, monkeypatch):
     assert [t.get_text() for t in a.get_xticklabels()] == ["1", "2", "4", "8"]
     assert a.get_title() != b.get_title()
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_gain_preset_resolves_to_the_documented_settings():
+    import argparse
+
+    from sealong.pipeline import add_arguments, resolve
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    a = resolve(parser.parse_args(["--preset", "demo-gain"]))
+    assert (a.num_examples, a.num_eval, a.num_samples, a.eval_samples) == (512, 400, 16, 8)
+    assert a.temperature == 1.0 and a.max_new_tokens == 56 and a.mode == "orpo"
+    assert resolve(parser.parse_args([])).preset == "demo"
+    with pytest.raises(ValueError, match="demo presets build their own tiny model"):
+        resolve(parser.parse_args(["--preset", "demo-gain", "--model", "/x"]))
