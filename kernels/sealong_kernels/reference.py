@@ -423,7 +423,7 @@ def sequence_logp_sums(hidden, weight, rows, targets, seq, num_seqs, bias=None):
 
 def fused_linear_orpo_loss(hidden, weight, labels, *, bias=None, beta=0.1, nll_weight=1.0, mode="orpo",
                            sequence_ids=None, segment_ids=None, hidden_index=None, num_pairs=None,
-                           skip_empty=False, ignore_index=-100, group=None, **kernel_options):
+                           skip_empty=False, ignore_index=-100, group=None, nll_reduction="token", **kernel_options):
     """Twin of sealong_kernels.fused_linear_orpo_loss computed from the full [M, V] logits (same arguments;
     chunk_size / strategy are accepted and ignored). Returns (loss, metrics)."""
     rows, targets, seq, pairs = preference_entries(labels, mode=mode, sequence_ids=sequence_ids,
@@ -438,7 +438,8 @@ def fused_linear_orpo_loss(hidden, weight, labels, *, bias=None, beta=0.1, nll_w
     counts = global_sum(torch.bincount(seq, minlength=2 * pairs), group)
     check_empty_sequences(counts, mode, skip_empty)
     sums = global_sum(sequence_logp_sums(hidden, weight, rows, targets, seq, 2 * pairs, bias), group)
-    return orpo_objective(sums, counts, mode=mode, beta=beta, nll_weight=nll_weight, skip_empty=skip_empty)
+    return orpo_objective(sums, counts, mode=mode, beta=beta, nll_weight=nll_weight, skip_empty=skip_empty,
+                          nll_reduction=nll_reduction)
 
 
 # ---------------------------------------------------------------------------------------------------------
