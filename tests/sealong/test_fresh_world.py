@@ -102,10 +102,13 @@ def test_eval_and_summary_reports_say_what_a_reader_needs(tmp_path):
     assert "| greedy | 20.0 [" in md
     text = summary_markdown(before, after, 8, tmp_path, "summary_vs_n.png",
                             {"greedy": 40.0, "mbr@16": 55.0, "oracle@16": 85.0, "questions": 64})
+    assert "16 question(s) went wrong -> right" in text or "12 question(s) went wrong -> right" in text
     assert "+60.0 points on 20 held-out questions: a statistically significant GAIN" in text
     assert "p = 0.000" in text or "p = 6.1e-05" in text
     assert "(summary_vs_n.png)" in text and "(before/eval.md)" in text
-    assert "consensus (MBR) beat greedy" in text
+    assert "consensus (MBR) beat greedy" in text and "were met." in text
+    weak = summary_markdown(before, after, 8, tmp_path, "s.png", {"greedy": 2.0, "mbr@16": 6.0, "oracle@16": 21.0})
+    assert "were NOT met" in weak and "none is claimed" in weak
     same = summary_markdown(before, before, 8, tmp_path, "s.png")
     assert "NO statistically significant change" in same
     json.dumps(before)  # eval.json stays JSON
