@@ -56,11 +56,16 @@ def stage_configs(cfg, sections: dict) -> dict:
             if stage in f.metadata.get("sets", ()) and getattr(cfg, f.name) is not None:
                 values[f.name] = getattr(cfg, f.name)
         configs[stage] = make(cls, values)
+    if cfg.embedding_model is not None:  # one embedder for MBR in scoring and MBR@N in evaluation
+        configs["score"] = dataclasses.replace(configs["score"], model=cfg.embedding_model)
+        configs["eval"] = dataclasses.replace(configs["eval"], embed_model=cfg.embedding_model)
     return configs
 
 
-def check(cfg) -> None:
+def check(cfg, preset: str | None = None) -> None:
     """The inputs exist and fit together, before any work."""
+    if preset is not None and preset.startswith("demo") and cfg.model is not None:
+        raise ValueError(f"--preset {preset}: the demo presets build their own tiny model; drop --model")
     if cfg.model is not None and not Path(cfg.model, "config.json").is_file():
         raise FileNotFoundError(f"--model: no config.json in {cfg.model}")
     if cfg.musique is not None and not Path(cfg.musique).is_file():
@@ -134,12 +139,17 @@ def step_base_model(r: Runner) -> str:
 
     r.say("base model: building a tiny Llama and a word-level tokenizer in code; labelled warm-up on other questions "
           "of the built-in world (the base model's own training, NOT part of SEALONG)")
-    synth = r.configs["synth"]
+    synth, sample_cfg = r.configs["synth"], r.configs["sample"]
+    gain = r.preset == "demo-gain"  # stop the warm-up on the labelled dev slice; check consensus vs greedy there
     cfg = TinyConfig(min_tokens=synth.min_tokens, max_tokens=synth.max_tokens, seed=synth.seed,
+                     check_every=300 if gain else 0, max_new_tokens=sample_cfg.max_new_tokens,
+                     temperature=sample_cfg.temperature,
                      **({"warmup_steps": a.tiny_warmup_steps} if a.tiny_warmup_steps is not None else {}))
     stats = build_base_model(folder, cfg, skip_questions=synth.num_examples + synth.num_eval, log=r.say)
     r.say(f"base model: warm-up loss {stats['warmup_loss_first']:.2f} -> {stats['warmup_loss_last']:.2f} "
           f"in {stats['warmup_seconds']:.0f}s")
+    if stats.get("final_dev_check"):
+        r.say("base model: labelled dev slice: " + ", ".join(f"{k} {v:.1f}" for k, v in stats["final_dev_check"].items()))
     return str(folder)
 
 
@@ -181,12 +191,16 @@ def step_evaluate(r: Runner, model: str, prompts: Path, name: str) -> dict:
     r.say(f"eval {name}: greedy and {r.args.eval_samples} samples per held-out question")
     sample(r, model, prompts, out / "greedy.jsonl", num_samples=1, temperature=0.0)
     sample(r, model, prompts, out / "sampled.jsonl", num_samples=r.args.eval_samples)
-    e = r.configs["eval"]
+    e, s = r.configs["eval"], r.configs["sample"]
+    settings = {"model": model if r.args.model else f"tiny Llama built in code ({model})", "N": r.args.eval_samples,
+                "temperature": s.temperature, "max_new_tokens": s.max_new_tokens,
+                "embedder": e.embed_model or f"all-MiniLM-L6-v2 (offline; {e.window} 256-piece window)", "seed": s.seed}
     result = evaluate.evaluate(evaluate.read_samples(str(out / "greedy.jsonl")),
                                evaluate.read_samples(str(out / "sampled.jsonl")), embed_model=e.embed_model,
-                               mbr=not e.no_mbr, trust_remote_code=e.trust_remote_code)
-    evaluate.write_report(result, out)
-    r.say(f"eval {name}: greedy SubEM {result['average']['greedy']['subem']:.1f}")
+                               mbr=not e.no_mbr, trust_remote_code=e.trust_remote_code, settings=settings,
+                               window=e.window)
+    evaluate.write_report(result, out, title=f"Evaluation {name} SEALONG")
+    r.say(f"eval {name}: greedy EM {result['average']['greedy']['em']:.1f}, SubEM {result['average']['greedy']['subem']:.1f}")
     return result
 
 
@@ -259,19 +273,25 @@ def step_merge(r: Runner, base: str, ckpt: Path) -> str:
 
 
 def summary(r: Runner, before: dict, after: dict) -> str:
-    from .evaluate.report import compare_table
+    """summary.md: settings, the paired test of greedy before vs after, the before/after table with CIs, the
+    warm-up's consensus check (demo-gain), the legend, and links to the plots (one figure, shared y-axis)."""
+    from .evaluate.report import plot_vs_n, summary_markdown
 
     n = r.args.eval_samples
-    keep = {"greedy", f"MBR@{n}", f"oracle@{n}", f"random@{n}"}
-    pick = lambda res: {**res, "average": {m: v for m, v in res["average"].items() if m in keep}}  # noqa: E731
-    lines = ["# SEALONG run summary", "", f"run directory: {r.run}", "",
-             "Average over tasks, SubEM (normalized gold answer inside the output) and F1:", "",
-             compare_table(pick(before), pick(after), "subem"), compare_table(pick(before), pick(after), "f1")]
-    if r.preset == "demo":
-        lines += ["This was the offline demo: a tiny model built in code, warmed up with labels on other questions of the",
-                  "built-in world (the base model's training, not part of SEALONG; a model this small mostly learns the",
-                  "world's facts rather than reading), then the method itself without labels: contexts,",
-                  f"{r.configs['sample'].num_samples} samples per question, MBR scores, ORPO with LoRA through `sealong.train`.",
+    plot = r.run / "summary_vs_n.png"
+    tmp = r.run / "summary_vs_n.tmp.png"
+    plot_vs_n({"before SEALONG: SubEM against N": before, "after one SEALONG round: SubEM against N": after}, tmp)
+    tmp.replace(plot)
+    warmup = Path(r.run, "base_model", "warmup.json")
+    dev = json.loads(warmup.read_text()).get("final_dev_check") if warmup.is_file() and not r.args.model else None
+    mode = r.configs["train"].mode
+    lines = [summary_markdown(before, after, n, r.run, plot.name, dev, mode)]
+    if r.preset.startswith("demo"):
+        lines += ["This was an offline demo: a tiny model built in code, warmed up with labels on other questions of the",
+                  "built-in reading world (fresh facts per question: answers must be read from the context; the base",
+                  "model's training, not part of SEALONG), then the method itself without labels: contexts,",
+                  f"{r.configs['sample'].num_samples} samples per question, MBR scores, {mode.upper()} with LoRA "
+                  "through `sealong.train`.",
                   "A model this small shows the mechanics of the loop, NOT the paper's gains",
                   "(Llama-3.1-8B-Instruct: 50.8 -> 55.0 average SubEM on LongBench).", "",
                   "The same pipeline on a real checkpoint folder and MuSiQue's training file (8 GPUs):", "",
@@ -288,7 +308,7 @@ def run(cfg, resolved=None) -> int:
         from .config.parser import resolve
 
         resolved = resolve("pipeline", [] if cfg.model is None else ["--model", cfg.model])
-    check(cfg)
+    check(cfg, resolved.common["preset"])
     with claim_output(cfg.run_dir, directory=True, what="--run-dir"):  # writable, one pipeline per run dir
         return _run(cfg, resolved)
 

@@ -322,7 +322,7 @@ def sequence_logp_sums(hidden, weight, rows, targets, seq, num_seqs, bias=None, 
 def fused_linear_orpo_loss(hidden, weight, labels, *, bias=None, beta=0.1, nll_weight=1.0, mode="orpo",
                            sequence_ids=None, segment_ids=None, hidden_index=None, num_pairs=None,
                            skip_empty=False, ignore_index=-100, chunk_size=None, chunk_bytes=None, strategy="auto",
-                           group=None):
+                           group=None, nll_reduction="token"):
     """ORPO (or SFT) loss of an LM head on final hidden states, never materializing the [tokens, V] logits.
 
     hidden: classic `[2B, T, H]` (B chosen rows, then the B rejected rows, row b pairs with row B + b; SFT:
@@ -332,7 +332,8 @@ def fused_linear_orpo_loss(hidden, weight, labels, *, bias=None, beta=0.1, nll_w
         (1 = chosen, 2 = rejected) and optionally `hidden_index [M]` (entry -> hidden row; default identity;
         see `shared_prompt_targets` for prompt + chosen + rejected packed in one sequence).
     Semantics (reference.orpo_objective): per-sequence logp = mean log-prob over its label tokens;
-        nll = token mean over all chosen label tokens; log_odds = (c - r) - (log1mexp(c) - log1mexp(r));
+        nll = token mean over all chosen label tokens (nll_reduction="token"), or the mean over pairs of each
+        chosen response's token mean (nll_reduction="sequence", XTuner's and the SEALONG authors'); log_odds = (c - r) - (log1mexp(c) - log1mexp(r));
         loss = nll_weight * nll - mean_pairs(beta * logsigmoid(log_odds)); SFT: loss = nll_weight * nll.
     A response with no label tokens raises ValueError, or with skip_empty=True its pair is skipped and counted.
     chunk_size: loss entries per chunk (default about M·H/V, see `default_chunk_size`); chunk_bytes: cap on one
@@ -364,7 +365,7 @@ def fused_linear_orpo_loss(hidden, weight, labels, *, bias=None, beta=0.1, nll_w
                                            chunk_bytes=chunk_bytes, strategy=strategy, group=group,
                                            return_logit_means=True)
     return orpo_objective(sums, counts, mode=mode, beta=beta, nll_weight=nll_weight, skip_empty=skip_empty,
-                          logit_means=logit_means)
+                          logit_means=logit_means, nll_reduction=nll_reduction)
 
 
 def shared_prompt_targets(input_ids, segment_ids, sequence_ids=None):

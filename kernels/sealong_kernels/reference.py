@@ -331,13 +331,18 @@ def check_empty_sequences(counts, mode="orpo", skip_empty=False):
     return keep
 
 
-def orpo_objective(logp_sum, counts, *, mode="orpo", beta=0.1, nll_weight=1.0, skip_empty=False, logit_means=None):
+def orpo_objective(logp_sum, counts, *, mode="orpo", beta=0.1, nll_weight=1.0, skip_empty=False, logit_means=None,
+                   nll_reduction="token"):
     """ORPO / SFT loss and TRL-named metrics from per-sequence log-prob sums.
 
     logp_sum [2P] (differentiable), counts [2P]: sums and numbers of label tokens of the chosen (2p) and
     rejected (2p + 1) response of every pair. With c, r the mean logps of a kept pair's responses
     (clamped to <= LOGP_MAX):
-        nll      = -(sum of chosen logp sums) / (number of chosen label tokens)     [token mean, batch-wide]
+        nll      = -(sum of chosen logp sums) / (number of chosen label tokens)     nll_reduction="token":
+                                                                                    token mean, batch-wide
+        nll      = -mean_pairs(chosen logp sum / its label tokens)                  nll_reduction="sequence":
+                   (XTuner's ORPO, what the SEALONG authors trained with: one pair per micro-step, each
+                   chosen response's token mean, averaged over pairs; long answers weigh no more)
         log_odds = (c - r) - (log1mexp(c) - log1mexp(r))
         loss     = nll_weight * nll - mean_pairs(beta * logsigmoid(log_odds))        (ORPO)
         loss     = nll_weight * nll                                                  (SFT)
@@ -349,6 +354,8 @@ def orpo_objective(logp_sum, counts, *, mode="orpo", beta=0.1, nll_weight=1.0, s
     DPOTrainer computes it (its ORPOTrainer averages over every position, prompt and padding included, which
     a loss over label tokens never sees).
     """
+    if nll_reduction not in ("token", "sequence"):
+        raise ValueError(f"nll_reduction: expected 'token' or 'sequence', got {nll_reduction!r}")
     keep = check_empty_sequences(counts, mode, skip_empty)
     sums = logp_sum.reshape(-1, 2)
     n = counts.reshape(-1, 2).to(sums.dtype)
@@ -358,8 +365,8 @@ def orpo_objective(logp_sum, counts, *, mode="orpo", beta=0.1, nll_weight=1.0, s
         loss = logp_sum.sum() * 0
         metrics["nll_loss"] = loss.detach().float()
         return loss, metrics
-    nll = -sums_k[:, 0].sum() / n_k[:, 0].sum()
     chosen = sums_k[:, 0] / n_k[:, 0]
+    nll = -chosen.mean() if nll_reduction == "sequence" else -sums_k[:, 0].sum() / n_k[:, 0].sum()
     loss = nll_weight * nll
     metrics["nll_loss"] = nll.detach().float()
     metrics["logps/chosen"] = chosen.detach().mean().float()
@@ -440,7 +447,7 @@ def sequence_logit_means(hidden, weight, rows, seq, num_seqs, bias=None):
 
 def fused_linear_orpo_loss(hidden, weight, labels, *, bias=None, beta=0.1, nll_weight=1.0, mode="orpo",
                            sequence_ids=None, segment_ids=None, hidden_index=None, num_pairs=None,
-                           skip_empty=False, ignore_index=-100, group=None, **kernel_options):
+                           skip_empty=False, ignore_index=-100, group=None, nll_reduction="token", **kernel_options):
     """Twin of sealong_kernels.fused_linear_orpo_loss computed from the full [M, V] logits (same arguments;
     chunk_size / chunk_bytes / strategy are accepted and ignored). Returns (loss, metrics)."""
     rows, targets, seq, pairs = preference_entries(labels, mode=mode, sequence_ids=sequence_ids,
@@ -457,7 +464,7 @@ def fused_linear_orpo_loss(hidden, weight, labels, *, bias=None, beta=0.1, nll_w
     sums = global_sum(sequence_logp_sums(hidden, weight, rows, targets, seq, 2 * pairs, bias), group)
     logit_means = global_sum(sequence_logit_means(hidden, weight, rows, seq, 2 * pairs, bias), group)
     return orpo_objective(sums, counts, mode=mode, beta=beta, nll_weight=nll_weight, skip_empty=skip_empty,
-                          logit_means=logit_means)
+                          logit_means=logit_means, nll_reduction=nll_reduction)
 
 
 # ---------------------------------------------------------------------------------------------------------

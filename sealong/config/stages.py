@@ -37,6 +37,12 @@ class SynthConfig(Checked):
     max_tokens: int = option(31744, "upper end of the uniform context length (31K)", ge=1)
     distractors: Literal["random", "nearest"] = option(
         "random", "paragraphs added around the supporting ones: random, or nearest by embedding (needs faiss)")
+    own_distractors: Literal["first", "skip"] = option(
+        "first", "first: the question's own non-supporting paragraphs before others (the authors' code); skip: "
+        "other records' paragraphs only (easier contexts)")
+    world: Literal["fresh", "fixed"] = option(
+        "fresh", "built-in world without --musique: fresh facts per question (sealong.data.fresh_world: answers must "
+        "be read from the context) or one fixed set of facts (a model can memorize them)")
     embed_model: Optional[str] = option(None, "sentence-transformers model for --distractors nearest")
     seed: int = option(0, "seeds question choice, context length, distractors, world")
     include_unanswerable: bool = option(False, "keep MuSiQue's unanswerable questions")
@@ -97,7 +103,10 @@ class ScoreConfig(Checked):
     utility: Literal[UTILITIES] = option(
         "embedding", "embedding (cosine, the paper's MBR), rouge (ROUGE-L, needs sealong[rouge]), answer, random")
     model: Optional[str] = option(None, "sentence-transformers model name or folder (default: offline "
-                                  "all-MiniLM-L6-v2, 256 word pieces)")
+                                  "all-MiniLM-L6-v2, 256 word pieces); jina-embeddings-v3 = the paper's, from a local "
+                                  "folder (sealong/score/embed.py)", aliases=["embedding_model"])
+    window: Literal["last", "mean", "first"] = option(
+        "last", "outputs longer than the embedder reads: its last window (default), mean of windows, or first")
     batch_size: int = option(64, "outputs per embedding batch", ge=1)
     chunk: int = option(64, "questions scored and appended together", ge=1)
     seed: int = option(0, "rejected picks and random scores are drawn from hash(seed, id)")
@@ -123,7 +132,11 @@ class EvalConfig(Checked):
     greedy: Optional[str] = option(None, "samples JSONL of greedy decoding (outputs[0] is scored)")
     sampled: Optional[str] = option(None, "samples JSONL with N outputs per question (MBR/oracle/random@n)")
     ns: Optional[str] = option(None, "comma-separated n values (default 1,2,4,... up to N)")
-    embed_model: Optional[str] = option(None, "sentence-transformers model for MBR@n (default: offline MiniLM)")
+    embed_model: Optional[str] = option(None, "sentence-transformers model for MBR@n (default: offline MiniLM; "
+                                        "jina-embeddings-v3: the paper's, from a local folder)",
+                                        aliases=["embedding_model"])
+    window: Literal["last", "mean", "first"] = option(
+        "last", "outputs longer than the embedder reads: its last window (default), mean of windows, or first")
     no_mbr: bool = option(False, "skip MBR@n (no embedding model needed)")
     trust_remote_code: bool = option(False, "let the embedding model run code from its folder")
     out_dir: Optional[str] = option(None, "where eval.md, eval.json, eval_vs_n.png go (default: beside the input)")
@@ -153,6 +166,9 @@ class PipelineConfig(Checked):
     nproc_per_node: int = option(1, "processes (GPUs) of the torchrun jobs: data-parallel sampling and scoring, and "
                                  "training", ge=1)
     train_args: str = option("", "extra sealong.train flags, one string (e.g. \"--sp 8 --ulysses 4\")")
+    embedding_model: Optional[str] = option(
+        None, "embedder of MBR in scoring and of MBR@N in evaluation (score.model and eval.embed_model); default: "
+        "theirs (the paper preset: jina-embeddings-v3 from a local folder; otherwise the offline all-MiniLM-L6-v2)")
     # options of the stages, set for the whole run (None: the stage's value from --config, the preset or its default)
     seed: Optional[int] = option(None, "seed of every stage", sets=("synth", "sample", "score", "train"))
     num_examples: Optional[int] = option(None, "training questions", sets=("synth",))

@@ -6,9 +6,12 @@ Per record (as SEALONG's data synthesis, with MuSiQue's own paragraphs standing 
    counted with the model's tokenizer;
 2. every supporting paragraph is kept, always; if they alone exceed the target the record says so
    (`supporting_over_budget`) and the context holds them only;
-3. distractor paragraphs drawn from OTHER records (never one sharing a title with a supporting paragraph) are added
-   while they fit: in random order (the paper) or nearest to the question by embedding first (`distractors="nearest"`,
-   a faiss inner-product index over unit embeddings) for harder contexts;
+3. distractors are added while they fit: first the record's OWN non-supporting paragraphs, in random order
+   (`own_distractors="first"`, the authors' code: MuSiQue's retrieved, confusable paragraphs of the same question),
+   then paragraphs of OTHER records (never one sharing a title with a supporting paragraph) in random order (the
+   paper) or nearest to the question by embedding first (`distractors="nearest"`, a faiss inner-product index over
+   unit embeddings). `own_distractors="skip"` draws from other records only (sealong's earlier behaviour: easier
+   contexts);
 4. the kept paragraphs are shuffled and written as `Passage i:\\n{title}\\n{text}` blocks separated by a blank line.
 
 Everything is drawn from `random.Random(f"{seed}:{record id}")`: the same seed gives the same context for a record
@@ -31,6 +34,8 @@ class ContextConfig:
     min_tokens: int = 4096  # lower end of the uniform target length (tokens of the model's tokenizer)
     max_tokens: int = 31744  # upper end (31K, the paper's randint(4, 31) * 1024)
     distractors: str = "random"  # "random" (paper) or "nearest" (closest to the question by embedding, via faiss)
+    own_distractors: str = "first"  # "first": the record's own non-supporting paragraphs before others (authors'
+    #                                 code); "skip": other records' paragraphs only (sealong's earlier behaviour)
     embed_model: str | None = None  # sentence-transformers name/folder for "nearest"; None = offline all-MiniLM-L6-v2
     seed: int = 0
     max_misses: int = 64  # stop filling after this many consecutive distractors that do not fit
@@ -40,6 +45,8 @@ class ContextConfig:
             raise ValueError(f"min_tokens/max_tokens: need 1 <= min_tokens <= max_tokens, got {self.min_tokens}, {self.max_tokens}")
         if self.distractors not in ("random", "nearest"):
             raise ValueError(f"distractors: expected 'random' or 'nearest', got {self.distractors!r}")
+        if self.own_distractors not in ("first", "skip"):
+            raise ValueError(f"own_distractors: expected 'first' or 'skip', got {self.own_distractors!r}")
 
 
 def format_passage(i: int, p: Paragraph) -> str:
@@ -91,7 +98,7 @@ class ContextBuilder:
         if self._embedder is None:
             import torch
 
-            from ..mbr import load_embedder  # the scoring stage's loader (cached, never remote code)
+            from ..score.embed import load_embedder  # the scoring stage's loader (cached)
 
             self._embedder = load_embedder(self.config.embed_model, "cuda" if torch.cuda.is_available() else "cpu")
         texts = [f"{p.title}\n{p.text}" for _, p in self.pool]
@@ -137,16 +144,19 @@ class ContextBuilder:
         used = sum(self._block_cost(p) for p in support)
         kept: list[tuple[str, Paragraph]] = [(rec.id, p) for p in support]
         order = self._nearest_order(rec.question, rng) if cfg.distractors == "nearest" else self._random_order(rng)
-        misses = 0
-        for k in order:
+        own: list[Paragraph] = []
+        if cfg.own_distractors == "first":
+            own = [p for p in rec.paragraphs if not p.is_supporting and p.title not in support_titles]
+            rng.shuffle(own)
+        misses, taken = 0, {(p.title, p.text) for p in support}
+        for src, p, cost in self._candidates(rec, own, order, support_titles):
             if used >= target or misses >= cfg.max_misses:
                 break
-            src, p = self.pool[k]
-            if src == rec.id or p.title in support_titles:
+            if (p.title, p.text) in taken:  # MuSiQue repeats paragraphs across records: each at most once
                 continue
-            cost = self._pool_cost(k)
             if used + cost <= target:
                 kept.append((src, p))
+                taken.add((p.title, p.text))
                 used += cost
                 misses = 0
             else:
@@ -172,6 +182,15 @@ class ContextBuilder:
             supporting_over_budget=n_tokens > target,
         )
         return out
+
+    def _candidates(self, rec, own, order, support_titles):
+        """(source id, paragraph, token cost) in the order they are tried: own distractors, then the pool's."""
+        for p in own:
+            yield rec.id, p, self._block_cost(p)
+        for k in order:
+            src, p = self.pool[k]
+            if src != rec.id and p.title not in support_titles:
+                yield src, p, self._pool_cost(k)
 
     @staticmethod
     def _assemble(kept, perm, n_support):

@@ -211,12 +211,18 @@ def run(args) -> int:
         return 0
     tokenizer = load_counting_tokenizer(args.tokenizer)
     cfg = ContextConfig(min_tokens=args.min_tokens, max_tokens=args.max_tokens, distractors=args.distractors,
-                        embed_model=args.embed_model, seed=args.seed)
+                        own_distractors=getattr(args, "own_distractors", "first"), embed_model=args.embed_model,
+                        seed=args.seed)
     if args.musique is not None:
         pool = read_musique(args.musique, answerable_only=not args.include_unanswerable)
         train = random.Random(args.seed).sample(pool, min(args.num_examples, len(pool)))
-    else:  # one world: the first questions train, the next ones are held out (distinct questions, same facts)
-        questions = world_questions(args.seed, args.num_examples, args.num_eval if want_eval else 0)
+    else:  # one world: the first questions train, the next ones are held out (distinct questions)
+        if getattr(args, "world", "fresh") == "fresh":
+            from .fresh_world import fresh_questions
+
+            questions = fresh_questions(args.seed, args.num_examples, args.num_eval if want_eval else 0)
+        else:
+            questions = world_questions(args.seed, args.num_examples, args.num_eval if want_eval else 0)
         write_jsonl_atomic(out / "world_musique.jsonl", (q.to_json() for q in questions["train"]))  # as MuSiQue
         pool = train = [q.record() for q in questions["train"]]
     builder = ContextBuilder(pool, tokenizer, cfg)

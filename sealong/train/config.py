@@ -55,6 +55,9 @@ class TrainConfig(Checked):
         None, "micro-steps per optimizer step; when set, batch_pairs = dp x micro_batch_pairs x this", ge=1)
     beta: float = option(0.1, "ORPO odds-ratio weight", ge=0)
     nll_weight: float = option(1.0, "weight of the NLL term on chosen tokens", ge=0)
+    nll_reduction: Literal["sequence", "token"] = option(
+        "sequence", "sequence: mean over pairs of each chosen response's token mean (XTuner, the authors' training); "
+        "token: token mean over the batch's chosen tokens")
     weight_decay: float = option(0.1, "AdamW weight decay", ge=0)
     adam_betas: list[float] = option(factory=lambda: [0.9, 0.999], help="AdamW betas", ge=0, lt=1)
     adam_eps: float = option(1e-8, "AdamW epsilon", gt=0)

@@ -4,10 +4,11 @@ One plain process (CPU or one GPU):
 
     python -m sealong.train --model /models/Llama-3.1-8B-Instruct --data run/pairs.jsonl --output_dir run/train
 
-Eight GPUs as the paper trained (sequence parallel 8, one 32K-token pair at a time, accumulation 8 = batch 8):
+Eight GPUs as the paper trained (sequence parallel 8, one 32K-token pair at a time; the authors' config gives
+64 pairs per optimizer step: XTuner multiplies its accumulation 8 by the SP size 8; the paper's text says batch 8):
 
     torchrun --standalone --nproc_per_node=8 -m sealong.train --model /models/Llama-3.1-8B-Instruct \
-        --data run/pairs.jsonl --output_dir run/train --sp 8            # ring; --ulysses 8 or 2 for Ulysses / hybrid
+        --data run/pairs.jsonl --output_dir run/train --sp 8 --batch_pairs 64   # ring; --ulysses 8 or 2 for Ulysses / hybrid
 
 Several nodes: torchrun's usual rendezvous flags (`--nnodes 2 --rdzv_backend c10d --rdzv_endpoint host:29500`);
 with 16 GPUs and `--sp 8` that is dp 2. Every field of `TrainConfig` (sealong/train/config.py) is a flag
@@ -175,7 +176,7 @@ def train_step(model, lm_head, params, optimizer, scaler, batch, cfg, mesh, devi
         sums, tokens = micro_step_sums(model, lm_head, pairs, cfg, mesh, device, logit_sums)
         loss, metrics = micro_objective(sums, sequence_counts(pairs).to(device), mode=cfg.mode, beta=cfg.beta,
                                         nll_weight=cfg.nll_weight, batch_chosen_tokens=chosen_tokens,
-                                        batch_pairs=len(batch), logit_sums=logit_sums)
+                                        batch_pairs=len(batch), logit_sums=logit_sums, nll_reduction=cfg.nll_reduction)
         # `loss` is this micro-batch's share of the batch loss (batch-wide denominators): no 1/accum here
         (scaler.scale(loss) if scaler is not None else loss).backward()
         # every rank of an sp group computed the same (global) loss and metrics: count them once
@@ -197,7 +198,8 @@ def train_step(model, lm_head, params, optimizer, scaler, batch, cfg, mesh, devi
     sums_of = all_reduce_sum(sums_of.to(device)).cpu()  # on the device: NCCL reduces CUDA tensors only
     record = {"loss": sums_of[-2].item()}
     names = METRIC_NAMES if cfg.mode == "orpo" else ("logps/chosen", "nll_loss", "logits/chosen")
-    means = metric_means(sums_of, len(batch), [sum(label_counts(p)[k] for p in batch) for k in (0, 1)])
+    means = metric_means(sums_of, len(batch), [sum(label_counts(p)[k] for p in batch) for k in (0, 1)],
+                         cfg.nll_reduction)
     record.update({name: means[name] for name in names})
     record.update(grad_norm=float(grad_norm), tokens=int(sums_of[-1].item()))
     if scaler is not None:

@@ -1,15 +1,21 @@
 """The training objective over a data-parallel x sequence-parallel batch, built on the fused linear loss.
 
-ORPO (TRL's ORPOTrainer definition, trl/trainer/orpo_trainer.py) over the whole optimizer batch of P pairs:
+ORPO over the whole optimizer batch of P pairs (the odds-ratio term as TRL's ORPOTrainer,
+trl/trainer/orpo_trainer.py; the NLL on the chosen RESPONSE tokens only, as XTuner's ORPO and the paper; TRL's
+NLL also covers the prompt):
 
-    loss = nll_weight * (-sum_i S_c,i / sum_i n_c,i) - beta * mean_i logsigmoid(log_odds_i)
+    loss = nll_weight * NLL - beta * mean_i logsigmoid(log_odds_i)
+    NLL  = -sum_i S_c,i / sum_i n_c,i          nll_reduction="token": a token mean over the batch's chosen tokens
+    NLL  = -mean_i (S_c,i / n_c,i)             nll_reduction="sequence": each chosen response's token mean,
+                                               averaged over pairs (XTuner, one pair per micro-step: the authors')
 
-where S is a sequence's sum of log p(label) and n its number of label tokens. The NLL is a token mean over
-every chosen label token of the batch and the odds-ratio term a mean over its pairs, whatever the
-micro-batching and the number of ranks. A micro-step holding p of the P pairs and N_c of their chosen tokens
-contributes exactly its share
+where S is a sequence's sum of log p(label) and n its number of label tokens. Both are exact over the whole
+batch, whatever the micro-batching and the number of ranks: a micro-step holding p of the P pairs and N_c of
+their chosen tokens contributes exactly its share
 
-    reference.orpo_objective(S, n, beta = beta * p / P, nll_weight = nll_weight * N_c / N_c,batch)
+    reference.orpo_objective(S, n, beta = beta * p / P,
+                             nll_weight = nll_weight * N_c / N_c,batch   ("token")
+                                          nll_weight * p / P             ("sequence"))
 
 so the gradients summed over micro-steps and over every rank are those of the batch loss (no averaging of
 per-micro-batch means). S comes from `sealong_kernels.sequence_logp_sums`, the fused kernel (no [T, V]
@@ -65,27 +71,35 @@ def row_logit_sums(hidden, weight, labels, seq_index, num_seqs, *, bias=None, gr
     return sums
 
 
-def metric_means(sums, batch_pairs, batch_tokens):
+def metric_means(sums, batch_pairs, batch_tokens, nll_reduction="token"):
     """{name: batch mean} from metric sums [len(METRIC_NAMES)]: TOKEN_METRICS over the batch's label tokens
-    batch_tokens = (chosen, rejected), the others over its pairs."""
-    return {name: float(sums[i]) / max(batch_tokens[TOKEN_METRICS[name]] if name in TOKEN_METRICS else batch_pairs, 1)
-            for i, name in enumerate(METRIC_NAMES)}
+    batch_tokens = (chosen, rejected), the others over its pairs; nll_loss over pairs with nll_reduction
+    "sequence" (each chosen response's token mean, averaged over pairs)."""
+    def denominator(name):
+        if name in TOKEN_METRICS and not (name == "nll_loss" and nll_reduction != "token"):
+            return batch_tokens[TOKEN_METRICS[name]]
+        return batch_pairs
+
+    return {name: float(sums[i]) / max(denominator(name), 1) for i, name in enumerate(METRIC_NAMES)}
 
 
-def micro_objective(sums, counts, *, mode, beta, nll_weight, batch_chosen_tokens, batch_pairs, logit_sums=None):
+def micro_objective(sums, counts, *, mode, beta, nll_weight, batch_chosen_tokens, batch_pairs, logit_sums=None,
+                    nll_reduction="token"):
     """This micro-step's share of the batch loss and its metric sums.
 
     sums [2p] float32 (the global per-sequence log-prob sums of its p pairs), counts [2p] label tokens,
     logit_sums [2p] (optional, `row_logit_sums`). Returns (loss share to backpropagate, metrics float64
-    [len(METRIC_NAMES)] summed over the p pairs, except TOKEN_METRICS: summed over their tokens); `metric_means`
-    turns the sums over the batch into TRL's means.
+    [len(METRIC_NAMES)] summed over the p pairs, except TOKEN_METRICS: summed over their tokens, and nll_loss
+    with nll_reduction "sequence": summed over pairs); `metric_means` turns the sums over the batch into means.
     """
     pairs = counts.numel() // 2
     chosen_tokens = float(counts[0::2].sum())
+    own = chosen_tokens if nll_reduction == "token" else float(pairs)  # this micro-step's NLL weight ...
+    total = batch_chosen_tokens if nll_reduction == "token" else batch_pairs  # ... of the batch's
     loss, m = orpo_objective(sums, counts, mode=mode, beta=beta * pairs / batch_pairs,
-                             nll_weight=nll_weight * chosen_tokens / batch_chosen_tokens)
+                             nll_weight=nll_weight * own / total, nll_reduction=nll_reduction)
     out = torch.zeros(len(METRIC_NAMES), dtype=torch.float64)
-    out[METRIC_NAMES.index("nll_loss")] = float(m["nll_loss"]) * chosen_tokens
+    out[METRIC_NAMES.index("nll_loss")] = float(m["nll_loss"]) * own
     out[METRIC_NAMES.index("logps/chosen")] = float(m["logps/chosen"]) * pairs
     if logit_sums is not None:
         out[METRIC_NAMES.index("logits/chosen")] = float(logit_sums[0::2].sum())
@@ -97,3 +111,4 @@ def micro_objective(sums, counts, *, mode, beta, nll_weight, batch_chosen_tokens
         lc, lr = out[METRIC_NAMES.index("logps/chosen")], out[METRIC_NAMES.index("logps/rejected")]
         out[0], out[1], out[3] = beta * lc, beta * lr, beta * (lc - lr)
     return loss, out
+

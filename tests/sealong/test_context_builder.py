@@ -48,11 +48,12 @@ def test_keeps_every_supporting_passage_within_budget(tokenizer, records):
             assert (p.title, p.text) in passages
         marked = {passages[i - 1] for i in out["supporting_passages"]}
         assert marked == {(p.title, p.text) for p in rec.supporting}
-        # distractors come from other records and never share a title with a supporting paragraph
+        # distractors: the record's own non-supporting paragraphs first (the authors' code), then other records';
+        # never one sharing a title with a supporting paragraph
         titles = {p.title for p in rec.supporting}
-        for meta in out["passages"]:
-            if not meta["supporting"]:
-                assert meta["source"] != rec.id and meta["title"] not in titles
+        sources = [meta["source"] for meta in out["passages"] if not meta["supporting"]]
+        assert all(meta["title"] not in titles for meta in out["passages"] if not meta["supporting"])
+        assert rec.id in sources  # (test_fidelity.py pins the order: own ones first, others once they are tried)
         # the budget is used: the next distractor would not have fit (within one passage of the target)
         assert out["context_tokens"] > out["target_tokens"] - 400
         assert "answer" not in out and "answers" not in out
@@ -92,7 +93,7 @@ def test_nearest_distractors_are_the_closest_by_embedding(tokenizer, records):
     # a budget that holds the supporting passages and exactly the nearest distractor, with a little slack
     block = lambda p: count_tokens(tokenizer, f"Passage 999:\n{p.title}\n{p.text}\n\n")  # noqa: E731
     budget = sum(block(p) for p in rec.supporting) + block(ranked[0]) + 2
-    cfg = ContextConfig(min_tokens=budget, max_tokens=budget, distractors="nearest")
+    cfg = ContextConfig(min_tokens=budget, max_tokens=budget, distractors="nearest", own_distractors="skip")
     out = ContextBuilder(pool, tokenizer, cfg, embedder=model).build(rec)
     distractors = [m["title"] for m in out["passages"] if not m["supporting"]]
     assert distractors[:1] == [ranked[0].title] or ranked[0].title in distractors

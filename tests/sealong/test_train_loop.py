@@ -55,7 +55,7 @@ def _reference_batch_loss(model_dir, cfg, data):
             hidden[i, :ids.numel()] = hf.model(ids[None]).last_hidden_state[0]
             labels[i, prompt.numel() - 1:ids.numel() - 1] = answer  # labels[t] is predicted from hidden[t]
     return sk.reference.fused_linear_orpo_loss(hidden.double(), hf.lm_head.weight.double(), labels, beta=cfg.beta,
-                                               mode=cfg.mode)
+                                               mode=cfg.mode, nll_reduction=cfg.nll_reduction)
 
 
 def test_batch_loss_matches_reference_and_micro_batching(tmp_path):
