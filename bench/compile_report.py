@@ -12,8 +12,8 @@ Cases come from providers: functions returning case dicts
     dict(fn=<@triton.jit>, arg_types={name: "*bf16" | "*fp32" | "*i32" | "i32" | "fp32"}, constexprs={...},
          num_warps=4, num_stages=2, divisible_ints=(names,), labels={...}, archs=(90, 80))
 
-(`archs` optional, default both). `PROVIDERS` lists them; a provider of other kernels (a module with `cases()`)
-is appended by `providers()` when importable (bench/compile_cases_kernels.py).
+(`archs` optional, default both). `PROVIDERS` lists them; `providers()` adds the other kernels' cases
+(bench/compile_cases_kernels.py), so `python -m bench.compile_report` covers every @triton.jit kernel.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import glob
-import importlib
 import json
 import os
 import sys
@@ -133,14 +132,10 @@ PROVIDERS = [attention_cases]
 
 
 def providers():
-    """PROVIDERS plus `bench.compile_cases_kernels.cases` (the other kernels' cases) when that module exists."""
-    found = list(PROVIDERS)
-    try:
-        found.append(importlib.import_module("bench.compile_cases_kernels").cases)
-    except ModuleNotFoundError as err:
-        if err.name != "bench.compile_cases_kernels":
-            raise
-    return found
+    """PROVIDERS (the attention kernels, here) and the other kernels' cases (bench/compile_cases_kernels.py)."""
+    from bench import compile_cases_kernels
+
+    return [*PROVIDERS, compile_cases_kernels.cases]
 
 
 def compile_case(case, arch):
