@@ -22,6 +22,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 from datetime import timedelta
@@ -54,8 +55,8 @@ def shard_path(output: str, rank: int) -> str:
 
 
 def shard_files(output: str) -> list:
-    """Every shard of `output` on disk, from runs of any world size, in rank order."""
-    return sorted(glob.glob(glob.escape(output) + ".shard-*"))
+    """Every shard of `output` on disk, from runs of any world size, in rank order (not their .meta.json / .lock)."""
+    return sorted(p for p in glob.glob(glob.escape(output) + ".shard-*") if re.fullmatch(r"\d+", p.rsplit("-", 1)[1]))
 
 
 def complete_lines(path: str):
@@ -96,6 +97,8 @@ def merge(output: str, order: list) -> int:
     os.replace(tmp, output)
     for path in shards:
         os.remove(path)
+    for path in glob.glob(glob.escape(output) + ".shard-*"):  # what the ranks kept beside their shards (.meta.json,
+        os.remove(path)                                       # .lock): the merged output has its own
     return len(lines)
 
 

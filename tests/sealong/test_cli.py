@@ -94,7 +94,7 @@ def test_argument_errors_exit_2_with_one_line(tmp_path, capsys):
         (["eval", "--sampled", str(tmp_path / "none.jsonl")], "sealong eval: error:"),
         (["eval", "--greedy", str(tmp_path / "x.jsonl"), "--ns", "two"], "--ns: expected comma-separated integers"),
         (["--config", str(tmp_path / "none.yaml"), "synth"], "--config: file not found"),
-        (["synth", "--preset", "fast"], "--preset: unknown preset 'fast'; presets: demo, paper"),
+        (["synth", "--preset", "fast"], "--preset: unknown preset 'fast'; presets: demo, demo-gain, paper"),
     ]:
         assert _rc(argv) == 2
         err = capsys.readouterr().err

@@ -1,10 +1,10 @@
 """SubEM (HELMET) and token F1 (LongBench) on hand-worked cases, and the evaluation modes over samples files."""
 
 import json
-from argparse import Namespace
 
 import pytest
 
+from sealong.config.parser import resolve
 from sealong.evaluate.report import (best_over_answers, compare_table, default_ns, evaluate, markdown_table, normalize_answer,
                               parse_ns, read_samples, run, sub_em, token_f1)
 
@@ -85,8 +85,7 @@ def test_mbr_mode_picks_the_consensus_and_never_a_truncated_output():
 
 def test_eval_stage_writes_tables_and_plot(tmp_path):
     path = _write(tmp_path / "s.jsonl", _sampled())
-    args = Namespace(greedy=None, sampled=path, ns="1,2,4", embed_model=None, no_mbr=True,
-                     out_dir=str(tmp_path / "ev"), no_plot=False)
+    args = resolve("eval", ["--sampled", path, "--ns", "1,2,4", "--no_mbr", "--out_dir", str(tmp_path / "ev")]).cfg
     assert run(args) == 0
     data = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert data["ns"] == [1, 2, 4] and set(data["tasks"]) == {"t1", "t2"}
@@ -115,5 +114,5 @@ def test_bad_inputs_name_the_argument_or_line(tmp_path):
     with pytest.raises(ValueError, match=r"s\.jsonl:1: .*'num_tokens' must be a list of 4 numbers"):
         read_samples(_write(tmp_path / "s.jsonl", bad))
     with pytest.raises(ValueError, match="give --greedy FILE and/or --sampled FILE"):
-        run(Namespace(greedy=None, sampled=None, ns=None, embed_model=None, no_mbr=True, out_dir=None, no_plot=True))
+        run(resolve("eval", ["--no_mbr", "--no_plot"]).cfg)
     assert default_ns(32) == [1, 2, 4, 8, 16, 32] and default_ns(6) == [1, 2, 4, 6]

@@ -12,7 +12,7 @@ import sealong
 from sealong.data.context import ContextBuilder, ContextConfig
 from sealong.data.musique import read_musique
 from sealong.train.config import TrainConfig
-from sealong.train.loss import micro_objective
+from sealong.train.loss import METRIC_NAMES, micro_objective
 from sealong_kernels.reference import orpo_objective
 
 ROOT = Path(sealong.__file__).parent
@@ -78,7 +78,7 @@ def test_micro_step_shares_sum_to_the_batch_loss(reduction, split):
         share, m = micro_objective(s, c, mode="orpo", beta=0.1, nll_weight=1.0, nll_reduction=reduction,
                                    batch_chosen_tokens=int(counts[0::2].sum()), batch_pairs=6)
         total = total + share
-        metric += float(m[-1])
+        metric += float(m[METRIC_NAMES.index("nll_loss")])
         start += p
     (g_parts,) = torch.autograd.grad(total, sums)
     assert float(total.detach()) == pytest.approx(float(whole.detach()), rel=1e-12)

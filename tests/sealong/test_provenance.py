@@ -103,8 +103,10 @@ def test_atomic_writes_fsync_before_the_rename(tmp_path, monkeypatch):
     assert events[:2] == [("fsync", str(path) + ".tmp"), ("replace", str(path) + ".tmp")]
     assert events[2] == ("fsync", str(tmp_path))  # the folder entry too
     events.clear()
-    result = {"tasks": {"t": {"greedy": {"subem": 1.0, "f1": 1.0, "avg_tokens": 2.0, "n": 1}}}, "ns": [],
-              "average": {"greedy": {"subem": 1.0, "f1": 1.0, "avg_tokens": 2.0}}}
+    from sealong.evaluate.report import evaluate
+
+    result = evaluate([{"id": "q", "outputs": ["Paris"], "answers": ["Paris"], "dataset": "t", "num_tokens": [2],
+                        "finish_reasons": ["stop"]}], None, mbr=False)
     write_report(result, tmp_path / "eval", plot=False)
     for name in ("eval.md", "eval.json"):
         tmp = str(tmp_path / "eval" / name) + ".tmp"

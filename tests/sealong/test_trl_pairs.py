@@ -47,7 +47,7 @@ def test_score_writes_trl_pairs_that_load_as_sealong_pairs(tmp_path):
     assert record["prompt"][0]["role"] == "user" and record["chosen"][0]["role"] == "assistant"
     tok = build_tokenizer()
     same_pairs(load_pairs(str(ours), tok), load_pairs(str(trl), tok))
-    with pytest.raises(ValueError, match="pairs_format must be one of"):
+    with pytest.raises(ValueError, match="pairs_format: expected one of sealong, trl"):
         mbr.ScoreConfig(pairs_format="dpo")
 
 
