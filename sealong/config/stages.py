@@ -19,6 +19,8 @@ Dtype = Literal["bfloat16", "float16", "float32"]
 Strategy = Literal[tuple(STRATEGIES)]
 UTILITIES = ("embedding", "rouge", "answer", "random")
 PAIRS_FORMATS = ("sealong", "trl")
+Window = Literal["last", "mean", "first"]  # sealong.score.embed.WINDOWS
+WINDOW_HELP = "outputs longer than the embedder reads: its last window (default), mean of windows, or first"
 
 
 @dataclass
@@ -105,8 +107,7 @@ class ScoreConfig(Checked):
     model: Optional[str] = option(None, "sentence-transformers model name or folder (default: offline "
                                   "all-MiniLM-L6-v2, 256 word pieces); jina-embeddings-v3 = the paper's, from a local "
                                   "folder (sealong/score/embed.py)", aliases=["embedding_model"])
-    window: Literal["last", "mean", "first"] = option(
-        "last", "outputs longer than the embedder reads: its last window (default), mean of windows, or first")
+    window: Window = option("last", WINDOW_HELP)
     batch_size: int = option(64, "outputs per embedding batch", ge=1)
     chunk: int = option(64, "questions scored and appended together", ge=1)
     seed: int = option(0, "rejected picks and random scores are drawn from hash(seed, id)")
@@ -135,8 +136,7 @@ class EvalConfig(Checked):
     embed_model: Optional[str] = option(None, "sentence-transformers model for MBR@n (default: offline MiniLM; "
                                         "jina-embeddings-v3: the paper's, from a local folder)",
                                         aliases=["embedding_model"])
-    window: Literal["last", "mean", "first"] = option(
-        "last", "outputs longer than the embedder reads: its last window (default), mean of windows, or first")
+    window: Window = option("last", WINDOW_HELP)
     no_mbr: bool = option(False, "skip MBR@n (no embedding model needed)")
     trust_remote_code: bool = option(False, "let the embedding model run code from its folder")
     out_dir: Optional[str] = option(None, "where eval.md, eval.json, eval_vs_n.png go (default: beside the input)")
