@@ -75,15 +75,16 @@ def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[floa
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def mean_interval(values: list[float], z: float = 1.959964) -> tuple[float, float]:
-    """Normal-approximation interval of a mean (for per-question scores that are not 0/1, e.g. random@N)."""
+def mean_interval(values: list[float], z: float = 1.959964, lo: float = 0.0, hi: float = 1.0) -> tuple[float, float]:
+    """Normal-approximation interval of a mean (for per-question scores that are not 0/1, e.g. random@N),
+    clipped to the scores' range [lo, hi]."""
     n = len(values)
     if n == 0:
         return (0.0, 0.0)
     m = sum(values) / n
     var = sum((v - m) ** 2 for v in values) / max(1, n - 1)
     half = z * math.sqrt(var / n)
-    return (m - half, m + half)
+    return (max(lo, m - half), min(hi, m + half))
 
 
 def mcnemar_exact(before: list[float], after: list[float]) -> dict:

@@ -116,3 +116,11 @@ def test_bad_inputs_name_the_argument_or_line(tmp_path):
     with pytest.raises(ValueError, match="give --greedy FILE and/or --sampled FILE"):
         run(resolve("eval", ["--no_mbr", "--no_plot"]).cfg)
     assert default_ns(32) == [1, 2, 4, 8, 16, 32] and default_ns(6) == [1, 2, 4, 6]
+
+
+def test_mean_interval_stays_inside_the_scores_range():
+    from sealong.evaluate.metrics import mean_interval
+
+    lo, hi = mean_interval([0.0] * 23 + [0.25])  # random@N of a nearly always wrong mode: the normal bound dips below 0
+    assert lo == 0.0 and 0.0 < hi < 1.0
+    assert mean_interval([1.0] * 23 + [0.75])[1] == 1.0
