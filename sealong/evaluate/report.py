@@ -26,6 +26,7 @@ Tables per task (`dataset`) and their macro average, in markdown and JSON, with 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from sealong.jsonl import publish, write_atomic
 
 from .metrics import (METRICS, best_over_answers, final_em, mcnemar_exact, mean_interval, normalize_answer,  # noqa: F401
                       sub_em, token_f1, wilson_interval)
+
+log = logging.getLogger("sealong.eval")
 
 
 # ---- samples files ------------------------------------------------------------------------------------------------
@@ -394,7 +397,7 @@ def run(args) -> int:
         paths["meta"] = provenance.write_meta(out_dir, provenance.stage_meta("eval", settings, args.embed_model),
                                               directory=True)
     print(Path(paths["md"]).read_text())
-    print("eval: wrote " + ", ".join(str(p) for p in paths.values()))
+    log.info("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 

@@ -44,6 +44,7 @@ a re-run with other --utility / --model / --seed / --dedup-threshold / --referen
 
 import functools
 import hashlib
+import logging
 import os
 import re
 import sys
@@ -57,6 +58,8 @@ from sealong.lock import claim_outputs
 from sealong.jsonl import IdChecker, JsonlError, append_jsonl, completed_ids, numbered_records, read_jsonl
 
 from sealong.config.stages import PAIRS_FORMATS, UTILITIES, ScoreConfig  # noqa: F401 (the stage's options, one place)
+
+log = logging.getLogger("sealong.score")
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -342,8 +345,8 @@ def run(args):
         ranks.close()
     if ranks.rank != 0:
         return 0
-    print("sealong score: " + ", ".join(f"{k} {v}" for k, v in counts.items()), file=sys.stderr)
-    print(f"sealong score: scores -> {out}" + (f", pairs -> {pairs}" if pairs else ""), file=sys.stderr)
+    log.info(", ".join(f"{k} {v}" for k, v in counts.items()))
+    log.info(f"scores -> {out}" + (f", pairs -> {pairs}" if pairs else ""))
     return 0
 
 

@@ -70,7 +70,7 @@ def _args(tmp_path, **kw):
     return Namespace(**base)
 
 
-def test_synth_stage_writes_prompts_without_answers_and_a_heldout_eval(tmp_path, capsys):
+def test_synth_stage_writes_prompts_without_answers_and_a_heldout_eval(tmp_path, caplog):
     assert run(_args(tmp_path)) == 0
     run_dir = tmp_path / "run"
     prompts = [json.loads(line) for line in (run_dir / "prompts.jsonl").open()]
@@ -85,7 +85,8 @@ def test_synth_stage_writes_prompts_without_answers_and_a_heldout_eval(tmp_path,
     assert not {e["input"] for e in evals} & {p["question"] for p in prompts}  # held out: other questions
     assert len(answers) == 12
     before = (run_dir / "prompts.jsonl").stat().st_mtime_ns
-    assert run(_args(tmp_path)) == 0 and "skipping" in capsys.readouterr().out  # done: skipped
+    caplog.set_level("INFO", logger="sealong")
+    assert run(_args(tmp_path)) == 0 and "skipping" in caplog.text  # done: skipped
     assert (run_dir / "prompts.jsonl").stat().st_mtime_ns == before
 
 
