@@ -22,6 +22,7 @@ import random
 from dataclasses import dataclass
 
 from .musique import Paragraph
+from .synthetic import RELATIONS as SYNTHETIC_RELATIONS
 from .synthetic import Question
 
 FIRST = ("Ada Alan Anna Ben Carl Clara Dan Dora Eli Emma Eva Finn Gina Hugo Ida Ivan Jack Jane Kim Leo Lily Lola "
@@ -37,16 +38,10 @@ COMPANY_WORDS = ("Apex Blue Cedar Delta Echo Falcon Granite Harbor Iron Jade Lun
                  "Raven Silver Tiger Union").split()
 COMPANY_KINDS = ("Works", "Labs", "Foods", "Motors")
 
-# relation -> (subject type, object type); a chain starts at a person
-RELATIONS = {
-    "mother": ("person", "person"),
-    "employer": ("person", "company"),
-    "birthplace": ("person", "city"),
-    "founder": ("company", "person"),
-    "headquarters": ("company", "city"),
-    "country": ("city", "country"),
-    "capital": ("country", "city"),
-}
+# relation -> (subject type, object type), the fixed world's relations (sealong.data.synthetic) less `currency`, in
+# this world's order (the order seeds draw from); a chain starts at a person
+RELATIONS = {r: SYNTHETIC_RELATIONS[r] for r in ("mother", "employer", "birthplace", "founder", "headquarters",
+                                                 "country", "capital")}
 TRACE_FORMS = (
     ("The {rel} of {s} is {o}.", "The answer is {a}."),
     ("{s} has the {rel} {o}.", "So the answer is {a}."),
