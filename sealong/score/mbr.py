@@ -46,12 +46,12 @@ import functools
 import hashlib
 import logging
 import os
-import re
 import sys
 import time
 import torch
 
 import sealong_kernels as sk
+from sealong.score.consensus import extract_final_answer
 from sealong.score.embed import embed, load_embedder  # noqa: F401
 from sealong import provenance
 from sealong.lock import claim_outputs
@@ -123,25 +123,6 @@ def rouge_matrix(outputs, valid):
             if valid[i] and valid[j]:
                 sim[i, j] = sim[j, i] = rouge_l(outputs[i], outputs[j])
     return sim
-
-
-_ANSWER_PATTERNS = [
-    re.compile(r"answer is\s*:?\s*(.+)", re.IGNORECASE),
-    re.compile(r"answer\s*:\s*(.+)", re.IGNORECASE),
-]
-
-
-def extract_final_answer(text):
-    """The text after the last "answer is" / "answer:" up to the end of its line (else the last non-empty line),
-    normalized as SubEM normalizes (lower case, no punctuation or articles, single spaces)."""
-    from sealong.evaluate.metrics import normalize_answer
-
-    for pattern in _ANSWER_PATTERNS:
-        found = pattern.findall(text)
-        if found:
-            return normalize_answer(found[-1].strip().split("\n")[0])
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return normalize_answer(lines[-1]) if lines else ""
 
 
 def answer_matrix(outputs, valid):
