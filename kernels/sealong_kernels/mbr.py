@@ -10,9 +10,18 @@ O(N·D) work instead of O(N²·D). With include_self=True (the authors' code) s_
 normalize=False u_j = v_j * e_j (plain dot products). Invalid samples get -inf; a valid sample without any
 valid peer gets 0.0; a zero vector gets similarity 0 to everything (never NaN).
 
+Peer weights (weights=c, c_j >= 0 finite, e.g. each sample's self-certainty): S = sum_j c_j u_j, C = sum_j c_j
+(valid j) and
+
+    s_i = sum_{j valid, j != i} c_j cos(e_i, e_j) / sum_{j valid, j != i} c_j = (u_i . S - c_i u_i . u_i) / (C - c_i)
+
+(include_self: u_i . S / C), still O(N·D); 0.0 where the denominator is 0. c = 1 is the unweighted score exactly.
+
 Error: every product and sum is in float32. u_i . S <= ||S|| <= n, so rounding leaves an absolute error of
 a few float32 ulps of n in the numerator, i.e. a few 1e-7 in s_i after dividing by n - 1 (the subtraction
-of u_i . u_i ~ 1 costs at most a factor n/(n-1) <= 2). The tests bound it against float64.
+of u_i . u_i ~ 1 costs at most a factor n/(n-1) <= 2). Weighted, the numerator's error is a few ulps of C and
+the quotient's a few ulps times C / (C - c_i): small unless one sample carries most of the weight. The tests
+bound both against float64.
 
 Kernel: one program per row b. Pass 1 walks D in blocks of BLOCK_D and accumulates the N squared norms;
 pass 2 walks D again, backwards, forms the block of S and adds each u_i's share of u_i . S and u_i . u_i.
@@ -21,7 +30,7 @@ The row is read twice from global memory; the second read hits L2 while the row 
 tl.dot (so bfloat16 is right under the interpreter too) and no [B, N, N] buffer.
 
 Dispatch of `mbr_scores(..., backend="auto")`: CUDA tensors use the CUDA C++ kernel of `sealong_kernels._C`
-when it is built (same math, see csrc/mbr.cu) and runs on this GPU, else this Triton kernel (an extension
+(unweighted only: with weights, always Triton) when it is built (same math, see csrc/mbr.cu) and runs on this GPU, else this Triton kernel (an extension
 built for other architectures fails its first launch: one warning, then Triton for the rest of the process); CPU tensors use the plain-torch
 reference (`sealong_kernels.reference.mbr_scores`). backend="triton" on CPU tensors runs the Triton kernel
 under TRITON_INTERPRET=1 (how the CPU tests exercise it).
@@ -42,11 +51,11 @@ MAX_N = 512  # BLOCK_N = 1024 spills registers on sm_90
 
 @triton.jit
 def _mbr_scores_kernel(
-    E, M, OUT,
+    E, M, W, OUT,
     N, D,
-    stride_eb, stride_en, stride_ed, stride_mb, stride_mn, stride_ob,
+    stride_eb, stride_en, stride_ed, stride_mb, stride_mn, stride_wb, stride_wn, stride_ob,
     eps,
-    HAS_MASK: tl.constexpr, NORMALIZE: tl.constexpr, INCLUDE_SELF: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_WEIGHTS: tl.constexpr, NORMALIZE: tl.constexpr, INCLUDE_SELF: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -55,6 +64,8 @@ def _mbr_scores_kernel(
     if HAS_MASK:
         m = tl.load(M + b * stride_mb + offs_n.to(tl.int64) * stride_mn, mask=valid, other=0)
         valid = valid & (m != 0)
+    if HAS_WEIGHTS:  # peer weights c_j (0 for invalid samples)
+        c = tl.load(W + b * stride_wb + offs_n.to(tl.int64) * stride_wn, mask=valid, other=0.0).to(tl.float32)
     rows = E + b * stride_eb + offs_n.to(tl.int64)[:, None] * stride_en  # [BLOCK_N, 1] pointers
 
     # pass 1: squared norms -> per-sample weight w_j = v_j / max(||e_j||, eps)
@@ -79,13 +90,25 @@ def _mbr_scores_kernel(
         x = tl.load(rows + offs_d.to(tl.int64)[None, :] * stride_ed,
                     mask=valid[:, None] & (offs_d < D)[None, :], other=0.0).to(tl.float32)
         u = x * w[:, None]
-        s = tl.sum(u, axis=0)  # [BLOCK_D] block of S
+        if HAS_WEIGHTS:
+            s = tl.sum(u * c[:, None], axis=0)  # [BLOCK_D] block of S = sum_j c_j u_j
+        else:
+            s = tl.sum(u, axis=0)  # [BLOCK_D] block of S
         dot += tl.sum(u * s[None, :], axis=1)
         self_sim += tl.sum(u * u, axis=1)
 
-    # mean over the other valid samples (or over all valid ones with INCLUDE_SELF)
+    # mean over the other valid samples (or over all valid ones with INCLUDE_SELF), weighted by c_j
     n_valid = tl.sum(valid.to(tl.int32), axis=0)
-    if INCLUDE_SELF:
+    if HAS_WEIGHTS:
+        total = tl.sum(c, axis=0)
+        if INCLUDE_SELF:
+            num = dot
+            den = tl.zeros([BLOCK_N], dtype=tl.float32) + total
+        else:
+            num = dot - c * self_sim
+            den = total - c
+        score = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
+    elif INCLUDE_SELF:
         score = dot / tl.maximum(n_valid, 1).to(tl.float32)
     else:
         score = (dot - self_sim) / tl.maximum(n_valid - 1, 1).to(tl.float32)
@@ -104,20 +127,22 @@ def _block_sizes(n, d):
     return block_n, block_d, num_warps
 
 
-def mbr_scores_triton(emb, mask=None, normalize=True, include_self=False, eps=1e-12):
+def mbr_scores_triton(emb, mask=None, normalize=True, include_self=False, eps=1e-12, weights=None):
     """Launch the Triton kernel (one launch, grid (B,)); arguments already checked by `mbr_scores`."""
     b, n, d = emb.shape
     out = torch.empty(b, n, dtype=torch.float32, device=emb.device)
     if b == 0:
         return out
     m = mask if mask is not None else out  # dummy pointer when HAS_MASK is false
+    w = weights.to(torch.float32) if weights is not None else out  # likewise for HAS_WEIGHTS
     block_n, block_d, num_warps = _block_sizes(n, d)
     _mbr_scores_kernel[(b,)](
-        emb, m, out, n, d,
+        emb, m, w, out, n, d,
         emb.stride(0), emb.stride(1), emb.stride(2),
-        m.stride(0) if mask is not None else 0, m.stride(1) if mask is not None else 0, out.stride(0),
+        m.stride(0) if mask is not None else 0, m.stride(1) if mask is not None else 0,
+        w.stride(0) if weights is not None else 0, w.stride(1) if weights is not None else 0, out.stride(0),
         eps,
-        HAS_MASK=mask is not None, NORMALIZE=normalize, INCLUDE_SELF=include_self,
+        HAS_MASK=mask is not None, HAS_WEIGHTS=weights is not None, NORMALIZE=normalize, INCLUDE_SELF=include_self,
         BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
     )
     return out
@@ -159,11 +184,11 @@ def mbr_scores_cuda(emb, mask=None, normalize=True, include_self=False, eps=1e-1
 _EXTENSION_USABLE = [True]  # cleared when the extension failed to launch on this process's GPU
 
 
-def _cuda_or_triton(emb, mask, normalize, include_self, eps):
+def _cuda_or_triton(emb, mask, normalize, include_self, eps, weights):
     """backend='auto' on CUDA tensors: the CUDA extension when built and it runs on this GPU, else Triton. A
     launch failure (e.g. "no kernel image is available for execution on the device": built for other
     architectures, see cuda_build.arch_list) warns once and switches this process to Triton."""
-    if _EXTENSION_USABLE[0] and cuda_extension() is not None:
+    if weights is None and _EXTENSION_USABLE[0] and cuda_extension() is not None:  # the extension has no weights
         try:
             return mbr_scores_cuda(emb, mask, normalize, include_self, eps)
         except RuntimeError as err:
@@ -171,10 +196,10 @@ def _cuda_or_triton(emb, mask, normalize, include_self, eps):
             warnings.warn(f"sealong_kernels._C cannot run on this GPU ({str(err).splitlines()[0]}); using the Triton "
                           "MBR kernel (rebuild with TORCH_CUDA_ARCH_LIST including this GPU)", RuntimeWarning,
                           stacklevel=3)
-    return mbr_scores_triton(emb, mask, normalize, include_self, eps)
+    return mbr_scores_triton(emb, mask, normalize, include_self, eps, weights)
 
 
-def _check(emb, mask):
+def _check(emb, mask, weights=None):
     if not isinstance(emb, torch.Tensor) or emb.dim() != 3:
         raise ValueError(f"emb must be a [B, N, D] tensor, got {getattr(emb, 'shape', type(emb))}")
     if emb.dtype not in _DTYPE_CODES:
@@ -190,10 +215,18 @@ def _check(emb, mask):
         if mask.device != emb.device:
             raise ValueError(f"mask is on {mask.device} but emb is on {emb.device}")
         mask = mask.to(torch.bool)
+    if weights is not None:
+        if not isinstance(weights, torch.Tensor) or tuple(weights.shape) != (b, n) or not weights.is_floating_point():
+            raise ValueError(f"weights must be a floating [B, N] = [{b}, {n}] tensor, got "
+                             f"{getattr(weights, 'shape', type(weights))}")
+        if weights.device != emb.device:
+            raise ValueError(f"weights is on {weights.device} but emb is on {emb.device}")
+        if not bool((torch.isfinite(weights) & (weights >= 0)).all()):
+            raise ValueError("weights must be finite and >= 0")
     return mask
 
 
-def mbr_scores(emb, mask=None, normalize=True, *, include_self=False, eps=1e-12, backend="auto"):
+def mbr_scores(emb, mask=None, normalize=True, *, include_self=False, eps=1e-12, backend="auto", weights=None):
     """MBR score of every sample: its mean similarity to the other valid samples of its row.
 
     emb [B, N, D] float32/float16/bfloat16 (N <= 512, any B and D), mask [B, N] bool (None = all valid; an
@@ -201,6 +234,9 @@ def mbr_scores(emb, mask=None, normalize=True, *, include_self=False, eps=1e-12,
         scores[b, i] = mean_{j valid, j != i} cos(emb[b, i], emb[b, j])     (dot products if normalize=False)
     Invalid samples: -inf. A valid sample with no valid peer: 0.0. include_self=True reproduces the authors'
     code (row mean of E @ E^T including the self-similarity 1: same ranking, different values).
+    weights [B, N] finite >= 0 (None: all 1) weight the peers (e.g. by their self-certainty):
+        scores[b, i] = sum_{j valid, j != i} w_j cos(e_i, e_j) / sum_{j valid, j != i} w_j
+    a valid sample whose peers weigh 0 in all gets 0.0; weights of ones give the unweighted scores exactly.
     backend: "auto" (CUDA C++ extension if built and it runs on this GPU, else Triton, for CUDA tensors;
     plain torch on CPU),
     "cuda", "triton" (on CPU only under TRITON_INTERPRET=1) or "reference".
@@ -209,20 +245,22 @@ def mbr_scores(emb, mask=None, normalize=True, *, include_self=False, eps=1e-12,
     >>> scores = mbr_scores(emb)                      # [4, 32]
     >>> chosen, rejected = select_pairs(scores, torch.Generator().manual_seed(0))
     """
-    mask = _check(emb, mask)
+    mask = _check(emb, mask, weights)
     if backend == "auto":
         if emb.is_cuda:
-            return _cuda_or_triton(emb, mask, normalize, include_self, eps)
+            return _cuda_or_triton(emb, mask, normalize, include_self, eps, weights)
         backend = "reference"
     if backend == "reference":
-        return reference.mbr_scores(emb, mask, normalize, include_self, eps).to(torch.float32)
+        return reference.mbr_scores(emb, mask, normalize, include_self, eps, weights).to(torch.float32)
     if backend == "triton":
         if not triton_available(emb):
             raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (use backend='reference')")
-        return mbr_scores_triton(emb, mask, normalize, include_self, eps)
+        return mbr_scores_triton(emb, mask, normalize, include_self, eps, weights)
     if backend == "cuda":
         if not emb.is_cuda:
             raise ValueError("backend='cuda' needs CUDA tensors")
+        if weights is not None:
+            raise ValueError("weights: the CUDA C++ kernel has none; use backend='auto' or 'triton' (the Triton kernel)")
         return mbr_scores_cuda(emb, mask, normalize, include_self, eps)
     raise ValueError(f"backend must be 'auto', 'cuda', 'triton' or 'reference', got {backend!r}")
 

@@ -131,39 +131,47 @@ def attention_backward(
 # ----------------------------------------------------------------------------------------------------
 
 
-def mbr_scores_from_similarity(sim, mask=None, include_self=False):
-    """Mean similarity of each sample to the other valid samples of its row.
+def mbr_scores_from_similarity(sim, mask=None, include_self=False, weights=None):
+    """Mean similarity of each sample to the other valid samples of its row, optionally weighted per peer.
 
-    sim [B, N, N] (any utility: cosine, ROUGE-L, answer agreement), mask [B, N] bool (None = all valid).
-    score[b, i] = sum_{j valid, j != i} sim[b, i, j] / (n_valid - 1)       (include_self=False, the paper)
-    score[b, i] = sum_{j valid} sim[b, i, j] / n_valid                       (include_self=True, the authors' code)
-    Invalid samples get -inf. With include_self=False a valid sample with no valid peer gets 0.0.
-    Computed in float64 for float64 input, else float32.
+    sim [B, N, N] (any utility: cosine, ROUGE-L, answer agreement), mask [B, N] bool (None = all valid),
+    weights [B, N] >= 0 (None = all 1). With P_i = {j valid, j != i} (include_self=False, the paper) or
+    {j valid} (include_self=True, the authors' code):
+        score[b, i] = sum_{j in P_i} sim[b, i, j] / |P_i|                              (weights=None)
+        score[b, i] = sum_{j in P_i} w[b, j] sim[b, i, j] / sum_{j in P_i} w[b, j]     (weighted: peers count by w_j)
+    Invalid samples get -inf; a valid sample whose peers have no weight (none valid, or all w_j = 0) gets 0.0.
+    Weights of ones give the unweighted scores exactly. Computed in float64 for float64 input, else float32.
     """
     b, n, _ = sim.shape
     ct = torch.promote_types(sim.dtype, torch.float32)
+    zero = torch.zeros((), dtype=ct, device=sim.device)
     valid = torch.ones(b, n, dtype=torch.bool, device=sim.device) if mask is None else mask.to(torch.bool)
     pair = valid[:, :, None] & valid[:, None, :]
     if not include_self:
         pair = pair & ~torch.eye(n, dtype=torch.bool, device=sim.device)
-    total = torch.where(pair, sim.to(ct), torch.zeros((), dtype=ct, device=sim.device)).sum(-1)
-    count = pair.sum(-1)
-    scores = torch.where(count > 0, total / count.clamp(min=1).to(ct), torch.zeros((), dtype=ct, device=sim.device))
+    if weights is None:
+        total = torch.where(pair, sim.to(ct), zero).sum(-1)
+        count = pair.sum(-1)
+        scores = torch.where(count > 0, total / count.clamp(min=1).to(ct), zero)
+    else:
+        w = torch.where(pair, weights.to(ct)[:, None, :], zero)  # w[b, i, j] = w_j for j in P_i
+        total, count = (w * sim.to(ct)).sum(-1), w.sum(-1)
+        scores = torch.where(count > 0, total / torch.where(count > 0, count, torch.ones((), dtype=ct)), zero)
     return scores.masked_fill(~valid, float("-inf"))
 
 
-def mbr_scores(emb, mask=None, normalize=True, include_self=False, eps=1e-12):
+def mbr_scores(emb, mask=None, normalize=True, include_self=False, eps=1e-12, weights=None):
     """MBR scores of N samples per row: emb [B, N, D] -> scores [B, N] (float64 for float64 input, else float32).
 
     With normalize=True each embedding is divided by max(||e||, eps) (torch.nn.functional.normalize), so the
     similarity is the cosine; a zero vector has similarity 0 to everything. Then
-    `mbr_scores_from_similarity(E @ E^T, mask, include_self)`: the [B, N, N] matrix is materialized here.
+    `mbr_scores_from_similarity(E @ E^T, mask, include_self, weights)`: the [B, N, N] matrix is materialized here.
     """
     ct = torch.promote_types(emb.dtype, torch.float32)
     e = emb.to(ct)
     if normalize:
         e = e / e.norm(dim=-1, keepdim=True).clamp(min=eps)
-    return mbr_scores_from_similarity(e @ e.transpose(1, 2), mask, include_self)
+    return mbr_scores_from_similarity(e @ e.transpose(1, 2), mask, include_self, weights)
 
 
 def select_pairs(scores, generator=None, chosen_mask=None):

@@ -126,6 +126,71 @@ def test_bad_arguments_name_the_argument():
         sk.select_pairs(torch.zeros(3, dtype=torch.long))
 
 
+def _weights(b, n, device):
+    """Certainty-like peer weights in [0.5, 2], with one zero weight per row."""
+    w = 0.5 + 1.5 * torch.rand(b, n, dtype=torch.float64)
+    w[:, n // 3] = 0.0
+    return w.to(device)
+
+
+@pytest.mark.parametrize("include_self", [False, True])
+def test_weighted_reference_is_the_float64_loop(include_self):
+    """s_i = sum_{j valid (j != i)} w_j cos(e_i, e_j) / sum_{j valid (j != i)} w_j, spelled out as a loop."""
+    emb = torch.randn(3, 7, 5, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 0, 0, 0, 0]], dtype=torch.bool)
+    w = _weights(3, 7, "cpu")
+    w[1, :] = 0.0
+    w[1, 4] = 3.0  # row 1: only sample 4 has weight; its own peers weigh 0 in all
+    scores = reference.mbr_scores(emb, mask, include_self=include_self, weights=w)
+    for b in range(3):
+        for i in range(7):
+            if not mask[b, i]:
+                assert torch.isneginf(scores[b, i])
+                continue
+            peers = [j for j in range(7) if mask[b, j] and (include_self or j != i)]
+            num = sum(w[b, j] * torch.nn.functional.cosine_similarity(emb[b, i], emb[b, j], dim=0) for j in peers)
+            den = sum(w[b, j] for j in peers)
+            expect = num / den if den > 0 else 0.0
+            assert abs(float(scores[b, i]) - float(expect)) < 1e-12, (b, i)
+    if not include_self:
+        assert scores[1, 4] == 0.0 and scores[2, 2] == 0.0  # no weighted peer / no peer
+    sim = torch.nn.functional.normalize(emb, dim=-1) @ torch.nn.functional.normalize(emb, dim=-1).transpose(1, 2)
+    assert torch.equal(reference.mbr_scores_from_similarity(sim, mask, include_self, w), scores)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(5, 37, 123), (3, 2, 16), (2, 9, 301)])
+@pytest.mark.parametrize("include_self", [False, True])
+def test_triton_weighted_matches_float64_reference(dtype, shape, include_self, device):
+    emb, mask = _inputs(*shape, dtype, device)
+    w = _weights(shape[0], shape[1], device).float()
+    out = sk.mbr_scores(emb, mask, include_self=include_self, backend="triton", weights=w)
+    _assert_close(out, reference.mbr_scores(emb.double(), mask, include_self=include_self, weights=w.double()))
+    assert out[0].isneginf().all()
+    if shape[0] > 1 and not include_self:
+        assert out[1, shape[1] // 2] == 0.0  # one valid sample: no peer
+
+
+@pytest.mark.parametrize("include_self", [False, True])
+def test_weights_of_ones_are_the_unweighted_scores_exactly(include_self, device):
+    emb, mask = _inputs(4, 19, 45, torch.float32, device)
+    ones = torch.ones(4, 19, device=device)
+    for backend in ("reference", "triton"):
+        plain = sk.mbr_scores(emb, mask, include_self=include_self, backend=backend)
+        assert torch.equal(sk.mbr_scores(emb, mask, include_self=include_self, backend=backend, weights=ones), plain)
+    sim = torch.randn(4, 19, 19, dtype=torch.float64)
+    assert torch.equal(reference.mbr_scores_from_similarity(sim, mask.cpu(), include_self, ones.cpu().double()),
+                       reference.mbr_scores_from_similarity(sim, mask.cpu(), include_self))
+
+
+def test_bad_weights_name_the_argument():
+    emb = torch.randn(2, 3, 4)
+    for bad in (torch.ones(2, 4), torch.ones(2, 3, dtype=torch.long), torch.tensor([[1.0, -1.0, 1.0]] * 2),
+                torch.tensor([[1.0, float("nan"), 1.0]] * 2), [[1.0] * 3] * 2):
+        with pytest.raises(ValueError, match="weights"):
+            sk.mbr_scores(emb, weights=bad)
+
+
 def _lower_half(scores_row, chosen):
     valid = [j for j in range(len(scores_row)) if scores_row[j] > float("-inf")]
     others = sorted((j for j in valid if j != chosen), key=lambda j: (scores_row[j], -j))
@@ -192,6 +257,12 @@ def test_gpu_backends_match_reference(backend, dtype):
         _assert_close(out, reference.mbr_scores(emb.double(), mask))
         out = sk.mbr_scores(emb, None, backend=backend, include_self=True)
         _assert_close(out, reference.mbr_scores(emb.double(), None, include_self=True))
+        w = _weights(shape[0], shape[1], "cuda").float()
+        if backend == "cuda":
+            with pytest.raises(ValueError, match="weights"):
+                sk.mbr_scores(emb, mask, backend=backend, weights=w)
+        out = sk.mbr_scores(emb, mask, backend="triton" if backend == "triton" else "auto", weights=w)  # auto: Triton
+        _assert_close(out, reference.mbr_scores(emb.double(), mask, weights=w.double()))
 
 
 @pytest.mark.gpu
