@@ -18,6 +18,7 @@ from .fields import Checked, option
 Dtype = Literal["bfloat16", "float16", "float32"]
 Strategy = Literal[tuple(STRATEGIES)]
 UTILITIES = ("embedding", "rouge", "answer", "random")
+SCORERS = ("mbr", "self-certainty", "mbr+certainty")
 PAIRS_FORMATS = ("sealong", "trl")
 Window = Literal["last", "mean", "first"]  # sealong.score.embed.WINDOWS
 WINDOW_HELP = "outputs longer than the embedder reads: its last window (default), mean of windows, or first"
@@ -123,6 +124,16 @@ class ScoreConfig(Checked):
     pairs_format: Literal[PAIRS_FORMATS] = option(
         "sealong", "pairs file format: sealong's (scores record + context), or TRL's conversational "
         "prompt/chosen/rejected records")
+    scorer: Literal[SCORERS] = option(
+        "mbr", "mbr: mean utility to the other outputs (the paper); self-certainty: the sampler's per-output "
+        "self-certainty (samples' `self_certainty`; no similarity needed); mbr+certainty: MBR with each peer "
+        "weighted by its self-certainty")
+    min_consensus: float = option(0.0, "skip questions whose top answer cluster holds less than this share of the "
+                                  "outputs (0 keeps all)", ge=0, le=1)
+
+    def checks(self):
+        return [(not (self.utility == "random" and self.scorer != "mbr"),
+                 f"--utility random (random scores, the baseline) cannot be combined with --scorer {self.scorer}")]
 
 
 @dataclass

