@@ -5,7 +5,8 @@ Kernels and the launcher that picks their configuration:
 
 * orpo._logits_rows_kernel   `orpo.row_launch_config` (GPU: 1 row, BLOCK_V = min(next_pow2(V), 4096), 8 warps) in
                              its three modes: forward (LSE), deferred forward (LSE + G), backward (scaled G);
-* mbr._mbr_scores_kernel     `mbr._block_sizes(N, D)` for N = 16 ... 512 (MAX_N), D short (37) and long (4096);
+* mbr._mbr_scores_kernel     `mbr._block_sizes(N, D)` for N = 16 ... 512 (MAX_N), D short (37) and long (4096),
+                             unweighted, and with peer weights (`_block_sizes(N, D, weighted=True)`);
 * decode._prefix_decode_kernel  `decode._launch_config` (BLOCK_M 16 ... 128, BLOCK_N by head dim), partial out
                              float32 (several key splits) or in q's dtype (one split);
 * decode._merge_splits_kernel   `decode.merge_block_m(D)`, out in q's dtype;
@@ -58,21 +59,27 @@ def loss_row_cases():
 
 def mbr_cases():
     """MBR scores: every tile `_block_sizes` picks for N = 16 ... 512 with a short and a long embedding in float32
-    (the kernel computes in float32 whatever it loads), and the smallest and largest BLOCK_N in bfloat16."""
+    (the kernel computes in float32 whatever it loads), the smallest and largest BLOCK_N in bfloat16, and the
+    peer-weighted variant (HAS_WEIGHTS, --scorer mbr+certainty; its own tiles) for N = 16, 64, 256, 512 in float32."""
     out, seen = [], set()
-    for dtype, ns in (("fp32", (16, 32, 64, 128, 256, 512)), ("bf16", (16, 512))):
+    for dtype, ns, weighted in (("fp32", (16, 32, 64, 128, 256, 512), False), ("bf16", (16, 512), False),
+                                ("fp32", (16, 64, 256, 512), True)):
         for n in ns:
             for d in (37, 4096):
-                block_n, block_d, warps = mbr._block_sizes(n, d)
-                if (dtype, block_n, block_d, warps) in seen:
+                block_n, block_d, warps = mbr._block_sizes(n, d, weighted)
+                if (dtype, weighted, block_n, block_d, warps) in seen:
                     continue
-                seen.add((dtype, block_n, block_d, warps))
-                types = dict(E="*" + dtype, M="*i1", OUT="*fp32", N="i32", D="i32", stride_eb="i32", stride_en="i32",
-                             stride_ed="i32", stride_mb="i32", stride_mn="i32", stride_ob="i32", eps="fp32")
-                const = dict(HAS_MASK=True, NORMALIZE=True, INCLUDE_SELF=False, BLOCK_N=block_n, BLOCK_D=block_d)
-                divisible = ("N", "stride_mb", "stride_ob") + (("D", "stride_eb", "stride_en") if d % 16 == 0 else ())
-                out.append(_case(f"mbr/{dtype}/N{n}/D{d}", mbr._mbr_scores_kernel, types, const, warps, divisible,
-                                 dtype=dtype, tile=[block_n, block_d]))
+                seen.add((dtype, weighted, block_n, block_d, warps))
+                types = dict(E="*" + dtype, M="*i1", W="*fp32", OUT="*fp32", N="i32", D="i32", stride_eb="i32",
+                             stride_en="i32", stride_ed="i32", stride_mb="i32", stride_mn="i32", stride_wb="i32",
+                             stride_wn="i32", stride_ob="i32", eps="fp32")
+                const = dict(HAS_MASK=True, HAS_WEIGHTS=weighted, NORMALIZE=True, INCLUDE_SELF=False, BLOCK_N=block_n,
+                             BLOCK_D=block_d)
+                divisible = ("N", "stride_mb", "stride_ob") + (("stride_wb",) if weighted else ()) + (
+                    ("D", "stride_eb", "stride_en") if d % 16 == 0 else ())
+                name = f"mbr/{dtype}{'/weighted' if weighted else ''}/N{n}/D{d}"
+                out.append(_case(name, mbr._mbr_scores_kernel, types, const, warps, divisible, dtype=dtype,
+                                 tile=[block_n, block_d]))
     return out
 
 

@@ -117,13 +117,17 @@ def _mbr_scores_kernel(
     tl.store(OUT + b * stride_ob + offs_n, score, mask=offs_n < N)
 
 
-def _block_sizes(n, d):
+def _block_sizes(n, d, weighted=False):
     """BLOCK_N covers the whole row; BLOCK_D keeps the tile near 4096 elements and num_warps gives each thread
     at most 16 of them: about 128 registers on sm_90 and no spills up to N = 512 (checked by
-    tests/kernels/test_mbr_cuda_build.py with cuobjdump), so two or more programs fit on an SM."""
+    tests/kernels/test_mbr_cuda_build.py with cuobjdump), so two or more programs fit on an SM. The weighted
+    kernel holds one more [BLOCK_N] vector and tile: half the BLOCK_D (at least 8) at the same num_warps, else
+    N = 512 spills on sm_80 (tests/kernels/test_compile_cases_kernels.py)."""
     block_n = max(16, triton.next_power_of_2(n))
     block_d = max(16, min(256, 4096 // block_n, triton.next_power_of_2(d)))
     num_warps = max(4, min(16, block_n * block_d // 512))
+    if weighted:
+        block_d = max(8, block_d // 2)
     return block_n, block_d, num_warps
 
 
@@ -135,7 +139,7 @@ def mbr_scores_triton(emb, mask=None, normalize=True, include_self=False, eps=1e
         return out
     m = mask if mask is not None else out  # dummy pointer when HAS_MASK is false
     w = weights.to(torch.float32) if weights is not None else out  # likewise for HAS_WEIGHTS
-    block_n, block_d, num_warps = _block_sizes(n, d)
+    block_n, block_d, num_warps = _block_sizes(n, d, weights is not None)
     _mbr_scores_kernel[(b,)](
         emb, m, w, out, n, d,
         emb.stride(0), emb.stride(1), emb.stride(2),

@@ -205,6 +205,8 @@ def _embedding_scores(records, valid, cfg, device):
         if weights is not None:
             weights[b, : len(v)] = peer_weights(r["self_certainty"], v).float()
     emb[mask.to(device)] = vectors
+    if weights is not None and bool((weights[mask] == 1).all()):
+        weights = None  # equal certainties: the unweighted kernel, so the scores are mbr's bit for bit on any device
     weights = weights.to(device) if weights is not None else None
     scores = sk.mbr_scores(emb, mask.to(device), include_self=cfg.reference_mode, weights=weights).cpu()
     return torch.nn.functional.normalize(emb, dim=-1).cpu(), scores

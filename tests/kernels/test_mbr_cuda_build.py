@@ -98,15 +98,18 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from sealong_kernels.mbr import _block_sizes, _mbr_scores_kernel
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-sig = {"E": "", "M": "*i1", "OUT": "*fp32", "N": "i32", "D": "i32", **{k: "i64" for k in
-       ["stride_eb", "stride_en", "stride_ed", "stride_mb", "stride_mn", "stride_ob"]}, "eps": "fp32",
-       **{k: "constexpr" for k in ["HAS_MASK", "NORMALIZE", "INCLUDE_SELF", "BLOCK_N", "BLOCK_D"]}}
-for dtype, n, d in [("fp32", 32, 1024), ("bf16", 32, 1024), ("fp32", 256, 1024), ("fp16", 512, 4096), ("fp32", 5, 37)]:
-    block_n, block_d, num_warps = _block_sizes(n, d)
-    const = {"HAS_MASK": True, "NORMALIZE": True, "INCLUDE_SELF": False, "BLOCK_N": block_n, "BLOCK_D": block_d}
+sig = {"E": "", "M": "*i1", "W": "*fp32", "OUT": "*fp32", "N": "i32", "D": "i32", **{k: "i64" for k in
+       ["stride_eb", "stride_en", "stride_ed", "stride_mb", "stride_mn", "stride_wb", "stride_wn", "stride_ob"]},
+       "eps": "fp32", **{k: "constexpr" for k in ["HAS_MASK", "HAS_WEIGHTS", "NORMALIZE", "INCLUDE_SELF", "BLOCK_N",
+                                                  "BLOCK_D"]}}
+for dtype, n, d, weighted in [("fp32", 32, 1024, False), ("bf16", 32, 1024, False), ("fp32", 256, 1024, False),
+                              ("fp16", 512, 4096, False), ("fp32", 5, 37, False), ("fp16", 512, 4096, True)]:
+    block_n, block_d, num_warps = _block_sizes(n, d, weighted)
+    const = {"HAS_MASK": True, "HAS_WEIGHTS": weighted, "NORMALIZE": True, "INCLUDE_SELF": False, "BLOCK_N": block_n,
+             "BLOCK_D": block_d}
     src = ASTSource(fn=_mbr_scores_kernel, signature={**sig, "E": "*" + dtype}, constexprs=const)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-    path = os.path.join(sys.argv[1], f"mbr_{dtype}_{n}.cubin")
+    path = os.path.join(sys.argv[1], f"mbr_{dtype}_{n}_{weighted}.cubin")
     open(path, "wb").write(kernel.asm["cubin"])
     usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True, check=True).stdout
     reg, stack, local = (int(re.search(k + r":(\d+)", usage).group(1)) for k in ("REG", "STACK", "LOCAL"))
@@ -125,7 +128,7 @@ def test_triton_kernel_compiles_for_sm90_without_spills(tmp_path):
         pytest.skip("this triton wheel ships no cuobjdump")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split() for line in proc.stdout.strip().splitlines()]
-    assert len(rows) == 5
+    assert len(rows) == 6  # the last: peer-weighted (--scorer mbr+certainty)
     for dtype, n, d, block_n, block_d, num_warps, reg, stack, local in rows:
         assert int(stack) == 0 and int(local) == 0, f"{dtype} N={n}: register spills ({reg} registers, stack {stack})"
         programs_per_sm = 65536 // (int(reg) * 32 * int(num_warps))  # register file of an H100 SM: 64K
