@@ -4,7 +4,7 @@ Math. Loss entry m predicts token y_m from hidden row h_m and belongs to sequenc
 of pair p, 2p + 1 = rejected). With z_m = W h_m + b [V] and lse_m = logsumexp(z_m):
 
     logp_m = z_m[y_m] - lse_m,        L_s = sum_{m in s} logp_m           (per-sequence sums, [2P])
-    loss   = orpo_objective(L, counts)                                    (reference.orpo_objective)
+    loss   = orpo_objective(L, counts[, pair weights w])                  (reference.orpo_objective)
 
 The objective is nonlinear in L (per-sequence means, log1mexp, logsigmoid), so a token's gradient needs its
 sequence's total, known only after the whole sequence is seen. But dloss/dlogp_m = g_{s_m} := dloss/dL_{s_m}
@@ -322,7 +322,7 @@ def sequence_logp_sums(hidden, weight, rows, targets, seq, num_seqs, bias=None, 
 def fused_linear_orpo_loss(hidden, weight, labels, *, bias=None, beta=0.1, nll_weight=1.0, mode="orpo",
                            sequence_ids=None, segment_ids=None, hidden_index=None, num_pairs=None,
                            skip_empty=False, ignore_index=-100, chunk_size=None, chunk_bytes=None, strategy="auto",
-                           group=None, nll_reduction="token"):
+                           group=None, nll_reduction="token", pair_weights=None):
     """ORPO (or SFT) loss of an LM head on final hidden states, never materializing the [tokens, V] logits.
 
     hidden: classic `[2B, T, H]` (B chosen rows, then the B rejected rows, row b pairs with row B + b; SFT:
@@ -335,6 +335,12 @@ def fused_linear_orpo_loss(hidden, weight, labels, *, bias=None, beta=0.1, nll_w
         nll = token mean over all chosen label tokens (nll_reduction="token"), or the mean over pairs of each
         chosen response's token mean (nll_reduction="sequence", XTuner's and the SEALONG authors'); log_odds = (c - r) - (log1mexp(c) - log1mexp(r));
         loss = nll_weight * nll - mean_pairs(beta * logsigmoid(log_odds)); SFT: loss = nll_weight * nll.
+    pair_weights: optional float tensor [P] (finite, >= 0; else ValueError): pair i's NLL and odds-ratio terms
+        are multiplied by w_i, the means stay over the pair count (token: the chosen-token count), e.g.
+        odds term -beta (1/P) sum_i w_i logsigmoid(log_odds_i): linear per pair, so exact over micro-steps and
+        ranks (Self-Consistency Preference Optimization, arXiv 2411.04109, weights pairs by their vote margin;
+        reference.orpo_objective has every formula). Only the 2P-number objective changes, not the kernel:
+        g_s = dloss/dL_s carries the weight. None (or all ones) is today's loss; metrics stay unweighted.
     A response with no label tokens raises ValueError, or with skip_empty=True its pair is skipped and counted.
     chunk_size: loss entries per chunk (default about M·H/V, see `default_chunk_size`); chunk_bytes: cap on one
         chunk's logits in bytes (default 512 MiB); strategy: "auto", "deferred" (frozen head) or "recompute"
@@ -361,11 +367,12 @@ def fused_linear_orpo_loss(hidden, weight, labels, *, bias=None, beta=0.1, nll_w
         pairs = int(p)
     counts = global_sum(torch.bincount(seq, minlength=2 * pairs), group)
     check_empty_sequences(counts, mode, skip_empty)
+    reference.check_pair_weights(pair_weights, pairs)  # before the token work
     sums, logit_means = sequence_logp_sums(hidden, weight, rows, targets, seq, 2 * pairs, bias, chunk_size=chunk_size,
                                            chunk_bytes=chunk_bytes, strategy=strategy, group=group,
                                            return_logit_means=True)
     return orpo_objective(sums, counts, mode=mode, beta=beta, nll_weight=nll_weight, skip_empty=skip_empty,
-                          logit_means=logit_means, nll_reduction=nll_reduction)
+                          logit_means=logit_means, nll_reduction=nll_reduction, pair_weights=pair_weights)
 
 
 def shared_prompt_targets(input_ids, segment_ids, sequence_ids=None):

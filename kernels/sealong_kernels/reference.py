@@ -339,8 +339,25 @@ def check_empty_sequences(counts, mode="orpo", skip_empty=False):
     return keep
 
 
+def check_pair_weights(pair_weights, num_pairs):
+    """None, or pair_weights checked: a floating tensor [num_pairs], every weight finite and >= 0 (ValueError naming
+    `pair_weights` otherwise)."""
+    if pair_weights is None:
+        return None
+    if not isinstance(pair_weights, torch.Tensor) or not pair_weights.is_floating_point():
+        raise ValueError(f"pair_weights must be a floating-point tensor [P], got "
+                         f"{pair_weights.dtype if isinstance(pair_weights, torch.Tensor) else type(pair_weights).__name__}")
+    if tuple(pair_weights.shape) != (num_pairs,):
+        raise ValueError(f"pair_weights must have one weight per pair, shape ({num_pairs},), got {tuple(pair_weights.shape)}")
+    bad = ~torch.isfinite(pair_weights) | (pair_weights < 0)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"pair_weights must be finite and >= 0, got pair_weights[{i}] = {float(pair_weights[i])}")
+    return pair_weights
+
+
 def orpo_objective(logp_sum, counts, *, mode="orpo", beta=0.1, nll_weight=1.0, skip_empty=False, logit_means=None,
-                   nll_reduction="token"):
+                   nll_reduction="token", pair_weights=None):
     """ORPO / SFT loss and TRL-named metrics from per-sequence log-prob sums.
 
     logp_sum [2P] (differentiable), counts [2P]: sums and numbers of label tokens of the chosen (2p) and
@@ -356,6 +373,15 @@ def orpo_objective(logp_sum, counts, *, mode="orpo", beta=0.1, nll_weight=1.0, s
         loss     = nll_weight * nll                                                  (SFT)
     Pairs with an empty response raise, or with skip_empty=True are left out of every term and counted in
     metrics['skipped_pairs']. If no pair is left the loss is 0 (with zero gradients), never NaN.
+    pair_weights [P] (optional, finite, >= 0): pair i's terms are multiplied by w_i, the means stay over the
+    COUNT of kept pairs (and the chosen tokens), so the objective stays a sum of per-pair terms, exact under
+    micro-batching and data / sequence parallelism (the shares of sealong/train/loss.py apply unchanged):
+        nll      = -sum_i w_i S_c,i / sum_i n_c,i                                   ("token")
+        nll      = -(1/P) sum_i w_i S_c,i / n_c,i                                   ("sequence")
+        odds     = -beta (1/P) sum_i w_i logsigmoid(log_odds_i)
+    Self-Consistency Preference Optimization (Prasad et al. 2024, arXiv 2411.04109) weights each pair's loss
+    by its vote margin this way. None skips the multiply (weights of ones give the same floats). The metrics
+    stay unweighted (TRL's names and definitions).
     logit_means [2P] (optional, `sequence_logit_means`): per sequence, the sum over its label tokens of the
     vocabulary-mean logit; gives TRL's logits/chosen (logits/rejected) = the mean logit over every vocabulary
     entry of every chosen (rejected) label token of the kept pairs, i.e. logits[loss_mask].mean() as TRL's
@@ -367,6 +393,9 @@ def orpo_objective(logp_sum, counts, *, mode="orpo", beta=0.1, nll_weight=1.0, s
     keep = check_empty_sequences(counts, mode, skip_empty)
     sums = logp_sum.reshape(-1, 2)
     n = counts.reshape(-1, 2).to(sums.dtype)
+    w = check_pair_weights(pair_weights, sums.shape[0])
+    w_k = None if w is None else w.to(device=sums.device, dtype=sums.dtype)[keep]
+    weighted = (lambda x: x) if w is None else (lambda x: w_k * x)  # noqa: E731 (None: no multiply at all)
     sums_k, n_k = sums[keep], n[keep]
     metrics = {"skipped_pairs": (~keep).sum().float()}
     if sums_k.shape[0] == 0:
@@ -374,8 +403,9 @@ def orpo_objective(logp_sum, counts, *, mode="orpo", beta=0.1, nll_weight=1.0, s
         metrics["nll_loss"] = loss.detach().float()
         return loss, metrics
     chosen = sums_k[:, 0] / n_k[:, 0]
-    nll = -chosen.mean() if nll_reduction == "sequence" else -sums_k[:, 0].sum() / n_k[:, 0].sum()
-    loss = nll_weight * nll
+    nll_of = lambda c, s: -c.mean() if nll_reduction == "sequence" else -s.sum() / n_k[:, 0].sum()  # noqa: E731
+    nll = nll_of(chosen, sums_k[:, 0])
+    loss = nll_weight * (nll if w is None else nll_of(weighted(chosen), weighted(sums_k[:, 0])))
     metrics["nll_loss"] = nll.detach().float()
     metrics["logps/chosen"] = chosen.detach().mean().float()
     if logit_means is not None:
@@ -389,7 +419,7 @@ def orpo_objective(logp_sum, counts, *, mode="orpo", beta=0.1, nll_weight=1.0, s
     c, r = chosen.clamp(max=LOGP_MAX), rejected.clamp(max=LOGP_MAX)
     log_odds = (c - r) - (log1mexp(c) - log1mexp(r))
     ratio = torch.nn.functional.logsigmoid(log_odds)
-    loss = loss - beta * ratio.mean()
+    loss = loss - beta * weighted(ratio).mean()
     with torch.no_grad():
         metrics.update({
             "rewards/chosen": (beta * chosen).mean().float(),
@@ -455,7 +485,8 @@ def sequence_logit_means(hidden, weight, rows, seq, num_seqs, bias=None):
 
 def fused_linear_orpo_loss(hidden, weight, labels, *, bias=None, beta=0.1, nll_weight=1.0, mode="orpo",
                            sequence_ids=None, segment_ids=None, hidden_index=None, num_pairs=None,
-                           skip_empty=False, ignore_index=-100, group=None, nll_reduction="token", **kernel_options):
+                           skip_empty=False, ignore_index=-100, group=None, nll_reduction="token", pair_weights=None,
+                           **kernel_options):
     """Twin of sealong_kernels.fused_linear_orpo_loss computed from the full [M, V] logits (same arguments;
     chunk_size / chunk_bytes / strategy are accepted and ignored). Returns (loss, metrics)."""
     rows, targets, seq, pairs = preference_entries(labels, mode=mode, sequence_ids=sequence_ids,
@@ -472,7 +503,7 @@ def fused_linear_orpo_loss(hidden, weight, labels, *, bias=None, beta=0.1, nll_w
     sums = global_sum(sequence_logp_sums(hidden, weight, rows, targets, seq, 2 * pairs, bias), group)
     logit_means = global_sum(sequence_logit_means(hidden, weight, rows, seq, 2 * pairs, bias), group)
     return orpo_objective(sums, counts, mode=mode, beta=beta, nll_weight=nll_weight, skip_empty=skip_empty,
-                          logit_means=logit_means, nll_reduction=nll_reduction)
+                          logit_means=logit_means, nll_reduction=nll_reduction, pair_weights=pair_weights)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -58,6 +58,11 @@ class TrainConfig(Checked):
     nll_reduction: Literal["sequence", "token"] = option(
         "sequence", "sequence: mean over pairs of each chosen response's token mean (XTuner, the authors' training); "
         "token: token mean over the batch's chosen tokens")
+    pair_weighting: Literal["none", "margin"] = option(
+        "none", "none: every pair weighs 1 (the paper); margin: pair i weighs its MBR score margin m_i = "
+        "score(chosen) - score(rejected) (the pairs' score_margin) divided by the mean margin over the training "
+        "pairs (mean weight 1, so the learning rate keeps its meaning); Self-Consistency Preference Optimization, "
+        "arXiv 2411.04109")
     weight_decay: float = option(0.1, "AdamW weight decay", ge=0)
     adam_betas: list[float] = option(factory=lambda: [0.9, 0.999], help="AdamW betas", ge=0, lt=1)
     adam_eps: float = option(1e-8, "AdamW epsilon", gt=0)

@@ -21,7 +21,8 @@ The loop (nanoGPT's shape):
   or hybrid attention) with global positions; dp groups take different pairs;
 * each optimizer step sees `batch_pairs` pairs: dp x micro_batch_pairs x accumulation (derived, asserted);
 * the loss of a micro-step is its share of the batch loss, normalised by the batch's chosen tokens and
-  pairs (sealong/train_loss.py), so gradients summed over micro-steps and all dp x sp ranks are exact;
+  pairs (sealong/train/loss.py), so gradients summed over micro-steps and all dp x sp ranks are exact; with
+  `pair_weighting: margin` each pair's terms weigh its score margin over the mean margin (still exact);
 * with several ranks, FSDP2 (sealong/train/fsdp.py) shards weights, gradients and AdamW states over all of them
   and reduce-scatters (sums) gradients in every backward; `data_parallel: replicate` keeps a full copy per rank
   and all-reduces gradients once, after the last micro-step;
@@ -160,6 +161,14 @@ def sequence_counts(pairs):
     return torch.tensor([n for pair in pairs for n in label_counts(pair)], dtype=torch.long)
 
 
+def pair_weights(pairs, cfg, device):
+    """The loss weights [p] of a micro-batch's pairs (float64, set by load_pairs), or None with
+    pair_weighting="none" (the loss then skips the multiply)."""
+    if cfg.pair_weighting == "none":
+        return None
+    return torch.tensor([pair.weight for pair in pairs], dtype=torch.float64, device=device)
+
+
 def train_step(model, lm_head, params, optimizer, scaler, batch, cfg, mesh, device, meet=None):
     """Forward/backward over this rank's micro-batches of `batch` (a list of pairs), reduce, clip, step.
     `meet()` (the stuck-rank watchdog) runs first, before the step's first collective: FSDP's all-gather in the
@@ -176,7 +185,8 @@ def train_step(model, lm_head, params, optimizer, scaler, batch, cfg, mesh, devi
         sums, tokens = micro_step_sums(model, lm_head, pairs, cfg, mesh, device, logit_sums)
         loss, metrics = micro_objective(sums, sequence_counts(pairs).to(device), mode=cfg.mode, beta=cfg.beta,
                                         nll_weight=cfg.nll_weight, batch_chosen_tokens=chosen_tokens,
-                                        batch_pairs=len(batch), logit_sums=logit_sums, nll_reduction=cfg.nll_reduction)
+                                        batch_pairs=len(batch), logit_sums=logit_sums, nll_reduction=cfg.nll_reduction,
+                                        pair_weights=pair_weights(pairs, cfg, device))
         # `loss` is this micro-batch's share of the batch loss (batch-wide denominators): no 1/accum here
         (scaler.scale(loss) if scaler is not None else loss).backward()
         # every rank of an sp group computed the same (global) loss and metrics: count them once
@@ -337,7 +347,8 @@ def _train(cfg, info, on_step):
     from sealong.model import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
-    data = load_pairs(cfg.data, tokenizer, mode=cfg.mode, max_length=cfg.max_length, strategy=cfg.prompt_strategy)
+    data = load_pairs(cfg.data, tokenizer, mode=cfg.mode, max_length=cfg.max_length, strategy=cfg.prompt_strategy,
+                      pair_weighting=cfg.pair_weighting)  # margin weights: normalized over all pairs, on every rank
     steps_per_epoch = len(data.pairs) // cfg.batch_pairs
     if steps_per_epoch == 0:
         raise ValueError(f"{cfg.data}: {data.summary()}: fewer usable pairs than batch_pairs={cfg.batch_pairs}")
@@ -458,7 +469,7 @@ def check_resumable(path, cfg, total_steps, data_summary):
     saved_cfg = state.get("train_config", {})
     same = lambda a, b: (list(a) == list(b)) if isinstance(b, (list, tuple)) else a == b  # noqa: E731 (JSON lists)
     differ = [f"{key}: checkpoint {saved_cfg[key]!r}, now {getattr(cfg, key)!r}"
-              for key in ("seed", "batch_pairs", "mode", "finetune")
+              for key in ("seed", "batch_pairs", "mode", "finetune", "pair_weighting")
               + (("lora_r", "lora_alpha", "lora_targets") if cfg.finetune == "lora" else ())
               if key in saved_cfg and not same(saved_cfg[key], getattr(cfg, key))]
     if "data" in state and state["data"] != data_summary:

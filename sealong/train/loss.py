@@ -18,7 +18,15 @@ their chosen tokens contributes exactly its share
                                           nll_weight * p / P             ("sequence"))
 
 so the gradients summed over micro-steps and over every rank are those of the batch loss (no averaging of
-per-micro-batch means). S comes from `sealong_kernels.sequence_logp_sums`, the fused kernel (no [T, V]
+per-micro-batch means). Pair weights w_i (TrainConfig.pair_weighting; Self-Consistency Preference
+Optimization, arXiv 2411.04109) multiply pair i's terms while the means stay over the pair / token COUNTS:
+
+    loss = nll_weight * NLL_w - beta * (1/P) sum_i w_i logsigmoid(log_odds_i)
+    NLL_w = -sum_i w_i S_c,i / sum_i n_c,i  ("token")       NLL_w = -(1/P) sum_i w_i S_c,i / n_c,i  ("sequence")
+
+still a sum of per-pair terms over fixed batch denominators, so the same shares are exact (each micro-step
+passes its own pairs' weights). The logged metrics stay unweighted (TRL's definitions); `loss` is weighted.
+S comes from `sealong_kernels.sequence_logp_sums`, the fused kernel (no [T, V]
 logits); under sequence parallelism it is given the group, all-reduces each sequence's partial sums with an
 identity gradient, and every rank of the group computes the same loss and the exact gradient through its
 own tokens (so the loss value is counted once per group, the gradients summed).
@@ -84,11 +92,12 @@ def metric_means(sums, batch_pairs, batch_tokens, nll_reduction="token"):
 
 
 def micro_objective(sums, counts, *, mode, beta, nll_weight, batch_chosen_tokens, batch_pairs, logit_sums=None,
-                    nll_reduction="token"):
+                    nll_reduction="token", pair_weights=None):
     """This micro-step's share of the batch loss and its metric sums.
 
     sums [2p] float32 (the global per-sequence log-prob sums of its p pairs), counts [2p] label tokens,
-    logit_sums [2p] (optional, `row_logit_sums`). Returns (loss share to backpropagate, metrics float64
+    logit_sums [2p] (optional, `row_logit_sums`), pair_weights [p] (optional, the pairs' loss weights; None:
+    every pair weighs 1, the multiply skipped). Returns (loss share to backpropagate, metrics float64
     [len(METRIC_NAMES)] summed over the p pairs, except TOKEN_METRICS: summed over their tokens, and nll_loss
     with nll_reduction "sequence": summed over pairs); `metric_means` turns the sums over the batch into means.
     """
@@ -97,7 +106,8 @@ def micro_objective(sums, counts, *, mode, beta, nll_weight, batch_chosen_tokens
     own = chosen_tokens if nll_reduction == "token" else float(pairs)  # this micro-step's NLL weight ...
     total = batch_chosen_tokens if nll_reduction == "token" else batch_pairs  # ... of the batch's
     loss, m = orpo_objective(sums, counts, mode=mode, beta=beta * pairs / batch_pairs,
-                             nll_weight=nll_weight * own / total, nll_reduction=nll_reduction)
+                             nll_weight=nll_weight * own / total, nll_reduction=nll_reduction,
+                             pair_weights=pair_weights)
     out = torch.zeros(len(METRIC_NAMES), dtype=torch.float64)
     out[METRIC_NAMES.index("nll_loss")] = float(m["nll_loss"]) * own
     out[METRIC_NAMES.index("logps/chosen")] = float(m["logps/chosen"]) * pairs

@@ -8,6 +8,11 @@ the file may be JSON lines, a JSON file (a list of records, or columns) or a `da
 `save_to_disk` (see `preference_records`). `id` is optional (the line or record number stands in); when given it
 is a string or an integer, unique in the file. A record with a `skipped` reason, or an empty chosen / rejected
 text, is skipped and counted.
+With `pair_weighting="margin"` every record also carries `score_margin`, the MBR score of the chosen minus
+that of the rejected answer (finite, >= 0; the scoring stage writes it): pair i weighs w_i = m_i / mean_j m_j
+over the pairs read (mean weight 1, so the learning rate keeps its meaning; Self-Consistency Preference
+Optimization, Prasad et al. 2024, arXiv 2411.04109, weights each pair's loss by its vote margin). The ratio
+is computed exactly (fractions) and rounded once, the same on every rank: equal margins weigh exactly 1.
 A malformed line stops loading with the file and line; nothing is read lazily, so a bad record never
 stops training in the middle of an epoch.
 
@@ -33,9 +38,11 @@ counted. A pair whose answers alone leave no room for a prompt of `MIN_PROMPT` t
 """
 
 import json
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import torch
 
@@ -54,6 +61,7 @@ class Pair:
     chosen: torch.Tensor              # [C] int64, ends with EOS
     rejected: torch.Tensor | None     # [R] int64, ends with EOS
     truncated: bool = False           # prompt was cut from the middle to fit max_length
+    weight: float = 1.0               # loss weight of the pair (pair_weighting="margin": margin / mean margin)
 
 
 @dataclass
@@ -71,10 +79,14 @@ class PairData:
     pairs: list
     skipped: Counter = field(default_factory=Counter)   # reason -> count
     truncated: int = 0
+    weighting: str = "none"  # pair_weighting the weights were set by
 
     def summary(self):
         parts = [f"{len(self.pairs)} pairs", f"{self.truncated} prompts truncated from the middle"]
         parts += [f"{n} skipped ({reason})" for reason, n in sorted(self.skipped.items())]
+        if self.weighting != "none" and self.pairs:
+            weights = [p.weight for p in self.pairs]
+            parts.append(f"pair weights {self.weighting} / mean ({min(weights):.3g}..{max(weights):.3g})")
         return ", ".join(parts)
 
 
@@ -119,11 +131,37 @@ def truncate_middle(ids, length):
     return torch.cat([ids[:head], ids[ids.numel() - (length - head):]])
 
 
-def load_pairs(path, tokenizer, *, mode="orpo", max_length=32768, strategy=prompts.DEFAULT_STRATEGY):
-    """Read and tokenize every record of `path` -> PairData (pairs in file order, counted skips)."""
+def score_margin(record, where):
+    """The record's `score_margin` (a finite number >= 0), or ValueError naming file:line."""
+    if is_trl_record(record) and "score_margin" not in record:
+        raise ValueError(f"{where}: pair_weighting=margin needs each pair's score_margin, and a TRL-format record "
+                         "(prompt / chosen / rejected) has none: use the scoring stage's pairs or pair_weighting=none")
+    value = record.get("score_margin")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{where}: pair_weighting=margin needs a finite score_margin >= 0 (the chosen answer's MBR "
+                         f"score minus the rejected one's), got {json.dumps(value)}")
+    return value
+
+
+def margin_weights(margins, path):
+    """w_i = m_i / mean(m), the exact ratio (fractions) rounded once: equal margins give exactly 1."""
+    if not margins:
+        return []
+    total = sum(Fraction(m) for m in margins)
+    if total == 0:
+        raise ValueError(f"{path}: pair_weighting=margin, but every score_margin is 0: no pair would weigh anything")
+    return [float(Fraction(m) * len(margins) / total) for m in margins]
+
+
+def load_pairs(path, tokenizer, *, mode="orpo", max_length=32768, strategy=prompts.DEFAULT_STRATEGY,
+               pair_weighting="none"):
+    """Read and tokenize every record of `path` -> PairData (pairs in file order, counted skips); with
+    pair_weighting="margin" each pair's weight is its score_margin over the mean of the pairs read."""
     if strategy not in prompts.STRATEGIES:
         raise ValueError(f"unknown prompt strategy {strategy!r}; choose one of {', '.join(prompts.STRATEGIES)}")
-    data = PairData(pairs=[])
+    if pair_weighting not in ("none", "margin"):
+        raise ValueError(f"pair_weighting must be 'none' or 'margin', got {pair_weighting!r}")
+    data, margins = PairData(pairs=[], weighting=pair_weighting), []
     check_id = IdChecker(path)
     for number, where, record in preference_records(path):
         if "id" in record:  # optional (the line number stands in); typed and unique when given
@@ -156,7 +194,11 @@ def load_pairs(path, tokenizer, *, mode="orpo", max_length=32768, strategy=promp
         if truncated:
             prompt = truncate_middle(prompt, room)
             data.truncated += 1
+        if pair_weighting == "margin":
+            margins.append(score_margin(record, where))
         data.pairs.append(Pair(str(record.get("id", number)), prompt, chosen, rejected, truncated))
+    for pair, weight in zip(data.pairs, margin_weights(margins, path)):
+        pair.weight = weight
     return data
 
 
