@@ -185,3 +185,25 @@ def test_stage_adaptive_records_and_settings(ckpt, tmp_path):
 def test_adaptive_options_checked(tmp_path, flags, message):
     with pytest.raises(ConfigError, match=message):
         stage("no-model", tmp_path, tmp_path / "o.jsonl", *flags)
+
+
+def test_eval_of_an_adaptive_samples_file_reports_at_spent():
+    """`sealong eval` on records with different numbers of outputs: the @n modes go up to the smallest count,
+    the @spent modes use each question's own outputs (MBR among them, never a truncated one)."""
+    from sealong.evaluate.report import evaluate, markdown_table
+
+    records = [
+        {"id": "a", "dataset": "t", "answers": ["paris"], "num_tokens": [3] * 5, "finish_reasons": ["stop"] * 5,
+         "outputs": ["the answer is rome", "the answer is paris", "the answer is paris", "the answer is paris",
+                     "the answer is lyon"]},
+        {"id": "b", "dataset": "t", "answers": ["blue"], "num_tokens": [2, 2], "finish_reasons": ["stop", "length"],
+         "outputs": ["the answer is red", "the answer is blue"]},
+    ]
+    res = evaluate(None, records, mbr=True)
+    avg = res["average"]
+    assert res["ns"] == [1, 2]
+    assert avg["oracle@2"]["subem"] == 100 and avg["oracle@spent"]["subem"] == 100
+    assert avg["random@spent"]["subem"] == pytest.approx(100 * (3 / 5 + 1 / 2) / 2)
+    assert avg["MBR@2"]["subem"] == 0  # a: rome vs paris tie goes to the first; b: blue was cut off
+    assert avg["MBR@spent"]["subem"] == 50  # a: the paris cluster among 5
+    assert list(avg)[-1] == "random@spent" and "MBR@spent" in markdown_table(res)
