@@ -242,7 +242,7 @@ def stream(model, requests, params: SamplingParams, slots: int, block: int = 0, 
         busy = [s for s in range(slots) if owner[s] is not None]
         offsets = torch.tensor([_signed((0x9E3779B97F4A7C15 * (t + 1)) & MASK64) for t in step], dtype=torch.int64)
         tokens, logp, kl = choose_tokens(logits, _uniform_from(seeds + offsets), params, certainty=True)
-        tokens_host, logp_host, kl_host = tokens.tolist(), logp.tolist(), kl.tolist()
+        tokens_host, (logp_host, kl_host) = tokens.tolist(), torch.stack((logp, kl)).tolist()  # one copy of both
         stats["busy_slot_steps"] += len(busy)
         stats["slot_steps"] += slots
         stats["decode_tokens"] += len(busy)
