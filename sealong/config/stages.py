@@ -91,6 +91,20 @@ class SampleConfig(Checked):
     backend: Literal["auto", "triton", "reference"] = option("auto", "decode attention kernel")
     limit: Optional[int] = option(None, "sample only the first LIMIT prompts of the file (>= 1; omitted: all)", ge=1)
     trust_remote_code: bool = option(False, "let the tokenizer run code from the folder")
+    adaptive_block: int = option(0, "adaptive sample count: sample each prompt's outputs this many at a time from its "
+                                 "cached prefix and stop once they agree (--adaptive-share, --adaptive-min-samples), "
+                                 "at most --num-samples; 0 = off: all N (the paper)", ge=0)
+    adaptive_share: float = option(0.75, "adaptive stop: the top answer cluster holds at least this share ...",
+                                   gt=0, le=1)
+    adaptive_min_samples: int = option(8, "... of at least this many finished samples", ge=1)
+
+    def checks(self):
+        if not self.adaptive_block:
+            return []
+        return [(self.adaptive_block <= self.num_samples, f"adaptive_block ({self.adaptive_block}) must be <= "
+                 f"num_samples ({self.num_samples}), or 0 (off)"),
+                (self.adaptive_min_samples <= self.num_samples, f"adaptive_min_samples ({self.adaptive_min_samples}) "
+                 f"must be <= num_samples ({self.num_samples}): no prompt could stop before N")]
 
 
 @dataclass

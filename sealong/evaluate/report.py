@@ -147,16 +147,19 @@ def evaluate(greedy: list[dict] | None, sampled: list[dict] | None, ns: list[int
         ns = sorted(n for n in (ns or default_ns(n_max)) if 1 <= n <= n_max)
         if not ns:
             raise ValueError(f"ns: no value between 1 and the smallest sample count {n_max}")
-        picks = mbr_choices(sampled, ns, embed_model, trust_remote_code, window) if mbr else None
+        counts = {len(r["outputs"]) for r in sampled}  # several: an adaptive samples file; "@spent" = each one's own
+        spent = len(counts) > 1
+        picks = (mbr_choices(sampled, sorted(set(ns) | counts) if spent else ns, embed_model, trust_remote_code, window)
+                 if mbr else None)
         for k, r in enumerate(sampled):
             table = [output_scores(o, r["answers"]) for o in r["outputs"]]
-            for n in ns:
+            for n, label in [(n, str(n)) for n in ns] + ([(len(table), "spent")] if spent else []):
                 best = max(range(n), key=lambda i: (table[i][1], table[i][0], table[i][2]))
-                add(r["dataset"], f"oracle@{n}", r, best, table)
-                add(r["dataset"], f"random@{n}", r, list(range(n)), table)
+                add(r["dataset"], f"oracle@{label}", r, best, table)
+                add(r["dataset"], f"random@{label}", r, list(range(n)), table)
                 if picks is not None:
-                    v = add(r["dataset"], f"MBR@{n}", r, picks[k][n], table)
-                    if n == ns[-1]:
+                    v = add(r["dataset"], f"MBR@{label}", r, picks[k][n], table)
+                    if label == str(ns[-1]):
                         per_question.setdefault(f"MBR@{n}", {})[r["id"]] = list(v[:3])
     result = {"tasks": {}, "ns": ns if sampled else [], "settings": dict(settings or {}),
               "questions": len({r["id"] for r in (greedy or []) + (sampled or [])}), "per_question": per_question}
@@ -189,7 +192,7 @@ def _summarize(mode: str, vals: list[tuple]) -> dict:
 
 def _mode_key(mode: str):
     name, _, n = mode.partition("@")
-    return ({"greedy": 0, "MBR": 1, "oracle": 2, "random": 3}.get(name, 4), int(n or 0))
+    return ({"greedy": 0, "MBR": 1, "oracle": 2, "random": 3}.get(name, 4), int(n) if n.isdigit() else 1 << 30)
 
 
 LEGEND = """- **greedy**: one output at temperature 0.
@@ -197,6 +200,8 @@ LEGEND = """- **greedy**: one output at temperature 0.
   own choice, no label; an output cut at the token limit is never chosen).
 - **oracle@N**: the best of the N outputs by the gold answer (an upper bound: how often ANY sample is right).
 - **random@N**: the average over the N outputs (what one random sample scores).
+- **@spent** (samples files of the adaptive sample count, where questions have different numbers of outputs):
+  the mode over each question's own outputs; the @n modes go up to the smallest count.
 - **EM**: the final answer (the text after the last "answer is") equals a gold answer after normalization;
   **SubEM**: a normalized gold answer occurs anywhere in the output (the paper's metric; it also counts an answer
   that is only mentioned on the way); **F1**: token F1 (LongBench).

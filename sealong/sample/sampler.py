@@ -17,8 +17,12 @@ hash(seed, id, i) and t alone, so the same seed gives the same output whatever e
 Reads prompts JSONL (`id`, `context`, `question`, other fields kept) and appends one samples record per
 prompt: `id`, `question`, `outputs`, `num_tokens`, `finish_reasons` ("stop" | "length"), `logprob_sum`,
 `logprob_count` (log-probabilities of the sampled tokens under the model's own distribution, temperature 1,
-EOS included), `prompt_tokens`, `truncated`, `sampler` (the settings that made it: model and its config hash,
-N, temperature, top-p/k, seed, ...), plus the prompt record's other fields except `context`. The settings are
+EOS included), `self_certainty` (per output: the mean over its tokens of KL(U || p_t), Kang et al. 2025,
+arXiv 2502.18581; `Completion.self_certainty`), `prompt_tokens`, `truncated`, `sampler` (the settings that
+made it: model and its config hash, N, temperature, top-p/k, seed, ...), plus the prompt record's other fields
+except `context`. With --adaptive-block k, a prompt's samples are drawn k at a time and it stops once its
+answers agree (`adaptive_rule`): `outputs` holds the samples spent (the first ones of the fixed-N run) and
+`adaptive_stop` says why ("consensus" or "budget"). The settings are
 also in `<output>.meta.json` (sealong.provenance); a resume under other settings is refused, naming them. Every
 prompt's length is checked before sampling. Records are appended to OUTPUT.shard-RANK as prompts finish and
 merged into OUTPUT in prompt order at the end (shards.py); resumable by id (a killed run's shards are merged
@@ -28,6 +32,7 @@ first; a torn last line is cut off). Rank 0 holds OUTPUT's lock (sealong.lock) f
 import hashlib
 import itertools
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,8 +40,6 @@ from dataclasses import dataclass, field
 import torch
 
 from .kv_cache import DecodeBatch, PrefixPool, SuffixCache, decode_step, prefill, prefix_attention_fn
-
-log = logging.getLogger("sealong.sample")
 
 log = logging.getLogger("sealong.sample")
 
@@ -98,12 +101,15 @@ def _uniform_from(z: torch.Tensor) -> torch.Tensor:
     return _shr(z, 11).to(torch.float64) * (1.0 / (1 << 53))
 
 
-def choose_tokens(logits: torch.Tensor, u: torch.Tensor, p: SamplingParams):
-    """logits [M, V], u [M] -> (tokens [M] int64, log-prob of each token under softmax(logits) [M] float32).
+def choose_tokens(logits: torch.Tensor, u: torch.Tensor, p: SamplingParams, certainty: bool = False):
+    """logits [M, V], u [M] -> (tokens [M] int64, log-prob of each token under softmax(logits) [M] float32),
+    and with `certainty` a third [M]: each row's KL(U || p) (self-certainty, see `self_certainty`).
 
-    Temperature, then top-k, then top-p on the sorted distribution; the token is the inverse CDF at u.
+    Temperature, then top-k, then top-p on the sorted distribution; the token is the inverse CDF at u. The
+    log-probabilities are of the model's own distribution (temperature 1), in float32 (float64 logits stay
+    float64).
     """
-    logits = logits.float()
+    logits = logits if logits.dtype == torch.float64 else logits.float()
     logp = torch.log_softmax(logits, dim=-1)
     if p.temperature == 0:
         tokens = logits.argmax(dim=-1)
@@ -118,7 +124,10 @@ def choose_tokens(logits: torch.Tensor, u: torch.Tensor, p: SamplingParams):
         cdf = probs.cumsum(-1)
         idx = torch.searchsorted(cdf, (u.to(cdf.device) * cdf[:, -1])[:, None], right=True)
         tokens = order.gather(-1, idx.clamp(max=logits.shape[-1] - 1)).squeeze(-1)
-    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+    chosen = logp.gather(-1, tokens[:, None]).squeeze(-1)
+    if not certainty:
+        return tokens, chosen
+    return tokens, chosen, -logp.mean(dim=-1) - math.log(logits.shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------- generation
@@ -129,6 +138,16 @@ class Completion:
     tokens: list = field(default_factory=list)
     logprob_sum: float = 0.0
     finish_reason: str = "length"
+    certainty_sum: float = 0.0  # sum over the tokens of KL(U || p_t): see `self_certainty`
+
+    @property
+    def self_certainty(self) -> float:
+        """Self-certainty (Kang et al. 2025, arXiv 2502.18581): the mean over the sample's tokens t (EOS
+        included, as logprob_count) of KL(U || p_t) = -log V - (1/V) sum_v log p_t(v), p_t the model's
+        distribution at temperature 1 over the V tokens when token t was chosen. 0 for a uniform p_t, larger
+        the more peaked; summed during decoding from the log-softmax the sampler computes anyway (one [slots]
+        reduction per step, no [N x V] kept)."""
+        return self.certainty_sum / len(self.tokens) if self.tokens else 0.0
 
 
 @dataclass
@@ -143,10 +162,11 @@ class _Active:
     first_logits: object = None  # [V]: the prefill's last logits, kept until every sample has a slot
     admitted: int = 0  # samples given a slot so far (in sample order)
     live: int = 0  # samples decoding now
+    allowed: int = 0  # samples it may admit before `more` is asked (all of them unless adaptive)
 
 
 @torch.no_grad()
-def stream(model, requests, params: SamplingParams, slots: int):
+def stream(model, requests, params: SamplingParams, slots: int, block: int = 0, more=None):
     """Continuous batching over a fixed budget of `slots` decode slots; yields (key, completions) per prompt.
 
     requests: iterable of (key, token ids, seeds); prompt b brings N_b = len(seeds) samples. Samples are
@@ -155,6 +175,14 @@ def stream(model, requests, params: SamplingParams, slots: int):
     limit), each sample's first token comes from the prefill's last logits, and then it decodes with all
     others, one token per slot per step; a finished sample frees its slot at once, and a prompt leaves (its
     completions are yielded, its prefix dropped) when its last sample finishes.
+
+    Adaptive sample count (`block` > 0): a prompt's samples are admitted `block` at a time in sample order
+    (0..k-1, then k..2k-1, ...), all from its prefix, which stays in the pool until the prompt is done (never
+    prefilled again). When its admitted samples have all finished, `more(key, completions so far)` decides:
+    True admits the next block (at most N_b in all), False ends the prompt with the completions so far (`more`
+    None: always True). While a prompt's block decodes, free slots go to the next prompts' samples. Earlier
+    prompts are served first. With sampling counter-based, a prompt's first m completions are the same as in a
+    run without blocks (where the products are batch invariant, see below).
 
     Batch invariance: the decode batch is always the S slots (idle ones padded) and each prompt's prefix
     attention always gets its N_b sample rows in sample order (zeros for samples not decoding), so matrix
@@ -183,10 +211,12 @@ def stream(model, requests, params: SamplingParams, slots: int):
     stats = params.stats
     for key in ("busy_slot_steps", "slot_steps"):
         stats.setdefault(key, 0)
+    if block < 0:
+        raise ValueError(f"block must be >= 0 (0 = all samples of a prompt at once), got {block}")
     while True:
         free = [s for s in range(slots) if owner[s] is None]
-        while free:  # admit samples in order while slots are free
-            a = active[-1] if active and active[-1].admitted < len(active[-1].seeds) else None
+        while free:  # admit samples in order while slots are free (the earliest prompt with some allowed first)
+            a = next((x for x in active if x.admitted < x.allowed), None)
             if a is None:
                 if exhausted:
                     break
@@ -194,12 +224,12 @@ def stream(model, requests, params: SamplingParams, slots: int):
                 if request is None:
                     exhausted = True
                     break
-                a = _admit_prompt(model, prefix, request, params)
+                a = _admit_prompt(model, prefix, request, params, block)
                 if a is None:  # the prefix pool is full: wait for a prompt to leave
                     requests = itertools.chain([request], requests)
                     break
                 active.append(a)
-            while free and a.admitted < len(a.seeds):
+            while free and a.admitted < a.allowed:
                 s, i = free.pop(0), a.admitted
                 owner[s], step[s], seeds[s], a.slot[i] = (a, i), 0, a.seeds[i], s
                 logits[s] = a.first_logits
@@ -211,8 +241,8 @@ def stream(model, requests, params: SamplingParams, slots: int):
             return
         busy = [s for s in range(slots) if owner[s] is not None]
         offsets = torch.tensor([_signed((0x9E3779B97F4A7C15 * (t + 1)) & MASK64) for t in step], dtype=torch.int64)
-        tokens, logp = choose_tokens(logits, _uniform_from(seeds + offsets), params)
-        tokens_host, logp_host = tokens.tolist(), logp.tolist()
+        tokens, logp, kl = choose_tokens(logits, _uniform_from(seeds + offsets), params, certainty=True)
+        tokens_host, (logp_host, kl_host) = tokens.tolist(), torch.stack((logp, kl)).tolist()  # one copy of both
         stats["busy_slot_steps"] += len(busy)
         stats["slot_steps"] += slots
         stats["decode_tokens"] += len(busy)
@@ -221,6 +251,7 @@ def stream(model, requests, params: SamplingParams, slots: int):
             c = a.completions[i]
             c.tokens.append(tok)
             c.logprob_sum += logp_host[s]
+            c.certainty_sum += kl_host[s]
             step[s] += 1
             if tok in eos:
                 c.finish_reason = "stop"
@@ -228,10 +259,15 @@ def stream(model, requests, params: SamplingParams, slots: int):
                 owner[s], a.slot[i] = None, None
                 a.live -= 1
         for j in reversed(range(len(active))):
-            if active[j].live == 0 and active[j].admitted == len(active[j].seeds):
-                prefix.remove(j)
-                done = active.pop(j)
-                yield done.key, done.completions
+            a = active[j]
+            if a.live or a.admitted < a.allowed:
+                continue
+            if a.admitted < len(a.seeds) and (more is None or more(a.key, a.completions[:a.admitted])):
+                a.allowed = min(a.allowed + block, len(a.seeds))  # the next block: admitted at the next step
+                continue
+            prefix.remove(j)
+            active.pop(j)
+            yield a.key, a.completions[:a.admitted]
         if all(o is None for o in owner):
             continue
         batch = _decode_batch(active, owner, step, tokens_host, slots, device)
@@ -242,7 +278,7 @@ def stream(model, requests, params: SamplingParams, slots: int):
         stats["decode_steps"] += 1
 
 
-def _admit_prompt(model, prefix: PrefixPool, request, params: SamplingParams):
+def _admit_prompt(model, prefix: PrefixPool, request, params: SamplingParams, block: int = 0):
     """Prefill a request's prompt into the pool -> its _Active, or None when the pool has no room for it yet."""
     key, ids, sample_seeds = request
     if len(ids) == 0 or len(sample_seeds) == 0:
@@ -253,7 +289,8 @@ def _admit_prompt(model, prefix: PrefixPool, request, params: SamplingParams):
     last = prefill(model, [ids], prefix.add(len(ids)), params.prefill_chunk, params.backend)  # [1, H]
     params.stats["prefill_tokens"] += len(ids)
     n = len(sample_seeds)
-    return _Active(key, len(ids), list(sample_seeds), [Completion() for _ in range(n)], [None] * n, model.lm_head(last)[0])
+    return _Active(key, len(ids), list(sample_seeds), [Completion() for _ in range(n)], [None] * n,
+                   model.lm_head(last)[0], allowed=min(block, n) if block else n)
 
 
 def _decode_batch(active, owner, step, tokens_host, slots, device) -> DecodeBatch:
@@ -267,17 +304,18 @@ def _decode_batch(active, owner, step, tokens_host, slots, device) -> DecodeBatc
                        cu_q.to(device=device, dtype=torch.int32), max(len(a.slot) for a in active), int(write.max()) + 1)
 
 
-def generate(model, prompts: list, seeds: list, params: SamplingParams) -> list:
+def generate(model, prompts: list, seeds: list, params: SamplingParams, block: int = 0, more=None) -> list:
     """prompts: token id lists; seeds: per prompt, its samples' seeds (N_b = len(seeds[b]) samples, see sample_seed).
 
-    Returns per prompt a list of Completion (one per sample). Every prompt is prefilled exactly once. Decodes
-    with params.decode_slots slots (0: all samples of the call at once, i.e. one static batch).
+    Returns per prompt a list of Completion (one per sample; with `block` and `more`, the samples spent: see
+    `stream`, which gets `more(b, completions)` with b the prompt's index). Every prompt is prefilled exactly
+    once. Decodes with params.decode_slots slots (0: all samples of the call at once, i.e. one static batch).
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"need one seed list per prompt, got {len(prompts)} prompts and {len(seeds)} seed lists")
     slots = params.decode_slots or sum(len(s) for s in seeds)
     out = [None] * len(prompts)
-    for b, completions in stream(model, zip(range(len(prompts)), prompts, seeds), params, max(slots, 1)):
+    for b, completions in stream(model, zip(range(len(prompts)), prompts, seeds), params, max(slots, 1), block, more):
         out[b] = completions
     return out
 
@@ -320,16 +358,22 @@ def read_prompts(path: str, limit=None) -> list:
     return records
 
 
+def output_texts(completions: list, tokenizer) -> list:
+    """The completions' texts, without the EOS token that ended them (the record's `outputs`)."""
+    return [tokenizer.decode(c.tokens[:-1] if c.finish_reason == "stop" else c.tokens, skip_special_tokens=True)
+            for c in completions]
+
+
 def samples_record(prompt: dict, completions: list, tokenizer, prompt_tokens: int, truncated: bool) -> dict:
     """The samples JSONL record of one prompt; output texts leave out the EOS token that ended them."""
     record = {k: v for k, v in prompt.items() if k != "context"}
     record.update(
-        outputs=[tokenizer.decode(c.tokens[:-1] if c.finish_reason == "stop" else c.tokens, skip_special_tokens=True)
-                 for c in completions],
+        outputs=output_texts(completions, tokenizer),
         num_tokens=[len(c.tokens) for c in completions],
         finish_reasons=[c.finish_reason for c in completions],
         logprob_sum=[c.logprob_sum for c in completions],
         logprob_count=[len(c.tokens) for c in completions],
+        self_certainty=[c.self_certainty for c in completions],
         prompt_tokens=prompt_tokens,
         truncated=truncated,
     )
@@ -344,7 +388,28 @@ def sampler_settings(args) -> dict:
     return {"model": model["path"], "model_config_sha256": model["config_sha256"], "num_samples": args.num_samples,
             "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
             "max_new_tokens": args.max_new_tokens, "seed": args.seed, "strategy": args.strategy,
-            "max_prompt_tokens": args.max_prompt_tokens, "truncate": args.truncate, "dtype": args.dtype}
+            "max_prompt_tokens": args.max_prompt_tokens, "truncate": args.truncate, "dtype": args.dtype,
+            **adaptive_settings(args)}
+
+
+def adaptive_settings(args) -> dict:
+    """The adaptive sample count's settings, only when it is on (so runs without it keep their settings)."""
+    if not getattr(args, "adaptive_block", 0):
+        return {}
+    return {"adaptive_block": args.adaptive_block, "adaptive_share": args.adaptive_share,
+            "adaptive_min_samples": args.adaptive_min_samples}
+
+
+def adaptive_rule(tokenizer, share: float, min_samples: int):
+    """(more, stop): `more(key, completions)` for `stream` (True: sample the next block) and `stop(completions)`,
+    the record's `adaptive_stop`: "consensus" once the finished texts' top answer cluster holds at least
+    `share` of at least `min_samples` samples (sealong.score.consensus.reached), else "budget" (N spent)."""
+    from sealong.score.consensus import answer_consensus, reached
+
+    def agreed(completions) -> bool:
+        return reached(answer_consensus(output_texts(completions, tokenizer)), share, min_samples)
+
+    return (lambda key, completions: not agreed(completions)), (lambda c: "consensus" if agreed(c) else "budget")
 
 
 def check_prompt_lengths(prompts: list, tokenizer, strategy: str, limit: int, truncate: bool) -> None:
@@ -444,7 +509,9 @@ def sample_prompts(args, todo, fit, tokenizer, slots, target, device, settings=N
         top_k=args.top_k, eos_token_ids=tuple(eos_token_ids(args.model, tokenizer)), prefill_chunk=args.prefill_chunk,
         backend=args.backend, decode_slots=slots, prefix_pool_tokens=args.prefix_pool_tokens, cuda_graphs=args.cuda_graphs,
     )
-    fitted = {}
+    fitted, block, more, stop = {}, getattr(args, "adaptive_block", 0), None, None
+    if block:
+        more, stop = adaptive_rule(tokenizer, args.adaptive_share, args.adaptive_min_samples)
 
     def requests():
         for b, p in enumerate(todo):
@@ -453,9 +520,12 @@ def sample_prompts(args, todo, fit, tokenizer, slots, target, device, settings=N
 
     start = time.perf_counter()
     bar = tqdm(total=len(todo), unit="prompt", file=sys.stderr, disable=disable_bar or not sys.stderr.isatty())
-    for b, completions in stream(model, requests(), params, slots):
+    for b, completions in stream(model, requests(), params, slots, block, more):
         ids, cut = fitted.pop(b)
-        append_jsonl(target, [dict(samples_record(todo[b], completions, tokenizer, len(ids), cut), sampler=settings)])
+        record = samples_record(todo[b], completions, tokenizer, len(ids), cut)
+        if stop is not None:
+            record["adaptive_stop"] = stop(completions)
+        append_jsonl(target, [dict(record, sampler=settings)])
         bar.update(1)
         elapsed = time.perf_counter() - start
         utilization = params.stats['busy_slot_steps'] / max(params.stats['slot_steps'], 1)
