@@ -188,7 +188,7 @@ def mbr_scores_cuda(emb, mask=None, normalize=True, include_self=False, eps=1e-1
 _EXTENSION_USABLE = [True]  # cleared when the extension failed to launch on this process's GPU
 
 
-def _cuda_or_triton(emb, mask, normalize, include_self, eps, weights):
+def _cuda_or_triton(emb, mask, normalize, include_self, eps, weights=None):
     """backend='auto' on CUDA tensors: the CUDA extension when built and it runs on this GPU, else Triton. A
     launch failure (e.g. "no kernel image is available for execution on the device": built for other
     architectures, see cuda_build.arch_list) warns once and switches this process to Triton."""
