@@ -248,7 +248,9 @@ def step_evaluate(r: Runner, model: str, prompts: Path, name: str) -> dict:
     return result
 
 
-def step_sample_and_score(r: Runner, model: str, folder: Path) -> None:
+def step_sample_and_score(r: Runner, model: str, folder: Path | None = None) -> None:
+    """Sample folder/prompts.jsonl (default folder: the run directory) and score the samples into folder."""
+    folder = r.run if folder is None else folder
     r.say(f"sample: {r.configs['sample'].num_samples} samples per training prompt")
     sample(r, model, folder / "prompts.jsonl", folder / "samples.jsonl")
     r.say("score: MBR over the samples, chosen = best, rejected = random from the lower half")
