@@ -163,7 +163,7 @@ def plot_rounds(before: dict | None, monitors: list[dict], path: str | Path) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = plt.subplots(figsize=(6, 4))
     rows = ([(0, labelled(before))] if before else []) + [(m["round"], m.get("after") or {}) for m in monitors]
     for mode, style in (("oracle", "o-"), ("MBR", "s-"), ("greedy", "d:")):
         pts = [(k, lab[mode]["subem"]) for k, lab in rows if mode in lab]
@@ -182,7 +182,8 @@ def plot_rounds(before: dict | None, monitors: list[dict], path: str | Path) -> 
     right.set_ylim(0, 1)
     right.set_ylabel("consensus of the round's samples")
     handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
-    ax.legend(handles, [h.get_label() for h in handles], loc="lower left", fontsize=8)
+    ax.legend(handles, [h.get_label() for h in handles], loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=4,
+              fontsize=8, frameon=False)  # below the axes: never over the points
     ax.set_title("SEALONG rounds: exploration, exploitation, consensus")
     fig.tight_layout()
     tmp = f"{os.fspath(path)}.tmp.png"
