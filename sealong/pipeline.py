@@ -15,7 +15,26 @@ Steps (each writes into --run-dir; a step whose output is complete is skipped, s
     6. train           `torchrun -m sealong.train` (ORPO + LoRA by default)             -> train/
     7. merge           base + adapter, for sampling                                    -> after_model/
     8. eval after      as step 3 with the trained model                                -> after/
-    9. summary         before / after table                                            -> summary.md
+    9. summary         before / after table, the monitoring table                      -> summary.md
+
+Rounds (--rounds K > 1; K = 1 is the paper's single round, laid out as above). The base model, synth, the eval
+set and the 'before' evaluation stay in run_dir; synth writes one pool of num_examples x K training prompts and
+round k takes its disjoint slice, the prompts k-1, ... of the pool in file order (records (k-1)n .. kn-1,
+n = num_examples, or an even K-th of a smaller pool), into run_dir/round_k/prompts.jsonl. Round k then runs
+steps 4-8 in run_dir/round_k/ with the model that left round k-1 (round 1: the base model):
+    samples.jsonl, scores.jsonl, pairs.jsonl, train/, after_model/, after/, monitor.json
+Each round merges its adapter into the weights it sampled with and the next round trains a NEW LoRA on those
+merged weights (not the old adapter continued): the sampler reads plain checkpoints, each round's preference
+pairs come from that merged model, so its LoRA starts from zero at the policy that produced them (the practice
+of iterative DPO and Self-Rewarding LMs, Yuan et al. 2024, arXiv 2401.10020), and every round's model is a
+complete checkpoint that can be evaluated, sampled or served alone.
+A round whose after/eval.json and monitor.json exist is complete and skipped, so a killed run resumes in the round
+it stopped in. Early stop: after a round's scoring and before its training, the round is not trained and the run
+ends (reason printed and written to summary.md and the round's monitor.json) when its samples agree (mean
+top-cluster share >= --stop-consensus) or fewer than --min-pairs pairs (default: the training job's batch_pairs,
+one optimizer step) survived scoring (sealong.evaluate.rounds).
+Every round's label-free statistics and labelled held-out numbers go to round_k/monitor.json and summary.md's
+table (and summary_rounds.png for K > 1).
 Every stage runs with the options `sealong <stage>` would get from the same --config file and preset (the demo
 preset without --model, else the paper's, i.e. the defaults), the pipeline's own options that set a stage's
 option on top; the resolved settings of every stage are written to run_dir/config.yaml.
@@ -77,12 +96,13 @@ def check(cfg, preset: str | None = None) -> None:
         log.info("no --eval-files: evaluating on the built-in world's held-out questions")
 
 
-def check_train_args(r) -> None:
-    """--train-args parsed and layered as the training job will, before any work (an error exits 2 here)."""
+def check_train_args(r):
+    """--train-args parsed and layered as the training job will, before any work (an error exits 2 here); returns
+    the training job's config (its batch_pairs is the default of --min-pairs)."""
     from .config.parser import resolve
 
-    resolve("train", ["--config", str(r.config_path), "--model", "-", "--data", "-", *shlex.split(r.args.train_args)],
-            prog="sealong pipeline --train-args")
+    return resolve("train", ["--config", str(r.config_path), "--model", "-", "--data", "-",
+                             *shlex.split(r.args.train_args)], prog="sealong pipeline --train-args").cfg
 
 
 class Runner:
@@ -145,7 +165,7 @@ def step_base_model(r: Runner) -> str:
                      check_every=300 if gain else 0, max_new_tokens=sample_cfg.max_new_tokens,
                      temperature=sample_cfg.temperature,
                      **({"warmup_steps": a.tiny_warmup_steps} if a.tiny_warmup_steps is not None else {}))
-    stats = build_base_model(folder, cfg, skip_questions=synth.num_examples + synth.num_eval, log=r.say)
+    stats = build_base_model(folder, cfg, skip_questions=synth.num_examples * a.rounds + synth.num_eval, log=r.say)
     r.say(f"base model: warm-up loss {stats['warmup_loss_first']:.2f} -> {stats['warmup_loss_last']:.2f} "
           f"in {stats['warmup_seconds']:.0f}s")
     if stats.get("final_dev_check"):
@@ -155,9 +175,33 @@ def step_base_model(r: Runner) -> str:
 
 def step_synth(r: Runner, model: str) -> None:
     a = r.args
-    r.say("synth: long-context training prompts (no answers)")
-    r.call("synth", out_dir=str(r.run), tokenizer=model, **({"musique": a.musique} if a.musique else {}),
-           **({"num_eval": 0} if a.eval_files is not None else {}))
+    r.say("synth: long-context training prompts (no answers)" + (f", a pool for {a.rounds} rounds" if a.rounds > 1 else ""))
+    r.call("synth", out_dir=str(r.run), tokenizer=model, num_examples=r.configs["synth"].num_examples * a.rounds,
+           **({"musique": a.musique} if a.musique else {}), **({"num_eval": 0} if a.eval_files is not None else {}))
+
+
+def round_dir(r: Runner, k: int) -> Path:
+    """Where round k's files go: run_dir itself for the paper's single round, else run_dir/round_k."""
+    return r.run if r.args.rounds == 1 else r.run / f"round_{k}"
+
+
+def step_round_prompts(r: Runner, k: int) -> Path:
+    """round_k/prompts.jsonl: the k-th of `rounds` disjoint slices of the pool (in file order)."""
+    from .data.synthetic import write_jsonl_atomic
+    from .jsonl import read_jsonl
+
+    folder = round_dir(r, k)
+    out = folder / "prompts.jsonl"
+    if r.args.rounds == 1 or out.is_file():
+        return out
+    pool = list(read_jsonl(str(r.run / "prompts.jsonl")))
+    size = min(r.configs["synth"].num_examples, len(pool) // r.args.rounds)
+    if size < 1:
+        raise ValueError(f"{r.run / 'prompts.jsonl'}: {len(pool)} prompts cannot give {r.args.rounds} rounds one each")
+    folder.mkdir(exist_ok=True)
+    write_jsonl_atomic(out, pool[(k - 1) * size:k * size])
+    r.say(f"round {k}: prompts {(k - 1) * size} .. {k * size - 1} of the pool -> {out}")
+    return out
 
 
 def step_eval_set(r: Runner) -> Path:
@@ -204,14 +248,16 @@ def step_evaluate(r: Runner, model: str, prompts: Path, name: str) -> dict:
     return result
 
 
-def step_sample_and_score(r: Runner, model: str) -> None:
+def step_sample_and_score(r: Runner, model: str, folder: Path | None = None) -> None:
+    """Sample folder/prompts.jsonl (default folder: the run directory) and score the samples into folder."""
+    folder = r.run if folder is None else folder
     r.say(f"sample: {r.configs['sample'].num_samples} samples per training prompt")
-    sample(r, model, r.run / "prompts.jsonl", r.run / "samples.jsonl")
+    sample(r, model, folder / "prompts.jsonl", folder / "samples.jsonl")
     r.say("score: MBR over the samples, chosen = best, rejected = random from the lower half")
-    r.call("score", run_dir=str(r.run), nproc_per_node=r.args.nproc_per_node)
+    r.call("score", run_dir=str(folder), nproc_per_node=r.args.nproc_per_node)
 
 
-def step_train(r: Runner, model: str) -> Path:
+def step_train(r: Runner, model: str, folder: Path) -> Path:
     """`sealong train`: torchrun -m sealong.train as a subprocess; resumes from its newest checkpoint if any."""
     import subprocess
 
@@ -219,13 +265,13 @@ def step_train(r: Runner, model: str) -> Path:
     from .launch import launch_command, run_job
 
     a = r.args
-    out = r.run / "train"
+    out = folder / "train"
     marker = out / "DONE"
     if not marker.is_file():
         # the run's resolved train section (config.yaml) under this step's own flags, then --train-args
         flags = ["--config", str(r.config_path), "--log_level", r.log_level, "--model", model,
-                 "--data", str(r.run / "pairs.jsonl"), "--output_dir", str(out), "--resume"]
-        r.say(f"train: {r.configs['train'].mode} on {r.run / 'pairs.jsonl'} through torchrun "
+                 "--data", str(folder / "pairs.jsonl"), "--output_dir", str(out), "--resume"]
+        r.say(f"train: {r.configs['train'].mode} on {folder / 'pairs.jsonl'} through torchrun "
               f"({a.nproc_per_node} process(es))")
         rc = run_job(launch_command(a.nproc_per_node, flags + shlex.split(a.train_args)))  # dies with the pipeline
         if rc:
@@ -241,13 +287,14 @@ def step_train(r: Runner, model: str) -> Path:
     return Path(ckpt)
 
 
-def step_merge(r: Runner, base: str, ckpt: Path) -> str:
-    """Base weights + the LoRA adapter merged (peft), saved as a plain checkpoint for the sampler."""
-    out = r.run / "after_model"
+def step_merge(r: Runner, base: str, ckpt: Path, folder: Path) -> str:
+    """Base weights (the model the round sampled with) + the round's LoRA adapter merged (peft), saved as a plain
+    checkpoint for the sampler: folder/after_model."""
+    out = folder / "after_model"
     if (out / "config.json").is_file():
         return str(out)
     adapter = ckpt / "adapter"
-    tmp = r.run / "after_model.tmp"
+    tmp = folder / "after_model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if adapter.is_dir():
         from peft import PeftModel
@@ -272,20 +319,35 @@ def step_merge(r: Runner, base: str, ckpt: Path) -> str:
     return str(out)
 
 
-def summary(r: Runner, before: dict, after: dict) -> str:
-    """summary.md: settings, the paired test of greedy before vs after, the before/after table with CIs, the
-    warm-up's consensus check (demo-gain), the legend, and links to the plots (one figure, shared y-axis)."""
-    from .evaluate.report import plot_vs_n, summary_markdown
+def summary(r: Runner, before: dict, after: dict | None, monitors: list[dict]) -> str:
+    """summary.md: settings, the paired test of greedy before vs after (the model after the last trained round),
+    the before/after table with CIs, the warm-up's consensus check (demo-gain), the legend, links to the plots
+    (one figure, shared y-axis), and the monitoring table across rounds (sealong.evaluate.rounds)."""
+    from .evaluate import rounds
+    from .evaluate.report import modes_table, plot_vs_n, settings_header, summary_markdown
 
     n = r.args.eval_samples
-    plot = r.run / "summary_vs_n.png"
-    tmp = r.run / "summary_vs_n.tmp.png"
-    plot_vs_n({"before SEALONG: SubEM against N": before, "after one SEALONG round: SubEM against N": after}, tmp)
-    tmp.replace(plot)
-    warmup = Path(r.run, "base_model", "warmup.json")
-    dev = json.loads(warmup.read_text()).get("final_dev_check") if warmup.is_file() and not r.args.model else None
     mode = r.configs["train"].mode
-    lines = [summary_markdown(before, after, n, r.run, plot.name, dev, mode)]
+    trained = [m for m in monitors if not m.get("stopped")]
+    if after is not None:
+        plot = r.run / "summary_vs_n.png"
+        tmp = r.run / "summary_vs_n.tmp.png"
+        name = "one SEALONG round" if len(trained) == 1 else f"{len(trained)} SEALONG rounds"
+        plot_vs_n({"before SEALONG: SubEM against N": before, f"after {name}: SubEM against N": after}, tmp)
+        tmp.replace(plot)
+        warmup = Path(r.run, "base_model", "warmup.json")
+        dev = json.loads(warmup.read_text()).get("final_dev_check") if warmup.is_file() and not r.args.model else None
+        after_dir = round_dir(r, len(trained)).relative_to(r.run) / "after"
+        lines = [summary_markdown(before, after, n, r.run, plot.name, dev, mode, rounds=len(trained),
+                                  after_dir=after_dir.as_posix())]
+    else:  # round 1 stopped before training: the base model's table only
+        lines = ["# SEALONG run summary", "", f"run directory: {r.run}; no round trained", "", settings_header(before),
+                 "", "## Base model (before)", "", modes_table(before)]
+    plot_name = None
+    if r.args.rounds > 1:
+        plot_name = "summary_rounds.png"
+        rounds.plot_rounds(before, monitors, r.run / plot_name)
+    lines.append(rounds.rounds_markdown(before, monitors, plot_name))
     if r.preset.startswith("demo"):
         lines += ["This was an offline demo: a tiny model built in code, warmed up with labels on other questions of the",
                   "built-in reading world (fresh facts per question: answers must be read from the context; the base",
@@ -297,6 +359,44 @@ def summary(r: Runner, before: dict, after: dict) -> str:
                   "The same pipeline on a real checkpoint folder and MuSiQue's training file (8 GPUs):", "",
                   REAL_COMMAND]
     return "\n".join(lines) + "\n"
+
+
+def run_rounds(r: Runner, model: str, prompts: Path, before: dict) -> tuple[dict | None, list[dict]]:
+    """Rounds 1..K (see the module docstring); returns the eval result of the last trained model (None when round 1
+    stopped before training) and every round's monitor record."""
+    from .evaluate import rounds
+
+    a, after, monitors = r.args, None, []
+    for k in range(1, a.rounds + 1):
+        folder = round_dir(r, k)
+        done, monitor_path = folder / "after" / "eval.json", folder / "monitor.json"
+        if done.is_file() and monitor_path.is_file() and (folder / "after_model" / "config.json").is_file():
+            r.say(f"round {k}: complete ({folder})")
+            model, after = str(folder / "after_model"), json.loads(done.read_text())
+            monitors.append(json.loads(monitor_path.read_text()))
+            continue
+        if a.rounds > 1:
+            r.say(f"round {k} of {a.rounds}: sampling with {model}")
+        step_round_prompts(r, k)
+        step_sample_and_score(r, model, folder)
+        monitor = rounds.round_monitor(folder, k)
+        min_pairs = a.min_pairs if a.min_pairs is not None else r.train_cfg.batch_pairs  # one optimizer step
+        reason = rounds.stop_reason(monitor["label_free"], a.stop_consensus, min_pairs) if a.rounds > 1 else None
+        if reason:
+            monitor["stopped"] = f"stopped before training round {k}: {reason}"
+            rounds.write_monitor(folder, monitor)
+            monitors.append(monitor)
+            print(f"sealong pipeline: {monitor['stopped']}", flush=True)
+            r.say(monitor["stopped"])
+            break
+        ckpt = step_train(r, model, folder)
+        model = step_merge(r, model, ckpt, folder)
+        after = step_evaluate(r, model, prompts, (folder.relative_to(r.run) / "after").as_posix())
+        monitor = rounds.round_monitor(folder, k, after)
+        rounds.write_monitor(folder, monitor)
+        monitors.append(monitor)
+        r.say(f"round {k}: " + rounds.monitor_line(monitor))
+    return after, monitors
 
 
 def run(cfg, resolved=None) -> int:
@@ -316,10 +416,14 @@ def run(cfg, resolved=None) -> int:
 def _run(cfg, resolved) -> int:
     from . import provenance
 
+    meta = provenance.read_meta(str(cfg.run_dir), directory=True)
+    if meta is not None and meta["settings"].get("rounds", 1) != cfg.rounds:  # the pool and layout follow it
+        raise ValueError(f"--rounds {cfg.rounds}: {cfg.run_dir} was started with --rounds "
+                         f"{meta['settings'].get('rounds', 1)}; use that value or another --run-dir")
     r = Runner(cfg, stage_configs(cfg, resolved.sections), resolved.common["preset"], resolved.common["log_level"])
     r.config_path = r.write_config()
-    check_train_args(r)
-    if provenance.read_meta(str(r.run), directory=True) is None:  # how the run directory was started
+    r.train_cfg = check_train_args(r)
+    if meta is None:  # how the run directory was started
         settings = dict(provenance.settings_of(cfg), preset=r.preset)
         provenance.write_meta(str(r.run), provenance.stage_meta("pipeline", settings, cfg.model), directory=True)
     r.say(f"pipeline: {r.preset} preset into {r.run}; settings in {r.config_path}")
@@ -327,16 +431,13 @@ def _run(cfg, resolved) -> int:
     step_synth(r, model)
     prompts = step_eval_set(r)
     before = step_evaluate(r, model, prompts, "before")
-    step_sample_and_score(r, model)
-    ckpt = step_train(r, model)
-    after_model = step_merge(r, model, ckpt)
-    after = step_evaluate(r, after_model, prompts, "after")
-    text = summary(r, before, after)
+    after, monitors = run_rounds(r, model, prompts, before)
+    text = summary(r, before, after, monitors)
     tmp = r.run / "summary.md.tmp"
     tmp.write_text(text)
     tmp.replace(r.run / "summary.md")
     print(text)
-    r.say(f"pipeline: done; tables in {r.run / 'before'} and {r.run / 'after'}, summary {r.run / 'summary.md'}")
+    r.say(f"pipeline: done; tables in {r.run / 'before'} and the rounds' after/, summary {r.run / 'summary.md'}")
     return 0
 
 

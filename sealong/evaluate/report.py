@@ -326,12 +326,14 @@ def paired_test(before: dict, after: dict, mode: str = "greedy", metric: str = "
 
 
 def summary_markdown(before: dict, after: dict, n: int, run_dir, plot_name: str, dev_check: dict | None = None,
-                     mode: str = "orpo") -> str:
+                     mode: str = "orpo", rounds: int = 1, after_dir: str = "after") -> str:
     """The before/after summary: settings, the verdict of the paired test on greedy final-answer EM (and SubEM),
-    the table of greedy / MBR@n / oracle@n / random@n with 95% CIs, the warm-up's consensus check, legend, plots."""
+    the table of greedy / MBR@n / oracle@n / random@n with 95% CIs, the warm-up's consensus check, legend, plots;
+    `after` is the model after `rounds` rounds, its tables in run_dir/`after_dir`."""
     keep = {"greedy", f"MBR@{n}", f"oracle@{n}", f"random@{n}"}
     pick = lambda res: {**res, "average": {m: v for m, v in res["average"].items() if m in keep}}  # noqa: E731
-    lines = ["# SEALONG run summary", "", f"run directory: {run_dir}; one round of {mode.upper()}", "",
+    done = "one round" if rounds == 1 else f"{rounds} rounds"
+    lines = ["# SEALONG run summary", "", f"run directory: {run_dir}; {done} of {mode.upper()}", "",
              settings_header(after), ""]
     for metric, name in (("em", "final-answer EM"), ("subem", "SubEM")):
         t = paired_test(before, after, "greedy", metric)
@@ -363,8 +365,8 @@ def summary_markdown(before: dict, after: dict, n: int, run_dir, plot_name: str,
                      "teach it anything, so no gain is expected and none is claimed."), ""]
     lines += ["## Legend", "", LEGEND, "", "## Plots", "",
               f"- [{plot_name}]({plot_name}): before and after side by side, one shared y-axis",
-              "- [before/eval_vs_n.png](before/eval_vs_n.png), [after/eval_vs_n.png](after/eval_vs_n.png); "
-              "tables: [before/eval.md](before/eval.md), [after/eval.md](after/eval.md)", ""]
+              f"- [before/eval_vs_n.png](before/eval_vs_n.png), [{after_dir}/eval_vs_n.png]({after_dir}/eval_vs_n.png); "
+              f"tables: [before/eval.md](before/eval.md), [{after_dir}/eval.md]({after_dir}/eval.md)", ""]
     return "\n".join(lines)
 
 
