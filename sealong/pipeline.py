@@ -233,8 +233,9 @@ def step_evaluate(r: Runner, model: str, prompts: Path, name: str) -> dict:
         return json.loads(done.read_text())
     out.mkdir(exist_ok=True)
     r.say(f"eval {name}: greedy and {r.args.eval_samples} samples per held-out question")
-    sample(r, model, prompts, out / "greedy.jsonl", num_samples=1, temperature=0.0)
-    sample(r, model, prompts, out / "sampled.jsonl", num_samples=r.args.eval_samples)
+    # evaluation always draws its N samples (an adaptive sample count applies to the training samples only)
+    sample(r, model, prompts, out / "greedy.jsonl", num_samples=1, temperature=0.0, adaptive_block=0)
+    sample(r, model, prompts, out / "sampled.jsonl", num_samples=r.args.eval_samples, adaptive_block=0)
     e, s = r.configs["eval"], r.configs["sample"]
     settings = {"model": model if r.args.model else f"tiny Llama built in code ({model})", "N": r.args.eval_samples,
                 "temperature": s.temperature, "max_new_tokens": s.max_new_tokens,

@@ -221,6 +221,19 @@ class PipelineConfig(Checked):
     lr: Optional[float] = option(None, "peak learning rate", aliases=["learning_rate"], sets=("train",))
     epochs: Optional[int] = option(None, "passes over the pairs", aliases=["num_train_epochs"], sets=("train",))
     batch_pairs: Optional[int] = option(None, "pairs per optimizer step", sets=("train",))
+    # beyond the paper (README "Beyond the paper"); None: the stage's own value (off by default)
+    adaptive_block: Optional[int] = option(None, "adaptive sample count of the training samples: this many at a time "
+                                           "per prompt (0: all N, the paper)", ge=0, sets=("sample",))
+    adaptive_share: Optional[float] = option(None, "adaptive stop: top answer cluster share", gt=0, le=1,
+                                             sets=("sample",))
+    adaptive_min_samples: Optional[int] = option(None, "adaptive stop: at least this many samples", ge=1,
+                                                 sets=("sample",))
+    scorer: Optional[Literal[SCORERS]] = option(None, "mbr (the paper), self-certainty or mbr+certainty",
+                                                sets=("score",))
+    min_consensus: Optional[float] = option(None, "skip questions whose top answer cluster share is below this",
+                                            ge=0, le=1, sets=("score",))
+    pair_weighting: Optional[Literal["none", "margin"]] = option(None, "none (the paper) or margin: pairs weighted by "
+                                                                 "their score margin", sets=("train",))
 
 
 STAGES = {  # name -> (config class, module with run(cfg) and main(argv), one-line help)

@@ -16,7 +16,11 @@ from sealong import cli
 import sealong.pipeline as pipeline
 
 FLAGS = ["--rounds", "2", "--tiny-warmup-steps", "4", "--num-examples", "6", "--num-eval", "4", "--num-samples", "4",
-         "--eval-samples", "2", "--max-new-tokens", "12", "--batch-pairs", "2", "--train-args", "--micro_batch_pairs 2"]
+         "--eval-samples", "2", "--max-new-tokens", "12", "--batch-pairs", "2", "--train-args", "--micro_batch_pairs 2",
+         # the beyond-the-paper options of the stages, set through the pipeline (their effects: the stages' tests);
+         # share 1.0 of 4 stops only at the budget here, so every round keeps enough pairs to train
+         "--adaptive-block", "2", "--adaptive-share", "1.0", "--adaptive-min-samples", "4",
+         "--scorer", "mbr+certainty", "--min-consensus", "0", "--pair-weighting", "margin"]
 
 
 def _pipeline(run_dir, *extra):
@@ -97,6 +101,12 @@ def test_two_rounds_crash_in_round_2_then_resume(stopped_run, monkeypatch, caplo
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")][1:]
         assert len(cells) == 11 and all(math.isfinite(float(c)) for c in cells), row
+    # the stage options reached every round's stages; evaluation drew all its samples
+    config = json.loads((r2 / "train" / "config.json").read_text())
+    assert config["pair_weighting"] == "margin"
+    assert {json.loads(line)["adaptive_stop"] for line in samples_2.splitlines()} <= {"budget", "consensus"}
+    assert json.loads((r2 / "scores.jsonl.meta.json").read_text())["settings"]["scorer"] == "mbr+certainty"
+    assert all(len(json.loads(line)["outputs"]) == 2 for line in (r2 / "after" / "sampled.jsonl").read_text().splitlines())
     for k in (1, 2):
         monitor = json.loads((run_dir / f"round_{k}" / "monitor.json").read_text())
         assert monitor["round"] == k and "stopped" not in monitor and monitor["after"]["N"] == 2
