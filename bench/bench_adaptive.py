@@ -22,6 +22,7 @@ first, as `sealong pipeline --preset demo` builds it. Both are tiny and weak (gr
 """
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -134,40 +135,49 @@ def measure_model(name: str, model: str, temperature: float, prompts: str, work:
     return base, rows
 
 
-def run(device: str = "cpu", small: bool = True, models: dict | None = None, questions: int = 120,
-        work_dir: str | None = None) -> dict:
+@contextlib.contextmanager
+def held_out_world(models: dict | None, questions: int, work_dir: str | None, prefix: str):
+    """(copies of the model folders {name: folder}, the held-out prompts file) in `work_dir` (else a temporary
+    folder, removed after), with one torch thread (tiny matrices on shared cores); without any of the model folders,
+    the demo's base model is built first."""
     import logging
 
     logging.getLogger("sealong").setLevel(logging.WARNING)
     models = {k: v for k, v in (models or MODELS).items() if os.path.isfile(os.path.join(v, "config.json"))}
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices on shared cores
-    tmp = None if work_dir else tempfile.TemporaryDirectory(prefix="bench_adaptive_")
+    torch.set_num_threads(1)
+    tmp = None if work_dir else tempfile.TemporaryDirectory(prefix=prefix)
     work = work_dir or tmp.name
     try:
         if not models:  # none of the folders here: build the demo's base model as `sealong pipeline` does
             models = {"demo": demo_base_model(os.path.join(work, "built", "base_model"))}
         copies = {}
         for name, src in models.items():  # read-only sources: sample from copies
-            copies[name] = os.path.join(work, "models", os.path.basename(src.rstrip("/")))
+            copies[name] = os.path.join(work, "models", name)
             if not os.path.isdir(copies[name]):
                 shutil.copytree(src, copies[name])
         prompts = os.path.join(work, "eval_prompts.jsonl")
         if not os.path.isfile(prompts):
             eval_prompts(prompts, questions, next(iter(copies.values())))
-        summary, rows = [], []
+        yield copies, prompts
+    finally:
+        torch.set_num_threads(threads)
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def run(device: str = "cpu", small: bool = True, models: dict | None = None, questions: int = 120,
+        work_dir: str | None = None) -> dict:
+    summary, rows = [], []
+    with held_out_world(models, questions, work_dir, "bench_adaptive_") as (copies, prompts):
         for name, model in copies.items():
-            out = os.path.join(work, "runs", os.path.basename(model))
+            out = os.path.join(os.path.dirname(prompts), "runs", name)
             os.makedirs(out, exist_ok=True)
             for temperature in TEMPERATURES.get(name, (0.7,)):
                 base, model_rows = measure_model(name, model, temperature, prompts, out, device)
                 summary.append(base)
                 rows += model_rows
                 print(json.dumps(base), flush=True)
-    finally:
-        torch.set_num_threads(threads)
-        if tmp is not None:
-            tmp.cleanup()
     notes = [
         f"{questions} held-out questions of the built-in reading world (fresh facts per question, seed 0, questions "
         f"{SKIP}..{SKIP + questions - 1}: none in either model's warm-up), contexts 96-192 tokens (the demo preset)",
@@ -184,25 +194,38 @@ def run(device: str = "cpu", small: bool = True, models: dict | None = None, que
     return {"name": "adaptive", "rows": rows, "summary": summary, "notes": notes}
 
 
-def main(argv=None) -> int:
-    from bench.common import format_rows, write_results
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=None, help="comma-separated model folders (default: the two above)")
+def parse_args(argv, doc: str, **extra) -> tuple:
+    """(arguments, {name: model folder} or None) of the held-out-world benchmarks' command line; `extra`: more
+    options {name: (type, default)}."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=None, help="comma-separated model folders (default: MODELS above)")
     parser.add_argument("--questions", type=int, default=120)
+    for name, (kind, default) in extra.items():
+        parser.add_argument(f"--{name}", type=kind, default=default)
     parser.add_argument("--work-dir", default=None, help="keep the prompts and samples files here")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     models = {os.path.basename(m.rstrip("/")): m for m in args.models.split(",")} if args.models else None
     if models and len(models) != len(args.models.split(",")):
         raise ValueError(f"--models: two folders with one name in {args.models!r}")
-    result = run(args.device, True, models, args.questions, args.work_dir)
-    print(format_rows(result["summary"]))
-    print(format_rows(result["rows"]))
+    return args, models
+
+
+def finish(result: dict, device: str, tables=("rows",)) -> int:
+    """Print the result's tables and notes, write it to bench/results/."""
+    from bench.common import format_rows, write_results
+
+    for table in tables:
+        print(format_rows(result[table]))
     for note in result["notes"]:
         print("note:", note)
-    print("wrote", write_results(result, args.device))
+    print("wrote", write_results(result, device))
     return 0
+
+
+def main(argv=None) -> int:
+    args, models = parse_args(argv, __doc__)
+    return finish(run(args.device, True, models, args.questions, args.work_dir), args.device, ("summary", "rows"))
 
 
 if __name__ == "__main__":
