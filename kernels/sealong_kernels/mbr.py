@@ -15,7 +15,8 @@ Peer weights (weights=c, c_j >= 0 finite, e.g. each sample's self-certainty): S 
 
     s_i = sum_{j valid, j != i} c_j cos(e_i, e_j) / sum_{j valid, j != i} c_j = (u_i . S - c_i u_i . u_i) / (C - c_i)
 
-(include_self: u_i . S / C), still O(N·D); 0.0 where the denominator is 0. c = 1 is the unweighted score exactly.
+(include_self: u_i . S / C), still O(N·D); 0.0 where the denominator is 0. c = 1 is the unweighted score:
+exactly in the reference, to float32 rounding in this kernel (its weighted variant walks D in smaller blocks).
 
 Error: every product and sum is in float32. u_i . S <= ||S|| <= n, so rounding leaves an absolute error of
 a few float32 ulps of n in the numerator, i.e. a few 1e-7 in s_i after dividing by n - 1 (the subtraction
@@ -240,7 +241,8 @@ def mbr_scores(emb, mask=None, normalize=True, *, include_self=False, eps=1e-12,
     code (row mean of E @ E^T including the self-similarity 1: same ranking, different values).
     weights [B, N] finite >= 0 (None: all 1) weight the peers (e.g. by their self-certainty):
         scores[b, i] = sum_{j valid, j != i} w_j cos(e_i, e_j) / sum_{j valid, j != i} w_j
-    a valid sample whose peers weigh 0 in all gets 0.0; weights of ones give the unweighted scores exactly.
+    a valid sample whose peers weigh 0 in all gets 0.0; weights of ones give the unweighted scores (exactly
+    on the reference backend, to float32 rounding on Triton; pass None for bit-exact unweighted scores).
     backend: "auto" (CUDA C++ extension if built and it runs on this GPU, else Triton, for CUDA tensors;
     plain torch on CPU),
     "cuda", "triton" (on CPU only under TRITON_INTERPRET=1) or "reference".
