@@ -189,7 +189,8 @@ def train_step(model, lm_head, params, optimizer, scaler, batch, cfg, mesh, devi
                                         batch_pairs=len(batch), logit_sums=logit_sums, nll_reduction=cfg.nll_reduction,
                                         pair_weights=pair_weights(pairs, cfg, device))
         # `loss` is this micro-batch's share of the batch loss (batch-wide denominators): no 1/accum here
-        mark("backward", "the backward's all-gathers / reduce-scatters" if sharded else "the backward's sequence-parallel exchange")
+        mark("backward", "the backward's all-gathers / reduce-scatters" if sharded
+             else "the backward's sequence-parallel exchange")
         (scaler.scale(loss) if scaler is not None else loss).backward()
         # every rank of an sp group computed the same (global) loss and metrics: count them once
         sums_of[:len(METRIC_NAMES)] += metrics / mesh.sp
@@ -412,7 +413,7 @@ def _train(cfg, info, on_step, heartbeat):
     losses = []
 
     def save(at_step):
-        heartbeat.mark(at_step, "save", "the checkpoint save's collectives")
+        heartbeat.mark(at_step, "checkpoint save", "the checkpoint save's collectives")
         state = {"step": at_step, "total_steps": total_steps, "epoch": at_step // steps_per_epoch,
                  "pairs_seen": at_step * cfg.batch_pairs, "world_size": info.world_size,
                  "data": data.summary(), "train_config": cfg.to_dict(),
@@ -431,7 +432,7 @@ def _train(cfg, info, on_step, heartbeat):
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             step += 1
-            heartbeat.mark(step, "end of step", "the next step's collectives")
+            heartbeat.mark(step, "logging and checks", "the next step's collectives")
             elapsed = time.perf_counter() - started
             record.update(epoch=epoch, lr=lr, tokens_per_s=record["tokens"] / max(elapsed, 1e-9),
                           step_time_s=elapsed)

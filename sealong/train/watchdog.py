@@ -6,9 +6,9 @@ data read, a wedged device) fails the others with a bare backend timeout ("Timed
 operation to complete") of whichever collective they wait in: an all-gather of FSDP's forward, a reduce-scatter
 of its backward, the gradient all-reduce, a checkpoint's barrier. To name it, every rank keeps a heartbeat:
 
-* the training loop marks each phase boundary (`Heartbeat.mark(step, phase)`: start-up, forward, backward,
-  gradient all-reduce, optimizer step, metrics all-reduce, save, end of step): an assignment in memory, no
-  collective and no store traffic in the hot path (nothing per layer);
+* the training loop marks each phase boundary (`Heartbeat.mark(step, phase, waits_in)`: start-up, forward,
+  backward, gradient all-reduce, optimizer step, metrics all-reduce, logging and checks, checkpoint save): an
+  assignment in memory, no collective and no store traffic in the hot path (nothing per layer);
 * a side thread publishes the mark every `every` seconds through the c10d store (key `sealong/heartbeat/RANK`),
   with the time and whether the main thread is waiting inside torch.distributed at that moment (its innermost
   Python frame, read with sys._current_frames) or elsewhere (computing, sleeping, reading a file), and where;
@@ -151,5 +151,5 @@ class Heartbeat:
 
 
 def _at(beat):
-    """'in the forward of step 2' / 'in start-up'."""
-    return f"in the {beat['phase']} of step {beat['step']}" if beat["step"] else f"in {beat['phase']}"
+    """'in step 2's forward' / 'in start-up'."""
+    return f"in step {beat['step']}'s {beat['phase']}" if beat["step"] else f"in {beat['phase']}"

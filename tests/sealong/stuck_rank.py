@@ -26,7 +26,8 @@ current = {"step": 0}
 
 def nap(where):
     if current["step"] == STEP or where == "start-up":
-        print(f"stuck_rank: rank 1 falls asleep in {where} of step {current['step']}", file=sys.stderr, flush=True)
+        print(f"stuck_rank: rank 1 falls asleep in {where} of step {current['step']} at {time.time():.3f}",
+              file=sys.stderr, flush=True)
         time.sleep(NAP)
 
 
