@@ -18,13 +18,17 @@ of its backward, the gradient all-reduce, a checkpoint's barrier. To name it, ev
   phase each stuck rank is in; torchrun then stops the other workers.
 
 A timeout that no heartbeat explains (every peer waiting: collectives issued in different orders) is re-raised
-as the backend reported it. NCCL aborts a timed-out process from its own watchdog rather than raising, so this
-naming covers gloo (CPU) runs; on GPUs the heartbeats are still in the store for the launcher's logs.
+as the backend reported it. Where the backend does not time out (a process group made by the caller with a
+longer timeout), the side thread reports the same error itself once its main thread has waited in one collective
+call for dist_timeout plus a grace, and ends the process. "Waiting" is the main thread's innermost Python frame
+inside torch.distributed (DCP's file writing excepted). Not covered: NCCL aborts a timed-out process from its
+own watchdog at dist_timeout, before that grace; its heartbeats are then only in the store.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -34,6 +38,7 @@ import time
 import torch.distributed as dist
 
 KEY = "sealong/heartbeat/{}"
+log = logging.getLogger("sealong.train")
 
 
 class StuckRankError(RuntimeError):
@@ -47,16 +52,18 @@ def check_timeout(seconds: float) -> float:
 
 
 DISTRIBUTED = os.path.dirname(dist.__file__) + os.sep  # .../torch/distributed/
+STORAGE = os.path.join(DISTRIBUTED, "checkpoint") + os.sep  # DCP's file writing: work, not a wait (its collectives
+#                                                             run in distributed_c10d.py)
 
 
 def _frame_of(thread_id):
-    """(waiting in torch.distributed, 'file:line in function') of a thread's innermost Python frame."""
+    """(innermost Python frame, waiting in a torch.distributed collective, 'file:line in function') of a thread."""
     frame = sys._current_frames().get(thread_id)
     if frame is None:
-        return False, "?"
+        return None, False, "?"
     code = frame.f_code
     where = f"{os.path.basename(code.co_filename)}:{frame.f_lineno} in {code.co_name}"
-    return code.co_filename.startswith(DISTRIBUTED), where
+    return frame, code.co_filename.startswith(DISTRIBUTED) and not code.co_filename.startswith(STORAGE), where
 
 
 def timed_out(err: BaseException) -> bool:
@@ -76,12 +83,20 @@ class Heartbeat:
 
     `mark(step, phase, waits_in)`: the phase this rank entered and the collective it waits in next when that
     times out ("the forward all-gather"), for the message. `diagnose(err)` after a timeout: a StuckRankError
-    naming the peers that did not arrive, or None."""
+    naming the peers that did not arrive, or None.
+
+    Should the backend not time out (NCCL aborts from its own watchdog; a process group made by the caller
+    with a longer timeout), the side thread itself reports: once the main thread has waited in one collective
+    call for `timeout + grace` seconds it logs the StuckRankError and ends the process (exit code 1; torchrun
+    then stops the others). grace: max(5 s, a quarter of the timeout), so that the backend's own error, which
+    unwinds the main thread, comes first where there is one."""
 
     def __init__(self, timeout: float, every: float = 0.5):
         self.timeout, self.every = check_timeout(timeout), every
+        self.grace = max(5.0, 0.25 * self.timeout)
         self.state = (0, "start-up", "the first collective", time.time())  # replaced whole: atomic for the thread
         self.store, self._stop = None, threading.Event()
+        self._wait_frame, self._wait_start = None, 0.0
         if not (dist.is_initialized() and dist.get_world_size() > 1):
             return
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -97,16 +112,35 @@ class Heartbeat:
 
     def _publish(self):
         step, phase, _, since = self.state
-        waiting, where = _frame_of(self._main)
+        frame, waiting, where = _frame_of(self._main)
+        now = time.time()
+        if not waiting:
+            self._wait_frame = None
+        elif frame is not self._wait_frame:  # a new collective call (the frame is held: its id is not reused)
+            self._wait_frame, self._wait_start = frame, now
+        del frame
         self.store.set(KEY.format(self.rank), json.dumps(
-            {"step": step, "phase": phase, "since": since, "time": time.time(), "waiting": waiting, "where": where}))
+            {"step": step, "phase": phase, "since": since, "time": now, "waiting": waiting, "where": where}))
+        return now - self._wait_start if waiting else 0.0, where
 
     def _run(self):
         while not self._stop.wait(self.every):
             try:
-                self._publish()
+                waited, where = self._publish()
+                if waited > self.timeout + self.grace:
+                    self._give_up(waited, where)
             except Exception:  # the store is gone (the job is ending): nothing left to tell
                 return
+
+    def _give_up(self, waited, where):
+        """The backend did not time out: report the stuck peers from here and end this process."""
+        stuck = self.diagnose(TimeoutError(f"waited {waited:.0f} s in {where}: timed out (the backend did not)"))
+        if stuck is None:
+            return
+        log.error("StuckRankError: %s", stuck)
+        print(f"sealong.train.watchdog.StuckRankError: {stuck}", file=sys.stderr, flush=True)
+        logging.shutdown()
+        os._exit(1)  # the main thread is blocked in the collective: nothing can unwind it
 
     def close(self):
         self._stop.set()
