@@ -6,7 +6,6 @@ asleep (alive, stuck) for 600 s in PHASE of step 2, the other ranks carrying on 
     backward   in the backward, at the gradient of the first decoder layer's output
     optimizer  in AdamW's step
     save       in the checkpoint save of step 2 (after its first barrier)
-    between    between steps 1 and 2 (the finiteness check after step 1)
     none       nowhere (a plain run, e.g. the resumed one)
 
 With SEALONG_TEST_BACKEND_TIMEOUT=S the process group's collectives wait S seconds instead of --dist_timeout (as
@@ -29,7 +28,7 @@ current = {"step": 0}
 
 
 def nap(where):
-    if current["step"] == STEP or where in ("start-up", "between"):
+    if current["step"] == STEP or where == "start-up":
         print(f"stuck_rank: rank 1 falls asleep in {where} of step {current['step']} at {time.time():.3f}",
               file=sys.stderr, flush=True)
         time.sleep(NAP)
@@ -89,15 +88,6 @@ if os.environ.get("RANK") == "1":
             return rng_state()
 
         ckpt._rng_state = sleepy_rng_state
-    elif PHASE == "between":
-        check_finite = loop.check_finite
-
-        def sleepy_check(step, *args, **kwargs):
-            if step == 1:
-                nap("between")
-            return check_finite(step, *args, **kwargs)
-
-        loop.check_finite = sleepy_check
     elif PHASE != "none":
         raise SystemExit(f"stuck_rank.py: unknown phase {PHASE!r}")
 

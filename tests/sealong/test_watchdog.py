@@ -153,7 +153,6 @@ CASES = {  # (phase of stuck_rank.py, data_parallel, backend timeout): what rank
     ("backward", "fsdp", None): ("step 2", "the backward's all-gathers / reduce-scatters", "in step 2's backward"),
     ("optimizer", "fsdp", None): ("step 2", "the metrics all-reduce", "in step 2's optimizer step"),
     ("save", "fsdp", None): ("step 2", "the checkpoint save's collectives", "in step 2's checkpoint save"),
-    ("between", "fsdp", None): ("step 2", "the forward all-gather", "in step 1's logging and checks"),
     ("forward", "replicate", None): ("step 2", "the gradient all-reduce", "in step 2's forward"),
     ("save", "replicate", None): ("step 2", "the checkpoint save's collectives", "in step 2's checkpoint save"),
     # the backend waits 600 s: the side thread reports after dist_timeout + grace (5 s) and ends rank 0
