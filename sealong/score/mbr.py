@@ -420,6 +420,7 @@ def run(args):
     from sealong.sample import shards
 
     if cfg.nproc_per_node > 1 and not shards.under_torchrun():
+        read_samples(samples, cfg.scorer)  # a bad line: one `error:` line and exit 2 here, not torchrun's 1
         return shards.launch("sealong.score", cfg.nproc_per_node, shards.flags_of(cfg))
     ranks = shards.Ranks(cfg.device)
     try:

@@ -162,7 +162,7 @@ class Heartbeat:
             beats = self.peers()
         except Exception:  # the store went with the stuck rank (it hosted it): say what is known
             return None
-        now, stale = time.time(), max(3 * self.every, 2.0)
+        now, stale = time.time(), max(10 * self.every, 5.0)  # a busy machine may delay a thread by seconds
         stuck, notes = [], []
         for r, beat in sorted(beats.items()):
             if beat is None:
