@@ -135,7 +135,7 @@ def test_data_parallel_input_errors_are_one_line_and_rc_2_before_torchrun(tmp_pa
     from sealong import cli
 
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("torchrun must not start"))
-    first = '{"id": "a", "context": "c", "question": "q"}' if stage == "sample" else '{"id": "a", "outputs": ["x", "y"]}'
+    first = {"sample": '{"id": "a", "context": "c", "question": "q"}', "score": '{"id": "a", "outputs": ["x", "y"]}'}[stage]
     path = tmp_path / "in.jsonl"
     path.write_text(first + "\n" + line + "\n")
     out = ["--output", str(tmp_path / "o.jsonl")] if stage == "sample" else ["--out", str(tmp_path / "o.jsonl")]
