@@ -46,6 +46,9 @@ def train_launcher(argv: list, common: dict) -> int:
     from sealong.launch import launch_command, run_job, without_launcher_flags
 
     resolved = resolve("train", argv, common=common, launcher=True, prog="sealong train")
+    from sealong.train.pairs import check_pairs_file
+
+    check_pairs_file(resolved.cfg.data, resolved.cfg.mode)  # a bad line: one error line here, not one per worker
     nproc = resolved.launch.get("nproc_per_node", 1)
     forwarded = [t for key, value in common.items() for t in (f"--{key}", str(value))] + without_launcher_flags(argv)
     cmd = launch_command(nproc, forwarded)
@@ -62,11 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     common = {k: v for k, v in vars(top_parser().parse_args(argv[:stage_at])).items() if v is not None}
     stage, rest = argv[stage_at], argv[stage_at + 1:]
     if stage == "train":
-        from sealong.config.fields import ConfigError
-
         try:
             return train_launcher(rest, common)
-        except ConfigError as err:
+        except (ValueError, FileNotFoundError) as err:  # ConfigError, JsonlError: option or file:line
             print(f"sealong train: error: {err}", file=sys.stderr)
             return 2
     from sealong.config.parser import stage_main

@@ -429,6 +429,7 @@ def run(args) -> int:
     from . import shards
 
     if args.nproc_per_node > 1 and not shards.under_torchrun():
+        read_prompts(args.prompts, args.limit)  # a bad line: one `error:` line and exit 2 here, not torchrun's 1
         return shards.launch("sealong.sampler", args.nproc_per_node, shards.flags_of(args))
     ranks = shards.Ranks(args.device)
     try:

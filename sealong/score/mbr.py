@@ -408,18 +408,19 @@ def run(args):
 
     samples, out = default(args.samples, "samples.jsonl"), default(args.out, "scores.jsonl")
     pairs, prompts = default(args.pairs, "pairs.jsonl"), default(args.prompts, "prompts.jsonl")
+    # input errors raise (ValueError, FileNotFoundError; JsonlError names file:line): stage_main prints them as
+    # one line `sealong score: error: ...` and exits 2, as every stage does
     if samples is None or out is None:
-        print("sealong score: give --run-dir, or --samples and --out", file=sys.stderr)
-        return 2
+        raise ValueError("give --run-dir, or --samples and --out")
     if prompts and not os.path.exists(prompts):
         if args.prompts is not None:
-            print(f"sealong score: --prompts {prompts} does not exist", file=sys.stderr)
-            return 2
+            raise FileNotFoundError(f"--prompts {prompts} does not exist")
         prompts = None
     cfg = args  # ScoreConfig (sealong/config/stages.py)
     from sealong.sample import shards
 
     if cfg.nproc_per_node > 1 and not shards.under_torchrun():
+        read_samples(samples, cfg.scorer)  # a bad line: one `error:` line and exit 2 here, not torchrun's 1
         return shards.launch("sealong.score", cfg.nproc_per_node, shards.flags_of(cfg))
     ranks = shards.Ranks(cfg.device)
     try:
@@ -431,9 +432,6 @@ def run(args):
             counts = score_file_parallel(samples, out, cfg, ranks, pairs=pairs, prompts=prompts)
         else:
             counts = score_file(samples, out, cfg, pairs=pairs, prompts=prompts)
-    except (JsonlError, ValueError, FileNotFoundError) as err:
-        print(f"sealong score: {err}", file=sys.stderr)
-        return 1
     finally:
         ranks.close()
     if ranks.rank != 0:

@@ -81,8 +81,8 @@ class TrainConfig(Checked):
         "sealong/train/fsdp.py; full fine-tuning keeps float32 masters); replicate: a full copy per rank and a "
         "gradient all-reduce (QLoRA and float16 loss scaling need it); auto: fsdp except for those two. One process "
         "never shards")
-    dist_timeout: float = option(600.0, "seconds a collective waits for the other ranks; then the job fails, naming a "
-                                 "rank that did not arrive (sealong.train.watchdog)", gt=0)
+    dist_timeout: float = option(600.0, "seconds a collective waits for the other ranks; then the job fails, naming the "
+                                 "ranks that did not arrive, the step and their phase (sealong.train.watchdog)", gt=0)
     device: Optional[Literal["cpu", "cuda"]] = option(None, "default: cuda when available")
     # -- bookkeeping -----------------------------------------------------------------------------------------
     seed: int = option(0, "shuffling, LoRA init and dropout")

@@ -59,7 +59,7 @@ from .pairs import label_counts, load_pairs, pack_pair
 from .config import TrainConfig, lr_at
 from .loss import METRIC_NAMES, metric_means, micro_objective, row_logit_sums, row_logp_sums
 from .mesh import TrainMesh
-from .watchdog import StepWatchdog, check_timeout
+from .watchdog import Heartbeat, check_timeout
 
 log = logging.getLogger("sealong.train")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -169,12 +169,12 @@ def pair_weights(pairs, cfg, device):
     return torch.tensor([pair.weight for pair in pairs], dtype=torch.float64, device=device)
 
 
-def train_step(model, lm_head, params, optimizer, scaler, batch, cfg, mesh, device, meet=None):
+def train_step(model, lm_head, params, optimizer, scaler, batch, cfg, mesh, device, heartbeat=None, step=0):
     """Forward/backward over this rank's micro-batches of `batch` (a list of pairs), reduce, clip, step.
-    `meet()` (the stuck-rank watchdog) runs first, before the step's first collective: FSDP's all-gather in the
-    forward, a ring exchange, or the gradient all-reduce."""
-    if meet is not None:
-        meet()
+    `heartbeat` (sealong.train.watchdog) is told each phase of optimizer step `step` and the collective it waits
+    in next, so that a rank stuck in any of them is named."""
+    sharded = fsdp.is_sharded(model)
+    mark = (lambda phase, waits_in: heartbeat.mark(step, phase, waits_in)) if heartbeat else (lambda *_: None)
     accum = cfg.grad_accum_steps(mesh.dp)
     chosen_tokens = sum(label_counts(p)[0] for p in batch)
     sums_of = torch.zeros(len(METRIC_NAMES) + 2, dtype=torch.float64)  # metric sums, loss, tokens
@@ -182,19 +182,24 @@ def train_step(model, lm_head, params, optimizer, scaler, batch, cfg, mesh, devi
         start = (m * mesh.dp + mesh.dp_rank) * cfg.micro_batch_pairs
         pairs = batch[start:start + cfg.micro_batch_pairs]
         logit_sums = torch.zeros(2 * len(pairs), dtype=torch.float32, device=device)
+        mark("forward", "the forward all-gather" if sharded else "the forward's sequence-parallel exchange")
         sums, tokens = micro_step_sums(model, lm_head, pairs, cfg, mesh, device, logit_sums)
         loss, metrics = micro_objective(sums, sequence_counts(pairs).to(device), mode=cfg.mode, beta=cfg.beta,
                                         nll_weight=cfg.nll_weight, batch_chosen_tokens=chosen_tokens,
                                         batch_pairs=len(batch), logit_sums=logit_sums, nll_reduction=cfg.nll_reduction,
                                         pair_weights=pair_weights(pairs, cfg, device))
         # `loss` is this micro-batch's share of the batch loss (batch-wide denominators): no 1/accum here
+        mark("backward", "the backward's all-gathers / reduce-scatters" if sharded
+             else "the backward's sequence-parallel exchange")
         (scaler.scale(loss) if scaler is not None else loss).backward()
         # every rank of an sp group computed the same (global) loss and metrics: count them once
         sums_of[:len(METRIC_NAMES)] += metrics / mesh.sp
         sums_of[-2] += loss.item() / mesh.sp
         sums_of[-1] += tokens
-    if not fsdp.is_sharded(model):  # FSDP reduce-scattered the gradients (a SUM) in backward
+    if not sharded:  # FSDP reduce-scattered the gradients (a SUM) in backward
+        mark("gradient all-reduce", "the gradient all-reduce")
         all_reduce_grads(params)  # every rank holds part of the same batch: SUM over dp x sp
+    mark("optimizer step", "the gradient-norm all-reduce" if sharded else "the metrics all-reduce")
     if scaler is not None:
         scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
@@ -205,6 +210,7 @@ def train_step(model, lm_head, params, optimizer, scaler, batch, cfg, mesh, devi
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    mark("metrics all-reduce", "the metrics all-reduce")
     sums_of = all_reduce_sum(sums_of.to(device)).cpu()  # on the device: NCCL reduces CUDA tensors only
     record = {"loss": sums_of[-2].item()}
     names = METRIC_NAMES if cfg.mode == "orpo" else ("logps/chosen", "nll_loss", "logits/chosen")
@@ -302,10 +308,21 @@ def train(cfg: TrainConfig, info, on_step=None):
     """Train per `cfg` on this rank; returns {"steps", "losses", "checkpoint", "data"} (rank-local copy).
 
     `on_step(step, record)` is called after every optimizer step (a hook for callers and tests). Rank 0 first
-    claims `output_dir` (writable, one run at a time: sealong.lock); every rank stops if it cannot.
+    claims `output_dir` (writable, one run at a time: sealong.lock); every rank stops if it cannot. A collective
+    that times out raises StuckRankError naming the ranks that did not arrive and their phase (a heartbeat per
+    rank, sealong.train.watchdog); the newest complete checkpoint stays as it was.
     """
-    with claim_output_dir(cfg, info):
-        return _train(cfg, info, on_step)
+    heartbeat = Heartbeat(cfg.dist_timeout)
+    try:
+        with claim_output_dir(cfg, info):
+            return _train(cfg, info, on_step, heartbeat)
+    except BaseException as err:  # a backend's timeout: RuntimeError; DCP's: CheckpointException(BaseException)
+        stuck = None if isinstance(err, (KeyboardInterrupt, SystemExit)) else heartbeat.diagnose(err)
+        if stuck is None:
+            raise
+        raise stuck from err
+    finally:
+        heartbeat.close()
 
 
 @contextlib.contextmanager
@@ -328,7 +345,7 @@ def claim_output_dir(cfg, info):
         lock.release()
 
 
-def _train(cfg, info, on_step):
+def _train(cfg, info, on_step, heartbeat):
     device = info.device
     existing = ckpt.latest_checkpoint(cfg.output_dir)
     if existing is not None and not cfg.resume:
@@ -340,7 +357,6 @@ def _train(cfg, info, on_step):
         settings = dict(cfg.to_dict(), data_sha256=provenance.file_sha256(cfg.data))  # a resumed run keeps its own
         provenance.write_meta(cfg.output_dir, provenance.stage_meta("train", settings, cfg.model), directory=True)
     mesh = TrainMesh.build(cfg, info)
-    watchdog = StepWatchdog(cfg.dist_timeout)  # names a rank that stops arriving (sealong.train.watchdog)
     cfg.grad_accum_steps(mesh.dp)  # fails early with the sizes when the batch does not divide
     if info.is_main:
         write_config(cfg)
@@ -397,6 +413,7 @@ def _train(cfg, info, on_step):
     losses = []
 
     def save(at_step):
+        heartbeat.mark(at_step, "checkpoint save", "the checkpoint save's collectives")
         state = {"step": at_step, "total_steps": total_steps, "epoch": at_step // steps_per_epoch,
                  "pairs_seen": at_step * cfg.batch_pairs, "world_size": info.world_size,
                  "data": data.summary(), "train_config": cfg.to_dict(),
@@ -411,10 +428,11 @@ def _train(cfg, info, on_step):
             started = time.perf_counter()
             epoch, indices = batch_indices(step, len(data.pairs), steps_per_epoch, cfg)
             record = train_step(model, lm_head, params, optimizer, scaler, [data.pairs[i] for i in indices],
-                                cfg, mesh, device, meet=lambda: watchdog.check(step + 1, "the step's first collective"))
+                                cfg, mesh, device, heartbeat, step + 1)
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             step += 1
+            heartbeat.mark(step, "logging and checks", "the next step's collectives")
             elapsed = time.perf_counter() - started
             record.update(epoch=epoch, lr=lr, tokens_per_s=record["tokens"] / max(elapsed, 1e-9),
                           step_time_s=elapsed)

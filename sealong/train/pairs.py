@@ -202,6 +202,23 @@ def load_pairs(path, tokenizer, *, mode="orpo", max_length=32768, strategy=promp
     return data
 
 
+def check_pairs_file(path, mode="orpo"):
+    """What `load_pairs` checks without a tokenizer, for `sealong train` before torchrun starts: the file reads
+    (UTF-8, JSON), ids are typed and unique, and sealong records have their text fields. A problem raises
+    ValueError / FileNotFoundError naming the file:line; a datasets folder is left to the workers."""
+    if os.path.isdir(path):
+        return
+    check_id = IdChecker(path)
+    for number, where, record in preference_records(path):
+        if "id" in record:
+            check_id(number, record["id"])
+        if record.get("skipped") or is_trl_record(record):
+            continue
+        _text_field(record, "chosen_text", where)
+        _text_field(record, "rejected_text", where, required=mode == "orpo")
+        user_message(record, prompts.DEFAULT_STRATEGY, where)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Other formats: JSON, datasets folders, TRL's preference records
 # ---------------------------------------------------------------------------------------------------------

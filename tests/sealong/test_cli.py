@@ -157,3 +157,25 @@ def test_import_kernels_from_the_repository_root_is_not_ours_and_sealong_kernels
                          env={**os.environ, "REPO": REPO})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == os.path.join("kernels", "sealong_kernels", "__init__.py")
+
+
+GOOD_PAIR = '{"id": "q0", "prompt": "w1", "chosen_text": "w2", "rejected_text": "w3"}'
+
+
+@pytest.mark.parametrize("line, message", [
+    (GOOD_PAIR, "p.jsonl:2: duplicate id 'q0' (first at line 1)"),
+    ('{"id": "q1", "prompt": "w1", "chosen_text": "w2"', "p.jsonl:2: not valid JSON"),
+    (GOOD_PAIR.replace('"q0"', '"q1"').replace('"w2"', "3"), "p.jsonl:2: field 'chosen_text' must be a string"),
+])
+def test_sealong_train_bad_pairs_file_is_one_line_and_rc_2_before_torchrun(tmp_path, capsys, monkeypatch, line,
+                                                                           message):
+    """An input error of `sealong train` is reported as by every stage (exit 2, one line naming file:line), by the
+    launcher before any worker starts (a worker's error came back as torchrun's exit 1 and its failure report)."""
+    from sealong import launch
+
+    monkeypatch.setattr(launch, "run_job", lambda *a, **k: pytest.fail("torchrun must not start"))
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text(GOOD_PAIR + "\n" + line + "\n")
+    assert cli.main(["train", "--model", "m", "--data", str(pairs), "--output_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sealong train: error: ") and message in err and err.count("\n") == 1, err

@@ -189,8 +189,8 @@ def test_run_cli_with_run_dir(tmp_path, capsys):
     assert mbr.run(resolve("score", ["--run-dir", str(tmp_path), "--utility", "answer"]).cfg) == 0
     assert len(_read(tmp_path / "scores.jsonl")) == 2 and len(_read(tmp_path / "pairs.jsonl")) == 2
     (tmp_path / "samples.jsonl").write_text("{}\n")
-    assert mbr.run(resolve("score", ["--run-dir", str(tmp_path)]).cfg) == 1
-    assert "samples.jsonl:1: missing field" in capsys.readouterr().err
+    with pytest.raises(JsonlError, match="samples.jsonl:1: missing field"):
+        mbr.run(resolve("score", ["--run-dir", str(tmp_path)]).cfg)
     with pytest.raises(ValueError, match="utility"):
         mbr.ScoreConfig(utility="bleu")
 
@@ -249,3 +249,25 @@ def test_optional_packages_name_their_extra(monkeypatch):
     mbr._rouge_scorer.cache_clear()
     with pytest.raises(MissingExtra, match=r"--distractors nearest needs the package 'faiss_missing'.*sealong\[faiss\]"):
         require("faiss_missing", "faiss", "--distractors nearest")
+
+
+@pytest.mark.parametrize("problem", ["duplicate id", "missing field", "no --samples", "no --prompts"])
+def test_input_errors_exit_2_with_one_line_like_every_stage(tmp_path, capsys, problem):
+    """`sealong score` reports bad input as the other stages do: exit code 2 and one line `sealong score: error:`
+    naming the file:line or the option (it used to exit 1 with `sealong score: ...`)."""
+    from sealong import cli
+
+    samples = _write(tmp_path / "samples.jsonl", SAMPLES[:2] + [SAMPLES[0]] if problem == "duplicate id"
+                     else [{}] if problem == "missing field" else SAMPLES[:2])
+    argv = {"duplicate id": ["--run-dir", str(tmp_path), "--utility", "answer"],
+            "missing field": ["--run-dir", str(tmp_path)],
+            "no --samples": ["--utility", "answer"],
+            "no --prompts": ["--samples", samples, "--out", str(tmp_path / "s.jsonl"), "--prompts",
+                             str(tmp_path / "none.jsonl")]}[problem]
+    message = {"duplicate id": "samples.jsonl:3: duplicate id 'q1' (first at line 1)",
+               "missing field": "samples.jsonl:1: missing field",
+               "no --samples": "give --run-dir, or --samples and --out",
+               "no --prompts": "--prompts " + str(tmp_path / "none.jsonl") + " does not exist"}[problem]
+    assert cli.main(["score", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sealong score: error: ") and message in err and err.count("\n") == 1, err

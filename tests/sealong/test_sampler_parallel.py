@@ -94,8 +94,10 @@ def test_sample_stage_and_pipeline_launch_torchrun(tmp_path, monkeypatch):
         returncode = 0
 
     monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd) or Done())
-    assert cli.main(["sample", "--nproc-per-node", "2", "--model", "m", "--prompts", "p.jsonl", "--output", "o.jsonl",
-                     "--temperature", "0.5", "--trust-remote-code"]) == 0
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "a", "context": "c", "question": "q"}\n')
+    assert cli.main(["sample", "--nproc-per-node", "2", "--model", "m", "--prompts", str(prompts), "--output",
+                     "o.jsonl", "--temperature", "0.5", "--trust-remote-code"]) == 0
     cmd = calls[0]
     assert cmd[1:8] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "sealong.sampler", "--model=m"]
     again = resolve("sample", cmd[7:]).cfg
@@ -120,3 +122,23 @@ def test_one_process_resume_keeps_prompt_order(tmp_path):
     out.write_bytes(fresh.splitlines(keepends=True)[2])
     assert S.run(stage_args(ckpt, tmp_path, "--decode-slots", "2")) == 0
     assert out.read_bytes() == fresh and shards.shard_files(str(out)) == []
+
+
+@pytest.mark.parametrize("stage, flag, line, message", [
+    ("sample", "--prompts", '{"id": "a", "context": "c", "question": "q"}', "in.jsonl:2: duplicate id 'a'"),
+    ("score", "--samples", '{"id": "a", "outputs": ["x", "y"]', "in.jsonl:2: not valid JSON"),
+])
+def test_data_parallel_input_errors_are_one_line_and_rc_2_before_torchrun(tmp_path, capsys, monkeypatch, stage, flag,
+                                                                        line, message):
+    """`sealong sample|score --nproc-per-node 2` reads its input before torchrun starts: a bad line is one
+    `sealong STAGE: error: FILE:LINE: ...` and exit 2, as in one process (the workers' 2 became torchrun's 1)."""
+    from sealong import cli
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("torchrun must not start"))
+    first = {"sample": '{"id": "a", "context": "c", "question": "q"}', "score": '{"id": "a", "outputs": ["x", "y"]}'}[stage]
+    path = tmp_path / "in.jsonl"
+    path.write_text(first + "\n" + line + "\n")
+    out = ["--output", str(tmp_path / "o.jsonl")] if stage == "sample" else ["--out", str(tmp_path / "o.jsonl")]
+    assert cli.main([stage, "--nproc-per-node", "2", "--model", "m", flag, str(path), *out]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sealong {stage}: error: ") and message in err and err.count("\n") == 1, err
