@@ -60,7 +60,7 @@ REAL_COMMAND = (
     "    --musique data/musique_ans_v1.0_train.jsonl \\\n"
     "    --eval-files longbench/qasper.jsonl,longbench/multifieldqa_en.jsonl,longbench/hotpotqa.jsonl,"
     "longbench/musique.jsonl,longbench/2wikimqa.jsonl \\\n"
-    "    --nproc-per-node 8 --train-args \"--sp 8 --ulysses 4\"")
+    "    --nproc-per-node 8 --train-args \"--sp 8 --ulysses 4\" --trust-remote-code")
 
 
 def stage_configs(cfg, sections: dict) -> dict:
@@ -78,6 +78,9 @@ def stage_configs(cfg, sections: dict) -> dict:
     if cfg.embedding_model is not None:  # one embedder for MBR in scoring and MBR@N in evaluation
         configs["score"] = dataclasses.replace(configs["score"], model=cfg.embedding_model)
         configs["eval"] = dataclasses.replace(configs["eval"], embed_model=cfg.embedding_model)
+    if cfg.trust_remote_code:  # the user's flag: that embedder may run its own code (jina-embeddings-v3)
+        configs["score"] = dataclasses.replace(configs["score"], trust_remote_code=True)
+        configs["eval"] = dataclasses.replace(configs["eval"], trust_remote_code=True)
     return configs
 
 
@@ -96,13 +99,19 @@ def check(cfg, preset: str | None = None) -> None:
         log.info("no --eval-files: evaluating on the built-in world's held-out questions")
 
 
-def check_train_args(r):
-    """--train-args parsed and layered as the training job will, before any work (an error exits 2 here); returns
-    the training job's config (its batch_pairs is the default of --min-pairs)."""
+def check_train_args(cfg, configs: dict, preset: str | None):
+    """--train-args parsed and layered over the run's train section as the training job will (it reads
+    config.yaml), before any work (an error exits 2 here); returns the training job's config (its batch_pairs is
+    the default of --min-pairs)."""
+    import tempfile
+
     from .config.parser import resolve
 
-    return resolve("train", ["--config", str(r.config_path), "--model", "-", "--data", "-",
-                             *shlex.split(r.args.train_args)], prog="sealong pipeline --train-args").cfg
+    with tempfile.TemporaryDirectory(prefix="sealong-config-") as folder:
+        path = Path(folder, "config.yaml")
+        path.write_text(config_text(cfg, configs, preset))
+        return resolve("train", ["--config", str(path), "--model", "-", "--data", "-", *shlex.split(cfg.train_args)],
+                       prog="sealong pipeline --train-args").cfg
 
 
 class Runner:
@@ -134,15 +143,20 @@ class Runner:
 
     def write_config(self) -> Path:
         """run_dir/config.yaml: every stage's resolved settings (the same format as --config)."""
-        import yaml
-
-        data = {"pipeline": self.args.to_dict(), **{s: c.to_dict() for s, c in self.configs.items()}}
         path = self.run / "config.yaml"
         tmp = path.with_suffix(".yaml.tmp")
-        tmp.write_text(f"# sealong pipeline, preset {self.preset}: the resolved settings of every stage\n"
-                       + yaml.safe_dump(data, sort_keys=False))
+        tmp.write_text(config_text(self.args, self.configs, self.preset))
         tmp.replace(path)
         return path
+
+
+def config_text(cfg, configs: dict, preset: str | None) -> str:
+    """config.yaml's text: the pipeline's options and every stage's resolved settings (the format of --config)."""
+    import yaml
+
+    data = {"pipeline": cfg.to_dict(), **{s: c.to_dict() for s, c in configs.items()}}
+    return (f"# sealong pipeline, preset {preset}: the resolved settings of every stage\n"
+            + yaml.safe_dump(data, sort_keys=False))
 
 
 # ---- the steps ----------------------------------------------------------------------------------------------------
@@ -409,21 +423,26 @@ def run(cfg, resolved=None) -> int:
         from .config.parser import resolve
 
         resolved = resolve("pipeline", [] if cfg.model is None else ["--model", cfg.model])
-    check(cfg, resolved.common["preset"])
+    from . import preflight
+
+    preset = resolved.common["preset"]
+    check(cfg, preset)
+    configs = stage_configs(cfg, resolved.sections)
+    train_cfg = check_train_args(cfg, configs, preset)
+    preflight.check_run(cfg, configs, train_cfg)  # every setting and resource of the run, before its first step
     with claim_output(cfg.run_dir, directory=True, what="--run-dir"):  # writable, one pipeline per run dir
-        return _run(cfg, resolved)
+        return _run(cfg, resolved, configs, train_cfg)
 
 
-def _run(cfg, resolved) -> int:
+def _run(cfg, resolved, configs: dict, train_cfg) -> int:
     from . import provenance
 
     meta = provenance.read_meta(str(cfg.run_dir), directory=True)
     if meta is not None and meta["settings"].get("rounds", 1) != cfg.rounds:  # the pool and layout follow it
         raise ValueError(f"--rounds {cfg.rounds}: {cfg.run_dir} was started with --rounds "
                          f"{meta['settings'].get('rounds', 1)}; use that value or another --run-dir")
-    r = Runner(cfg, stage_configs(cfg, resolved.sections), resolved.common["preset"], resolved.common["log_level"])
-    r.config_path = r.write_config()
-    r.train_cfg = check_train_args(r)
+    r = Runner(cfg, configs, resolved.common["preset"], resolved.common["log_level"])
+    r.config_path, r.train_cfg = r.write_config(), train_cfg
     if meta is None:  # how the run directory was started
         settings = dict(provenance.settings_of(cfg), preset=r.preset)
         provenance.write_meta(str(r.run), provenance.stage_meta("pipeline", settings, cfg.model), directory=True)

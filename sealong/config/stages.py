@@ -194,6 +194,9 @@ class PipelineConfig(Checked):
     embedding_model: Optional[str] = option(
         None, "embedder of MBR in scoring and of MBR@N in evaluation (score.model and eval.embed_model); default: "
         "theirs (the paper preset: jina-embeddings-v3 from a local folder; otherwise the offline all-MiniLM-L6-v2)")
+    trust_remote_code: bool = option(
+        False, "let the embedder of scoring and evaluation run code from its folder (score.trust_remote_code and "
+        "eval.trust_remote_code; jina-embeddings-v3, the paper preset's embedder, is custom code and needs it)")
     rounds: int = option(
         1, "SEALONG rounds: round k samples fresh questions (its disjoint slice of a pool of num_examples x rounds) "
         "with round k-1's merged model, scores, trains a new LoRA on it, merges and evaluates, in run_dir/round_k/; "
