@@ -31,8 +31,9 @@ complete checkpoint that can be evaluated, sampled or served alone.
 A round whose after/eval.json and monitor.json exist is complete and skipped, so a killed run resumes in the round
 it stopped in. Early stop: after a round's scoring and before its training, the round is not trained and the run
 ends (reason printed and written to summary.md and the round's monitor.json) when its samples agree (mean
-top-cluster share >= --stop-consensus) or fewer than --min-pairs pairs (default: the training job's batch_pairs,
-one optimizer step) survived scoring (sealong.evaluate.rounds).
+top-cluster share >= --stop-consensus; rounds > 1 only) or fewer than --min-pairs pairs (default: the training
+job's batch_pairs, one optimizer step; also with one round, e.g. no pair at all) survived scoring
+(sealong.evaluate.rounds).
 Every round's label-free statistics and labelled held-out numbers go to round_k/monitor.json and summary.md's
 table (and summary_rounds.png for K > 1).
 Every stage runs with the options `sealong <stage>` would get from the same --config file and preset (the demo
@@ -45,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import shlex
 import shutil
@@ -396,7 +398,8 @@ def run_rounds(r: Runner, model: str, prompts: Path, before: dict) -> tuple[dict
         step_sample_and_score(r, model, folder)
         monitor = rounds.round_monitor(folder, k)
         min_pairs = a.min_pairs if a.min_pairs is not None else r.train_cfg.batch_pairs  # one optimizer step
-        reason = rounds.stop_reason(monitor["label_free"], a.stop_consensus, min_pairs) if a.rounds > 1 else None
+        # one round: only the pairs' count (fewer than one optimizer step's, e.g. none: nothing to train on)
+        reason = rounds.stop_reason(monitor["label_free"], a.stop_consensus if a.rounds > 1 else math.inf, min_pairs)
         if reason:
             monitor["stopped"] = f"stopped before training round {k}: {reason}"
             rounds.write_monitor(folder, monitor)

@@ -206,7 +206,7 @@ class PipelineConfig(Checked):
         "(answer consensus) is at least this (no preference signal left); 1 stops only when every sample agrees",
         ge=0, le=1)
     min_pairs: Optional[int] = option(
-        None, "rounds > 1: stop before training a round with fewer pairs than this left after scoring; None: the "
+        None, "stop before training a round (also the only one) with fewer pairs than this left after scoring; None: the "
         "training job's batch_pairs (one optimizer step; the trainer refuses fewer); 0 never stops for this", ge=0)
     # options of the stages, set for the whole run (None: the stage's value from --config, the preset or its default)
     seed: Optional[int] = option(None, "seed of every stage", sets=("synth", "sample", "score", "train"))
