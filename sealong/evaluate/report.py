@@ -384,6 +384,25 @@ def parse_ns(text: str | None) -> list[int] | None:
     return ns
 
 
+def check_swapped(greedy: list[dict] | None, sampled: list[dict] | None, greedy_path: str, sampled_path: str) -> None:
+    """--greedy and --sampled given the wrong way round: the greedy file's records hold several outputs (or were
+    sampled at a temperature > 0) while the sampled file's hold one each (or were decoded at temperature 0)."""
+    if not greedy or not sampled:
+        return
+
+    def temperature(records):
+        return {r["sampler"].get("temperature") for r in records if isinstance(r.get("sampler"), dict)} - {None}
+
+    many_greedy = all(len(r["outputs"]) > 1 for r in greedy)
+    one_sampled = all(len(r["outputs"]) == 1 for r in sampled)
+    hot_greedy, cold_sampled = temperature(greedy) - {0}, temperature(sampled) == {0}  # 0.0 == 0
+    if (many_greedy and one_sampled) or (hot_greedy and cold_sampled):
+        raise ValueError(f"--greedy {greedy_path} and --sampled {sampled_path} look swapped: the greedy file's records "
+                         f"hold {max(len(r['outputs']) for r in greedy)} output(s) (temperature "
+                         f"{sorted(temperature(greedy)) or 'unknown'}), the sampled file's "
+                         f"{max(len(r['outputs']) for r in sampled)} (temperature {sorted(temperature(sampled)) or 'unknown'})")
+
+
 def run(args) -> int:
     if args.greedy is None and args.sampled is None:
         raise ValueError("eval: give --greedy FILE and/or --sampled FILE")
@@ -395,6 +414,7 @@ def run(args) -> int:
     with claim_output(out_dir, directory=True, what="--out-dir"):  # writable and ours, before any work
         greedy = read_samples(args.greedy) if args.greedy else None
         sampled = read_samples(args.sampled) if args.sampled else None
+        check_swapped(greedy, sampled, args.greedy, args.sampled)
         result = evaluate(greedy, sampled, ns, args.embed_model, mbr=not args.no_mbr,
                           trust_remote_code=args.trust_remote_code,
                           settings={"embedder": args.embed_model or "all-MiniLM-L6-v2 (offline)"}, window=args.window)

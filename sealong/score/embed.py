@@ -91,11 +91,11 @@ def load_embedder(model, device, trust_remote_code=False):
     """A sentence-transformers model by name or folder (None = the offline all-MiniLM-L6-v2): weights from
     safetensors only, remote code only when asked for (a known custom-code model such as jina-embeddings-v3
     without the flag is an error that says so), local files only for a known model."""
-    from sentence_transformers import SentenceTransformer
-
     folder = resolve_model(model)
     known = settings_for(folder)
     check_remote_code(folder, trust_remote_code)
+    from sentence_transformers import SentenceTransformer
+
     st = SentenceTransformer(folder, device=device, trust_remote_code=trust_remote_code,
                              local_files_only=bool(known) or model is None, model_kwargs={"use_safetensors": True})
     if "max_seq_length" in known:
