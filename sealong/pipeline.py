@@ -389,7 +389,7 @@ def summary(r: Runner, before: dict, after: dict | None, monitors: list[dict]) -
     the before/after table with CIs, the warm-up's consensus check (demo-gain), the legend, links to the plots
     (one figure, shared y-axis), and the monitoring table across rounds (sealong.evaluate.rounds)."""
     from .evaluate import rounds
-    from .evaluate.report import modes_table, plot_vs_n, settings_header, summary_markdown
+    from .evaluate.report import advice_markdown, modes_table, plot_vs_n, settings_header, summary_markdown
 
     n = r.args.eval_samples
     mode = r.configs["train"].mode
@@ -408,6 +408,10 @@ def summary(r: Runner, before: dict, after: dict | None, monitors: list[dict]) -
     else:  # round 1 stopped before training: the base model's table only
         lines = ["# SEALONG run summary", "", f"run directory: {r.run}; no round trained", "", settings_header(before),
                  "", "## Base model (before)", "", modes_table(before)]
+    advice = advice_markdown({"before (the base model)": before, **({"after": after} if after else {})}, n,
+                             demo=r.preset == "demo")
+    if advice:  # MBR@N below random@N or greedy: say so, and what to try next
+        lines += ["", advice]
     plot_name = None
     if r.args.rounds > 1:
         plot_name = "summary_rounds.png"
