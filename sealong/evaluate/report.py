@@ -253,7 +253,8 @@ def eval_markdown(result: dict, title: str = "Evaluation") -> str:
 
 # the lines of plot_vs_n, widest first and drawn first: where two lines coincide (a tiny model's MBR and random
 # often do), the narrower one stays visible on top of the wider one, each with its own marker
-LINE_STYLES = (("oracle", dict(marker="o", linestyle="-", linewidth=4.0, markersize=10, alpha=0.45, zorder=2, clip_on=False)),
+LINE_STYLES = (("oracle", dict(marker="o", linestyle="-", linewidth=4.0, markersize=10, alpha=0.45, zorder=2,
+                                clip_on=False)),
                ("MBR", dict(marker="s", linestyle="-", linewidth=2.2, markersize=6, zorder=3, clip_on=False)),
                ("random", dict(marker="^", linestyle="--", linewidth=1.2, markersize=4, zorder=4, clip_on=False)))
 

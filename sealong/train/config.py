@@ -38,8 +38,8 @@ class TrainConfig(Checked):
     lora_alpha: int = option(128, "LoRA scaling numerator (scale = alpha / r)", ge=1)
     lora_dropout: float = option(0.05, "dropout on the LoRA input", ge=0, lt=1)
     lora_targets: list[str] = option(factory=lambda: list(LORA_TARGETS), aliases=["lora_target_modules"],
-                                     help="module names that get adapters (all attention and MLP linears; `all-linear`, peft's "
-                                     "name, is the same)")
+                                     help="module names that get adapters (all attention and MLP linears; "
+                                     "`all-linear`, peft's name, is the same)")
     qlora: bool = option(False, "base linears stored as bitsandbytes NF4 with double quantization")
     dtype: Literal["bfloat16", "float16", "float32"] = option(
         "bfloat16", "compute dtype of the base model (float16: with loss scaling)")

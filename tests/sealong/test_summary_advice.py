@@ -51,4 +51,5 @@ def test_plot_y_axis_fits_the_data_and_lines_stay_visible(tmp_path):
     assert fitted_ylim([50.0, 50.0]) == (45.0, 55.0) and fitted_ylim([99.0]) == (90.0, 100.0)
     widths = [style["linewidth"] for _, style in LINE_STYLES]
     orders = [style["zorder"] for _, style in LINE_STYLES]
-    assert widths == sorted(widths, reverse=True) and orders == sorted(orders) and len({s["marker"] for _, s in LINE_STYLES}) == 3
+    assert widths == sorted(widths, reverse=True) and orders == sorted(orders)
+    assert len({style["marker"] for _, style in LINE_STYLES}) == 3
