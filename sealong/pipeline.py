@@ -116,51 +116,6 @@ def check_train_args(cfg, configs: dict, preset: str | None):
                        prog="sealong pipeline --train-args").cfg
 
 
-# what a stage's settings made in the run directory (run_dir itself or any round_k/); once one exists, the settings
-# of that config.yaml section are fixed
-MADE_BY = {"synth": ("prompts.jsonl",), "sample": ("samples.jsonl", "before/greedy.jsonl"), "score": ("scores.jsonl",),
-           "train": ("train",), "eval": ("before/eval.json",)}
-# the pipeline's own options that shape an output (the ones that set a stage option are compared in its section)
-PIPELINE_MADE_BY = {"model": "base_model", "tiny_warmup_steps": "base_model", "musique": "prompts.jsonl",
-                    "eval_files": "eval_prompts.jsonl", "eval_samples": "before", "train_args": "train"}
-
-
-def rerun_differences(run: Path, recorded: dict, now: dict) -> list[str]:
-    """'section.option: run X, now Y' for every recorded setting of run/config.yaml (`recorded`) that differs from
-    `now` although outputs made with it exist (MADE_BY; a setting of a stage not yet run may still change, as in the
-    README's SFT control: its train/ removed, --mode sft). Model paths are not compared: the stages compare the
-    model by its config sha256 (sealong.provenance)."""
-    def made(names):
-        return any((folder / name).exists() for folder in [run, *sorted(run.glob("round_*"))] for name in names)
-
-    out = []
-    for section, names in MADE_BY.items():
-        old, new = recorded.get(section) or {}, now.get(section) or {}
-        if made(names):
-            out += [f"{section}.{k}: run {old[k]!r}, now {new[k]!r}" for k in old if k in new and old[k] != new[k]]
-    old, new = recorded.get("pipeline") or {}, now.get("pipeline") or {}
-    for key, name in PIPELINE_MADE_BY.items():
-        if key in old and key in new and old[key] != new[key] and made([name]) and key != "model":
-            out.append(f"pipeline.{key}: run {old[key]!r}, now {new[key]!r}")
-    return out
-
-
-def check_rerun(cfg, configs: dict, preset: str | None) -> None:
-    """A run directory with outputs is continued only with the settings they were made with (its config.yaml):
-    otherwise refuse, naming each difference, before config.yaml is rewritten."""
-    import yaml
-
-    run = Path(cfg.run_dir)
-    path = run / "config.yaml"
-    if not path.is_file():
-        return
-    recorded = yaml.safe_load(path.read_text()) or {}
-    differ = rerun_differences(run, recorded, yaml.safe_load(config_text(cfg, configs, preset)))
-    if differ:
-        raise ValueError(f"--run-dir {run} holds outputs made with other settings ({'; '.join(differ)}); the same "
-                         f"settings continue it ({path}: `--config {path}`), or use another --run-dir")
-
-
 class Runner:
     """Runs the steps in order, logging one line per step and whether it was done already."""
 
@@ -490,13 +445,15 @@ def run(cfg, resolved=None) -> int:
 
 
 def _run(cfg, resolved, configs: dict, train_cfg) -> int:
-    from . import provenance
+    from . import preflight, provenance
 
     meta = provenance.read_meta(str(cfg.run_dir), directory=True)
     if meta is not None and meta["settings"].get("rounds", 1) != cfg.rounds:  # the pool and layout follow it
         raise ValueError(f"--rounds {cfg.rounds}: {cfg.run_dir} was started with --rounds "
                          f"{meta['settings'].get('rounds', 1)}; use that value or another --run-dir")
-    check_rerun(cfg, configs, resolved.common["preset"])
+    import yaml
+
+    preflight.check_rerun(cfg.run_dir, yaml.safe_load(config_text(cfg, configs, resolved.common["preset"])))
     r = Runner(cfg, configs, resolved.common["preset"], resolved.common["log_level"])
     r.config_path, r.train_cfg = r.write_config(), train_cfg
     if meta is None:  # how the run directory was started

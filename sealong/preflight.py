@@ -9,6 +9,7 @@ prints `error: ...` and exits 2). Checked here:
   and a custom-code embedder (jina-embeddings-v3) has --trust-remote-code;
 * training's batch: batch_pairs divisible by dp x micro_batch_pairs, dp = --nproc-per-node / sp;
 * lengths: the longest context plus the new tokens within the model's positions (the demo's tiny model: 1024);
+* a run directory's recorded settings (config.yaml): outputs made with other settings are not continued (`check_rerun`);
 * memory, an estimate of the largest need against the device's memory: the tiny model's labelled warm-up (its
   float attention mask, batch x L x L x 4 bytes) in host memory; a real model's sampling (its weights and the KV
   cache of the decode slots) on the GPU, or in host memory without one.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 
 def size(n: float) -> str:
     """Bytes as GiB, MiB or KiB."""
@@ -140,3 +142,56 @@ def check_model(args, configs: dict) -> None:
         raise ValueError(f"sampling {args.model} needs at least {size(weights + kv)} ({size(weights)} of weights in "
                          f"{sample.dtype} + {size(kv)} of KV cache for {sample.batch_prompts} prompt(s) and {slots} "
                          f"decode slots), more than the {size(memory)} of {where}")
+
+
+# what a stage's settings made in the run directory (run_dir itself or any round_k/); once one exists, the settings
+# of that config.yaml section are fixed
+MADE_BY = {"synth": ("prompts.jsonl",), "sample": ("samples.jsonl", "before/greedy.jsonl"), "score": ("scores.jsonl",),
+           "train": ("train",), "eval": ("before/eval.json",)}
+# options that change how fast or where a stage runs, not what it writes: free to change on a re-run
+RUN_ONLY = {"nproc_per_node", "device", "backend", "cuda_graphs", "batch_prompts", "decode_slots", "prefix_pool_tokens",
+            "prefill_chunk", "batch_size", "chunk", "overwrite", "no_plot", "log_every", "progress", "report_to",
+            "save_every", "keep_checkpoints", "resume", "dist_timeout", "sp", "ulysses", "ring_layout", "data_parallel",
+            "gradient_checkpointing", "loss_chunk_size"}
+# the pipeline's own options that shape an output (the ones that set a stage option are compared in its section;
+# --model is compared by the stages, by its config sha256)
+PIPELINE_MADE_BY = {"tiny_warmup_steps": "base_model", "musique": "prompts.jsonl",
+                    "eval_files": "eval_prompts.jsonl", "eval_samples": "before", "train_args": "train"}
+
+
+def rerun_differences(run: Path, recorded: dict, now: dict) -> list[str]:
+    """'section.option: run X, now Y' for every recorded setting of run/config.yaml (`recorded`) that differs from
+    `now` although outputs made with it exist (MADE_BY; a setting of a stage not yet run may still change, as in the
+    README's SFT control: its train/ removed, --mode sft). Model paths are not compared: the stages compare the
+    model by its config sha256 (sealong.provenance)."""
+    def made(names):
+        return any((folder / name).exists() for folder in [run, *sorted(run.glob("round_*"))] for name in names)
+
+    out = []
+    for section, names in MADE_BY.items():
+        old, new = recorded.get(section) or {}, now.get(section) or {}
+        if made(names):
+            out += [f"{section}.{k}: run {old[k]!r}, now {new[k]!r}" for k in old
+                    if k in new and old[k] != new[k] and k not in RUN_ONLY]
+    old, new = recorded.get("pipeline") or {}, now.get("pipeline") or {}
+    for key, name in PIPELINE_MADE_BY.items():
+        if key in old and key in new and old[key] != new[key] and made([name]):
+            out.append(f"pipeline.{key}: run {old[key]!r}, now {new[key]!r}")
+    return out
+
+
+def check_rerun(run_dir, now: dict) -> None:
+    """A run directory with outputs is continued only with the settings they were made with (its config.yaml):
+    otherwise refuse, naming each difference, before config.yaml is rewritten with `now` (the new config.yaml's
+    data)."""
+    import yaml
+
+    run = Path(run_dir)
+    path = run / "config.yaml"
+    if not path.is_file():
+        return
+    recorded = yaml.safe_load(path.read_text()) or {}
+    differ = rerun_differences(run, recorded, now)
+    if differ:
+        raise ValueError(f"--run-dir {run} holds outputs made with other settings ({'; '.join(differ)}); the same "
+                         f"settings continue it ({path}: `--config {path}`), or use another --run-dir")
