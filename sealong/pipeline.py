@@ -447,13 +447,16 @@ def run(cfg, resolved=None) -> int:
 def _run(cfg, resolved, configs: dict, train_cfg) -> int:
     from . import preflight, provenance
 
-    meta = provenance.read_meta(str(cfg.run_dir), directory=True)
-    if meta is not None and meta["settings"].get("rounds", 1) != cfg.rounds:  # the pool and layout follow it
-        raise ValueError(f"--rounds {cfg.rounds}: {cfg.run_dir} was started with --rounds "
-                         f"{meta['settings'].get('rounds', 1)}; use that value or another --run-dir")
     import yaml
 
-    preflight.check_rerun(cfg.run_dir, yaml.safe_load(config_text(cfg, configs, resolved.common["preset"])))
+    now = yaml.safe_load(config_text(cfg, configs, resolved.common["preset"]))
+    meta = provenance.read_meta(str(cfg.run_dir), directory=True)
+    if meta is not None and meta["settings"].get("rounds", 1) != cfg.rounds:  # the pool and layout follow it
+        others = preflight.recorded_differences(cfg.run_dir, now)
+        raise ValueError(f"--rounds {cfg.rounds}: {cfg.run_dir} was started with --rounds "
+                         f"{meta['settings'].get('rounds', 1)}; use that value or another --run-dir"
+                         + (f" (other settings differ too: {'; '.join(others)})" if others else ""))
+    preflight.check_rerun(cfg.run_dir, now)  # its outputs' settings: config.yaml is rewritten only if they agree
     r = Runner(cfg, configs, resolved.common["preset"], resolved.common["log_level"])
     r.config_path, r.train_cfg = r.write_config(), train_cfg
     if meta is None:  # how the run directory was started

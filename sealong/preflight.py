@@ -180,18 +180,22 @@ def rerun_differences(run: Path, recorded: dict, now: dict) -> list[str]:
     return out
 
 
+def recorded_differences(run_dir, now: dict) -> list[str]:
+    """rerun_differences against run_dir/config.yaml ([] without one)."""
+    import yaml
+
+    path = Path(run_dir, "config.yaml")
+    if not path.is_file():
+        return []
+    return rerun_differences(Path(run_dir), yaml.safe_load(path.read_text()) or {}, now)
+
+
 def check_rerun(run_dir, now: dict) -> None:
     """A run directory with outputs is continued only with the settings they were made with (its config.yaml):
     otherwise refuse, naming each difference, before config.yaml is rewritten with `now` (the new config.yaml's
     data)."""
-    import yaml
-
-    run = Path(run_dir)
-    path = run / "config.yaml"
-    if not path.is_file():
-        return
-    recorded = yaml.safe_load(path.read_text()) or {}
-    differ = rerun_differences(run, recorded, now)
+    run, path = Path(run_dir), Path(run_dir, "config.yaml")
+    differ = recorded_differences(run_dir, now)
     if differ:
         raise ValueError(f"--run-dir {run} holds outputs made with other settings ({'; '.join(differ)}); the same "
                          f"settings continue it ({path}: `--config {path}`), or use another --run-dir")

@@ -53,6 +53,10 @@ def test_finished_run_with_other_settings_is_refused_naming_each_difference(fini
     for diff in ("sample.num_samples: run 2, now 3", "sample.seed: run 0, now 5", "synth.seed: run 0, now 5"):
         assert diff in err, err
     assert (run_dir / "config.yaml").read_text() == config
+    rc, _ = _pipeline(run_dir, "--rounds", "2", "--num-samples", "6")  # the case: every difference named
+    err = capsys.readouterr().err
+    assert rc == 2 and "--rounds 2: " in err and "other settings differ too: sample.num_samples: run 2, now 6" in err
+    assert (run_dir / "config.yaml").read_text() == config
     assert _pipeline(run_dir)[0] == 0 and (run_dir / "config.yaml").read_text() == config  # same flags: fine
 
 
