@@ -31,8 +31,9 @@ complete checkpoint that can be evaluated, sampled or served alone.
 A round whose after/eval.json and monitor.json exist is complete and skipped, so a killed run resumes in the round
 it stopped in. Early stop: after a round's scoring and before its training, the round is not trained and the run
 ends (reason printed and written to summary.md and the round's monitor.json) when its samples agree (mean
-top-cluster share >= --stop-consensus) or fewer than --min-pairs pairs (default: the training job's batch_pairs,
-one optimizer step) survived scoring (sealong.evaluate.rounds).
+top-cluster share >= --stop-consensus; rounds > 1 only) or fewer than --min-pairs pairs (default: the training
+job's batch_pairs, one optimizer step; also with one round, e.g. no pair at all) survived scoring
+(sealong.evaluate.rounds).
 Every round's label-free statistics and labelled held-out numbers go to round_k/monitor.json and summary.md's
 table (and summary_rounds.png for K > 1).
 Every stage runs with the options `sealong <stage>` would get from the same --config file and preset (the demo
@@ -45,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import shlex
 import shutil
@@ -60,7 +62,7 @@ REAL_COMMAND = (
     "    --musique data/musique_ans_v1.0_train.jsonl \\\n"
     "    --eval-files longbench/qasper.jsonl,longbench/multifieldqa_en.jsonl,longbench/hotpotqa.jsonl,"
     "longbench/musique.jsonl,longbench/2wikimqa.jsonl \\\n"
-    "    --nproc-per-node 8 --train-args \"--sp 8 --ulysses 4\"")
+    "    --nproc-per-node 8 --train-args \"--sp 8 --ulysses 4\" --trust-remote-code")
 
 
 def stage_configs(cfg, sections: dict) -> dict:
@@ -78,6 +80,9 @@ def stage_configs(cfg, sections: dict) -> dict:
     if cfg.embedding_model is not None:  # one embedder for MBR in scoring and MBR@N in evaluation
         configs["score"] = dataclasses.replace(configs["score"], model=cfg.embedding_model)
         configs["eval"] = dataclasses.replace(configs["eval"], embed_model=cfg.embedding_model)
+    if cfg.trust_remote_code:  # the user's flag: that embedder may run its own code (jina-embeddings-v3)
+        configs["score"] = dataclasses.replace(configs["score"], trust_remote_code=True)
+        configs["eval"] = dataclasses.replace(configs["eval"], trust_remote_code=True)
     return configs
 
 
@@ -96,13 +101,19 @@ def check(cfg, preset: str | None = None) -> None:
         log.info("no --eval-files: evaluating on the built-in world's held-out questions")
 
 
-def check_train_args(r):
-    """--train-args parsed and layered as the training job will, before any work (an error exits 2 here); returns
-    the training job's config (its batch_pairs is the default of --min-pairs)."""
+def check_train_args(cfg, configs: dict, preset: str | None):
+    """--train-args parsed and layered over the run's train section as the training job will (it reads
+    config.yaml), before any work (an error exits 2 here); returns the training job's config (its batch_pairs is
+    the default of --min-pairs)."""
+    import tempfile
+
     from .config.parser import resolve
 
-    return resolve("train", ["--config", str(r.config_path), "--model", "-", "--data", "-",
-                             *shlex.split(r.args.train_args)], prog="sealong pipeline --train-args").cfg
+    with tempfile.TemporaryDirectory(prefix="sealong-config-") as folder:
+        path = Path(folder, "config.yaml")
+        path.write_text(config_text(cfg, configs, preset))
+        return resolve("train", ["--config", str(path), "--model", "-", "--data", "-", *shlex.split(cfg.train_args)],
+                       prog="sealong pipeline --train-args").cfg
 
 
 class Runner:
@@ -134,15 +145,20 @@ class Runner:
 
     def write_config(self) -> Path:
         """run_dir/config.yaml: every stage's resolved settings (the same format as --config)."""
-        import yaml
-
-        data = {"pipeline": self.args.to_dict(), **{s: c.to_dict() for s, c in self.configs.items()}}
         path = self.run / "config.yaml"
         tmp = path.with_suffix(".yaml.tmp")
-        tmp.write_text(f"# sealong pipeline, preset {self.preset}: the resolved settings of every stage\n"
-                       + yaml.safe_dump(data, sort_keys=False))
+        tmp.write_text(config_text(self.args, self.configs, self.preset))
         tmp.replace(path)
         return path
+
+
+def config_text(cfg, configs: dict, preset: str | None) -> str:
+    """config.yaml's text: the pipeline's options and every stage's resolved settings (the format of --config)."""
+    import yaml
+
+    data = {"pipeline": cfg.to_dict(), **{s: c.to_dict() for s, c in configs.items()}}
+    return (f"# sealong pipeline, preset {preset}: the resolved settings of every stage\n"
+            + yaml.safe_dump(data, sort_keys=False))
 
 
 # ---- the steps ----------------------------------------------------------------------------------------------------
@@ -166,8 +182,11 @@ def step_base_model(r: Runner) -> str:
                      temperature=sample_cfg.temperature,
                      **({"warmup_steps": a.tiny_warmup_steps} if a.tiny_warmup_steps is not None else {}))
     stats = build_base_model(folder, cfg, skip_questions=synth.num_examples * a.rounds + synth.num_eval, log=r.say)
-    r.say(f"base model: warm-up loss {stats['warmup_loss_first']:.2f} -> {stats['warmup_loss_last']:.2f} "
-          f"in {stats['warmup_seconds']:.0f}s")
+    if stats["warmup_steps_run"]:
+        r.say(f"base model: warm-up loss {stats['warmup_loss_first']:.2f} -> {stats['warmup_loss_last']:.2f} "
+              f"in {stats['warmup_seconds']:.0f}s")
+    else:
+        r.say("base model: no warm-up (--tiny-warmup-steps 0): the randomly initialised model")
     if stats.get("final_dev_check"):
         r.say("base model: labelled dev slice: " + ", ".join(f"{k} {v:.1f}" for k, v in stats["final_dev_check"].items()))
     return str(folder)
@@ -325,7 +344,7 @@ def summary(r: Runner, before: dict, after: dict | None, monitors: list[dict]) -
     the before/after table with CIs, the warm-up's consensus check (demo-gain), the legend, links to the plots
     (one figure, shared y-axis), and the monitoring table across rounds (sealong.evaluate.rounds)."""
     from .evaluate import rounds
-    from .evaluate.report import modes_table, plot_vs_n, settings_header, summary_markdown
+    from .evaluate.report import advice_markdown, modes_table, plot_vs_n, settings_header, summary_markdown
 
     n = r.args.eval_samples
     mode = r.configs["train"].mode
@@ -344,6 +363,10 @@ def summary(r: Runner, before: dict, after: dict | None, monitors: list[dict]) -
     else:  # round 1 stopped before training: the base model's table only
         lines = ["# SEALONG run summary", "", f"run directory: {r.run}; no round trained", "", settings_header(before),
                  "", "## Base model (before)", "", modes_table(before)]
+    advice = advice_markdown({"before (the base model)": before, **({"after": after} if after else {})}, n,
+                             demo=r.preset == "demo")
+    if advice:  # MBR@N below random@N or greedy: say so, and what to try next
+        lines += ["", advice]
     plot_name = None
     if r.args.rounds > 1:
         plot_name = "summary_rounds.png"
@@ -382,7 +405,8 @@ def run_rounds(r: Runner, model: str, prompts: Path, before: dict) -> tuple[dict
         step_sample_and_score(r, model, folder)
         monitor = rounds.round_monitor(folder, k)
         min_pairs = a.min_pairs if a.min_pairs is not None else r.train_cfg.batch_pairs  # one optimizer step
-        reason = rounds.stop_reason(monitor["label_free"], a.stop_consensus, min_pairs) if a.rounds > 1 else None
+        # one round: only the pairs' count (fewer than one optimizer step's, e.g. none: nothing to train on)
+        reason = rounds.stop_reason(monitor["label_free"], a.stop_consensus if a.rounds > 1 else math.inf, min_pairs)
         if reason:
             monitor["stopped"] = f"stopped before training round {k}: {reason}"
             rounds.write_monitor(folder, monitor)
@@ -409,21 +433,32 @@ def run(cfg, resolved=None) -> int:
         from .config.parser import resolve
 
         resolved = resolve("pipeline", [] if cfg.model is None else ["--model", cfg.model])
-    check(cfg, resolved.common["preset"])
+    from . import preflight
+
+    preset = resolved.common["preset"]
+    check(cfg, preset)
+    configs = stage_configs(cfg, resolved.sections)
+    train_cfg = check_train_args(cfg, configs, preset)
+    preflight.check_run(cfg, configs, train_cfg)  # every setting and resource of the run, before its first step
     with claim_output(cfg.run_dir, directory=True, what="--run-dir"):  # writable, one pipeline per run dir
-        return _run(cfg, resolved)
+        return _run(cfg, resolved, configs, train_cfg)
 
 
-def _run(cfg, resolved) -> int:
-    from . import provenance
+def _run(cfg, resolved, configs: dict, train_cfg) -> int:
+    from . import preflight, provenance
 
+    import yaml
+
+    now = yaml.safe_load(config_text(cfg, configs, resolved.common["preset"]))
     meta = provenance.read_meta(str(cfg.run_dir), directory=True)
     if meta is not None and meta["settings"].get("rounds", 1) != cfg.rounds:  # the pool and layout follow it
+        others = preflight.recorded_differences(cfg.run_dir, now)
         raise ValueError(f"--rounds {cfg.rounds}: {cfg.run_dir} was started with --rounds "
-                         f"{meta['settings'].get('rounds', 1)}; use that value or another --run-dir")
-    r = Runner(cfg, stage_configs(cfg, resolved.sections), resolved.common["preset"], resolved.common["log_level"])
-    r.config_path = r.write_config()
-    r.train_cfg = check_train_args(r)
+                         f"{meta['settings'].get('rounds', 1)}; use that value or another --run-dir"
+                         + (f" (other settings differ too: {'; '.join(others)})" if others else ""))
+    preflight.check_rerun(cfg.run_dir, now)  # its outputs' settings: config.yaml is rewritten only if they agree
+    r = Runner(cfg, configs, resolved.common["preset"], resolved.common["log_level"])
+    r.config_path, r.train_cfg = r.write_config(), train_cfg
     if meta is None:  # how the run directory was started
         settings = dict(provenance.settings_of(cfg), preset=r.preset)
         provenance.write_meta(str(r.run), provenance.stage_meta("pipeline", settings, cfg.model), directory=True)

@@ -93,11 +93,22 @@ def write_meta(path: str, meta: dict, directory: bool = False) -> str:
     return target
 
 
+def same_folder_copy(saved: dict, now: dict, key: str) -> bool:
+    """A model folder recorded as `key` (its path) and `key`_config_sha256 counts as the same model at another path
+    (a copied run directory, `cp -r run run-sft`; a moved checkpoint) when the sha256 of its config.json is
+    recorded on both sides and equal and the folder keeps its name (base_model is not round_1/after_model, whose
+    config.json is the same)."""
+    sha, old, new = f"{key}_config_sha256", saved.get(key), now.get(key)
+    return (saved.get(sha) is not None and saved.get(sha) == now.get(sha) and isinstance(old, str)
+            and isinstance(new, str) and os.path.basename(old.rstrip("/")) == os.path.basename(new.rstrip("/")))
+
+
 def differences(saved: dict, now: dict) -> list[str]:
-    """'key: output X, now Y' for every setting that differs (a key missing on one side counts)."""
+    """'key: output X, now Y' for every setting that differs (a key missing on one side counts); a model folder's
+    path does not count when its config sha256 matches (`same_folder_copy`)."""
     keys = sorted(set(saved) | set(now))
     return [f"{k}: output {saved.get(k, '(none)')!r}, now {now.get(k, '(none)')!r}" for k in keys
-            if saved.get(k, "(none)") != now.get(k, "(none)")]
+            if saved.get(k, "(none)") != now.get(k, "(none)") and not same_folder_copy(saved, now, k)]
 
 
 def _first_record_settings(path: str, key: str | None) -> dict | None:

@@ -253,6 +253,7 @@ def warm_up(model, tokenizer, questions, cfg: TinyConfig, strategy: str, log=pri
                 stopped = step + 1
                 break
     model.eval()
-    return {"warmup_loss_first": losses[0], "warmup_loss_last": sum(losses[-10:]) / len(losses[-10:]),
+    last = sum(losses[-10:]) / len(losses[-10:]) if losses else None  # warmup_steps 0: an untrained model
+    return {"warmup_loss_first": losses[0] if losses else None, "warmup_loss_last": last,
             "warmup_seconds": time.perf_counter() - start, "warmup_examples": len(examples),
             "warmup_steps_run": len(losses), "stopped_at": stopped, "dev_checks": checks}

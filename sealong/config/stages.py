@@ -194,6 +194,9 @@ class PipelineConfig(Checked):
     embedding_model: Optional[str] = option(
         None, "embedder of MBR in scoring and of MBR@N in evaluation (score.model and eval.embed_model); default: "
         "theirs (the paper preset: jina-embeddings-v3 from a local folder; otherwise the offline all-MiniLM-L6-v2)")
+    trust_remote_code: bool = option(
+        False, "let the embedder of scoring and evaluation run code from its folder (score.trust_remote_code and "
+        "eval.trust_remote_code; jina-embeddings-v3, the paper preset's embedder, is custom code and needs it)")
     rounds: int = option(
         1, "SEALONG rounds: round k samples fresh questions (its disjoint slice of a pool of num_examples x rounds) "
         "with round k-1's merged model, scores, trains a new LoRA on it, merges and evaluates, in run_dir/round_k/; "
@@ -203,7 +206,7 @@ class PipelineConfig(Checked):
         "(answer consensus) is at least this (no preference signal left); 1 stops only when every sample agrees",
         ge=0, le=1)
     min_pairs: Optional[int] = option(
-        None, "rounds > 1: stop before training a round with fewer pairs than this left after scoring; None: the "
+        None, "stop before training a round (also the only one) with fewer pairs than this left after scoring; None: the "
         "training job's batch_pairs (one optimizer step; the trainer refuses fewer); 0 never stops for this", ge=0)
     # options of the stages, set for the whole run (None: the stage's value from --config, the preset or its default)
     seed: Optional[int] = option(None, "seed of every stage", sets=("synth", "sample", "score", "train"))

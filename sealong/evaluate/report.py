@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -250,36 +251,64 @@ def eval_markdown(result: dict, title: str = "Evaluation") -> str:
             + markdown_table(result, "em") + "\n## F1\n\n" + markdown_table(result, "f1"))
 
 
-def plot_vs_n(results: dict, path: str | Path, metric: str = "subem") -> None:
+# the lines of plot_vs_n, widest first and drawn first: where two lines coincide (a tiny model's MBR and random
+# often do), the narrower one stays visible on top of the wider one, each with its own marker
+LINE_STYLES = (("oracle", dict(marker="o", linestyle="-", linewidth=4.0, markersize=10, alpha=0.45, zorder=2,
+                                clip_on=False)),
+               ("MBR", dict(marker="s", linestyle="-", linewidth=2.2, markersize=6, zorder=3, clip_on=False)),
+               ("random", dict(marker="^", linestyle="--", linewidth=1.2, markersize=4, zorder=4, clip_on=False)))
+
+
+def fitted_ylim(values, span: float = 10.0) -> tuple[float, float]:
+    """A y-range (percent) that fits `values`: their range with a margin, at least `span` points tall, inside
+    0-100 (a fixed 0-100 axis squashes lines that all lie under 20%)."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return 0.0, 100.0
+    lo, hi = min(values), max(values)
+    pad = max(2.0, 0.1 * (hi - lo), (span - (hi - lo)) / 2)
+    lo, hi = max(0.0, lo - pad), min(100.0, hi + pad)
+    if hi - lo < span:  # against 0 or 100: grow the other way
+        lo, hi = (lo, min(100.0, lo + span)) if lo == 0.0 else (max(0.0, hi - span), hi)
+    return lo, hi
+
+
+def plot_vs_n(results: dict, path: str | Path, metric: str = "subem") -> tuple[float, float]:
     """oracle@n, MBR@n and random@n against n, greedy as a horizontal line (the paper's Figure 1): one panel per
-    entry of `results` ({title: result}, e.g. before and after), side by side with ONE shared y-axis, x ticks at
-    the n evaluated (1, 2, 4, 8, ...)."""
+    entry of `results` ({title: result}, e.g. before and after), side by side with ONE shared y-axis fitted to
+    every panel's values (`fitted_ylim`), x ticks at the n evaluated (1, 2, 4, 8, ...). Returns the y-range."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.6), sharey=True, squeeze=False)
+    shown = []
     for ax, (title, result) in zip(axes[0], results.items()):
         ns = result["ns"]
-        for name, style in (("oracle", "o-"), ("MBR", "s-"), ("random", "^--")):
+        for name, style in LINE_STYLES:
             ys = [result["average"].get(f"{name}@{n}", {}).get(metric) for n in ns]
             if ns and all(y is not None for y in ys):
-                ax.plot(ns, ys, style, label=f"{name}@N")
+                ax.plot(ns, ys, label=f"{name}@N", **style)
+                shown += ys
         if "greedy" in result["average"]:
-            ax.axhline(result["average"]["greedy"][metric], color="gray", linestyle=":", label="greedy")
+            ax.axhline(result["average"]["greedy"][metric], color="gray", linestyle=":", linewidth=1.5, zorder=5,
+                       label="greedy")
+            shown.append(result["average"]["greedy"][metric])
         ax.set_xscale("log", base=2)
         ax.set_xticks(ns, [str(n) for n in ns])
         ax.minorticks_off()
         ax.set_xlabel("N (samples)")
-        ax.set_ylim(0, 100)  # percentages on one fixed, shared scale: before and after read alike
         ax.set_title(title)
         ax.grid(alpha=0.3)
+    ylim = fitted_ylim(shown)  # one shared scale for every panel: before and after read alike
+    axes[0][0].set_ylim(*ylim)
     axes[0][0].set_ylabel(f"average {'SubEM' if metric == 'subem' else metric.upper()} (%)")
     axes[0][0].legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return ylim
 
 
 def write_report(result: dict, out_dir: str | Path, plot: bool = True, title: str = "Evaluation") -> dict:
@@ -370,6 +399,43 @@ def summary_markdown(before: dict, after: dict, n: int, run_dir, plot_name: str,
     return "\n".join(lines)
 
 
+def advice_markdown(results: dict, n: int, demo: bool = False) -> str:
+    """'What this run says' for a first run: where the method's own choice (MBR@n) scores below random@n (the
+    consensus picks worse than chance: its pairs teach noise) or below greedy, for each of `results`
+    ({"before": result, ...}), and what to try next. "" when neither happens."""
+    found = []
+    for name, result in results.items():
+        avg = result.get("average", {})
+        mbr, rnd, greedy = avg.get(f"MBR@{n}"), avg.get(f"random@{n}"), avg.get("greedy")
+        if mbr is None:
+            continue
+        for other, label in ((rnd, f"random@{n}"), (greedy, "greedy")):
+            low = [k for k in ("em", "subem") if other is not None and mbr[k] < other[k]]
+            if low:
+                found.append(f"- {name}: **MBR@{n} is below {label}** (" + "; ".join(
+                    f"{'EM' if k == 'em' else 'SubEM'} {mbr[k]:.1f} vs {other[k]:.1f}" for k in low) + ")")
+    if not found:
+        return ""
+    oracle = next((r["average"].get(f"oracle@{n}") for r in results.values() if f"oracle@{n}" in r.get("average", {})),
+                  None)
+    lines = ["## What this run says", "", *found, "",
+             "The method's own choice (the sample most similar to the others) is no better than chance here, so the "
+             "preference pairs it builds carry little or a wrong signal: no gain is to be expected from training on "
+             "them." + (f" oracle@{n} is {oracle['subem']:.1f} SubEM: " if oracle else " ")
+             + "a consensus can only pick a right answer that some samples hold.", "", "What to try next:"]
+    if demo:
+        lines.append("- `sealong pipeline --preset demo-gain`: a base model warmed up until its samples hold the answer "
+                     "(dev greedy 35-55%, oracle@16 >= 80%) and where the consensus beats greedy; README, \"The "
+                     "self-improvement demo\"")
+    lines += ["- the settings that matter: more samples (`--num-samples`, the paper's 32; `--eval-samples`), the "
+              "temperature (`--temperature`: too low, the samples agree on the greedy answer; too high, on nothing), "
+              "`--max-new-tokens` when many outputs are cut (cut % above; a cut output is never chosen), the embedder "
+              "(`--embedding-model`, the paper's jina-embeddings-v3) and its window (`score.window`, `eval.window`)",
+              "- beyond the paper: `--min-consensus` (train only on questions whose samples agree) and `--scorer "
+              "mbr+certainty`", ""]
+    return "\n".join(lines)
+
+
 # ---- the `eval` stage ---------------------------------------------------------------------------------------------
 
 def parse_ns(text: str | None) -> list[int] | None:
@@ -384,6 +450,25 @@ def parse_ns(text: str | None) -> list[int] | None:
     return ns
 
 
+def check_swapped(greedy: list[dict] | None, sampled: list[dict] | None, greedy_path: str, sampled_path: str) -> None:
+    """--greedy and --sampled given the wrong way round: the greedy file's records hold several outputs (or were
+    sampled at a temperature > 0) while the sampled file's hold one each (or were decoded at temperature 0)."""
+    if not greedy or not sampled:
+        return
+
+    def temperature(records):
+        return {r["sampler"].get("temperature") for r in records if isinstance(r.get("sampler"), dict)} - {None}
+
+    many_greedy = all(len(r["outputs"]) > 1 for r in greedy)
+    one_sampled = all(len(r["outputs"]) == 1 for r in sampled)
+    hot_greedy, cold_sampled = temperature(greedy) - {0}, temperature(sampled) == {0}  # 0.0 == 0
+    if (many_greedy and one_sampled) or (hot_greedy and cold_sampled):
+        raise ValueError(f"--greedy {greedy_path} and --sampled {sampled_path} look swapped: the greedy file's records "
+                         f"hold {max(len(r['outputs']) for r in greedy)} output(s) (temperature "
+                         f"{sorted(temperature(greedy)) or 'unknown'}), the sampled file's "
+                         f"{max(len(r['outputs']) for r in sampled)} (temperature {sorted(temperature(sampled)) or 'unknown'})")
+
+
 def run(args) -> int:
     if args.greedy is None and args.sampled is None:
         raise ValueError("eval: give --greedy FILE and/or --sampled FILE")
@@ -395,6 +480,7 @@ def run(args) -> int:
     with claim_output(out_dir, directory=True, what="--out-dir"):  # writable and ours, before any work
         greedy = read_samples(args.greedy) if args.greedy else None
         sampled = read_samples(args.sampled) if args.sampled else None
+        check_swapped(greedy, sampled, args.greedy, args.sampled)
         result = evaluate(greedy, sampled, ns, args.embed_model, mbr=not args.no_mbr,
                           trust_remote_code=args.trust_remote_code,
                           settings={"embedder": args.embed_model or "all-MiniLM-L6-v2 (offline)"}, window=args.window)

@@ -165,11 +165,16 @@ def plot_rounds(before: dict | None, monitors: list[dict], path: str | Path) -> 
 
     fig, ax = plt.subplots(figsize=(6, 4))
     rows = ([(0, labelled(before))] if before else []) + [(m["round"], m.get("after") or {}) for m in monitors]
-    for mode, style in (("oracle", "o-"), ("MBR", "s-"), ("greedy", "d:")):
+    from .report import LINE_STYLES, fitted_ylim
+
+    styles = dict(LINE_STYLES[:2], greedy=dict(marker="d", linestyle=":", linewidth=1.2, markersize=4, zorder=4))
+    shown = []
+    for mode, style in styles.items():  # widest first: coinciding lines stay visible (report.LINE_STYLES)
         pts = [(k, lab[mode]["subem"]) for k, lab in rows if mode in lab]
         if pts:
-            ax.plot(*zip(*pts), style, label=f"{mode}@N" if mode != "greedy" else mode)
-    ax.set_ylim(0, 100)
+            ax.plot(*zip(*pts), label=f"{mode}@N" if mode != "greedy" else mode, **style)
+            shown += [y for _, y in pts]
+    ax.set_ylim(*fitted_ylim(shown))  # fits the data (a fixed 0-100 squashes lines under 20%)
     ax.set_xlabel("round (0 = base model)")
     ax.set_ylabel("held-out SubEM (%)")
     ax.set_xticks([k for k, _ in rows] or [0])

@@ -104,8 +104,14 @@ class ModelConfig:
         path = os.path.join(folder, "config.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no config.json in checkpoint folder {folder!r}")
-        with open(path) as f:
-            return cls.from_dict(json.load(f), source=path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data, source=path)
 
     def to_dict(self) -> dict:
         return asdict(self)

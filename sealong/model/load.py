@@ -7,7 +7,7 @@ import json
 import os
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .config import ModelConfig
 from .llama import Transformer
@@ -35,6 +35,26 @@ def safetensors_files(folder: str) -> list[str]:
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder!r} (only safetensors weights are read)")
 
 
+def _read_weights(path, config, expected, state, dtype, device) -> None:
+    """The weights of one safetensors file into `state`, each checked: an expected name and shape, finite values
+    (a NaN or inf weight makes every output NaN: refused here, before a sampler writes NaN log-probs or a trainer
+    blames its learning rate)."""
+    with safe_open(path, framework="pt", device="cpu") as f:
+        for key in f.keys():
+            if key.endswith(IGNORED_SUFFIXES) or (config.tie_word_embeddings and key == "lm_head.weight"):
+                continue
+            if key not in expected:
+                raise ValueError(f"{path}: unexpected weight {key!r} for {config.architecture}")
+            tensor = f.get_tensor(key)
+            if tuple(tensor.shape) != tuple(expected[key].shape):
+                raise ValueError(f"{path}: weight {key!r} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected[key].shape)}")
+            bad = int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
+            if bad:
+                raise ValueError(f"{path}: weight {key!r} holds {bad} non-finite value(s) (NaN or inf): the checkpoint "
+                                 "itself is broken (not a sampling or learning-rate setting)")
+            state[key] = tensor.to(device=device, dtype=dtype)
+
+
 def load_model(folder: str, dtype=torch.bfloat16, device="cpu", config: ModelConfig | None = None) -> Transformer:
     """Build the model on the meta device and fill it from the checkpoint's safetensors, cast to `dtype` on `device`."""
     config = config or ModelConfig.from_folder(folder)
@@ -45,16 +65,10 @@ def load_model(folder: str, dtype=torch.bfloat16, device="cpu", config: ModelCon
         expected.pop("lm_head.weight", None)
     state = {}
     for path in safetensors_files(folder):
-        with safe_open(path, framework="pt", device="cpu") as f:
-            for key in f.keys():
-                if key.endswith(IGNORED_SUFFIXES) or (config.tie_word_embeddings and key == "lm_head.weight"):
-                    continue
-                if key not in expected:
-                    raise ValueError(f"{path}: unexpected weight {key!r} for {config.architecture}")
-                tensor = f.get_tensor(key)
-                if tuple(tensor.shape) != tuple(expected[key].shape):
-                    raise ValueError(f"{path}: weight {key!r} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected[key].shape)}")
-                state[key] = tensor.to(device=device, dtype=dtype)
+        try:
+            _read_weights(path, config, expected, state, dtype, device)
+        except SafetensorError as err:  # a truncated or corrupt file: name it, not a raw traceback
+            raise ValueError(f"{path}: not a readable safetensors file ({err}); re-copy or re-save the checkpoint") from None
     missing = sorted(set(expected) - set(state))
     if missing:
         raise ValueError(f"{folder}: checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")

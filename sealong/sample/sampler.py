@@ -33,6 +33,7 @@ import hashlib
 import itertools
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -425,9 +426,18 @@ def check_prompt_lengths(prompts: list, tokenizer, strategy: str, limit: int, tr
         raise ValueError(_too_long(*over[0], limit, [i for i, _ in over[1:]]))
 
 
+def check_paths(args) -> None:
+    """--output is not the --prompts file (its records would read as samples already done)."""
+    output, prompts = args.output, args.prompts
+    if os.path.abspath(output) == os.path.abspath(prompts) or (
+            os.path.exists(output) and os.path.exists(prompts) and os.path.samefile(output, prompts)):
+        raise ValueError(f"--output {args.output} is the --prompts file: samples go to another file")
+
+
 def run(args) -> int:
     from . import shards
 
+    check_paths(args)
     if args.nproc_per_node > 1 and not shards.under_torchrun():
         read_prompts(args.prompts, args.limit)  # a bad line: one `error:` line and exit 2 here, not torchrun's 1
         return shards.launch("sealong.sampler", args.nproc_per_node, shards.flags_of(args))
@@ -453,6 +463,8 @@ def _sample(args, ranks) -> int:
 
     slots = args.decode_slots or args.batch_prompts * args.num_samples  # ranges: SampleConfig
     prompts = read_prompts(args.prompts, args.limit)
+    if not prompts:
+        raise ValueError(f"--prompts {args.prompts}: no prompt records (an empty file): nothing to sample")
     order = [p["id"] for p in prompts]
     settings = sampler_settings(args)  # a resume under other settings is refused, naming the difference
     if ranks.rank == 0:  # fold in the shards of a killed data-parallel run; cut a torn last line

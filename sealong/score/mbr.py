@@ -436,6 +436,11 @@ def run(args):
         ranks.close()
     if ranks.rank != 0:
         return 0
+    if pairs and not os.path.exists(pairs):  # no pair at all (all skipped, N = 1, ...): an empty file, not none
+        open(pairs, "a").close()
+    if pairs and os.path.getsize(pairs) == 0:
+        log.warning(f"no pair written to {pairs}: " + (", ".join(f"{k} {v}" for k, v in counts.items()
+                                                                if k.startswith("skipped")) or "no question scored"))
     log.info(", ".join(f"{k} {v}" for k, v in counts.items()))
     log.info(f"scores -> {out}" + (f", pairs -> {pairs}" if pairs else ""))
     return 0

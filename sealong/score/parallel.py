@@ -50,4 +50,6 @@ def score_file_parallel(samples, out, cfg, ranks, pairs=None, prompts=None) -> d
     for path in files:
         shards.merge(path, order)
     final = score_file(samples, out, cfg, pairs=pairs, prompts=prompts, log=sys.stderr)
-    return dict(final, written=written[0] + final["written"], pairs=written[1] + final["pairs"], ranks=ranks.world)
+    # the final pass sees every id the ranks just wrote as done: "already done" is what was there before this run
+    return dict(final, **{"already done": len(done)}, written=written[0] + final["written"],
+                pairs=written[1] + final["pairs"], ranks=ranks.world)

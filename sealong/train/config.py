@@ -38,7 +38,8 @@ class TrainConfig(Checked):
     lora_alpha: int = option(128, "LoRA scaling numerator (scale = alpha / r)", ge=1)
     lora_dropout: float = option(0.05, "dropout on the LoRA input", ge=0, lt=1)
     lora_targets: list[str] = option(factory=lambda: list(LORA_TARGETS), aliases=["lora_target_modules"],
-                                     help="module names that get adapters (all attention and MLP linears)")
+                                     help="module names that get adapters (all attention and MLP linears; "
+                                     "`all-linear`, peft's name, is the same)")
     qlora: bool = option(False, "base linears stored as bitsandbytes NF4 with double quantization")
     dtype: Literal["bfloat16", "float16", "float32"] = option(
         "bfloat16", "compute dtype of the base model (float16: with loss scaling)")
@@ -98,6 +99,11 @@ class TrainConfig(Checked):
                           aliases=["resume_from_checkpoint"])
     progress: Optional[bool] = option(
         None, "progress bar on rank 0 (default: when stderr is a terminal; otherwise one text line per logged step)")
+
+    def __post_init__(self):
+        if list(self.lora_targets) == ["all-linear"]:  # peft's spelling: every linear but the output layer
+            self.lora_targets = list(LORA_TARGETS)
+        super().__post_init__()
 
     def checks(self):
         return [

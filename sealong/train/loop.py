@@ -103,6 +103,10 @@ def build_model(cfg, device, weights_dtype=None):
         return model, model.lm_head, [p for p in model.parameters() if p.requires_grad]
     from peft import LoraConfig, get_peft_model
 
+    if cfg.lora_r > model.config.hidden_size:  # rank above the smallest side of a layer: no lower-rank update
+        log.warning(f"lora_r={cfg.lora_r} is larger than the model's hidden size {model.config.hidden_size}: the "
+                    "adapters are full-rank updates (more memory and parameters than full fine-tuning of those "
+                    "linears); a rank below the hidden size is what LoRA means")
     for p in model.parameters():
         p.requires_grad_(False)
     if cfg.qlora:

@@ -35,6 +35,7 @@ def test_two_ranks_resume_shards_and_equal_one_process(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "written 4," in done.stderr and "ranks 2" in done.stderr  # q1, q3, q5, q6: only the missing ids
+    assert "questions 6, already done 2, written 4," in done.stderr  # q2, q4 from the shards (not all 6)
     assert open(out).read() == "".join(scores) and open(out_pairs).read() == "".join(pairs)
     left = [n for n in os.listdir(tmp_path) if not n.endswith((".meta.json", ".lock"))]  # provenance and locks stay
     assert shards.shard_files(out) == shards.shard_files(out_pairs) == [] and sorted(left) == sorted(
