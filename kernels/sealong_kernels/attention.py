@@ -95,6 +95,24 @@ def _tiles_for(kind, head_dim, dtype, device):
     return tiles
 
 
+def without_tile(kinds, head_dim, dtype, arch, shared_limit=None):
+    """True when one of these kernel kinds has no launchable tile for this head dim, dtype and arch (float32 at
+    head dims whose compiles all spill, or a tile over the device's shared memory): such a call runs the reference
+    path, the same math in plain torch, instead of failing."""
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32) or not 0 < head_dim <= 256:
+        return False  # _check_inputs says what is wrong
+    return any(not launchable_tiles(kind, head_dim, dtype, arch, shared_limit) for kind in kinds)
+
+
+def _use_reference(q, kinds):
+    """The reference serves this call: no Triton here, or (on a GPU) no launchable tile for it."""
+    if not triton_available(q):
+        return True
+    if interpreting() or not q.is_cuda:
+        return False
+    return without_tile(kinds, q.shape[-1], q.dtype, _device_arch(q.device), _shared_limit(q.device))
+
+
 def choose_tile(key, tiles, run, bench=None):
     """The fastest of `tiles` for `key`, measured once per key and cached (small calls included: the key's size
     bucket keeps a tile tuned on a short call from serving a long one). run(tile) launches the kernel with that
@@ -205,7 +223,7 @@ def attention_forward(q, k, v, *, causal=True, softmax_scale=None, q_start=0, k_
 
     Runs our Triton kernel on CUDA (or on CPU under TRITON_INTERPRET=1), else the reference. out_dtype: the
     output's dtype (default q's; a ring asks for float32 partials, merged without a 16-bit round trip)."""
-    if not triton_available(q):
+    if _use_reference(q, ("fwd",)):
         return reference.attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale, q_start=q_start,
                                            k_start=k_start, cu_seqlens=_cu_tensor(cu_seqlens), segment_ids=segment_ids,
                                            k_segment_ids=k_segment_ids, out_dtype=out_dtype)
@@ -236,7 +254,7 @@ def attention_backward(dout, q, k, v, out, lse, *, delta=None, causal=True, soft
 
     delta = rowsum(dout * out) [Hq, Tq] float32 is computed by the preprocess kernel when not given (a ring
     passes the global one). dk, dv are summed over the query heads of each kv head inside the kernel."""
-    if not triton_available(q):
+    if _use_reference(q, ("dkdv", "dq")):
         return reference.attention_backward(dout, q, k, v, out, lse, delta=delta, causal=causal,
                                             softmax_scale=softmax_scale, q_start=q_start, k_start=k_start,
                                             cu_seqlens=_cu_tensor(cu_seqlens), segment_ids=segment_ids,
