@@ -228,19 +228,23 @@ def cost(record):
                       record.get("wgmma", {}))
 
 
-def table_from(paths):
+def table_from(paths, reports=()):
     """TILES / SHARED / BOUNDED from candidate files of several Tritons: per (kind, arch, elem, block_d) among the
     tiles clean and pipelined in every file, the best by `cost` (its worst score over the files); where none is
-    (16-bit only), the pipelined tile whose worst spill over the files is least, with that bound (BOUNDED)."""
-    from sealong_kernels.attention_tiles import CANDIDATES, FP32_CANDIDATES, MAX_TILES, elem_bytes_of
+    (16-bit only), the pipelined tile whose worst spill over all files is least, with that bound (BOUNDED).
+    `reports` (full compile reports) add their records of the same tiles in the other flag sets and with
+    unaligned lengths: a tile that spills there is not clean either. A report holds only the tiles launched when
+    it was written, so tiles it showed spilling are kept out by `attention_tiles.REJECTED`."""
+    from sealong_kernels.attention_tiles import CANDIDATES, FP32_CANDIDATES, MAX_TILES, REJECTED, elem_bytes_of
 
     ok, shared, seen, worst, score = {}, {}, {}, {}, {}
-    for path in paths:
+    for path in [*paths, *reports]:
+        candidates = path in paths
         for r in json.load(open(path))["records"]:
             if r.get("kind") not in ("fwd", "dq", "dkdv"):
                 continue
             key = (r["kind"], r["arch"], elem_bytes_of(r["dtype"]), r["block_d"], tuple(r["tile"]))
-            seen[key] = seen.get(key, 0) + 1
+            seen[key] = seen.get(key, 0) + candidates
             ok[key] = ok.get(key, True) and clean(r) and pipelined(r)
             spill = float("inf") if "error" in r or r["shared"] > r["shared_limit"] or not pipelined(r) \
                 else max(r["spill_stores"], r["spill_loads"])
@@ -251,7 +255,8 @@ def table_from(paths):
     tiles, table_shared, bounded = {}, {}, {}
     for kind, arch, elem, block_d in sorted({k[:4] for k in ok}):
         cands = (CANDIDATES if elem == 2 else FP32_CANDIDATES)[(kind, arch)]
-        complete = [t for t in cands if seen.get((kind, arch, elem, block_d, t)) == len(paths)]
+        complete = [t for t in cands if seen.get((kind, arch, elem, block_d, t)) == len(paths)
+                    and (kind, arch, elem, block_d, t) not in REJECTED]
         good = sorted((t for t in complete if ok[(kind, arch, elem, block_d, t)]),
                       key=lambda t: -score[(kind, arch, elem, block_d, t)])[:MAX_TILES]  # stable: candidate order
         if not good and complete and elem == 2:
@@ -291,11 +296,13 @@ def main(argv=None):
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     if args.table:
-        paths = sorted(glob.glob(os.path.join(RESULTS_DIR, "compile_*_candidates_triton-*.json")))
         latest = {}
-        for p in paths:  # the newest file per Triton version
-            latest[p.rsplit("_triton-", 1)[1]] = p
-        tiles, shared, bounded = table_from(list(latest.values()))
+        for kind in ("candidates", "full"):  # the newest candidate file and full report per Triton version
+            for p in sorted(glob.glob(os.path.join(RESULTS_DIR, "compile_*_triton-*.json"))):
+                if ("_candidates_" in p) == (kind == "candidates"):
+                    latest[(kind, p.rsplit("_triton-", 1)[1])] = p
+        tiles, shared, bounded = table_from([p for (k, _), p in latest.items() if k == "candidates"],
+                                            [p for (k, _), p in latest.items() if k == "full"])
         print("# from", ", ".join(os.path.basename(p) for p in latest.values()))
         print("TILES.update(" + repr(tiles) + ")")
         print("SHARED.update(" + repr(shared) + ")")
@@ -317,8 +324,20 @@ def main(argv=None):
         fresh = {key(r): r for r in new}
         records = [fresh.get(k) or kept[k] for k in (key(dict(c["labels"], arch=c["archs"][0])) for c in cases)]
         path = write_report(records, "candidates")
-    else:
-        records = run_cases([c for p in (providers() if args.all_kernels else PROVIDERS) for c in p()], log)
+    else:  # today's report of this Triton, if any, keeps the records of cases still launched: only new ones compile
+        import triton
+
+        def key(r):
+            return (r.get("kernel"), r["arch"], r.get("kind"), r.get("dtype"), r.get("head_dim"), tuple(r.get("tile", ())),
+                    r.get("causal"), r.get("has_seq"), r.get("has_seg"), r.get("aligned_lengths"), r.get("name"))
+
+        old = os.path.join(RESULTS_DIR, f"compile_{datetime.date.today().isoformat()}_triton-{triton.__version__}.json")
+        kept = {key(r): r for r in json.load(open(old))["records"] if "error" not in r} if os.path.exists(old) else {}
+        cases = [dict(c, archs=(a,)) for p in (providers() if args.all_kernels else PROVIDERS) for c in p()
+                 for a in c.get("archs", (90, 80))]
+        ckey = [key(dict(c.get("labels", {}), kernel=c["fn"].__name__, arch=c["archs"][0])) for c in cases]
+        fresh = iter(run_cases([c for c, k in zip(cases, ckey) if k not in kept], log))
+        records = [kept[k] if k in kept else next(fresh) for k in ckey]
         path = write_report(records)
     bad = [r for r in records if not clean(r)]
     print(f"{path}: {len(records)} compiles, {len(bad)} with spills, errors or too much shared memory")

@@ -27,8 +27,9 @@ pairs with it; loads bounded by its sequences' key range); without them, over th
 up to its last query's position), the key blocks every query sees whole without the mask. The dK/dV kernel does
 the same over query blocks. Tiles: on a GPU the fastest of
 `attention_tiles.launchable_tiles` (spill-free in ahead-of-time compiles for sm_90 / sm_80 under Triton 3.6 and
-3.9, their compiled shared memory checked against the device's limit), measured once per size bucket and cached;
-16 x 16 under the interpreter.
+3.9, pipelined, their compiled shared memory checked against the device's limit), measured once per size bucket
+and cached; 16 x 16 under the interpreter. A dtype / head dim without a launchable tile (float32 where every
+compile spills) runs the reference path instead (`without_tile`).
 """
 
 import importlib.util
@@ -221,7 +222,8 @@ def attention_forward(q, k, v, *, causal=True, softmax_scale=None, q_start=0, k_
                       cu_seqlens=None, segment_ids=None, k_segment_ids=None, out_dtype=None):
     """Raw forward: -> (out [Tq, Hq, D] in q's dtype, lse [Hq, Tq] float32, natural log). See module docstring.
 
-    Runs our Triton kernel on CUDA (or on CPU under TRITON_INTERPRET=1), else the reference. out_dtype: the
+    Runs our Triton kernel on CUDA (or on CPU under TRITON_INTERPRET=1), else (or without a launchable tile for
+    this dtype and head dim) the reference. out_dtype: the
     output's dtype (default q's; a ring asks for float32 partials, merged without a 16-bit round trip)."""
     if _use_reference(q, ("fwd",)):
         return reference.attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale, q_start=q_start,

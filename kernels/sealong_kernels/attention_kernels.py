@@ -6,6 +6,15 @@ the forward (online softmax over key blocks, exp2 inside, LSE stored in natural 
 preprocess (delta = rowsum(dO * O)), dK/dV (one program per key block and kv head, looping over the query
 heads of its group, no atomics) and dQ (one program per query block and query head). Pointer offsets are
 int64 (token index x stride); token counts and loop bounds int32.
+
+Every key / query loop is software-pipelined by Triton (num_stages copies in flight). The loops over a block
+plan's list load step i + 1's block start one iteration ahead (`_listed_start`), so their tile loads depend only
+on loop-carried values and get the same multi-buffering as the range loops. The forward does not issue block
+j + 1's QK^T before block j's softmax: written that way (the product of the next block carried through the loop),
+Triton 3.9 waits on that wgmma right after issuing it (`warp_group_dot_wait {pendings = 0}`) and the loop drops to
+2 buffers with a wait-all, so the rotation costs pipelining and overlaps nothing; FA3-style overlap needs warp
+specialization (`tl.range(..., warp_specialize=True)`, which Triton's fused-attention tutorial turns on for
+Blackwell only); not tried here.
 """
 
 import triton
