@@ -10,7 +10,9 @@ launcher runs: among the candidates (`CANDIDATES`, `FP32_CANDIDATES`) that `ptxa
 stores and loads, within the shared-memory limit and pipelined (>= 3 buffers in every main loop of the TTGIR)
 for that arch under both Triton 3.6 (the GPU machines') and Triton 3.9, compiled with a real launch's alignment
 specialization and the packed-training flags (`TRITON_INTERPRET=0 python -m bench.compile_report --candidates`),
-the one with the best `cost_model` score. `BOUNDED` names the 16-bit entries without a clean candidate (head dim
+and clean in the full reports' other flag sets and length alignments too, the one with the best `cost_model`
+score (`python -m bench.compile_report --table` prints it; `REJECTED` names the candidates a full report showed
+spilling, with the measured bytes). `BOUNDED` names the 16-bit entries without a clean candidate (head dim
 256 only) and their spill bound; a float32 entry without a clean candidate is absent, and the launcher then runs
 the reference path (`launchable_tiles` returns []). `SHARED[(kind, arch, block_d, elem, tile)]` is the
 `metadata.shared` recorded (the largest over the Tritons): the launcher checks it against the device's limit.
