@@ -10,8 +10,10 @@ those of a real launch:
   shared-memory figure is a fraction of the real one;
 * the same options (num_warps, num_stages) and constexprs the launcher passes.
 
-`compile_stats` returns registers per thread, spill stores / loads (bytes per thread), the stack frame and the
-shared memory the compiled kernel allocates (`metadata.shared`, what a launch requests). Needs real Triton
+`compile_stats` returns registers per thread, spill stores / loads (bytes per thread), the stack frame, the
+shared memory the compiled kernel allocates (`metadata.shared`, what a launch requests), the software pipeline
+of every main loop as the TTGIR shows it (`loop_structure`: per innermost loop with a dot, the buffers of its
+multi-buffered operand tiles and its async waits) and the wgmma shapes of the PTX (`wgmma_shapes`). Needs real Triton
 functions: run it with TRITON_INTERPRET=0 (`bench/__init__.py` keeps an explicit 0), e.g. in a subprocess of an
 interpreted test session.
 """
@@ -84,6 +86,48 @@ def ptxas_stats(kernel, arch: int) -> dict:
                 spill_loads=int(frame.group(3)))
 
 
+MEMDESC_INDEX = re.compile(r"ttg\.memdesc_(?:index|subview)\b.*?:\s*!ttg\.memdesc<((?:\d+x)+)")
+ASYNC_WAIT = re.compile(r"ttg\.async_wait\b.*?\{num = (\d+)")
+DOT_OP = re.compile(r"\b(?:tt\.dot|ttng\.warp_group_dot|ttng\.tc_gen5_mma)\b")
+WGMMA = re.compile(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)")
+
+
+def loop_structure(ttgir: str) -> list:
+    """The main loops of a compiled kernel (innermost `scf.for` with a matrix product), in program order, each
+    {"buffers": b, "waits": [...]}: b is the fewest buffers among the multi-buffered operand tiles the loop
+    indexes (shared-memory allocations of rank >= 3, [buffers, rows, cols]; 1 when it indexes none, i.e. its tiles
+    are loaded synchronously), so a loop pipelined `num_stages` deep shows b = num_stages; waits are the `num` of
+    its `ttg.async_wait` ops (0 at the top of every iteration: each copy is waited for before use)."""
+    loops, stack = [], []
+    for line in ttgir.splitlines():
+        if "scf.for" in line and line.rstrip().endswith("{"):
+            stack.append(dict(depth=0, inner=False, dot=False, bufs=[], waits=[]))
+        if stack:
+            top = stack[-1]
+            m = MEMDESC_INDEX.search(line)
+            if m and m.group(1).count("x") >= 3:
+                top["bufs"].append(int(m.group(1).split("x")[0]))
+            top["waits"] += [int(w) for w in ASYNC_WAIT.findall(line)]
+            top["dot"] = top["dot"] or bool(DOT_OP.search(line))
+            top["depth"] += line.count("{") - line.count("}")
+            if top["depth"] <= 0:
+                loop = stack.pop()
+                if stack:
+                    stack[-1]["inner"] = True
+                    stack[-1]["dot"] = stack[-1]["dot"] or loop["dot"]
+                if not loop["inner"] and loop["dot"]:
+                    loops.append(dict(buffers=min(loop["bufs"]) if loop["bufs"] else 1, waits=loop["waits"]))
+    return loops
+
+
+def wgmma_shapes(ptx: str) -> dict:
+    """{"m64n128k16": count, ...}: the wgmma instructions of the PTX by shape (empty before sm_90)."""
+    shapes = {}
+    for shape in WGMMA.findall(ptx):
+        shapes[shape] = shapes.get(shape, 0) + 1
+    return shapes
+
+
 def compile_stats(fn, arg_types: dict, constexprs: dict, *, arch: int = 90, num_warps: int = 4, num_stages: int = 2,
                   divisible_ints: tuple = (), unaligned: tuple = ()) -> dict:
     """compile_kernel + ptxas_stats + the shared memory the compiled kernel requests, as one JSON-able dict."""
@@ -91,5 +135,6 @@ def compile_stats(fn, arg_types: dict, constexprs: dict, *, arch: int = 90, num_
                             divisible_ints=divisible_ints, unaligned=unaligned)
     stats = ptxas_stats(kernel, arch)
     stats.update(kernel=fn.__name__, arch=arch, num_warps=num_warps, num_stages=num_stages, shared=kernel.metadata.shared,
-                 shared_limit=SHARED_LIMIT.get(arch), triton=triton.__version__)
+                 shared_limit=SHARED_LIMIT.get(arch), triton=triton.__version__,
+                 loops=loop_structure(kernel.asm["ttgir"]), wgmma=wgmma_shapes(kernel.asm["ptx"]))
     return stats

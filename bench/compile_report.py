@@ -1,19 +1,21 @@
 """Compile report: every attention kernel compiled ahead of time for sm_90 and sm_80 as a real launch would
-(16-byte aligned pointers, strides and lengths marked multiples of 16), every tile the launcher can choose, head
-dims 64 / 128 / 256, bfloat16 and float16; `ptxas -v` registers, spill stores / loads and stack, and the shared
-memory the compiled kernel requests (`metadata.shared`). No GPU needed (bench/aot.py).
+(16-byte aligned pointers and strides; lengths and offsets marked multiples of 16, and at head dims 64 / 128 also
+not), every tile the launcher can choose at the num_stages it launches with, head dims 64 / 128 / 256, bfloat16,
+float16 and float32; per compile `ptxas -v` registers, spill stores / loads and stack, the shared memory it
+requests (`metadata.shared`), the buffers and async waits of every main loop (TTGIR), the wgmma shapes (PTX) and
+the tile's `attention_tiles.cost_model` score. No GPU needed (bench/aot.py).
 
     TRITON_INTERPRET=0 python -m bench.compile_report                 # -> bench/results/compile_<date>_triton-<v>.json
-    TRITON_INTERPRET=0 python -m bench.compile_report --candidates    # every CANDIDATES tile (bf16, all flags on)
+    TRITON_INTERPRET=0 python -m bench.compile_report --candidates    # every candidate tile (all flags on)
     python -m bench.compile_report --table                            # TILES / SHARED literals from candidate files
 
 Cases come from providers: functions returning case dicts
 
     dict(fn=<@triton.jit>, arg_types={name: "*bf16" | "*fp32" | "*i32" | "i32" | "fp32"}, constexprs={...},
-         num_warps=4, num_stages=2, divisible_ints=(names,), labels={...}, archs=(90, 80))
+         num_warps=4, num_stages=3, divisible_ints=(names,), labels={...}, archs=(90, 80))
 
-(`archs` optional, default both). `PROVIDERS` lists them; `providers()` adds the other kernels' cases
-(bench/compile_cases_kernels.py), so `python -m bench.compile_report` covers every @triton.jit kernel.
+(`archs` optional, default both). `PROVIDERS` lists the attention cases; `--all-kernels` adds the other kernels'
+cases (bench/compile_cases_kernels.py, which also writes its own report, bench/results/compile_kernels_*.json).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ COMBOS = (("bf16", (True, True, True)), ("fp16", (True, False, False)))
 FP32_NAMES = {"Lse", "Delta", "DK", "DV", "DQ"}
 I32_NAMES = {"SeqIdx", "CuSeqlens", "QSeg", "KSeg", "Blocks"}
 LEN_NAMES = ("Tq", "Tk", "q_start", "k_start")  # a long call's lengths and offsets are multiples of 16
+UNALIGNED_DIMS = (64, 128)  # head dims also compiled with lengths / offsets not multiples of 16 (odd T, ring blocks)
 
 
 def _attention_arg_types(fn, dtype):
@@ -53,8 +56,9 @@ def _attention_arg_types(fn, dtype):
     return types
 
 
-def attention_case(kind, head_dim, dtype, tile, flags, arch):
-    """One case for the forward ("fwd"), dQ ("dq") or dK/dV ("dkdv") kernel with this tile and flag set."""
+def attention_case(kind, head_dim, dtype, tile, flags, arch, aligned_lengths=True):
+    """One case for the forward ("fwd"), dQ ("dq") or dK/dV ("dkdv") kernel with this tile and flag set
+    (aligned_lengths=False: Tq, Tk, q_start, k_start not multiples of 16, as odd lengths and ring blocks)."""
     from sealong_kernels import attention_kernels as K
     from sealong_kernels.attention import PLAN_BLOCK
     from sealong_kernels.attention_tiles import block_d_of
@@ -65,12 +69,13 @@ def attention_case(kind, head_dim, dtype, tile, flags, arch):
     block_d = block_d_of(head_dim)
     # the launcher plans block classes (HAS_PLAN) whenever packed sequences or segments are on
     consts = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, HAS_SEQ=seq,
-                  HAS_SEG=seg, PRECISION="tf32", HAS_PLAN=seq or seg, PLAN_M=PLAN_BLOCK, PLAN_N=PLAN_BLOCK)
-    divisible = tuple(n for n in fn.arg_names if n.startswith("stride") or n in LEN_NAMES)
+                  HAS_SEG=seg, PRECISION="ieee" if dtype == "fp32" else "tf32", HAS_PLAN=seq or seg, PLAN_M=PLAN_BLOCK, PLAN_N=PLAN_BLOCK)
+    divisible = tuple(n for n in fn.arg_names if n.startswith("stride") or (aligned_lengths and n in LEN_NAMES))
     return dict(fn=fn, arg_types=_attention_arg_types(fn, dtype), constexprs=consts, num_warps=warps,
                 num_stages=stages, divisible_ints=divisible, archs=(arch,),
                 labels=dict(kind=kind, head_dim=head_dim, block_d=block_d, dtype=dtype, tile=list(tile),
-                            causal=causal, has_seq=seq, has_seg=seg, has_plan=seq or seg))
+                            causal=causal, has_seq=seq, has_seg=seg, has_plan=seq or seg,
+                            aligned_lengths=aligned_lengths))
 
 
 def _small_kernel_cases():
@@ -96,36 +101,50 @@ def _small_kernel_cases():
     return cases
 
 
-def attention_cases(head_dims=HEAD_DIMS, combos=COMBOS, kinds=None, archs=None, first_only=False):
-    """Every tile `launchable_tiles` can return, per kernel, head dim, arch and COMBOS entry, plus delta and merge
-    (first_only: the first tile per kernel, head dim and arch; kinds / archs: a subset)."""
+def attention_cases(head_dims=HEAD_DIMS, combos=COMBOS, kinds=None, archs=None, first_only=False,
+                    unaligned_dims=UNALIGNED_DIMS, fp32=True):
+    """Every tile `launchable_tiles` can return, per kernel, head dim, arch and COMBOS entry, with aligned lengths
+    and (head dims in unaligned_dims) with lengths / offsets that are not multiples of 16; the float32 tiles in
+    both COMBOS flag sets; plus delta and merge (first_only: the first tile per kernel, head dim and arch; kinds /
+    archs: a subset)."""
     from sealong_kernels.attention_tiles import ARCHS, KINDS, launchable_tiles
 
     cases = []
     for kind in kinds or KINDS:
         for arch in archs or ARCHS:
             for d in head_dims:
-                for dtype, flags in combos:
+                runs = [(dtype, flags, True) for dtype, flags in combos]
+                runs += [(dtype, flags, False) for dtype, flags in combos if d in unaligned_dims]
+                runs += [("fp32", flags, True) for _, flags in combos] if fp32 else []
+                for dtype, flags, aligned in runs:
                     tiles = launchable_tiles(kind, d, dtype, arch)
-                    cases += [attention_case(kind, d, dtype, tile, flags, arch) for tile in tiles[:1 if first_only else None]]
+                    cases += [attention_case(kind, d, dtype, tile, flags, arch, aligned)
+                              for tile in tiles[:1 if first_only else None]]
     return cases + (_small_kernel_cases() if kinds is None else [])
 
 
 def ci_cases():
-    """The subset the CPU test compiles live (about a dozen compiles): the first launchable tile of every kernel at
-    head dims 64 and 128 for sm_90 (training flags, bf16), at 128 for sm_80, and delta / merge at 128."""
-    cases = attention_cases((64, 128), COMBOS[:1], kinds=("fwd", "dq", "dkdv"), archs=(90,), first_only=True)
-    cases += attention_cases((128,), COMBOS[:1], kinds=("fwd", "dq", "dkdv"), archs=(80,), first_only=True)
+    """The subset the CPU test compiles live (a dozen compiles): the first launchable tile of every kernel at head
+    dim 128 for sm_90 (training flags, bf16), the dK/dV kernel also with lengths not multiples of 16 (fp16, the
+    plain causal path) and at head dim 64, and the delta / merge kernels at 128."""
+    cases = attention_cases((128,), COMBOS[:1], kinds=("fwd", "dq", "dkdv"), archs=(90,), first_only=True,
+                            unaligned_dims=(), fp32=False)
+    cases += attention_cases((64,), COMBOS[:1], kinds=("dkdv",), archs=(90,), first_only=True, unaligned_dims=(),
+                             fp32=False)
+    cases += [c for c in attention_cases((128,), COMBOS[1:], kinds=("dkdv",), archs=(90,), first_only=True, fp32=False)
+              if not c["labels"]["aligned_lengths"]]
     small = [c for c in _small_kernel_cases() if c["labels"]["head_dim"] == 128 and c["labels"]["dtype"] == "bf16"]
     return cases + [dict(c, archs=(90,)) for c in small]
 
 
 def candidate_cases(head_dims=HEAD_DIMS):
-    """Every CANDIDATES tile at bf16 with all visibility flags on (the most code), for building the tile table."""
-    from sealong_kernels.attention_tiles import ARCHS, CANDIDATES
+    """Every CANDIDATES tile at bf16 and every FP32_CANDIDATES tile at fp32, with all visibility flags on (the most
+    code), for building the tile table."""
+    from sealong_kernels.attention_tiles import CANDIDATES, FP32_CANDIDATES, FP32_HEAD_DIMS
 
-    return [attention_case(kind, d, "bf16", tile, (True, True, True), arch)
-            for kind, tiles in CANDIDATES.items() for arch in ARCHS for d in head_dims for tile in tiles]
+    return [attention_case(kind, d, dtype, tile, (True, True, True), arch)
+            for dtype, table, dims in (("bf16", CANDIDATES, head_dims), ("fp32", FP32_CANDIDATES, FP32_HEAD_DIMS))
+            for (kind, arch), tiles in table.items() for d in dims for tile in tiles]
 
 
 PROVIDERS = [attention_cases]
@@ -158,6 +177,8 @@ def run_cases(cases, log=None):
     for i, case in enumerate(cases):
         for arch in case.get("archs", (90, 80)):
             records.append(compile_case(case, arch))
+            if records[-1].get("kind") in ("fwd", "dq", "dkdv") and "error" not in records[-1]:
+                records[-1]["cost"] = cost(records[-1])
             if log:
                 r = records[-1]
                 print(f"[{i + 1}/{len(cases)}] {r['kernel']} sm_{arch} {r.get('head_dim')} {r.get('dtype')} {r.get('tile')}: "
@@ -194,35 +215,75 @@ def violations(records):
             for r in records if not clean(r)]
 
 
-def table_from(paths):
-    """TILES / SHARED / BOUNDED from candidate files of several Tritons: per (kind, arch, block_d) the tiles clean
-    in every file (at most MAX_TILES, CANDIDATES order); where none is, the tile whose worst spill over the files
-    is least, with that bound (documented in BOUNDED, checked by the tests)."""
-    from sealong_kernels.attention_tiles import CANDIDATES, MAX_TILES
+def pipelined(record):
+    """Every main loop of the compile has >= 3 buffers (`bench.aot.loop_structure`)."""
+    return bool(record.get("loops")) and min(loop["buffers"] for loop in record["loops"]) >= 3
 
-    ok, shared, seen, worst = {}, {}, {}, {}
-    for path in paths:
+
+def cost(record):
+    """`attention_tiles.cost_model` of an attention record (its tile, registers, shared memory, wgmma shapes)."""
+    from sealong_kernels.attention_tiles import cost_model
+
+    return cost_model(record["kind"], record["arch"], tuple(record["tile"]), record["registers"], record["shared"],
+                      record.get("wgmma", {}))
+
+
+def table_from(paths, reports=()):
+    """TILES / SHARED / BOUNDED from candidate files of several Tritons: per (kind, arch, elem, block_d) among the
+    tiles clean and pipelined in every file, the best by `cost` (its worst score over the files); where none is
+    (16-bit only), the pipelined tile whose worst spill over all files is least, with that bound (BOUNDED).
+    `reports` (full compile reports) add their records of the same tiles in the other flag sets and with
+    unaligned lengths: a tile that spills there is not clean either. A report holds only the tiles launched when
+    it was written, so tiles it showed spilling are kept out by `attention_tiles.REJECTED`."""
+    from sealong_kernels.attention_tiles import CANDIDATES, FP32_CANDIDATES, MAX_TILES, REJECTED, elem_bytes_of
+
+    ok, shared, seen, worst, score = {}, {}, {}, {}, {}
+    for path in [*paths, *reports]:
+        candidates = path in paths
         for r in json.load(open(path))["records"]:
-            key = (r["kind"], r["arch"], r["block_d"], tuple(r["tile"]))
-            seen[key] = seen.get(key, 0) + 1
-            ok[key] = ok.get(key, True) and clean(r)
-            spill = float("inf") if "error" in r or r["shared"] > r["shared_limit"] else max(r["spill_stores"], r["spill_loads"])
+            if r.get("kind") not in ("fwd", "dq", "dkdv"):
+                continue
+            key = (r["kind"], r["arch"], elem_bytes_of(r["dtype"]), r["block_d"], tuple(r["tile"]))
+            seen[key] = seen.get(key, 0) + candidates
+            ok[key] = ok.get(key, True) and clean(r) and pipelined(r)
+            spill = float("inf") if "error" in r or r["shared"] > r["shared_limit"] or not pipelined(r) \
+                else max(r["spill_stores"], r["spill_loads"])
             worst[key] = max(worst.get(key, 0), spill)
-            if "shared" in r:
+            if "error" not in r:
                 shared[key] = max(shared.get(key, 0), r["shared"])
+                score[key] = min(score.get(key, 1.0), cost(r)["score"])
     tiles, table_shared, bounded = {}, {}, {}
-    for kind, arch, block_d in sorted({k[:3] for k in ok}):
-        complete = [t for t in CANDIDATES[kind] if seen.get((kind, arch, block_d, t)) == len(paths)]
-        good = [t for t in complete if ok[(kind, arch, block_d, t)]][:MAX_TILES]
-        if not good and complete:
-            best = min(complete, key=lambda t: worst[(kind, arch, block_d, t)])
-            if worst[(kind, arch, block_d, best)] < float("inf"):
+    for kind, arch, elem, block_d in sorted({k[:4] for k in ok}):
+        cands = (CANDIDATES if elem == 2 else FP32_CANDIDATES)[(kind, arch)]
+        complete = [t for t in cands if seen.get((kind, arch, elem, block_d, t)) == len(paths)
+                    and (kind, arch, elem, block_d, t) not in REJECTED]
+        good = sorted((t for t in complete if ok[(kind, arch, elem, block_d, t)]),
+                      key=lambda t: -score[(kind, arch, elem, block_d, t)])[:MAX_TILES]  # stable: candidate order
+        if not good and complete and elem == 2:
+            best = min(complete, key=lambda t: worst[(kind, arch, elem, block_d, t)])
+            if worst[(kind, arch, elem, block_d, best)] < float("inf"):
                 good = [best]
-                bounded[(kind, arch, block_d)] = (best, int(worst[(kind, arch, block_d, best)]))
+                bounded[(kind, arch, block_d)] = (best, int(worst[(kind, arch, elem, block_d, best)]))
         if good:
-            tiles.setdefault((kind, arch), {})[block_d] = good
-            table_shared.update({(kind, arch, block_d, 2, t): shared[(kind, arch, block_d, t)] for t in good})
+            tiles.setdefault((kind, arch, elem), {})[block_d] = good
+            table_shared.update({(kind, arch, block_d, elem, t): shared[(kind, arch, elem, block_d, t)] for t in good})
     return tiles, table_shared, bounded
+
+
+def cost_table(records):
+    """The attention records as a text table: tile, registers, spills, shared KB, loop buffers, wgmma shapes and
+    the cost model (mma x reuse x occupancy = score)."""
+    lines = [f"{'kernel':5} arch  d   dtype aligned tile              regs spills  shared buffers wgmma (count)   "
+             "mma  reuse occ  score"]
+    for r in records:
+        if r.get("kind") not in ("fwd", "dq", "dkdv") or "error" in r:
+            continue
+        c, wg = r.get("cost") or cost(r), " ".join(f"{k}:{v}" for k, v in sorted(r.get("wgmma", {}).items()))
+        lines.append(f"{r['kind']:5} sm_{r['arch']} {r['head_dim']:3} {r['dtype']:5} {str(r.get('aligned_lengths', True)):7} "
+                     f"{str(tuple(r['tile'])):17} {r['registers']:4} {r['spill_stores']:3}/{r['spill_loads']:<3} "
+                     f"{r['shared'] // 1024:4}K  {[l['buffers'] for l in r['loops']]!s:7} {wg or '-':15} "
+                     f"{c['mma']:.2f} {c['reuse']:.2f}  {c['occupancy']:.2f} {c['score']:.3f}")
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -230,14 +291,18 @@ def main(argv=None):
     parser.add_argument("--candidates", action="store_true", help="compile every candidate tile (bf16, all flags on)")
     parser.add_argument("--table", action="store_true", help="print TILES / SHARED from the candidate result files")
     parser.add_argument("--ci", action="store_true", help="compile the CI subset only; print JSON, write nothing")
+    parser.add_argument("--all-kernels", action="store_true",
+                        help="also the other kernels' cases (bench/compile_cases_kernels.py; their own report and test)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     if args.table:
-        paths = sorted(glob.glob(os.path.join(RESULTS_DIR, "compile_*_candidates_triton-*.json")))
         latest = {}
-        for p in paths:  # the newest file per Triton version
-            latest[p.rsplit("_triton-", 1)[1]] = p
-        tiles, shared, bounded = table_from(list(latest.values()))
+        for kind in ("candidates", "full"):  # the newest candidate file and full report per Triton version
+            for p in sorted(glob.glob(os.path.join(RESULTS_DIR, "compile_*_triton-*.json"))):
+                if ("_candidates_" in p) == (kind == "candidates"):
+                    latest[(kind, p.rsplit("_triton-", 1)[1])] = p
+        tiles, shared, bounded = table_from([p for (k, _), p in latest.items() if k == "candidates"],
+                                            [p for (k, _), p in latest.items() if k == "full"])
         print("# from", ", ".join(os.path.basename(p) for p in latest.values()))
         print("TILES.update(" + repr(tiles) + ")")
         print("SHARED.update(" + repr(shared) + ")")
@@ -248,14 +313,35 @@ def main(argv=None):
         records = run_cases(ci_cases(), log)
         print("RECORDS" + json.dumps(records))
         return 0
-    if args.candidates:
-        records = run_cases(candidate_cases(), log)
+    if args.candidates:  # today's candidate file of this Triton, if any, keeps its records: only new tiles compile
+        import triton
+
+        key = lambda r: (r["kind"], r["arch"], r["dtype"], r["head_dim"], tuple(r["tile"]))  # noqa: E731
+        old = os.path.join(RESULTS_DIR, f"compile_{datetime.date.today().isoformat()}_candidates_triton-{triton.__version__}.json")
+        kept = {key(r): r for r in json.load(open(old))["records"]} if os.path.exists(old) else {}
+        cases = candidate_cases()
+        new = run_cases([c for c in cases if key(dict(c["labels"], arch=c["archs"][0])) not in kept], log)
+        fresh = {key(r): r for r in new}
+        records = [fresh.get(k) or kept[k] for k in (key(dict(c["labels"], arch=c["archs"][0])) for c in cases)]
         path = write_report(records, "candidates")
-    else:
-        records = run_cases([c for p in providers() for c in p()], log)
+    else:  # today's report of this Triton, if any, keeps the records of cases still launched: only new ones compile
+        import triton
+
+        def key(r):
+            return (r.get("kernel"), r["arch"], r.get("kind"), r.get("dtype"), r.get("head_dim"), tuple(r.get("tile", ())),
+                    r.get("causal"), r.get("has_seq"), r.get("has_seg"), r.get("aligned_lengths"), r.get("name"))
+
+        old = os.path.join(RESULTS_DIR, f"compile_{datetime.date.today().isoformat()}_triton-{triton.__version__}.json")
+        kept = {key(r): r for r in json.load(open(old))["records"] if "error" not in r} if os.path.exists(old) else {}
+        cases = [dict(c, archs=(a,)) for p in (providers() if args.all_kernels else PROVIDERS) for c in p()
+                 for a in c.get("archs", (90, 80))]
+        ckey = [key(dict(c.get("labels", {}), kernel=c["fn"].__name__, arch=c["archs"][0])) for c in cases]
+        fresh = iter(run_cases([c for c, k in zip(cases, ckey) if k not in kept], log))
+        records = [kept[k] if k in kept else next(fresh) for k in ckey]
         path = write_report(records)
     bad = [r for r in records if not clean(r)]
     print(f"{path}: {len(records)} compiles, {len(bad)} with spills, errors or too much shared memory")
+    print(cost_table(records))
     return 0
 
 

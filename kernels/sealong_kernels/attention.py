@@ -27,8 +27,9 @@ pairs with it; loads bounded by its sequences' key range); without them, over th
 up to its last query's position), the key blocks every query sees whole without the mask. The dK/dV kernel does
 the same over query blocks. Tiles: on a GPU the fastest of
 `attention_tiles.launchable_tiles` (spill-free in ahead-of-time compiles for sm_90 / sm_80 under Triton 3.6 and
-3.9, their compiled shared memory checked against the device's limit), measured once per size bucket and cached;
-16 x 16 under the interpreter.
+3.9, pipelined, their compiled shared memory checked against the device's limit), measured once per size bucket
+and cached; 16 x 16 under the interpreter. A dtype / head dim without a launchable tile (float32 where every
+compile spills) runs the reference path instead (`without_tile`).
 """
 
 import importlib.util
@@ -93,6 +94,24 @@ def _tiles_for(kind, head_dim, dtype, device):
     if not tiles:
         raise ValueError(f"no {kind} tile of head dim {head_dim} ({dtype}) fits this GPU's shared memory")
     return tiles
+
+
+def without_tile(kinds, head_dim, dtype, arch, shared_limit=None):
+    """True when one of these kernel kinds has no launchable tile for this head dim, dtype and arch (float32 at
+    head dims whose compiles all spill, or a tile over the device's shared memory): such a call runs the reference
+    path, the same math in plain torch, instead of failing."""
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32) or not 0 < head_dim <= 256:
+        return False  # _check_inputs says what is wrong
+    return any(not launchable_tiles(kind, head_dim, dtype, arch, shared_limit) for kind in kinds)
+
+
+def _use_reference(q, kinds):
+    """The reference serves this call: no Triton here, or (on a GPU) no launchable tile for it."""
+    if not triton_available(q):
+        return True
+    if interpreting() or not q.is_cuda:
+        return False
+    return without_tile(kinds, q.shape[-1], q.dtype, _device_arch(q.device), _shared_limit(q.device))
 
 
 def choose_tile(key, tiles, run, bench=None):
@@ -203,9 +222,10 @@ def attention_forward(q, k, v, *, causal=True, softmax_scale=None, q_start=0, k_
                       cu_seqlens=None, segment_ids=None, k_segment_ids=None, out_dtype=None):
     """Raw forward: -> (out [Tq, Hq, D] in q's dtype, lse [Hq, Tq] float32, natural log). See module docstring.
 
-    Runs our Triton kernel on CUDA (or on CPU under TRITON_INTERPRET=1), else the reference. out_dtype: the
+    Runs our Triton kernel on CUDA (or on CPU under TRITON_INTERPRET=1), else (or without a launchable tile for
+    this dtype and head dim) the reference. out_dtype: the
     output's dtype (default q's; a ring asks for float32 partials, merged without a 16-bit round trip)."""
-    if not triton_available(q):
+    if _use_reference(q, ("fwd",)):
         return reference.attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale, q_start=q_start,
                                            k_start=k_start, cu_seqlens=_cu_tensor(cu_seqlens), segment_ids=segment_ids,
                                            k_segment_ids=k_segment_ids, out_dtype=out_dtype)
@@ -236,7 +256,7 @@ def attention_backward(dout, q, k, v, out, lse, *, delta=None, causal=True, soft
 
     delta = rowsum(dout * out) [Hq, Tq] float32 is computed by the preprocess kernel when not given (a ring
     passes the global one). dk, dv are summed over the query heads of each kv head inside the kernel."""
-    if not triton_available(q):
+    if _use_reference(q, ("dkdv", "dq")):
         return reference.attention_backward(dout, q, k, v, out, lse, delta=delta, causal=causal,
                                             softmax_scale=softmax_scale, q_start=q_start, k_start=k_start,
                                             cu_seqlens=_cu_tensor(cu_seqlens), segment_ids=segment_ids,

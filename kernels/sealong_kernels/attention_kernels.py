@@ -6,6 +6,15 @@ the forward (online softmax over key blocks, exp2 inside, LSE stored in natural 
 preprocess (delta = rowsum(dO * O)), dK/dV (one program per key block and kv head, looping over the query
 heads of its group, no atomics) and dQ (one program per query block and query head). Pointer offsets are
 int64 (token index x stride); token counts and loop bounds int32.
+
+Every key / query loop is software-pipelined by Triton (num_stages copies in flight). The loops over a block
+plan's list load step i + 1's block start one iteration ahead (`_listed_start`), so their tile loads depend only
+on loop-carried values and get the same multi-buffering as the range loops. The forward does not issue block
+j + 1's QK^T before block j's softmax: written that way (the product of the next block carried through the loop),
+Triton 3.9 waits on that wgmma right after issuing it (`warp_group_dot_wait {pendings = 0}`) and the loop drops to
+2 buffers with a wait-all, so the rotation costs pipelining and overlaps nothing; FA3-style overlap needs warp
+specialization (`tl.range(..., warp_specialize=True)`, which Triton's fused-attention tutorial turns on for
+Blackwell only); not tried here.
 """
 
 import triton
@@ -128,16 +137,30 @@ def _attn_fwd_inner(acc, l_i, m_i, q, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, 
 
 
 @triton.jit
+def _listed_start(Idx, i, n, PLAN: tl.constexpr, BLOCK: tl.constexpr):
+    """First token of step i of a listed loop (plan block Idx[i // (PLAN // BLOCK)], its (i % ...)-th sub-block);
+    0 past the end (i >= n), so a loop can load step i + 1's start one iteration ahead: the tile loads of each
+    step then depend only on loop-carried values and Triton's pipeliner multi-buffers them (an index loaded
+    inside the iteration that uses it leaves the loop at 2 buffers with a wait-all at its top)."""
+    per: tl.constexpr = PLAN // BLOCK
+    blk = tl.load(Idx + i // per, mask=i < n, other=0)
+    return blk * PLAN + (i % per) * BLOCK
+
+
+@triton.jit
 def _attn_fwd_listed(acc, l_i, m_i, q, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg, stride_kt, stride_vt,
                      offs_d, d_ok, Idx, count, lo, hi, q_start, k_start, qk_scale,
                      PLAN_N: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                      HAS_SEQ: tl.constexpr, HAS_SEG: tl.constexpr, PRECISION: tl.constexpr):
     """Online softmax over the plan's key blocks Idx[0:count] (each PLAN_N keys, BLOCK_N at a time)."""
-    for i in range(count * (PLAN_N // BLOCK_N)):  # one flat loop (pipelined), not an unrolled one per plan block
-        start_n = tl.load(Idx + i // (PLAN_N // BLOCK_N)) * PLAN_N + (i % (PLAN_N // BLOCK_N)) * BLOCK_N
+    n = count * (PLAN_N // BLOCK_N)  # one flat loop, not an unrolled one per plan block
+    start_n = _listed_start(Idx, 0, n, PLAN_N, BLOCK_N)
+    for i in range(n):
+        start_next = _listed_start(Idx, i + 1, n, PLAN_N, BLOCK_N)  # one iteration ahead: the loop pipelines
         acc, l_i, m_i = _attn_fwd_block(acc, l_i, m_i, q, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg,
                                         stride_kt, stride_vt, offs_d, d_ok, start_n, lo, hi, q_start,
                                         k_start, qk_scale, BLOCK_N, MASKED, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
+        start_n = start_next
     return acc, l_i, m_i
 
 
@@ -273,12 +296,15 @@ def _attn_bwd_dkdv_listed(dk, dv, k, v, offs_n, n_ok, kseq, kseg, Qh, DOh, Lse_h
                           PLAN_M: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                           HAS_SEQ: tl.constexpr, HAS_SEG: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate dK, dV of one key block over the plan's query blocks Idx[0:count] (PLAN_M rows, BLOCK_M at a time)."""
-    for i in range(count * (PLAN_M // BLOCK_M)):  # one flat loop (pipelined), not an unrolled one per plan block
-        start_m = tl.load(Idx + i // (PLAN_M // BLOCK_M)) * PLAN_M + (i % (PLAN_M // BLOCK_M)) * BLOCK_M
+    n = count * (PLAN_M // BLOCK_M)  # one flat loop, not an unrolled one per plan block
+    start_m = _listed_start(Idx, 0, n, PLAN_M, BLOCK_M)
+    for i in range(n):
+        start_next = _listed_start(Idx, i + 1, n, PLAN_M, BLOCK_M)  # one iteration ahead: the loop pipelines
         dk, dv = _attn_bwd_dkdv_block(dk, dv, k, v, offs_n, n_ok, kseq, kseg, Qh, DOh, Lse_h, Delta_h, SeqIdx,
                                       QSeg, stride_qt, stride_dot, offs_d, d_ok, start_m, lo, hi,
                                       q_start, k_start, qk_scale, BLOCK_M, MASKED, CAUSAL, HAS_SEQ, HAS_SEG,
                                       PRECISION)
+        start_m = start_next
     return dk, dv
 
 
@@ -391,11 +417,14 @@ def _attn_bwd_dq_listed(dq, q, do, lse, delta, offs_m, m_ok, qseq, qseg, Kh, Vh,
                         PLAN_N: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                         HAS_SEQ: tl.constexpr, HAS_SEG: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate dQ of one query block over the plan's key blocks Idx[0:count]."""
-    for i in range(count * (PLAN_N // BLOCK_N)):  # one flat loop (pipelined), not an unrolled one per plan block
-        start_n = tl.load(Idx + i // (PLAN_N // BLOCK_N)) * PLAN_N + (i % (PLAN_N // BLOCK_N)) * BLOCK_N
+    n = count * (PLAN_N // BLOCK_N)  # one flat loop, not an unrolled one per plan block
+    start_n = _listed_start(Idx, 0, n, PLAN_N, BLOCK_N)
+    for i in range(n):
+        start_next = _listed_start(Idx, i + 1, n, PLAN_N, BLOCK_N)  # one iteration ahead: the loop pipelines
         dq = _attn_bwd_dq_block(dq, q, do, lse, delta, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg, stride_kt,
                                 stride_vt, offs_d, d_ok, start_n, lo, hi, q_start, k_start, qk_scale,
                                 BLOCK_N, MASKED, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
+        start_n = start_next
     return dq
 
 

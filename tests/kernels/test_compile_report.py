@@ -1,12 +1,14 @@
-"""The attention kernels as a real launch compiles them for sm_90 and sm_80 (16-byte aligned pointers, strides and
-lengths multiples of 16), read with ptxas -v: no spills and shared memory within the limit, without a GPU.
+"""The attention kernels as a real launch compiles them for sm_90 and sm_80 (16-byte aligned pointers and strides;
+lengths multiples of 16 or not), read with ptxas -v and the TTGIR / PTX, without a GPU.
 
 * The committed compile reports (bench/results/compile_<date>_triton-<v>.json, from `python -m bench.compile_report`
-  under Triton 3.6 and 3.9) hold every tile `launchable_tiles` returns at head dims 64 / 128 / 256, spill-free and
-  within 227 KB (sm_90) / 163 KB (sm_80); the tile table itself lists only such tiles.
-* A live compile, in a subprocess (this session interprets Triton), of a representative subset under this
-  machine's Triton (`bench.compile_report.ci_cases`: the first launchable tile of every kernel at head dims 64 and
-  128 on sm_90, 128 on sm_80, the delta and merge kernels): all tiles would take ~20 minutes on this CPU.
+  under Triton 3.6 and 3.9) hold every tile `launchable_tiles` returns at head dims 64 / 128 / 256 (bf16, fp16 and
+  the float32 entries), at head dims 64 / 128 also with lengths not multiples of 16: spill-free at 64 / 128, within
+  the documented bound at 256, within 227 KB (sm_90) / 163 KB (sm_80), every main loop (the listed loops of the
+  block plan included) pipelined with >= 3 buffers.
+* A live compile, in a subprocess (this session interprets Triton), of a small subset under this machine's Triton
+  (`bench.compile_report.ci_cases`, 7 compiles).
+* The other kernels' compile cases use the num_stages their launchers run with (Triton's default).
 """
 
 import glob
@@ -35,32 +37,108 @@ def latest_reports():
     return latest
 
 
-def test_only_head_dim_256_may_spill():
-    assert all(block_d == 256 for _, _, block_d in BOUNDED), BOUNDED
+def test_spills_only_at_head_dim_256_and_in_one_measured_case():
+    """Head dim 256 may spill (BOUNDED). Below it one entry is bounded: dK/dV at head dim 128 on sm_90, whose every
+    candidate spills somewhere; the chosen (16, 32, 4, 4) spills 8 B only with fp16, the plain causal path and
+    lengths that are not multiples of 16, under Triton 3.6 (asserted on the reports below)."""
+    assert {key for key in BOUNDED if key[2] != 256} <= {("dkdv", 90, 128)}, BOUNDED
+    assert BOUNDED.get(("dkdv", 90, 128), (None, 0))[1] <= 8
+
+
+def _index(records):
+    index = {}
+    for r in records:
+        key = (r["kernel"], r["arch"], r.get("head_dim"), r.get("dtype"), tuple(r.get("tile", ())), r.get("aligned_lengths", True))
+        index.setdefault(key, []).append(r)
+    return index
+
+
+def _reports():
+    reports = latest_reports()
+    assert {v.rsplit(".", 1)[0] for v in reports} >= {"3.6", "3.9"}, sorted(reports)
+    return {version: json.load(open(path))["records"] for version, path in reports.items()}
 
 
 def test_reports_of_both_tritons_cover_every_launchable_tile():
-    reports = latest_reports()
-    assert {v.rsplit(".", 1)[0] for v in reports} >= {"3.6", "3.9"}, sorted(reports)
-    for version, path in reports.items():
-        records = json.load(open(path))["records"]
-        index = {}
-        for r in records:
-            index.setdefault((r["kernel"], r["arch"], r.get("head_dim"), r.get("dtype"), tuple(r.get("tile", ()))), []).append(r)
+    for version, records in _reports().items():
+        index = _index(records)
         for kind in KINDS:
             for arch in ARCHS:
                 for d in (64, 128, 256):
-                    for dtype in ("bf16", "fp16"):
+                    for dtype in ("bf16", "fp16", "fp32"):
                         tiles = launchable_tiles(kind, d, dtype, arch)
-                        assert tiles, f"no launchable {kind} tile at head dim {d} on sm_{arch}"
+                        assert tiles or dtype == "fp32", f"no launchable {kind} tile at head dim {d} on sm_{arch}"
                         for tile in tiles:
-                            found = index.get((KERNEL[kind], arch, d, dtype, tile))
-                            assert found, f"{os.path.basename(path)}: {kind} sm_{arch} d={d} {dtype} {tile} not compiled"
-                            # head dim 256 may have no spill-free tile: then the documented bound of BOUNDED
-                            bound = BOUNDED.get((kind, arch, d), (None, 0))[1] if d == 256 else 0
-                            for r in found:
-                                assert "error" not in r and max(r["spill_stores"], r["spill_loads"]) <= bound, r
-                                assert r["shared"] <= LIMIT[arch], r
+                            for aligned in (True, False) if d in (64, 128) and dtype != "fp32" else (True,):
+                                found = index.get((KERNEL[kind], arch, d, dtype, tile, aligned))
+                                assert found, f"{version}: {kind} sm_{arch} d={d} {dtype} {tile} aligned={aligned} not compiled"
+                                # no spill-free tile: the documented bound of BOUNDED (head dim 256, one case at
+                                # 128 whose spill is only with unaligned lengths)
+                                bound = BOUNDED.get((kind, arch, d), (None, 0))[1] if dtype != "fp32" else 0
+                                if d != 256 and aligned:
+                                    bound = 0
+                                for r in found:
+                                    assert "error" not in r and max(r["spill_stores"], r["spill_loads"]) <= bound, r
+                                    assert r["shared"] <= LIMIT[arch], r
+                                    assert r["num_stages"] == tile[3], r
+
+
+def test_every_attention_main_loop_is_pipelined_three_deep():
+    """Every main loop of every compiled attention kernel (range loops and the block plan's listed loops) has >= 3
+    copy buffers in the TTGIR; the plan path has its two listed loops (full and partial blocks) per kernel."""
+    for version, records in _reports().items():
+        for r in records:
+            if r.get("kind") not in KERNEL:
+                continue
+            assert r["loops"], r
+            assert min(loop["buffers"] for loop in r["loops"]) >= 3, (version, r["kernel"], r["arch"], r["tile"], r["loops"])
+            if r["has_plan"]:
+                assert len(r["loops"]) == 2, r["loops"]
+
+
+def test_dkdv_has_no_narrow_wgmma_at_head_dims_64_and_128():
+    """No m64n16k16 in the launched dK/dV kernels (shared-memory bound: a quarter of the tensor cores' peak).
+    At head dim 64 the sm_90 tile keeps 128 keys and runs wgmma; at 128 every wgmma tile spills in some flag set
+    (the candidate and full reports), so the chosen tile runs mma.sync (no wgmma at all)."""
+    for version, records in _reports().items():
+        for r in records:
+            if r.get("kind") == "dkdv" and r["arch"] == 90 and r["head_dim"] in (64, 128) and r["dtype"] != "fp32":
+                assert "m64n16k16" not in r["wgmma"], (version, r["head_dim"], r["tile"], r["wgmma"])
+                if r["head_dim"] == 64:
+                    assert r["wgmma"] and r["tile"][1] == 128, (version, r["tile"], r["wgmma"])
+
+
+def test_cost_model_prefers_wide_wgmma_resident_rows_and_occupancy():
+    from sealong_kernels.attention_tiles import cost_model
+
+    wide = cost_model("dkdv", 90, (32, 128, 8, 3), 220, 58368, {"m64n32k16": 16, "m64n64k16": 8})
+    narrow = cost_model("dkdv", 90, (32, 64, 8, 3), 251, 83456, {"m64n16k16": 64, "m64n64k16": 8})
+    assert (wide["mma"], wide["reuse"], narrow["mma"], narrow["reuse"]) == (0.5, 1.0, 0.25, 0.5)
+    assert wide["score"] > narrow["score"]
+    assert cost_model("fwd", 80, (128, 64, 8, 4), 255, 132608, {})["occupancy"] == 1.0  # one block of 8 warps
+    assert cost_model("fwd", 90, (64, 32, 4, 3), 255, 131584, {})["occupancy"] == 0.5  # 4 warps, shared: 1 block
+
+
+def test_other_kernels_are_reported_at_the_stages_they_launch_with():
+    """decode, ORPO-row, MBR and merge kernels are launched without num_stages (Triton's default); their compile
+    cases use that default."""
+    import inspect
+
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    from bench import compile_cases_kernels as C
+    from sealong_kernels import decode, mbr, orpo, ring_merge
+
+    for module in (decode, mbr, orpo, ring_merge):
+        assert "num_stages" not in inspect.getsource(module), module.__name__
+    assert {c["num_stages"] for c in C.cases()} == {CUDAOptions.num_stages}
+    newest = {}
+    for path in sorted(glob.glob(os.path.join(RESULTS, "compile_kernels_*_*.json"))):  # _<triton>_<date>.json
+        newest[os.path.basename(path).split("_")[2]] = path
+    assert {v.rsplit(".", 1)[0] for v in newest} >= {"3.6", "3.9"}, sorted(newest)
+    for path in newest.values():
+        rows = json.load(open(path))["rows"]
+        assert {r["num_stages"] for r in rows} == {CUDAOptions.num_stages}, path
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernel tests compile and run the real thing")
@@ -73,5 +151,9 @@ def test_live_compile_of_the_ci_subset():
     from bench.compile_report import violations
 
     records = json.loads(proc.stdout.split("RECORDS", 1)[1])
-    assert len(records) == 11 and {r["arch"] for r in records} == {80, 90}
+    assert len(records) == 7 and {r["arch"] for r in records} == {90}
+    assert any(not r.get("aligned_lengths", True) for r in records)  # odd lengths / offsets compiled too
     assert violations(records) == []
+    for r in records:
+        if r.get("kind") in KERNEL:
+            assert min(loop["buffers"] for loop in r["loops"]) >= 3, r
