@@ -238,7 +238,9 @@ def run(args) -> int:
           "see `supporting_over_budget` per record)")
     if want_eval:
         if args.eval_musique is not None:  # distractors from the evaluation file itself, never from training
-            held, task = read_musique(args.eval_musique)[:args.num_eval], "musique"
+            from .musique import hop_balanced_slice
+
+            held, task = hop_balanced_slice(read_musique(args.eval_musique), args.num_eval, args.seed), "musique"
         else:
             held, task = [q.record() for q in questions["eval"]], "synthetic"
         eval_builder = ContextBuilder(held, tokenizer, cfg)
