@@ -203,6 +203,10 @@ def run(args) -> int:
     from .context import ContextConfig, ContextBuilder
     from .longbench import musique_to_longbench
 
+    if getattr(args, "ruler", False):
+        from .ruler import synth_ruler
+
+        return synth_ruler(args, load_counting_tokenizer(args.tokenizer))
     for name in ("num_examples", "min_tokens", "max_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
