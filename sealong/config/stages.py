@@ -175,6 +175,10 @@ class EvalConfig(Checked):
     trust_remote_code: bool = option(False, "let the embedding model run code from its folder")
     out_dir: Optional[str] = option(None, "where eval.md, eval.json, eval_vs_n.png go (default: beside the input)")
     no_plot: bool = option(False, "do not draw eval_vs_n.png")
+    suite: bool = option(False, "the generalization table instead (sealong.evaluate.suite): every task of --before "
+                         "vs --after (greedy samples files of any kind: LongBench v1, RULER, LongBench v2), paired")
+    before: Optional[str] = option(None, "--suite: comma-separated greedy samples files of the model before")
+    after: Optional[str] = option(None, "--suite: comma-separated greedy samples files of the model after")
 
 
 @dataclass

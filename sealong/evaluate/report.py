@@ -412,6 +412,10 @@ def parse_ns(text: str | None) -> list[int] | None:
 
 
 def run(args) -> int:
+    if getattr(args, "suite", False):  # the generalization table (sealong.evaluate.suite)
+        from .suite import run_suite
+
+        return run_suite(args)
     if args.greedy is None and args.sampled is None:
         raise ValueError("eval: give --greedy FILE and/or --sampled FILE")
     from sealong import provenance
