@@ -164,3 +164,107 @@ def run_suite(args) -> int:
     print(suite_markdown(rows))
     log.info("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+# ---- the pipeline's suite steps (sealong.pipeline) ---------------------------------------------------------------
+
+def file_kind(path: str) -> str:
+    """"longbench" (v1), "longbench_v2" or "ruler" (written by `sealong synth --ruler`), from the file's first
+    record."""
+    from sealong.data.longbench_v2 import is_longbench_v2
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--eval-files: file not found: {path}")
+    with p.open(encoding="utf-8") as f:
+        head = f.read(1 << 16).lstrip()
+    if head.startswith("["):
+        return "longbench_v2"
+    line = head.split("\n", 1)[0]
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return "longbench"  # the v1 reader names the bad line
+    if is_longbench_v2(obj):
+        return "longbench_v2"
+    return "ruler" if isinstance(obj, dict) and obj.get("kind") == "ruler" else "longbench"
+
+
+def demo_ruler(r, model: str) -> list[dict]:
+    """The offline demo's RULER slice: every task, 2 records at each of 512 and 1024 tokens (those within the tiny
+    model's positions), words from its closed vocabulary, the run's world passages as the haystack."""
+    from sealong.data import ruler
+    from sealong.jsonl import read_jsonl
+    from sealong.model import ModelConfig, load_tokenizer
+
+    tok = load_tokenizer(model)
+    positions = ModelConfig.from_folder(model).max_position_embeddings
+    world = r.run / "world_musique.jsonl"
+    passages = ([p["paragraph_text"] for rec in read_jsonl(str(world)) for p in rec["paragraphs"]]
+                if world.is_file() else [])
+    vocab = [w for w in tok.get_vocab() if w.isalpha() and len(w) > 2]
+    cfg = ruler.RulerConfig(lengths=tuple(n for n in (512, 1024) if n <= positions), per_task=2,
+                            seed=r.configs["synth"].seed, haystack="passages", vocabulary=vocab,
+                            passages=list(dict.fromkeys(passages)), tokens_to_generate=r.configs["sample"].max_new_tokens)
+    records = ruler.generate(tok, cfg)
+    ruler.check_writable(tok, records)
+    return records
+
+
+def suite_prompts(r, model: str) -> Path | None:
+    """run_dir/suite_prompts.jsonl: the RULER and LongBench v2 records of --eval-files (v2 prompts cut in the
+    middle to the model's window as the official code does), or the demo's RULER slice; None when there are none."""
+    from sealong.data import longbench_v2
+    from sealong.jsonl import read_jsonl, write_jsonl_atomic
+
+    out = r.run / "suite_prompts.jsonl"
+    if out.is_file():
+        return out
+    files = [f.strip() for f in r.args.eval_files.split(",")] if r.args.eval_files else []
+    records = []
+    for f in files:
+        kind = file_kind(f)
+        if kind == "ruler":
+            records += list(read_jsonl(f))
+        elif kind == "longbench_v2":
+            from sealong.data.prompts import chat_token_ids
+            from sealong.model import ModelConfig, load_tokenizer
+
+            tok = load_tokenizer(model)
+            s = r.configs["sample"]
+            limit = s.max_prompt_tokens or ModelConfig.from_folder(model).max_position_embeddings - s.max_new_tokens
+            overhead = len(chat_token_ids(tok, "")) if getattr(tok, "chat_template", None) else 0
+            records += longbench_v2.to_prompts(longbench_v2.read_longbench_v2(f), tok, limit - overhead)
+    if not files and r.args.model is None:
+        records = demo_ruler(r, model)
+    if not records:
+        return None
+    n = write_jsonl_atomic(str(out), records)
+    r.say(f"suite: {n} RULER / LongBench v2 prompts -> {out}")
+    return out
+
+
+def suite_sample(r, model: str, prompts: Path | None, folder: Path) -> None:
+    """Greedy outputs of `model` on the suite prompts into folder/suite_greedy.jsonl (resumed by id)."""
+    if prompts is None:
+        return
+    from sealong.pipeline import sample
+
+    folder.mkdir(parents=True, exist_ok=True)
+    r.say(f"suite: greedy outputs on {prompts.name} -> {folder / 'suite_greedy.jsonl'}")
+    sample(r, model, prompts, folder / "suite_greedy.jsonl", num_samples=1, temperature=0.0, adaptive_block=0)
+
+
+def pipeline_section(r, after_dir: Path) -> str:
+    """summary.md's generalization table (also run_dir/suite.md, suite.json): every task of before/ vs after_dir,
+    from the held-out greedy outputs (greedy.jsonl) and the suite's (suite_greedy.jsonl)."""
+    def records(folder):
+        files = [folder / n for n in ("greedy.jsonl", "suite_greedy.jsonl") if (folder / n).is_file()]
+        return read_files(",".join(map(str, files))) if files else []
+
+    before, after = records(r.run / "before"), records(after_dir)
+    rows = suite_rows(before, after) if before and after else []
+    if not rows:
+        return ""
+    write_suite(rows, r.run)
+    return suite_section(rows)
