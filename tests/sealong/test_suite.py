@@ -125,4 +125,4 @@ def test_pipeline_suite_prompts_cut_longbench_v2_to_the_window(tmp_path):
     # within the sampler's limit (this closed test vocabulary drops the template's unknown words when decoding the
     # cut, so it lands below the limit; test_longbench_v2 checks the cut itself against pred.py's)
     assert 150 <= n <= 256 - 32
-    assert "paris" in prompts[0]["prompt"] and "Choices:" in prompts[0]["prompt"]
+    assert "the city of paris" in prompts[0]["prompt"] and "london" in prompts[0]["prompt"]  # head and tail kept
