@@ -55,7 +55,7 @@ class SynthConfig(Checked):
     ruler_tasks: str = option("niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt,cwe,fwe",
                               "comma-separated RULER tasks")
     ruler_lengths: str = option("4096,8192,16384,32768", "comma-separated target lengths (prompt + the task's "
-                                "tokens to generate, model tokens, +-2%)")
+                                "tokens to generate, model tokens, within 2 percent)")
     ruler_per_task: int = option(25, "records per RULER task and length", ge=1)
     ruler_haystack: Optional[Literal["noise", "passages"]] = option(
         None, "haystack of the needle / variable-tracking tasks (default: each task's own, as RULER's)")
