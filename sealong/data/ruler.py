@@ -44,7 +44,6 @@ import json
 import random
 import re
 import string
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,11 +174,9 @@ class Generator:
     def _key(self, rng):
         return rng.choice(self.vocab) if self.vocab else f"{rng.choice(_ADJECTIVES)}-{rng.choice(_NOUNS)}"
 
-    def _value(self, rng, kind="numbers"):
+    def _value(self, rng):
         if self.vocab:
             return rng.choice(self.vocab)
-        if kind == "uuids":
-            return str(uuid.UUID(int=rng.getrandbits(128), version=4))
         return str(rng.randint(10 ** 6, 10 ** 7 - 1))  # RULER: 7-digit numbers
 
     def _sentences(self, n: int, haystack: str) -> list[str]:
