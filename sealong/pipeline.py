@@ -99,6 +99,12 @@ def check(cfg, preset: str | None = None) -> None:
                          "TRAIN --eval-musique DEV` converts MuSiQue questions to that format)")
     if cfg.model is not None and cfg.eval_files is None:
         log.info("no --eval-files: evaluating on the built-in world's held-out questions")
+    if cfg.eval_files is not None:  # RULER / LongBench v2 files go to the suite table; v1 files to both
+        from .evaluate.suite import file_kind
+
+        if "longbench" not in [file_kind(f.strip()) for f in cfg.eval_files.split(",")]:
+            raise ValueError("--eval-files: give at least one LongBench v1 file (the before/after tables); RULER and "
+                             "LongBench v2 files are evaluated in the suite table beside it")
 
 
 def check_train_args(cfg, configs: dict, preset: str | None):
@@ -230,7 +236,10 @@ def step_eval_set(r: Runner) -> Path:
     out = r.run / "eval_prompts.jsonl"
     if out.is_file():
         return out
-    files = r.args.eval_files.split(",") if r.args.eval_files else [str(r.run / "eval.jsonl")]
+    from .evaluate.suite import file_kind
+
+    files = ([f for f in r.args.eval_files.split(",") if file_kind(f.strip()) == "longbench"] if r.args.eval_files
+             else [str(r.run / "eval.jsonl")])
     records = [to_prompt(rec) for f in files for rec in read_longbench(f.strip())]
     n = write_jsonl_atomic(out, records)
     r.say(f"eval set: {n} held-out questions from {', '.join(files)}")
@@ -367,6 +376,10 @@ def summary(r: Runner, before: dict, after: dict | None, monitors: list[dict]) -
                              demo=r.preset == "demo")
     if advice:  # MBR@N below random@N or greedy: say so, and what to try next
         lines += ["", advice]
+    if after is not None:  # every task before vs after, paired (sealong.evaluate.suite)
+        from .evaluate.suite import pipeline_section
+
+        lines.append(pipeline_section(r, round_dir(r, len(trained)) / "after"))
     plot_name = None
     if r.args.rounds > 1:
         plot_name = "summary_rounds.png"
@@ -467,7 +480,15 @@ def _run(cfg, resolved, configs: dict, train_cfg) -> int:
     step_synth(r, model)
     prompts = step_eval_set(r)
     before = step_evaluate(r, model, prompts, "before")
+    from .evaluate import suite
+
+    suite_set = suite.suite_prompts(r, model)  # RULER / LongBench v2: greedy before and after, the suite table
+    suite.suite_sample(r, model, suite_set, r.run / "before")
     after, monitors = run_rounds(r, model, prompts, before)
+    trained = [m for m in monitors if not m.get("stopped")]
+    if after is not None:
+        suite.suite_sample(r, str(round_dir(r, len(trained)) / "after_model"), suite_set,
+                           round_dir(r, len(trained)) / "after")
     text = summary(r, before, after, monitors)
     tmp = r.run / "summary.md.tmp"
     tmp.write_text(text)

@@ -50,6 +50,15 @@ class SynthConfig(Checked):
     seed: int = option(0, "seeds question choice, context length, distractors, world")
     include_unanswerable: bool = option(False, "keep MuSiQue's unanswerable questions")
     overwrite: bool = option(False, "rebuild files that already exist")
+    ruler: bool = option(False, "write RULER-style evaluation records (sealong.data.ruler) to <out-dir>/ruler.jsonl "
+                         "instead of training prompts; lengths counted with --tokenizer")
+    ruler_tasks: str = option("niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt,cwe,fwe",
+                              "comma-separated RULER tasks")
+    ruler_lengths: str = option("4096,8192,16384,32768", "comma-separated target lengths (prompt + the task's "
+                                "tokens to generate, model tokens, within 2 percent)")
+    ruler_per_task: int = option(25, "records per RULER task and length", ge=1)
+    ruler_haystack: Optional[Literal["noise", "passages"]] = option(
+        None, "haystack of the needle / variable-tracking tasks (default: each task's own, as RULER's)")
 
     def checks(self):
         return [(self.min_tokens <= self.max_tokens,
@@ -166,6 +175,10 @@ class EvalConfig(Checked):
     trust_remote_code: bool = option(False, "let the embedding model run code from its folder")
     out_dir: Optional[str] = option(None, "where eval.md, eval.json, eval_vs_n.png go (default: beside the input)")
     no_plot: bool = option(False, "do not draw eval_vs_n.png")
+    suite: bool = option(False, "the generalization table instead (sealong.evaluate.suite): every task of --before "
+                         "vs --after (greedy samples files of any kind: LongBench v1, RULER, LongBench v2), paired")
+    before: Optional[str] = option(None, "--suite: comma-separated greedy samples files of the model before")
+    after: Optional[str] = option(None, "--suite: comma-separated greedy samples files of the model after")
 
 
 @dataclass

@@ -101,6 +101,29 @@ def read_musique(path: str | Path, answerable_only: bool = True) -> list[Musique
     return records
 
 
+def hop_balanced_slice(records: list[MusiqueRecord], n: int, seed: int) -> list[MusiqueRecord]:
+    """`n` records drawn seeded and evenly across hop counts (round-robin over the hop counts in increasing order,
+    each count's records in a `random.Random(seed)` order; a count that runs out leaves its turns to the others),
+    returned in file order. The dev file's own order (all 2-hop first) never decides the evaluation slice."""
+    import random
+
+    rng = random.Random(seed)
+    groups: dict[int, list[int]] = {}
+    for i, r in enumerate(records):
+        groups.setdefault(r.hops, []).append(i)
+    queues = []
+    for hops in sorted(groups):
+        order = groups[hops][:]
+        rng.shuffle(order)
+        queues.append(order)
+    picked: list[int] = []
+    while len(picked) < min(n, len(records)):
+        for q in queues:
+            if q and len(picked) < n:
+                picked.append(q.pop(0))
+    return [records[i] for i in sorted(picked)]
+
+
 def json_lines(path: str | Path, kind: str):
     """Yield (`file:line`, line number, decoded object) for the non-blank lines of a JSON-lines file."""
     path = Path(path)

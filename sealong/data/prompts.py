@@ -54,3 +54,11 @@ def chat_prompt(tokenizer, context: str, question: str, strategy: str = DEFAULT_
 def prompt_token_ids(tokenizer, context: str, question: str, strategy: str = DEFAULT_STRATEGY) -> list[int]:
     """Token ids of the paper's prompt for (context, question, strategy): see chat_token_ids."""
     return chat_token_ids(tokenizer, user_message(context, question, strategy))
+
+
+def record_token_ids(tokenizer, record: dict, strategy: str = DEFAULT_STRATEGY) -> list[int]:
+    """Token ids of a prompts-file record: its `prompt` (a whole user message, e.g. a benchmark's own template:
+    RULER, LongBench v2) when it has one, else the paper's prompt of its context and question."""
+    if isinstance(record.get("prompt"), str):
+        return chat_token_ids(tokenizer, record["prompt"])
+    return prompt_token_ids(tokenizer, record["context"], record["question"], strategy)

@@ -203,6 +203,10 @@ def run(args) -> int:
     from .context import ContextConfig, ContextBuilder
     from .longbench import musique_to_longbench
 
+    if getattr(args, "ruler", False):
+        from .ruler import synth_ruler
+
+        return synth_ruler(args, load_counting_tokenizer(args.tokenizer))
     for name in ("num_examples", "min_tokens", "max_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -238,7 +242,9 @@ def run(args) -> int:
           "see `supporting_over_budget` per record)")
     if want_eval:
         if args.eval_musique is not None:  # distractors from the evaluation file itself, never from training
-            held, task = read_musique(args.eval_musique)[:args.num_eval], "musique"
+            from .musique import hop_balanced_slice
+
+            held, task = hop_balanced_slice(read_musique(args.eval_musique), args.num_eval, args.seed), "musique"
         else:
             held, task = [q.record() for q in questions["eval"]], "synthetic"
         eval_builder = ContextBuilder(held, tokenizer, cfg)

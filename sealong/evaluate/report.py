@@ -130,6 +130,7 @@ def evaluate(greedy: list[dict] | None, sampled: list[dict] | None, ns: list[int
     em = final-answer exact match (`final_answer`), subem = HELMET's SubEM on the whole output, f1 = LongBench's;
     cut = % of the mode's outputs stopped at the token limit; ci = 95% intervals of em and subem over the
     questions (Wilson for 0/1 outcomes; a normal approximation for random@n, an average over n outputs)."""
+    greedy, sampled, dropped = paired_records(greedy, sampled)
     rows: dict[str, dict[str, list[tuple]]] = {}  # task -> mode -> [(em, subem, f1, tokens, cut)]
     per_question: dict[str, dict[str, list[float]]] = {}
 
@@ -164,6 +165,8 @@ def evaluate(greedy: list[dict] | None, sampled: list[dict] | None, ns: list[int
                         per_question.setdefault(f"MBR@{n}", {})[r["id"]] = list(v[:3])
     result = {"tasks": {}, "ns": ns if sampled else [], "settings": dict(settings or {}),
               "questions": len({r["id"] for r in (greedy or []) + (sampled or [])}), "per_question": per_question}
+    if dropped:
+        result["dropped"] = dropped
     pooled: dict[str, list[tuple]] = {}
     for task, modes in sorted(rows.items()):
         result["tasks"][task] = {mode: _summarize(mode, vals) for mode, vals in modes.items()}
@@ -178,6 +181,26 @@ def evaluate(greedy: list[dict] | None, sampled: list[dict] | None, ns: list[int
         avg["ci"] = _summarize(m, pooled[m])["ci"]  # over the pooled questions (= the task's when there is one)
         result["average"][m] = avg
     return result
+
+
+def paired_records(greedy: list[dict] | None, sampled: list[dict] | None) -> tuple:
+    """(greedy, sampled, dropped): with both files given, only the questions in both, so that every row of the
+    tables is over the same questions; `dropped` counts the questions left out ({} when none). Questions in
+    neither file's intersection are named in the log; no common question at all is an error."""
+    if not greedy or not sampled:
+        return greedy, sampled, {}
+    g_ids, s_ids = {r["id"] for r in greedy}, {r["id"] for r in sampled}
+    if g_ids == s_ids:
+        return greedy, sampled, {}
+    common = g_ids & s_ids
+    if not common:
+        raise ValueError(f"eval: the greedy file's {len(g_ids)} questions and the sampled file's {len(s_ids)} have no "
+                         "id in common: the rows could not be paired")
+    dropped = {"greedy_only": len(g_ids - common), "sampled_only": len(s_ids - common), "kept": len(common)}
+    log.warning(f"eval: evaluating the {len(common)} questions in both files; dropped {dropped['greedy_only']} only in "
+                f"the greedy file (e.g. {sorted(g_ids - common)[:3]}) and {dropped['sampled_only']} only in the "
+                f"sampled file (e.g. {sorted(s_ids - common)[:3]})")
+    return [r for r in greedy if r["id"] in common], [r for r in sampled if r["id"] in common], dropped
 
 
 def _summarize(mode: str, vals: list[tuple]) -> dict:
@@ -213,6 +236,10 @@ LEGEND = """- **greedy**: one output at temperature 0.
 def settings_header(result: dict) -> str:
     s = result.get("settings") or {}
     parts = [f"{result.get('questions', '?')} questions"] + [f"{k}: {v}" for k, v in s.items()]
+    d = result.get("dropped")
+    if d:  # greedy and sampled files over different questions: only the common ones are evaluated
+        parts[0] += (f" (in both files; dropped {d['greedy_only']} only in the greedy file and {d['sampled_only']} "
+                     "only in the sampled file)")
     return "Settings: " + "; ".join(parts) + "\n"
 
 
@@ -470,6 +497,10 @@ def check_swapped(greedy: list[dict] | None, sampled: list[dict] | None, greedy_
 
 
 def run(args) -> int:
+    if getattr(args, "suite", False):  # the generalization table (sealong.evaluate.suite)
+        from .suite import run_suite
+
+        return run_suite(args)
     if args.greedy is None and args.sampled is None:
         raise ValueError("eval: give --greedy FILE and/or --sampled FILE")
     from sealong import provenance

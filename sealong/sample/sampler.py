@@ -350,7 +350,7 @@ def read_prompts(path: str, limit=None) -> list:
         return []
     for n, record in numbered_records(path, required=("id", "context", "question")):
         check_id(n, record["id"])
-        for key in ("context", "question"):
+        for key in ("context", "question") + (("prompt",) if "prompt" in record else ()):
             if not isinstance(record[key], str):
                 raise JsonlError(f"{path}:{n}: (id {record['id']!r}) {key!r} must be a string, got {type(record[key]).__name__}")
         records.append(record)
@@ -367,7 +367,7 @@ def output_texts(completions: list, tokenizer) -> list:
 
 def samples_record(prompt: dict, completions: list, tokenizer, prompt_tokens: int, truncated: bool) -> dict:
     """The samples JSONL record of one prompt; output texts leave out the EOS token that ended them."""
-    record = {k: v for k, v in prompt.items() if k != "context"}
+    record = {k: v for k, v in prompt.items() if k not in ("context", "prompt")}  # the long texts stay out
     record.update(
         outputs=output_texts(completions, tokenizer),
         num_tokens=[len(c.tokens) for c in completions],
@@ -416,11 +416,11 @@ def adaptive_rule(tokenizer, share: float, min_samples: int):
 def check_prompt_lengths(prompts: list, tokenizer, strategy: str, limit: int, truncate: bool) -> None:
     """Every prompt within `limit` tokens (or cut, with `truncate`), checked before any sampling: the error names
     the first prompt over the limit and counts the others."""
-    from sealong.data.prompts import prompt_token_ids
+    from sealong.data.prompts import record_token_ids
 
     if truncate:
         return
-    lengths = ((p["id"], len(prompt_token_ids(tokenizer, p["context"], p["question"], strategy))) for p in prompts)
+    lengths = ((p["id"], len(record_token_ids(tokenizer, p, strategy))) for p in prompts)
     over = [(i, n) for i, n in lengths if n > limit]
     if over:
         raise ValueError(_too_long(*over[0], limit, [i for i, _ in over[1:]]))
@@ -455,7 +455,7 @@ def run(args) -> int:
 
 def _sample(args, ranks) -> int:
     from sealong import provenance
-    from sealong.data.prompts import prompt_token_ids
+    from sealong.data.prompts import record_token_ids
     from sealong.jsonl import completed_ids
     from sealong.model import ModelConfig, load_tokenizer
 
@@ -484,7 +484,7 @@ def _sample(args, ranks) -> int:
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code) if todo else None
     if todo:
         check_prompt_lengths(todo, tokenizer, args.strategy, limit, args.truncate == "middle")  # all, up front
-    fit = lambda p: fit_prompt(prompt_token_ids(tokenizer, p["context"], p["question"], args.strategy), limit,  # noqa: E731
+    fit = lambda p: fit_prompt(record_token_ids(tokenizer, p, args.strategy), limit,  # noqa: E731
                                args.truncate == "middle", p["id"])
     if ranks.world > 1:  # every rank tokenizes every prompt to do and takes its part of the same split
         todo = [todo[i] for i in shards.plan([len(fit(p)[0]) for p in todo], ranks.world)[ranks.rank]]

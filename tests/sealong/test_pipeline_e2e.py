@@ -64,3 +64,11 @@ def test_pipeline_end_to_end_killed_during_training_then_resumed(tmp_path):
     assert "| greedy |" in summary and "| MBR@4 |" in summary and "NOT the paper's gains" in summary
     assert "sealong pipeline --run-dir runs/llama31-8b --model /models/Llama-3.1-8B-Instruct" in summary
     assert summary in out.stdout
+    # the generalization table: the held-out task and the demo's RULER slice, before vs after, paired
+    assert "## Generalization suite: every task before vs after" in summary
+    rows = json.loads((run_dir / "suite.json").read_text())
+    tasks = {r["task"]: r for r in rows}
+    assert tasks["synthetic"]["n"] == 6 and tasks["ruler_niah_single_512"]["n"] == 2
+    assert {t for t in tasks if t.startswith("ruler_")} == {f"ruler_{k}_{n}" for k in (
+        "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe") for n in ("512",)}
+    assert len(_lines(run_dir / "after" / "suite_greedy.jsonl")) == 14
