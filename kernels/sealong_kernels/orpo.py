@@ -186,6 +186,12 @@ def _chunk_logits(hidden2d, weight, bias, rows):
     return h, logits
 
 
+def _mm_float32(a, b):
+    from .orpo_onepass import mm_float32  # float32 output without rounding the product to 16 bits
+
+    return mm_float32(a, b)
+
+
 _FLOAT32_ADDMM = [True]  # torch's CUDA addmm takes a float32 accumulator with 16-bit factors (cleared if not)
 
 
@@ -230,7 +236,7 @@ class _SequenceLogpSums(torch.autograd.Function):
             lse, target_logit, zsum[a:b] = logits_rows(logits, targets[a:b], write_grad=deferred)
             logp[a:b] = target_logit - lse
             if deferred:
-                u[a:b] = logits @ weight  # logits now hold G = onehot - softmax
+                u[a:b] = _mm_float32(logits, weight)  # logits now hold G = onehot - softmax; U float32
             else:
                 lse_all[a:b] = lse
             del logits
@@ -277,7 +283,7 @@ class _SequenceLogpSums(torch.autograd.Function):
 
 
 def sequence_logp_sums(hidden, weight, rows, targets, seq, num_seqs, bias=None, *, chunk_size=None, chunk_bytes=None,
-                       strategy="auto", group=None, return_logit_means=False):
+                       strategy="auto", group=None, return_logit_means=False, checked=False):
     """Per-sequence sums of log softmax(hidden[rows] @ weight.T + bias)[targets] -> float32 [num_seqs].
 
     hidden [..., H] (any leading shape, flattened), weight [V, H], bias [V] or None, rows / targets / seq [M]
@@ -285,14 +291,16 @@ def sequence_logp_sums(hidden, weight, rows, targets, seq, num_seqs, bias=None, 
     Differentiable in hidden, weight and bias (see the module docstring for strategies and `group`).
     chunk_size: entries per chunk (default `default_chunk_size`, about M·H/V, at most chunk_bytes of logits).
     return_logit_means=True also returns float32 [num_seqs]: per sequence, the sum over its entries of the
-    vocabulary-mean logit (not differentiable; TRL's logits/chosen and logits/rejected metrics)."""
+    vocabulary-mean logit (not differentiable; TRL's logits/chosen and logits/rejected metrics).
+    checked=True: the caller checked targets and rows where it built them (on the host); the device-side checks,
+    host synchronizations, are skipped."""
     _check_head(hidden, weight, bias, strategy)
     v = weight.shape[0]
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= v):
+    if not checked and targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= v):
         raise ValueError(f"labels must be in [0, {v}) or ignore_index; "
                          f"got {int(targets.min())}..{int(targets.max())}")
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
-    if rows.numel() and (int(rows.max()) >= hidden2d.shape[0] or int(rows.min()) < 0):
+    if not checked and rows.numel() and (int(rows.max()) >= hidden2d.shape[0] or int(rows.min()) < 0):
         bad = int(rows.max()) if int(rows.max()) >= hidden2d.shape[0] else int(rows.min())
         raise ValueError(f"hidden_index points at row {bad} of a hidden with {hidden2d.shape[0]} rows")
     chunk = _chunk_rows(rows.shape[0], weight, hidden.dtype, chunk_size, chunk_bytes)
