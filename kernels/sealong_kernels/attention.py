@@ -67,16 +67,20 @@ def _plan_blocks(tq, tk, flags, q_start, k_start, cu_seqlens, segment_ids, k_seg
         return seq_idx[:1], seq_idx[:1], plan_m, plan_n, False
     plan = cu_seqlens if isinstance(cu_seqlens, VarlenPlan) else None
     # the batch's own tensors (the same objects in every layer: the custom ops pass them through)
+    # a view (a ring block's slice of the segments) counts as its base plus where it lies in it
     inputs = [t for t in ((plan.cu_seqlens, plan.seq_idx) if plan is not None else ()) + (segment_ids, k_segment_ids)
               if t is not None]
+    bases = [t if t._base is None else t._base for t in inputs]
     cache, version = None, None
     if inputs:
-        cache = inputs[0].__dict__.setdefault("_sealong_blocks", {})
+        cache = bases[0].__dict__.setdefault("_sealong_blocks", {})
         version = content_version(*inputs)
+        if version is not None:
+            version += tuple((t.storage_offset(), t.numel()) for t in inputs)
     rows, cols = block_lists(tq, tk, plan_m, plan_n, causal=flags["CAUSAL"], q_start=q_start, k_start=k_start,
                              seq_idx=seq_idx if flags["HAS_SEQ"] else None, qseg=qseg if flags["HAS_SEG"] else None,
                              kseg=kseg if flags["HAS_SEG"] else None, cache=cache, device=seq_idx.device,
-                             version=version, companions=inputs[1:])
+                             version=version, companions=bases[1:])
     return rows, cols, plan_m, plan_n, True
 _TUNED = {}  # (kind, arch, BLOCK_D, dtype, flags, log2 bucket of Tq * Tk) -> the fastest launchable tile
 
