@@ -68,9 +68,10 @@ class OpCounter(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def count_launches():
+def count_launches(pause=None):
     """Every Triton kernel launch inside the block, as a list of kernel names (a launch hook on the JIT: works
-    under the interpreter and on a GPU; CUDA-graph replays are not launches)."""
+    under the interpreter and on a GPU; CUDA-graph replays are not launches). pause: an object whose `phase`
+    is set to None during each launch (so a dispatch counter skips the interpreter's own tensor copies)."""
     import triton
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
@@ -83,7 +84,14 @@ def count_launches():
 
             def run(self, *args, _orig=cls.run, **kwargs):
                 names.append(getattr(getattr(self, "fn", None), "__name__", None) or getattr(self, "__name__", "?"))
-                return _orig(self, *args, **kwargs)
+                saved = None if pause is None else pause.phase
+                if pause is not None:
+                    pause.phase = None
+                try:
+                    return _orig(self, *args, **kwargs)
+                finally:
+                    if pause is not None:
+                        pause.phase = saved
 
             cls.run = run
     del triton
