@@ -54,6 +54,8 @@ def loss_rows():
             per_chunk = len(rec.products) / chunks
             for m, what in ((2 * 1024, "32K prompt, 1K answers"), (2 * (32768 + 1024), "32K pair, every token labeled")):
                 plan = chunk_plan(m, 4096, 128256, 2, train_head)
+                if strategy_used != "auto":  # the two-pass chunks run over entries, not pairs
+                    plan["chunks"] = -(-m // plan["chunk_rows"])
                 rows.append({"what": f"ORPO loss fwd+bwd, {what}", "strategy": name if strategy_used != "deferred" else
                              "two-pass deferred (before)", "head": "trained" if train_head else "frozen",
                              "chunks": plan["chunks"], "products_per_chunk": per_chunk,
