@@ -27,6 +27,12 @@ the Function g = dloss/dL. Two strategies for the token work:
   (float32 [M, H]); the backward only scales, dhidden_m = g_{s_m} U_m: 4·M·H·V FLOPs in all. g is unknown in
   the forward, so a trained head (whose gradient sums g_s G^T h over sequences) always runs "recompute".
 
+`fused_linear_orpo_loss` with strategy "auto" (= "onepass") runs neither: `orpo_onepass` evaluates the objective
+inside its Function, with chunks aligned to pairs, and computes each chunk's gradients in its forward (3
+products per chunk with a trained head, 2 frozen, no host sync in the loss). The two strategies below remain
+for `sequence_logp_sums` (the per-sequence sums alone, as the training loop uses them) and for a trained head
+under sequence parallelism over several pairs.
+
 Products per chunk (counted by tests/kernels/test_orpo_memory.py under a TorchDispatchMode): forward 1
 (logits; the bias is fused into `addmm`), deferred forward 2 (logits, G @ W); recompute backward 1 + [dhidden]
 + [dW], i.e. at most 3. The weight gradient accumulates in float32 whatever the input dtype: float32 inputs
