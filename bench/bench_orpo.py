@@ -23,82 +23,83 @@ import sys
 import torch
 
 from bench.common import cpu_note, is_oom, matmul_peak_tflops, peak_memory_bytes, time_ms
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
-
+from bench.op_counts import OpCounter
 from sealong_kernels import fused_linear_orpo_loss
 from sealong_kernels import reference
-from sealong_kernels.orpo import default_chunk_size
+from sealong_kernels.orpo import default_chunk_size, loss_batch, loss_from_batch
 
-PRODUCTS = ("aten.mm.default", "aten.addmm.default", "aten.addmm_.default")
-
-
-class ProductCounter(TorchDispatchMode):
-    """Every product (phase, op, output shape, bytes read + written) and every host synchronization
-    (aten._local_scalar_dense: what .item() / .tolist() / int() dispatch), by phase ("forward" / "backward")."""
-
-    def __init__(self):
-        super().__init__()
-        self.phase, self.products, self.syncs = "forward", [], []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        name = str(func)
-        if name in PRODUCTS:
-            tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-            moved = sum(t.numel() * t.element_size() for t in tensors) + out.numel() * out.element_size()
-            self.products.append((self.phase, name, tuple(out.shape), moved))
-        elif name == "aten._local_scalar_dense.default":
-            self.syncs.append(self.phase)
-        return out
+def ProductCounter():  # noqa: N802 (the counter the tests import; bench/op_counts.py defines it)
+    return OpCounter()
 
 
-def count_products(strategy, train_head, chunk, m=90, h=16, v=257, bias=True, dtype=torch.float32, device="cpu"):
-    """ProductCounter of one forward + backward of the packed fused loss on m entries of 3 interleaved pairs
-    (every chunk spans all 6 sequences)."""
+def count_products(strategy, train_head, chunk, m=90, h=16, v=257, bias=True, dtype=torch.float32, device="cpu",
+                   pairs=3, interleave=True):
+    """OpCounter of one forward + backward of the packed fused loss on m entries of `pairs` pairs (interleave:
+    entry i belongs to pair i % pairs, so every pair spans the whole batch; else pair by pair). The one-pass
+    path ("auto", "onepass") builds its LossBatch first, under phase "build"; the loss runs under "forward",
+    its backward under "backward"."""
     hidden = torch.randn(m, h, dtype=dtype, device=device, requires_grad=True)
     weight = torch.randn(v, h, dtype=dtype, device=device, requires_grad=train_head)
     b = torch.randn(v, dtype=dtype, device=device, requires_grad=train_head) if bias else None
     labels = torch.randint(0, v, (m,), device=device)
-    seq = torch.arange(m, device=device) % 3
-    seg = torch.arange(m, device=device) // 3 % 2 + 1
-    with ProductCounter() as rec:
-        loss, _ = fused_linear_orpo_loss(hidden, weight, labels, bias=b, sequence_ids=seq, segment_ids=seg,
-                                         chunk_size=chunk, strategy=strategy)
+    idx = torch.arange(m, device=device)
+    seq = idx % pairs if interleave else idx * pairs // m
+    seg = (idx // pairs % 2 + 1) if interleave else (idx * 2 * pairs // m % 2 + 1)
+    with OpCounter() as rec:
+        if strategy in ("auto", "onepass"):
+            rec.phase = "build"
+            batch = loss_batch(hidden, weight, labels, bias=b, sequence_ids=seq, segment_ids=seg)
+            rec.phase = "forward"
+            loss, _ = loss_from_batch(hidden, weight, batch, bias=b, chunk_size=chunk)
+        else:
+            loss, _ = fused_linear_orpo_loss(hidden, weight, labels, bias=b, sequence_ids=seq, segment_ids=seg,
+                                             chunk_size=chunk, strategy=strategy)
         rec.phase = "backward"
         loss.backward()
     return rec
 
 
-def chunk_plan(m, h, v, elem=2, train_head=True, chunk_bytes=None):
-    """The fused loss's products at M entries, H, V (elem bytes per input element): chunk rows, chunks, and per
-    full chunk the products and the bytes they read + write (logits recompute, D @ W, the dW addmm into the
-    float32 accumulator, which cuBLAS reads and writes once per product)."""
+def chunk_plan(m, h, v, elem=2, train_head=True, chunk_bytes=None, pairs=1):
+    """The one-pass loss's products at M entries (`pairs` pairs of two answers of M / (2 pairs) entries each), H,
+    V (elem bytes per input element): chunk rows, chunks (orpo_onepass.plan_chunks: aligned to pairs, a long
+    pair in pieces inside each answer), and per full chunk the products and the bytes they read + write
+    (logits, D @ W into float32, the dW addmm into the float32 accumulator, read and written once per product)."""
+    from sealong_kernels.orpo_onepass import plan_chunks
+
     c = default_chunk_size(m, h, v, torch.bfloat16 if elem == 2 else torch.float32, chunk_bytes)
+    per_seq = m // (2 * pairs)
+    plan = plan_chunks([per_seq] * (2 * pairs), c)
     logits = elem * (c * h + v * h + c * v)
-    dhidden = elem * (c * v + v * h + c * h)
+    dhidden = elem * (c * v + v * h) + 4 * c * h
     dw = elem * (c * v + c * h) + 2 * 4 * v * h
     per_chunk = logits + dhidden + (dw if train_head else 0)
+    long_pairs = len({ch.pair0 for ch in plan if ch.piece})
     return {"M": m, "H": h, "V": v, "head": "trained" if train_head else "frozen", "chunk_rows": c,
-            "chunks": -(-m // c), "logits_chunk_MB": c * v * elem / 1e6,
-            "products_per_chunk": (1 + 3) if train_head else 2, "dW_products_per_chunk": 1 if train_head else 0,
-            "bwd_product_GB_per_chunk": per_chunk / 1e9 if train_head else None,
+            "chunks": len(plan), "logits_chunk_MB": c * v * elem / 1e6,
+            "products_per_chunk": 3 if train_head else 2, "dW_products_per_chunk": 1 if train_head else 0,
+            "product_GB_per_chunk": per_chunk / 1e9,
             "dW_product_GB_per_chunk": dw / 1e9 if train_head else None,
-            "dW_TFLOP_per_chunk": 2 * c * v * h / 1e12 if train_head else None}
+            "dW_TFLOP_per_chunk": 2 * c * v * h / 1e12 if train_head else None,
+            "long_pairs": long_pairs,
+            "fold_GB_per_long_pair": (2 * 3 * 4 * v * h) / 1e9 if train_head and long_pairs else 0.0}
 
 
 def count_rows():
-    """Measured (ProductCounter, small float32 problem, 6 chunks of 16 of 90 entries) and planned (GPU shapes)."""
+    """Measured (OpCounter, small float32 problem: 90 entries, chunk 16; 3 interleaved pairs of 30 entries, so
+    each pair in pieces, or 15 pairs of 6 entries, two whole pairs per chunk) and planned (GPU shapes)."""
     rows = []
-    for strategy, train_head in (("auto", True), ("auto", False)):
-        rec = count_products(strategy, train_head, 16)
-        chunks = -(-90 // 16)
-        per = {ph: [p for p in rec.products if p[0] == ph] for ph in ("forward", "backward")}
-        rows.append({"measured": "dispatch", "head": "trained" if train_head else "frozen", "chunks": chunks,
-                     "fwd_products_per_chunk": len(per["forward"]) / chunks,
-                     "bwd_products_per_chunk": len(per["backward"]) / chunks,
-                     "dW_products_per_chunk": sum(p[2] == (257, 16) for p in per["backward"]) / chunks,
-                     "host_syncs_in_backward": rec.syncs.count("backward")})
+    for pairs in (3, 15):
+        for train_head in (True, False):
+            rec = count_products("auto", train_head, 16, pairs=pairs)
+            chunks = sum(p[2][1:] == (257,) for p in rec.products)  # one logits product per chunk
+            rows.append({"measured": "dispatch", "head": "trained" if train_head else "frozen", "pairs": pairs,
+                         "chunks": chunks,
+                         "fwd_products_per_chunk": rec.count("products", "forward") / chunks,
+                         "bwd_products": rec.count("products", "backward"),
+                         "dW_products_per_chunk": sum(p[2] == (257, 16) for p in rec.products) / chunks,
+                         "host_syncs_build": rec.count("syncs", "build"),
+                         "host_syncs_forward": rec.count("syncs", "forward"),
+                         "host_syncs_backward": rec.count("syncs", "backward")})
     plan = [chunk_plan(m, 4096, 128256, 2, head) for m in (2 * 1024, 2 * (32768 + 1024)) for head in (True, False)]
     return rows, plan
 

@@ -39,7 +39,7 @@ import triton
 
 from . import reference
 from .runtime import interpreting, triton_available
-from .attention_plan import VarlenPlan, block_lists, varlen_plan  # noqa: F401 (re-exported)
+from .attention_plan import VarlenPlan, block_lists, content_version, varlen_plan  # noqa: F401 (re-exported)
 from .attention_tiles import launchable_tiles
 from .attention_kernels import (  # layer 1: the @triton.jit kernels
     _attn_bwd_delta_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_fwd_kernel,
@@ -60,19 +60,28 @@ PLAN_BLOCK = 128  # block classes are planned per 128 x 128 (every GPU tile divi
 
 def _plan_blocks(tq, tk, flags, q_start, k_start, cu_seqlens, segment_ids, k_segment_ids, seq_idx, qseg, kseg):
     """(block lists by query blocks, by key blocks, PLAN_M, PLAN_N) for calls with packed sequences or segments
-    (`attention_plan.block_lists`), else dummies with HAS_PLAN off. Cached on the batch's VarlenPlan or segment
-    tensor when q and k are the same tokens, so every layer's forward and backward shares one build."""
+    (`attention_plan.block_lists`), else dummies with HAS_PLAN off. Cached on the batch's own tensor (the plan's
+    seq_idx, which the custom ops pass through unchanged, else the segment ids) under the content versions of
+    the inputs, when q and k carry the same segments: every layer's forward and backward share one build."""
     plan_m = plan_n = INTERPRETER_TILE[0] if interpreting() else PLAN_BLOCK
     if not (flags["HAS_SEQ"] or flags["HAS_SEG"]) or tq == 0 or tk == 0:
         return seq_idx[:1], seq_idx[:1], plan_m, plan_n, False
-    cache = None
-    if isinstance(cu_seqlens, VarlenPlan):
-        cache = cu_seqlens.blocks
-    elif segment_ids is not None and k_segment_ids is None:
-        cache = segment_ids.__dict__.setdefault("_sealong_blocks", {})
+    plan = cu_seqlens if isinstance(cu_seqlens, VarlenPlan) else None
+    # the batch's own tensors (the same objects in every layer: the custom ops pass them through)
+    # a view (a ring block's slice of the segments) counts as its base plus where it lies in it
+    inputs = [t for t in ((plan.cu_seqlens, plan.seq_idx) if plan is not None else ()) + (segment_ids, k_segment_ids)
+              if t is not None]
+    bases = [t if t._base is None else t._base for t in inputs]
+    cache, version = None, None
+    if inputs:
+        cache = bases[0].__dict__.setdefault("_sealong_blocks", {})
+        version = content_version(*inputs)
+        if version is not None:
+            version += tuple((t.storage_offset(), t.numel()) for t in inputs)
     rows, cols = block_lists(tq, tk, plan_m, plan_n, causal=flags["CAUSAL"], q_start=q_start, k_start=k_start,
                              seq_idx=seq_idx if flags["HAS_SEQ"] else None, qseg=qseg if flags["HAS_SEG"] else None,
-                             kseg=kseg if flags["HAS_SEG"] else None, cache=cache, device=seq_idx.device)
+                             kseg=kseg if flags["HAS_SEG"] else None, cache=cache, device=seq_idx.device,
+                             version=version, companions=bases[1:])
     return rows, cols, plan_m, plan_n, True
 _TUNED = {}  # (kind, arch, BLOCK_D, dtype, flags, log2 bucket of Tq * Tk) -> the fastest launchable tile
 

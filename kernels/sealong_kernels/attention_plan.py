@@ -23,10 +23,13 @@ The lists are packed in one int32 tensor per orientation (rows = query blocks fo
 blocks for dK/dV):  [count_full (R), count_partial (R), full (R x C), partial (R x C)], each row's blocks in
 increasing order in its first count entries. Block sizes are the plan's (PLAN_M x PLAN_N); a kernel tile
 divides them and a tile inside a plan block inherits its class (full and empty hold for every part of a block).
-The lists are cached on the batch's plan / segment tensor, so all layers and the backward share one build.
+The lists are cached on the batch's own tensor (its plan's seq_idx, else its segment ids) under the content
+versions of every input (`content_version`), so all layers and the backward share one build, through the
+custom ops too, and a buffer refilled in place gets a new plan.
 """
 
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import dataclass
 
 import torch
 
@@ -40,15 +43,14 @@ class VarlenPlan:
     host again.
 
     cu_seqlens [S + 1] int32 (validated: starts at 0, non-decreasing, ends at total), seq_idx [total] int32 (the
-    sequence of every token), max_seqlen (a Python int when the builder read it, for flash-attn's varlen call),
-    blocks: the block lists of the calls made with this plan (filled on first use, see `block_lists`).
+    sequence of every token), max_seqlen (a Python int when the builder read it, for flash-attn's varlen call).
+    The block lists of the calls made with this plan ride on seq_idx (see `block_lists`).
     """
 
     cu_seqlens: torch.Tensor
     seq_idx: torch.Tensor
     total: int
     max_seqlen: int | None = None
-    blocks: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def varlen_plan(cu_seqlens, total, *, device=None, validate=True):
@@ -134,19 +136,40 @@ def pack_lists(classes):
     return torch.cat([x.to(torch.int32).reshape(-1) for x in out])
 
 
-def block_lists(tq, tk, plan_m, plan_n, *, causal, q_start, k_start, seq_idx, qseg, kseg, cache=None, device=None):
+BUILDS = [0]  # block-list builds since import (tests count them per training step)
+
+
+def content_version(*tensors):
+    """The content versions (`Tensor._version`, bumped by every in-place write: copy_, fill_, a collective into
+    the buffer) of the tensors a plan is computed from, or None where one has none (inference tensors): no cache
+    then. A buffer refilled in place gets a new version, hence a new plan; no data pointer is ever a key."""
+    try:
+        return tuple(-1 if t is None else int(t._version) for t in tensors)
+    except RuntimeError:
+        return None
+
+
+def block_lists(tq, tk, plan_m, plan_n, *, causal, q_start, k_start, seq_idx, qseg, kseg, cache=None, device=None,
+                version=None, companions=()):
     """(rows, cols): the packed lists of `block_classes` by query blocks (forward, dQ) and by key blocks (dK/dV).
 
-    cache: a dict (the batch's plan or segment tensor carries one) keyed by the call's shape and flags."""
+    cache: a dict carried by one of the batch's own tensors (the owner), keyed by the call's shape and flags and
+    `version` (content_version of every tensor the classes read); `companions`, the other tensors read, must
+    be the very objects of the cached entry (weak references, never data pointers). No cache without a version."""
     key = (tq, tk, plan_m, plan_n, bool(causal), int(q_start), int(k_start), seq_idx is not None,
-           qseg is not None, None if kseg is None else kseg.data_ptr())
+           qseg is not None, version)
+    if version is None:
+        cache = None
     if cache is not None and key in cache:
-        return cache[key]
+        refs, lists = cache[key]
+        if len(refs) == len(companions) and all(r() is t for r, t in zip(refs, companions)):
+            return lists
+    BUILDS[0] += 1
     classes = block_classes(tq, tk, plan_m, plan_n, causal=causal, q_start=q_start, k_start=k_start,
                             seq_idx=seq_idx, qseg=qseg, kseg=kseg, device=device)
     lists = (pack_lists(classes), pack_lists(classes.T.contiguous()))
     if cache is not None:
-        cache[key] = lists
+        cache[key] = (tuple(weakref.ref(t) for t in companions), lists)
     return lists
 
 

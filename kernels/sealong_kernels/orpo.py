@@ -27,6 +27,12 @@ the Function g = dloss/dL. Two strategies for the token work:
   (float32 [M, H]); the backward only scales, dhidden_m = g_{s_m} U_m: 4·M·H·V FLOPs in all. g is unknown in
   the forward, so a trained head (whose gradient sums g_s G^T h over sequences) always runs "recompute".
 
+`fused_linear_orpo_loss` with strategy "auto" (= "onepass") runs neither: `orpo_onepass` evaluates the objective
+inside its Function, with chunks aligned to pairs, and computes each chunk's gradients in its forward (3
+products per chunk with a trained head, 2 frozen, no host sync in the loss). The two strategies below remain
+for `sequence_logp_sums` (the per-sequence sums alone, as the training loop uses them) and for a trained head
+under sequence parallelism over several pairs.
+
 Products per chunk (counted by tests/kernels/test_orpo_memory.py under a TorchDispatchMode): forward 1
 (logits; the bias is fused into `addmm`), deferred forward 2 (logits, G @ W); recompute backward 1 + [dhidden]
 + [dW], i.e. at most 3. The weight gradient accumulates in float32 whatever the input dtype: float32 inputs
@@ -186,6 +192,12 @@ def _chunk_logits(hidden2d, weight, bias, rows):
     return h, logits
 
 
+def _mm_float32(a, b):
+    from .orpo_onepass import mm_float32  # float32 output without rounding the product to 16 bits
+
+    return mm_float32(a, b)
+
+
 _FLOAT32_ADDMM = [True]  # torch's CUDA addmm takes a float32 accumulator with 16-bit factors (cleared if not)
 
 
@@ -230,7 +242,7 @@ class _SequenceLogpSums(torch.autograd.Function):
             lse, target_logit, zsum[a:b] = logits_rows(logits, targets[a:b], write_grad=deferred)
             logp[a:b] = target_logit - lse
             if deferred:
-                u[a:b] = logits @ weight  # logits now hold G = onehot - softmax
+                u[a:b] = _mm_float32(logits, weight)  # logits now hold G = onehot - softmax; U float32
             else:
                 lse_all[a:b] = lse
             del logits
@@ -277,7 +289,7 @@ class _SequenceLogpSums(torch.autograd.Function):
 
 
 def sequence_logp_sums(hidden, weight, rows, targets, seq, num_seqs, bias=None, *, chunk_size=None, chunk_bytes=None,
-                       strategy="auto", group=None, return_logit_means=False):
+                       strategy="auto", group=None, return_logit_means=False, checked=False):
     """Per-sequence sums of log softmax(hidden[rows] @ weight.T + bias)[targets] -> float32 [num_seqs].
 
     hidden [..., H] (any leading shape, flattened), weight [V, H], bias [V] or None, rows / targets / seq [M]
@@ -285,9 +297,41 @@ def sequence_logp_sums(hidden, weight, rows, targets, seq, num_seqs, bias=None, 
     Differentiable in hidden, weight and bias (see the module docstring for strategies and `group`).
     chunk_size: entries per chunk (default `default_chunk_size`, about M·H/V, at most chunk_bytes of logits).
     return_logit_means=True also returns float32 [num_seqs]: per sequence, the sum over its entries of the
-    vocabulary-mean logit (not differentiable; TRL's logits/chosen and logits/rejected metrics)."""
-    if strategy not in ("auto", "deferred", "recompute"):
-        raise ValueError(f"strategy must be 'auto', 'deferred' or 'recompute', got {strategy!r}")
+    vocabulary-mean logit (not differentiable; TRL's logits/chosen and logits/rejected metrics).
+    checked=True: the caller checked targets and rows where it built them (on the host); the device-side checks,
+    host synchronizations, are skipped."""
+    _check_head(hidden, weight, bias, strategy)
+    v = weight.shape[0]
+    if not checked and targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= v):
+        raise ValueError(f"labels must be in [0, {v}) or ignore_index; "
+                         f"got {int(targets.min())}..{int(targets.max())}")
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    if not checked and rows.numel() and (int(rows.max()) >= hidden2d.shape[0] or int(rows.min()) < 0):
+        bad = int(rows.max()) if int(rows.max()) >= hidden2d.shape[0] else int(rows.min())
+        raise ValueError(f"hidden_index points at row {bad} of a hidden with {hidden2d.shape[0]} rows")
+    chunk = _chunk_rows(rows.shape[0], weight, hidden.dtype, chunk_size, chunk_bytes)
+    if not torch.is_grad_enabled():
+        strategy = "recompute"  # no backward will come: the forward computes the LSE only
+    elif strategy in ("auto", "onepass"):
+        trains_head = weight.requires_grad or (bias is not None and bias.requires_grad)
+        strategy = "recompute" if trains_head else "deferred"
+    sums, logit_means = _SequenceLogpSums.apply(hidden2d, weight, bias, rows, targets, seq, num_seqs, chunk, strategy,
+                                                group)
+    return (sums, logit_means) if return_logit_means else sums
+
+
+def _chunk_rows(entries, weight, dtype, chunk_size, chunk_bytes):
+    if chunk_bytes is not None and int(chunk_bytes) < 1:
+        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+    chunk = int(chunk_size or default_chunk_size(entries, weight.shape[1], weight.shape[0], dtype, chunk_bytes))
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return chunk
+
+
+def _check_head(hidden, weight, bias, strategy):
+    if strategy not in ("auto", "onepass", "deferred", "recompute"):
+        raise ValueError(f"strategy must be 'auto', 'onepass', 'deferred' or 'recompute', got {strategy!r}")
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
                          f"got {tuple(weight.shape)}")
@@ -296,27 +340,6 @@ def sequence_logp_sums(hidden, weight, rows, targets, seq, num_seqs, bias=None, 
     if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
         raise TypeError(f"hidden, weight and bias must share a dtype, got {hidden.dtype}, {weight.dtype}"
                         + (f", {bias.dtype}" if bias is not None else ""))
-    v = weight.shape[0]
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= v):
-        raise ValueError(f"labels must be in [0, {v}) or ignore_index; "
-                         f"got {int(targets.min())}..{int(targets.max())}")
-    hidden2d = hidden.reshape(-1, hidden.shape[-1])
-    if rows.numel() and (int(rows.max()) >= hidden2d.shape[0] or int(rows.min()) < 0):
-        bad = int(rows.max()) if int(rows.max()) >= hidden2d.shape[0] else int(rows.min())
-        raise ValueError(f"hidden_index points at row {bad} of a hidden with {hidden2d.shape[0]} rows")
-    if chunk_bytes is not None and int(chunk_bytes) < 1:
-        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
-    chunk = int(chunk_size or default_chunk_size(rows.shape[0], weight.shape[1], v, hidden.dtype, chunk_bytes))
-    if chunk < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if not torch.is_grad_enabled():
-        strategy = "recompute"  # no backward will come: the forward computes the LSE only
-    elif strategy == "auto":
-        trains_head = weight.requires_grad or (bias is not None and bias.requires_grad)
-        strategy = "recompute" if trains_head else "deferred"
-    sums, logit_means = _SequenceLogpSums.apply(hidden2d, weight, bias, rows, targets, seq, num_seqs, chunk, strategy,
-                                                group)
-    return (sums, logit_means) if return_logit_means else sums
 
 
 def fused_linear_orpo_loss(hidden, weight, labels, *, bias=None, beta=0.1, nll_weight=1.0, mode="orpo",
@@ -358,6 +381,11 @@ def fused_linear_orpo_loss(hidden, weight, labels, *, bias=None, beta=0.1, nll_w
     if labels.dim() == 1 and (hidden.dim() != 2 or (hidden_index is None and hidden.shape[0] != labels.shape[0])):
         raise ValueError(f"packed layout: hidden must be [N, H] with N = len(labels) = {labels.shape[0]} unless "
                          f"hidden_index maps entries to rows; got hidden {tuple(hidden.shape)}")
+    _check_head(hidden, weight, bias, strategy)
+    if strategy in ("auto", "onepass") and torch.is_grad_enabled():
+        return _onepass(hidden, weight, labels, bias, beta, nll_weight, mode, sequence_ids, segment_ids, hidden_index,
+                        num_pairs, skip_empty, ignore_index, chunk_size, chunk_bytes, group, nll_reduction,
+                        pair_weights)
     rows, targets, seq, pairs = preference_entries(labels.to(hidden.device), mode=mode, sequence_ids=sequence_ids,
                                                    segment_ids=segment_ids, hidden_index=hidden_index,
                                                    num_pairs=num_pairs, ignore_index=ignore_index)
@@ -373,6 +401,66 @@ def fused_linear_orpo_loss(hidden, weight, labels, *, bias=None, beta=0.1, nll_w
                                            return_logit_means=True)
     return orpo_objective(sums, counts, mode=mode, beta=beta, nll_weight=nll_weight, skip_empty=skip_empty,
                           logit_means=logit_means, nll_reduction=nll_reduction, pair_weights=pair_weights)
+
+
+def _onepass(hidden, weight, labels, bias, beta, nll_weight, mode, sequence_ids, segment_ids, hidden_index, num_pairs,
+             skip_empty, ignore_index, chunk_size, chunk_bytes, group, nll_reduction, pair_weights):
+    """fused_linear_orpo_loss by the one-pass Function (orpo_onepass): `loss_batch` then `loss_from_batch`."""
+    batch = loss_batch(hidden, weight, labels, bias=bias, mode=mode, sequence_ids=sequence_ids,
+                       segment_ids=segment_ids, hidden_index=hidden_index, num_pairs=num_pairs, skip_empty=skip_empty,
+                       ignore_index=ignore_index, group=group, pair_weights=pair_weights)
+    if batch is None:  # a trained head under sequence parallelism over several pairs: the two-pass path
+        return fused_linear_orpo_loss(hidden, weight, labels, bias=bias, beta=beta, nll_weight=nll_weight, mode=mode,
+                                      sequence_ids=sequence_ids, segment_ids=segment_ids, hidden_index=hidden_index,
+                                      num_pairs=num_pairs, skip_empty=skip_empty, ignore_index=ignore_index,
+                                      chunk_size=chunk_size, chunk_bytes=chunk_bytes, strategy="recompute",
+                                      group=group, nll_reduction=nll_reduction, pair_weights=pair_weights)
+    return loss_from_batch(hidden, weight, batch, bias=bias, beta=beta, nll_weight=nll_weight,
+                           nll_reduction=nll_reduction, chunk_size=chunk_size, chunk_bytes=chunk_bytes, group=group)
+
+
+def loss_batch(hidden, weight, labels, *, bias=None, mode="orpo", sequence_ids=None, segment_ids=None,
+               hidden_index=None, num_pairs=None, skip_empty=False, ignore_index=-100, group=None, pair_weights=None):
+    """The loss entries of a batch, sorted, counted and checked once (orpo_onepass.LossBatch), for
+    `loss_from_batch`. Build it where the labels are still on the host and the loss syncs nothing; labels on
+    the device are waited for here, once. Returns None where the one-pass path does not apply (a trained
+    head under sequence parallelism over several pairs). Arguments as fused_linear_orpo_loss."""
+    from .orpo_onepass import LossBatch, trains_head_under_group
+
+    place = lambda t: None if t is None else t.to(labels.device)  # noqa: E731
+    rows, targets, seq, pairs = preference_entries(labels, mode=mode, sequence_ids=place(sequence_ids),
+                                                   segment_ids=place(segment_ids), hidden_index=place(hidden_index),
+                                                   num_pairs=num_pairs, ignore_index=ignore_index)
+    if group is not None:
+        p = torch.tensor([pairs], device=hidden.device)
+        torch.distributed.all_reduce(p, op=torch.distributed.ReduceOp.MAX, group=group)
+        pairs = int(p)
+    if trains_head_under_group(weight, bias, group, pairs):
+        return None
+    return LossBatch.from_entries(rows, targets, seq, pairs, hidden.device, mode=mode, skip_empty=skip_empty,
+                                  group=group, vocab=weight.shape[0], hidden_rows=hidden.numel() // hidden.shape[-1],
+                                  pair_weights=pair_weights)
+
+
+def loss_from_batch(hidden, weight, batch, *, bias=None, beta=0.1, nll_weight=1.0, nll_reduction="token",
+                    chunk_size=None, chunk_bytes=None, group=None):
+    """(loss, metrics) of a `loss_batch` by the one-pass Function: 3 products per chunk (2 with a frozen head),
+    no host synchronization in the forward or the backward (tests/kernels/test_orpo_memory.py counts both)."""
+    from . import orpo_onepass
+
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    chunk = _chunk_rows(batch.rows.shape[0], weight, hidden.dtype, chunk_size, chunk_bytes)
+    options = dict(mode=batch.mode, skip_empty=batch.skip_empty, nll_reduction=nll_reduction,
+                   pair_weights=batch.pair_weights, keep=batch.keep)
+
+    def objective(sums):
+        return orpo_objective(sums, batch.counts_dev, beta=beta, nll_weight=nll_weight, **options)[0]
+
+    loss, sums, zsums = orpo_onepass.onepass_loss(hidden2d, weight, bias, batch, objective, chunk, group)
+    with torch.no_grad():
+        _, metrics = orpo_objective(sums, batch.counts_dev, beta=beta, nll_weight=nll_weight,
+                                    logit_means=zsums / weight.shape[0], **options)
+    return loss, metrics
 
 
 def shared_prompt_targets(input_ids, segment_ids, sequence_ids=None):
@@ -426,4 +514,4 @@ def local_targets(local_index, hidden_index, *per_entry):
     return (row[mine], *(t[mine] for t in per_entry))
 
 
-__all__ = ["fused_linear_orpo_loss", "sequence_logp_sums", "shared_prompt_targets", "local_targets", "logits_rows"]
+__all__ = ["fused_linear_orpo_loss", "loss_batch", "loss_from_batch", "sequence_logp_sums", "shared_prompt_targets", "local_targets", "logits_rows"]

@@ -339,6 +339,14 @@ def check_empty_sequences(counts, mode="orpo", skip_empty=False):
     return keep
 
 
+def kept_pairs(counts, mode="orpo", skip_empty=False):
+    """The kept pairs of host-side counts [2P] (a CPU tensor or a list) as an int64 index (CPU): the `keep`
+    argument of orpo_objective, computed once where the batch is built (raises on an empty response like
+    check_empty_sequences unless skip_empty)."""
+    keep = check_empty_sequences(torch.as_tensor(counts).cpu(), mode, skip_empty)
+    return keep.nonzero()[:, 0]
+
+
 def check_pair_weights(pair_weights, num_pairs):
     """None, or pair_weights checked: a floating tensor [num_pairs], every weight finite and >= 0 (ValueError naming
     `pair_weights` otherwise)."""
@@ -357,7 +365,7 @@ def check_pair_weights(pair_weights, num_pairs):
 
 
 def orpo_objective(logp_sum, counts, *, mode="orpo", beta=0.1, nll_weight=1.0, skip_empty=False, logit_means=None,
-                   nll_reduction="token", pair_weights=None):
+                   nll_reduction="token", pair_weights=None, keep=None):
     """ORPO / SFT loss and TRL-named metrics from per-sequence log-prob sums.
 
     logp_sum [2P] (differentiable), counts [2P]: sums and numbers of label tokens of the chosen (2p) and
@@ -387,17 +395,24 @@ def orpo_objective(logp_sum, counts, *, mode="orpo", beta=0.1, nll_weight=1.0, s
     entry of every chosen (rejected) label token of the kept pairs, i.e. logits[loss_mask].mean() as TRL's
     DPOTrainer computes it (its ORPOTrainer averages over every position, prompt and padding included, which
     a loss over label tokens never sees).
+    keep (optional): the kept pairs as an int64 index on logp_sum's device, from `kept_pairs` where the batch
+    was built; the counts and pair_weights are then taken as validated (no check here, so no host
+    synchronization: the fused loss evaluates this objective inside its forward).
     """
     if nll_reduction not in ("token", "sequence"):
         raise ValueError(f"nll_reduction: expected 'token' or 'sequence', got {nll_reduction!r}")
-    keep = check_empty_sequences(counts, mode, skip_empty)
+    if keep is None:
+        keep = check_empty_sequences(counts, mode, skip_empty)
+        w = check_pair_weights(pair_weights, counts.numel() // 2)
+    else:
+        w = pair_weights
     sums = logp_sum.reshape(-1, 2)
     n = counts.reshape(-1, 2).to(sums.dtype)
-    w = check_pair_weights(pair_weights, sums.shape[0])
     w_k = None if w is None else w.to(device=sums.device, dtype=sums.dtype)[keep]
     weighted = (lambda x: x) if w is None else (lambda x: w_k * x)  # noqa: E731 (None: no multiply at all)
     sums_k, n_k = sums[keep], n[keep]
-    metrics = {"skipped_pairs": (~keep).sum().float()}
+    skipped = (sums.shape[0] - keep.numel()) if keep.dtype != torch.bool else (~keep).sum()
+    metrics = {"skipped_pairs": torch.as_tensor(skipped).float()}
     if sums_k.shape[0] == 0:
         loss = logp_sum.sum() * 0
         metrics["nll_loss"] = loss.detach().float()

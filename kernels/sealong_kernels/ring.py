@@ -157,16 +157,22 @@ def attend_step(q, k, v, out, lse, blocks, forward_op, *, softmax_scale, q_seg=N
 
 
 def attend_step_backward(dout, q, k, v, out, lse, delta, dq, dkv, blocks, backward_op, *, softmax_scale,
-                         q_seg=None, k_seg=None):
+                         q_seg=None, k_seg=None, row_cache=None):
     """Add one ring step's gradients in place: dq [T, Hq, D] and dkv [2, Tk, Hkv, D] (dK, dV), float32.
 
     out, lse and delta = rowsum(dout * out) [Hq, T] are the final (merged) ones of the local queries.
+    row_cache: a dict kept over the steps of one backward: the contiguous lse / delta of each query range are
+    copied once (a zigzag schedule has at most three ranges), not once per block.
     """
+    row_cache = {} if row_cache is None else row_cache
     for b in blocks:
         rows, cols = slice(b.q_lo, b.q_hi), slice(b.k_lo, b.k_hi)
+        if (b.q_lo, b.q_hi) not in row_cache:
+            row_cache[b.q_lo, b.q_hi] = (lse[:, rows].contiguous(), delta[:, rows].contiguous())
+        lse_b, delta_b = row_cache[b.q_lo, b.q_hi]
         dq_b, dk_b, dv_b = backward_op(
-            dout[rows], q[rows], k[cols], v[cols], out[rows], lse[:, rows].contiguous(),
-            delta=delta[:, rows].contiguous(), causal=b.causal, softmax_scale=softmax_scale,
+            dout[rows], q[rows], k[cols], v[cols], out[rows], lse_b,
+            delta=delta_b, causal=b.causal, softmax_scale=softmax_scale,
             q_start=b.q_start, k_start=b.k_start,
             segment_ids=None if q_seg is None else q_seg[rows],
             k_segment_ids=None if k_seg is None else k_seg[cols])
@@ -315,16 +321,17 @@ def _ring_forward(q, k, v, ring, causal, scale, q_seg, k_segs, layout, cu_seqlen
     lse = torch.full((q.shape[1], t_local), float("-inf"), dtype=out.dtype, device=q.device)
     schedule = ring_schedule(seq_len, ring.world, ring.rank, layout, causal)
     kv = torch.stack([k, v])  # one buffer travels: [2, T_local, Hkv, D]
+    spare = torch.empty_like(kv) if ring.world > 1 else None  # double buffer: the step's K/V and the next one's
     for s in range(ring.world):
         works, nxt = [], None
         if s < ring.world - 1:
-            nxt = torch.empty_like(kv)
+            nxt = spare  # free: what it held was sent in the previous step, whose send has completed
             works = ring.start(sends=[kv], recvs=[nxt])
         src = (ring.rank - s) % ring.world
         attend_step(q, kv[0], kv[1], out, lse, schedule[s], fwd, softmax_scale=scale,
                     q_seg=q_seg, k_seg=None if k_segs is None else k_segs[src])
         _wait(works)
-        kv = nxt
+        kv, spare = nxt, kv
     return out.to(q.dtype), lse if lse.dtype == torch.float64 else lse.float()
 
 
@@ -339,32 +346,45 @@ def _ring_backward(dout, q, k, v, out, lse, ring, causal, scale, q_seg, k_segs, 
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv = torch.stack([k, v])
     dkv_shape = (2, *k.shape)
+    # every buffer of the loop allocated once, whatever the number of steps: K/V and dK/dV double buffers
+    # (a step computes into one while the other is in flight) and the dK/dV receive buffer
+    kv_spare = torch.empty_like(kv) if ring.world > 1 else None
+    dkv_bufs = [torch.zeros(dkv_shape, dtype=acc, device=q.device)]
+    dkv_in = None
+    if ring.world > 1:
+        dkv_bufs.append(torch.empty(dkv_shape, dtype=acc, device=q.device))
+        dkv_in = torch.empty(dkv_shape, dtype=acc, device=q.device)
     acc_prev = None  # dK/dV accumulated for the shard of the previous step, sent on at the start of this one
+    row_cache = {}
     for s in range(ring.world):
         # One symmetric batch per step (every rank sends to the next, receives from the previous), so that
         # NCCL groups match across ranks: the dK/dV buffer of step s-1 and the K/V shard for step s+1 out,
         # their counterparts from the previous rank in, in the same order.
-        sends, recvs, nxt, dkv_in = [], [], None, None
+        sends, recvs, nxt = [], [], None
         if s > 0:
-            dkv_in = torch.empty(dkv_shape, dtype=acc, device=q.device)
             sends.append(acc_prev)
             recvs.append(dkv_in)
         if s < ring.world - 1:
-            nxt = torch.empty_like(kv)
+            nxt = kv_spare
             sends.append(kv)
             recvs.append(nxt)
         works = ring.start(sends=sends, recvs=recvs)
         src = (ring.rank - s) % ring.world
-        dkv = torch.zeros(dkv_shape, dtype=acc, device=q.device)
+        dkv = dkv_bufs[s % 2]  # not acc_prev, which is in flight
+        if s > 0:
+            dkv.zero_()
         attend_step_backward(dout, q, kv[0], kv[1], out, lse, delta, dq, dkv, schedule[s], bwd, softmax_scale=scale,
-                             q_seg=q_seg, k_seg=None if k_segs is None else k_segs[src])
+                             q_seg=q_seg, k_seg=None if k_segs is None else k_segs[src], row_cache=row_cache)
         _wait(works)
-        if dkv_in is not None:
+        if s > 0:
             dkv += dkv_in  # the previous ranks' part for this shard
-        acc_prev, kv = dkv, nxt
+        acc_prev = dkv
+        if nxt is not None:
+            kv, kv_spare = nxt, kv
     if ring.world > 1:  # the buffer of our own shard, accumulated by every rank, comes home
-        dkv = torch.empty(dkv_shape, dtype=acc, device=q.device)
-        _wait(ring.start(sends=[acc_prev], recvs=[dkv]))
+        home = dkv_bufs[ring.world % 2]  # the buffer not being sent (acc_prev is dkv_bufs[(world - 1) % 2])
+        _wait(ring.start(sends=[acc_prev], recvs=[home]))
+        return dq, home[0], home[1]
     return dq, dkv[0], dkv[1]
 
 

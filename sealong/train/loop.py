@@ -57,7 +57,7 @@ from . import fsdp
 from .distributed import all_reduce_grads, all_reduce_sum, cleanup, print0, setup
 from .pairs import label_counts, load_pairs, pack_pair
 from .config import TrainConfig, lr_at
-from .loss import METRIC_NAMES, metric_means, micro_objective, row_logit_sums, row_logp_sums
+from .loss import METRIC_NAMES, metric_means, micro_objective, row_logp_sums
 from .mesh import TrainMesh
 from .watchdog import Heartbeat, check_timeout
 
@@ -141,7 +141,7 @@ def batch_indices(step, num_pairs, steps_per_epoch, cfg):
 def micro_step_sums(model, lm_head, pairs, cfg, mesh, device, logit_sums=None):
     """Global per-sequence log-prob sums [2p] of a micro-batch's p pairs (chosen 2j, rejected 2j + 1), and
     the number of tokens this rank ran through the model. logit_sums: an optional float32 [2p] tensor that
-    receives the per-sequence sums of the mean logit (`row_logit_sums`, the logits/* metrics)."""
+    receives the per-sequence sums of the mean logit (the logits/* metrics, from the same fused row pass)."""
     num_seqs = 2 * len(pairs)
     sums, tokens = torch.zeros(num_seqs, dtype=torch.float32, device=device), 0
     for j, pair in enumerate(pairs):
@@ -150,12 +150,11 @@ def micro_step_sums(model, lm_head, pairs, cfg, mesh, device, logit_sums=None):
             to_dev = lambda t: None if t is None else t.to(device)  # noqa: E731
             hidden = model(to_dev(local.input_ids), to_dev(local.position_ids), attention=mesh.attention,
                            segment_ids=to_dev(local.segment_ids))
-            sums = sums + row_logp_sums(hidden, lm_head.weight, to_dev(local.labels), to_dev(local.seq_index),
-                                        num_seqs, bias=lm_head.bias, chunk_size=cfg.loss_chunk_size,
-                                        group=mesh.sp_group)
+            row_sums, row_logits = row_logp_sums(hidden, lm_head.weight, local.labels, local.seq_index, num_seqs,
+                                                 bias=lm_head.bias, chunk_size=cfg.loss_chunk_size, group=mesh.sp_group)
+            sums = sums + row_sums
             if logit_sums is not None:
-                logit_sums += row_logit_sums(hidden, lm_head.weight, to_dev(local.labels), to_dev(local.seq_index),
-                                             num_seqs, bias=lm_head.bias, group=mesh.sp_group)
+                logit_sums += row_logits
             tokens += local.input_ids.numel()
     return sums, tokens
 

@@ -49,34 +49,27 @@ TOKEN_METRICS = {"nll_loss": 0, "logits/chosen": 0, "logits/rejected": 1}
 
 
 def row_logp_sums(hidden, weight, labels, seq_index, num_seqs, *, bias=None, chunk_size=0, group=None):
-    """Per-sequence sums of log p(labels[t] | hidden[t]) -> float32 [num_seqs], summed over `group`.
+    """(per-sequence sums of log p(labels[t] | hidden[t]), per-sequence sums of the mean logit), both float32
+    [num_seqs] and summed over `group`; the second is detached (TRL's logits/chosen and logits/rejected, over
+    the answer tokens) and comes from the same fused row pass as the first (one definition, no second pass).
 
     hidden [T, H] (this rank's tokens of one row), weight [V, H], labels [T] (-100: no loss), seq_index [T]
-    (sequence 2j / 2j + 1 = chosen / rejected answer of pair j, -1: none).
+    (sequence 2j / 2j + 1 = chosen / rejected answer of pair j, -1: none). Pass labels and seq_index as built
+    (on the host): the entries are found and checked there, so the loss does not wait for the model's forward.
     """
+    labels, seq_index = labels.cpu(), seq_index.cpu()
     rows = torch.nonzero(labels != -100).flatten()
+    targets, seq = labels[rows], seq_index[rows]
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):
+        raise ValueError(f"labels must be in [0, {weight.shape[0]}) or -100; got {int(targets.min())}..{int(targets.max())}")
+    rows, targets, seq = (t.to(hidden.device) for t in (rows, targets, seq))
     if hidden.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
-        return sk.sequence_logp_sums(hidden, weight, rows, labels[rows], seq_index[rows], num_seqs, bias,
-                                     chunk_size=chunk_size or None, group=group)
-    # CPU without the Triton interpreter: the plain-torch twin (full logits of the label rows only)
-    sums = reference.sequence_logp_sums(hidden, weight, rows, labels[rows], seq_index[rows], num_seqs, bias)
-    return reference.global_sum(sums.float(), group)
-
-
-def row_logit_sums(hidden, weight, labels, seq_index, num_seqs, *, bias=None, group=None):
-    """Per-sequence sums over the label tokens of the mean logit -> float32 [num_seqs] (detached, a metric).
-
-    mean_v (W h_t + b)_v = h_t . mean_v(W_v) + mean(b): no logits, one [H] vector. TRL logs this mean as
-    logits/chosen and logits/rejected (over every position of its padded batch; here over the answer tokens).
-    Arguments as `row_logp_sums`; summed over `group` (sequence parallel)."""
-    rows = torch.nonzero(labels != -100).flatten()
-    per_token = hidden.detach().index_select(0, rows).float() @ weight.detach().float().mean(0)
-    if bias is not None:
-        per_token = per_token + bias.detach().float().mean()
-    sums = torch.zeros(num_seqs, dtype=torch.float32, device=hidden.device).index_add_(0, seq_index[rows], per_token)
-    if group is not None:
-        torch.distributed.all_reduce(sums, group=group)
-    return sums
+        return sk.sequence_logp_sums(hidden, weight, rows, targets, seq, num_seqs, bias, chunk_size=chunk_size or None,
+                                     group=group, return_logit_means=True, checked=True)
+    # CPU without the Triton interpreter: the plain-torch twins (full logits of the label rows only)
+    sums = reference.sequence_logp_sums(hidden, weight, rows, targets, seq, num_seqs, bias)
+    means = reference.sequence_logit_means(hidden, weight, rows, seq, num_seqs, bias)
+    return reference.global_sum(sums.float(), group), reference.global_sum(means.float(), group).detach()
 
 
 def metric_means(sums, batch_pairs, batch_tokens, nll_reduction="token"):
@@ -96,7 +89,7 @@ def micro_objective(sums, counts, *, mode, beta, nll_weight, batch_chosen_tokens
     """This micro-step's share of the batch loss and its metric sums.
 
     sums [2p] float32 (the global per-sequence log-prob sums of its p pairs), counts [2p] label tokens,
-    logit_sums [2p] (optional, `row_logit_sums`), pair_weights [p] (optional, the pairs' loss weights; None:
+    logit_sums [2p] (optional, the second output of `row_logp_sums`), pair_weights [p] (optional, the pairs' loss weights; None:
     every pair weighs 1, the multiply skipped). Returns (loss share to backpropagate, metrics float64
     [len(METRIC_NAMES)] summed over the p pairs, except TOKEN_METRICS: summed over their tokens, and nll_loss
     with nll_reduction "sequence": summed over pairs); `metric_means` turns the sums over the batch into means.

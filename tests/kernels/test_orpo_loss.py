@@ -84,6 +84,30 @@ def test_classic_layout_matches_reference(dtype, strategy, with_bias, tol, devic
     check(kernel, reference, grads, tol)
 
 
+# one-pass (strategy "auto" with grad): pairs of 8, 20 and 18 entries; chunk 40: one chunk of whole pairs;
+# 20: each pair whole in its own chunk; 12: pair 0 whole, pairs 1 and 2 in pieces; 3: every pair in pieces
+@pytest.mark.parametrize("dtype,frozen,chunk,tol", [
+    (torch.float32, False, 40, 2e-5), (torch.float32, False, 20, 2e-5), (torch.float32, False, 12, 2e-5),
+    (torch.float32, True, 12, 2e-5), (torch.float32, True, 3, 2e-5), (torch.float16, False, 12, 5e-3),
+    (torch.float16, True, 20, 5e-3)])
+def test_onepass_matches_reference(dtype, frozen, chunk, tol, device):
+    hidden, weight, bias, labels = classic_batch(3, 23, 19, 301, [5, 11, 17, 3, 9, 1], device)
+    kernel, reference, grads = run_both(hidden, weight, None if frozen else bias, labels, dtype, chunk_size=chunk,
+                                        beta=0.3, nll_weight=0.7, frozen_head=frozen)
+    assert len(grads) == (1 if frozen else 3)
+    check(kernel, reference, grads, tol)
+
+
+def test_onepass_plan_aligns_chunks_to_pairs():
+    from sealong_kernels.orpo_onepass import plan_chunks
+
+    plan = [(c.start, c.end, c.pair0, c.pair1, c.piece, c.closes) for c in plan_chunks([5, 3, 11, 9, 2, 2], 12)]
+    # pair 0 (8 entries) whole; pair 1 (20) in pieces inside its chosen (11) and rejected (9) answers; pair 2 whole
+    assert plan == [(0, 8, 0, 1, False, True), (8, 19, 1, 2, True, False), (19, 28, 1, 2, True, True),
+                    (28, 32, 2, 3, False, True)]
+    assert [(c.start, c.end) for c in plan_chunks([2, 1, 2, 1, 3, 0], 6)] == [(0, 6), (6, 9)]   # 2 pairs, then 1
+
+
 def test_reference_is_trl_formula(device):
     """The reference against a direct transcription of the issue's semantics on full logits (classic)."""
     hidden, weight, bias, labels = classic_batch(2, 17, 11, 53, [4, 9, 6, 2], device, scale=3.0)

@@ -2,9 +2,10 @@
 
 * every tensor created during forward and backward: none has T x V elements (T = loss tokens > chunk) or
   more; the float64 reference, recorded the same way, does (the recorder can fail);
-* every product (aten mm / addmm / addmm_): one weight-gradient product per chunk, at most three products
-  per chunk in the backward, and the bytes they move; no host synchronization (aten._local_scalar_dense,
-  what .item() / .tolist() / int() dispatch) that grows with the number of chunks."""
+* every product (aten mm / addmm / addmm_): 3 per chunk with a trained head, 2 with a frozen one, all in the
+  forward (one pass, chunks aligned to pairs), and the bytes they move;
+* every host synchronization (bench/op_counts.py: scalar reads, data-dependent sizes, boolean masks): none in
+  the loss forward and backward, only where the batch is built."""
 
 import pytest
 import torch
@@ -47,35 +48,64 @@ bench_orpo = pytest.importorskip("bench.bench_orpo")
 count_products = bench_orpo.count_products
 
 
+def logits_products(rec, v=257):
+    return [p for p in rec.products if p[2][1:] == (v,)]
+
+
 @pytest.mark.parametrize("bias", [True, False])
-def test_one_weight_gradient_product_per_chunk(bias):
-    """Trained head (two passes): forward 1 product per chunk (logits, bias fused into addmm); backward 3 (logits,
-    D @ W, D^T Hc added into the float32 weight gradient), whatever number of sequences a chunk spans."""
+@pytest.mark.parametrize("pairs", [3, 15])
+def test_three_products_per_chunk_trained_head(bias, pairs):
+    """Trained head, one pass: per chunk logits (bias fused into addmm), D @ W and D^T Hc into the float32
+    weight gradient, all in the forward; the backward only scales (no product). 3 pairs of 30 interleaved
+    entries: each pair in pieces (2 per pair, one per answer); 15 pairs of 6: two whole pairs per chunk."""
     m, h, v, chunk = 90, 16, 257, 16
-    chunks = -(-m // chunk)
-    rec = count_products("auto", True, chunk, m, h, v, bias)
+    rec = count_products("auto", True, chunk, m, h, v, bias, pairs=pairs)
+    chunks = len(logits_products(rec))
+    assert chunks == (6 if pairs == 3 else 8), rec.products
     fwd = [p for p in rec.products if p[0] == "forward"]
-    bwd = [p for p in rec.products if p[0] == "backward"]
-    assert len(fwd) == chunks and len(bwd) == 3 * chunks, rec.products
-    dw = [p for p in bwd if p[2] == (v, h)]
+    assert len(fwd) == 3 * chunks and rec.count("products", "backward") == 0, rec.products
+    dw = [p for p in fwd if p[2] == (v, h)]
     assert len(dw) == chunks and {p[1] for p in dw} == {"aten.addmm_.default"}   # in place, float32 accumulator
-    assert {p[1] for p in fwd} == {"aten.addmm.default" if bias else "aten.mm.default"}
-    # bytes of the backward's products per full chunk: logits (read Hc, W, [b], write C x V), D @ W (read D, W,
-    # write C x H), addmm_ (read D, Hc, the accumulator, write it): all float32 here
+    assert {p[1] for p in logits_products(rec)} == {"aten.addmm.default" if bias else "aten.mm.default"}
+    # bytes of a full chunk's products: logits (read Hc, W, [b], write C x V), D @ W (read D, W, write C x H),
+    # addmm_ (read D, Hc, the accumulator, write it): all float32 here; whole-pair chunks hold 12 entries
+    c = 15 if pairs == 3 else 12
     f32 = 4
-    want = f32 * ((chunk * h + v * h + bias * v + chunk * v) + (chunk * v + v * h + chunk * h)
-                  + (chunk * v + chunk * h + 2 * v * h))
-    assert sum(p[3] for p in bwd[:3]) == want
-    # host synchronizations: as many with 6 chunks as with 1 (input checks only, none per chunk)
-    one = count_products("auto", True, m, m, h, v, bias)
-    assert len(rec.syncs) == len(one.syncs) and "backward" not in rec.syncs, (rec.syncs, one.syncs)
+    want = f32 * ((c * h + v * h + bias * v + c * v) + (c * v + v * h + c * h) + (c * v + c * h + 2 * v * h))
+    assert sum(p[3] for p in fwd[:3]) == want
 
 
-def test_frozen_head_deferred_products():
-    """Frozen head ("auto" = deferred): forward 2 products per chunk (logits, G @ W), backward none."""
+@pytest.mark.parametrize("train_head", [True, False])
+@pytest.mark.parametrize("pairs", [3, 15])
+def test_no_host_sync_in_the_loss(train_head, pairs):
+    """0 host synchronizations (scalar reads, data-dependent sizes, boolean masks) in the loss forward and
+    backward; the entries are sorted, counted and checked once, where the batch is built."""
+    rec = count_products("auto", train_head, 16, pairs=pairs)
+    assert rec.count("syncs", "forward") == 0 and rec.count("syncs", "backward") == 0, rec.syncs
+    assert rec.count("syncs", "build") > 0  # the counter sees the batch building's syncs (it can fail)
+    # the two-pass strategies synchronize inside the loss call (their checks): the count can fail there
+    assert count_products("recompute", True, 16, pairs=pairs).count("syncs", "forward") > 0
+
+
+def test_frozen_head_two_products_per_chunk():
+    """Frozen head: logits and D @ W (U in float32 for pieces of a long pair) per chunk, no dW, none in the
+    backward; the two-pass "deferred" strategy has the same 2 (its U = G @ W) for comparison."""
+    for pairs in (3, 15):
+        rec = count_products("auto", False, 16, pairs=pairs)
+        chunks = len(logits_products(rec))
+        assert [p[0] for p in rec.products] == ["forward"] * (2 * chunks), rec.products
     m, chunk = 90, 16
-    rec = count_products("auto", False, chunk, m)
+    rec = count_products("deferred", False, chunk, m)
     assert [p[0] for p in rec.products] == ["forward"] * (2 * -(-m // chunk)), rec.products
+
+
+def test_recompute_strategy_still_counts_four():
+    """The two-pass "recompute" strategy (kept for a trained head under sequence parallelism over several
+    pairs): forward 1, backward 3 per chunk."""
+    m, chunk = 90, 16
+    rec = count_products("recompute", True, chunk, m)
+    chunks = -(-m // chunk)
+    assert rec.count("products", "forward") == chunks and rec.count("products", "backward") == 3 * chunks
 
 
 @pytest.mark.gpu

@@ -39,14 +39,14 @@ def classic_worker(rank, world, hidden, weight, bias, labels, strategy):
                              group=dist.group.WORLD))
 
 
-def packed_worker(rank, world, hidden, weight, bias, input_ids, segments, owner):
+def packed_worker(rank, world, hidden, weight, bias, input_ids, segments, owner, strategy):
     import torch.distributed as dist
 
     index, labels, seq, seg = sk.shared_prompt_targets(input_ids, segments)
     local = (owner == rank).nonzero()[:, 0]                            # this rank's global token indices
     index, labels, seq, seg = local_targets(local, index, labels, seq, seg)
     return to_numpy(full_run(hidden[local], weight, bias, labels=labels, sequence_ids=seq, segment_ids=seg,
-                             hidden_index=index, num_pairs=1, strategy="recompute",
+                             hidden_index=index, num_pairs=1, strategy=strategy,
                              group=dist.group.WORLD))
 
 
@@ -64,7 +64,7 @@ def compare(per_rank, single, hidden_rows):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world,strategy", [(2, "deferred")])
+@pytest.mark.parametrize("world,strategy", [(2, "deferred"), (2, "auto")])
 def test_classic_layout_sharded_over_sequence(world, strategy):
     b, t, h, v = 2, 17, 7, 67
     hidden, weight, bias = torch.randn(2 * b, t, h), torch.randn(v, h) / 2, torch.randn(v) / 2
@@ -78,9 +78,11 @@ def test_classic_layout_sharded_over_sequence(world, strategy):
 
 
 @pytest.mark.slow
-def test_shared_prompt_packing_sharded_over_sequence():
+@pytest.mark.parametrize("strategy", ["recompute", "auto"])
+def test_shared_prompt_packing_sharded_over_sequence(strategy):
     """prompt + chosen + rejected in one packed sequence, tokens dealt to 3 ranks at random: the last prompt
-    token (which predicts both answers' first tokens) lives on one rank only; two-pass strategy."""
+    token (which predicts both answers' first tokens) lives on one rank only; two-pass strategy, and the
+    one-pass one (one pair: its two answers' weight-gradient accumulators folded after the all-reduce)."""
     p_len, c_len, r_len, h, v = 11, 7, 5, 9, 53
     n = p_len + c_len + r_len
     input_ids = torch.randint(0, v, (n,))
@@ -88,7 +90,7 @@ def test_shared_prompt_packing_sharded_over_sequence():
     hidden, weight, bias = torch.randn(n, h), torch.randn(v, h) / 2, torch.randn(v) / 2
     owner = torch.randint(0, 3, (n,))
     owner[:3] = torch.arange(3)                                        # every rank owns at least one token
-    per_rank = run_distributed(packed_worker, 3, args=(hidden, weight, bias, input_ids, segments, owner))
+    per_rank = run_distributed(packed_worker, 3, args=(hidden, weight, bias, input_ids, segments, owner, strategy))
     index, labels, seq, seg = sk.shared_prompt_targets(input_ids, segments)
     single = full_run(hidden, weight, bias, labels=labels, sequence_ids=seq, segment_ids=seg, hidden_index=index,
                       strategy="recompute")

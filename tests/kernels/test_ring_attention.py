@@ -309,3 +309,67 @@ def test_diagonal_step_is_one_causal_call():
             first = shard_ranges(48, 4, rank, layout)[0][0]
             assert block.causal and (block.q_lo, block.k_lo, block.q_start, block.k_start) == (0, 0, first, first)
             assert block.q_hi == block.k_hi == 12
+
+
+def test_ring_builds_one_plan_per_block_shared_by_the_backward():
+    """Segments on a simulated 2-rank zigzag ring (Triton under the interpreter): the block lists are built
+    once per block of each step in the forward, and the backward of the same step reuses them (the blocks'
+    segment slices are views of the step's shard: the cache keys their base's version and their offset).
+    Before, every forward and backward call rebuilt its lists."""
+    from sealong_kernels import attention_plan
+
+    world, t = 2, 24
+    case = make_case(t, 2, 1, 16, layout="zigzag", segments=True)
+    blocks = sum(len(b) for r in range(world) for b in ring_schedule(t, world, r, "zigzag", True))
+    before = attention_plan.BUILDS[0]
+    ring = simulate_ring(case["q"], case["k"], case["v"], world, segment_ids=case["seg"], dout=case["dout"],
+                         backend="triton")
+    assert attention_plan.BUILDS[0] - before == blocks
+    ref = reference_result(case)
+    for name, r in zip(("out", "lse", "dq", "dk", "dv"), ring):
+        assert rel_err(r, ref[name]) < TOL, name
+
+
+def ring_alloc_worker(rank, world, case):
+    """Allocations of the ring's own code in one backward (those inside the attention ops left out)."""
+    from bench.op_counts import OpCounter
+    from sealong_kernels import ring as ring_mod
+
+    index = local_index(case["q"].shape[0], world, rank, "zigzag")
+    q, k, v = (case[n][index].clone().requires_grad_() for n in ("q", "k", "v"))
+    counter = OpCounter()
+    fwd, bwd = attention_ops(q.device, "reference")
+
+    def paused(op):
+        def run(*a, **kw):
+            phase, counter.phase = counter.phase, "op"
+            try:
+                return op(*a, **kw)
+            finally:
+                counter.phase = phase
+        return run
+
+    orig = ring_mod.attention_ops
+    ring_mod.attention_ops = lambda device, backend="auto": (paused(fwd), paused(bwd))
+    try:
+        out, _ = ring_attention(q, k, v, dist.group.WORLD, True, segment_ids=case["seg"][index])
+        with counter:
+            counter.phase = "backward"
+            out.backward(case["dout"][index])
+    finally:
+        ring_mod.attention_ops = orig
+    return len([a for a in counter.allocs if a[0] == "backward"])
+
+
+@pytest.mark.slow
+def test_ring_backward_allocations_do_not_grow_with_steps():
+    """The ring's backward loop allocates its buffers once (K/V and dK/dV double buffers, the dK/dV receive
+    buffer, one contiguous lse / delta per query range): the same counts at 2 and 4 ranks (1 and 3 steps
+    with transfers), where it allocated a K/V, a dK/dV and a receive buffer per step and two copies per block
+    before. (The attention ops' own outputs per block, dq / dk / dv, are not counted: the kernels write them.)"""
+    counts = {}
+    for world in (2, 4):
+        case = make_case(2 * world * 3, 2, 1, 8, layout="zigzag", segments=True)
+        counts[world] = run_distributed(ring_alloc_worker, world, args=(case,))
+    # per rank at most 9 (7 on the last rank, whose zigzag steps share fewer query ranges), whatever the ring size
+    assert max(counts[4]) == max(counts[2]) <= 9 and min(counts[4]) == min(counts[2]), counts

@@ -26,7 +26,7 @@ def _sums_and_grads(model, pairs, layout):
     for j, pair in enumerate(pairs):
         for row in pack_pair(pair, j, layout):
             hidden = model(row.input_ids, row.position_ids, segment_ids=row.segment_ids)
-            sums = sums + row_logp_sums(hidden, model.lm_head.weight, row.labels, row.seq_index, 2 * len(pairs))
+            sums = sums + row_logp_sums(hidden, model.lm_head.weight, row.labels, row.seq_index, 2 * len(pairs))[0]
     counts = torch.tensor([n for p in pairs for n in (p.chosen.numel(), p.rejected.numel())])
     loss, metrics = micro_objective(sums, counts, mode="orpo", beta=0.1, nll_weight=1.0,
                                     batch_chosen_tokens=int(counts[0::2].sum()), batch_pairs=len(pairs))
