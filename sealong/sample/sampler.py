@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sealong.config.stages import SampleConfig
+
 from .kv_cache import DecodeBatch, PrefixPool, SuffixCache, decode_step, prefill, prefix_attention_fn
 
 log = logging.getLogger("sealong.sample")
@@ -48,16 +50,19 @@ MASK64 = (1 << 64) - 1
 
 @dataclass
 class SamplingParams:
-    max_new_tokens: int = 1024  # generation stops with finish reason "length" after this many tokens
-    temperature: float = 0.7  # 0 = greedy (argmax)
-    top_p: float = 1.0  # nucleus: keep the smallest set of top tokens with probability >= top_p
-    top_k: int = 0  # keep the k most likely tokens (0 = all)
+    """The decoder's settings; the defaults are the `sample` stage's (SampleConfig, sealong/config/stages.py: the one
+    place they and their help are written)."""
+
+    max_new_tokens: int = SampleConfig.max_new_tokens  # then finish reason "length"
+    temperature: float = SampleConfig.temperature  # 0 = greedy (argmax)
+    top_p: float = SampleConfig.top_p  # nucleus: the smallest set of top tokens with probability >= top_p
+    top_k: int = SampleConfig.top_k  # the k most likely tokens (0 = all)
     eos_token_ids: tuple = ()  # any of these ends a sample with finish reason "stop" (the token is counted)
-    prefill_chunk: int = 4096  # prompt tokens per prefill forward
-    backend: str = "auto"  # "auto" (Triton kernels on CUDA, reference on CPU), "triton", "reference"
+    prefill_chunk: int = SampleConfig.prefill_chunk  # prompt tokens per prefill forward
+    backend: str = SampleConfig.backend  # "auto" (Triton kernels on CUDA, reference on CPU), "triton", "reference"
     decode_slots: int = 0  # samples decoded together (continuous batching); 0 = all samples of a generate() call
-    prefix_pool_tokens: int = 0  # most prompt tokens held in the prefix pool at once (0 = no limit)
-    cuda_graphs: bool = False  # replay the decode step from CUDA graphs (CUDA only; see sealong/sample/graphs.py)
+    prefix_pool_tokens: int = SampleConfig.prefix_pool_tokens  # most prompt tokens in the prefix pool (0 = no limit)
+    cuda_graphs: bool = SampleConfig.cuda_graphs  # replay the decode step from CUDA graphs (CUDA only; graphs.py)
     stats: dict = field(default_factory=lambda: {"prefill_tokens": 0, "decode_tokens": 0, "decode_steps": 0,
                                                  "busy_slot_steps": 0, "slot_steps": 0})
 
@@ -396,14 +401,17 @@ def adaptive_settings(args) -> dict:
     """The adaptive sample count's settings, only when it is on (so runs without it keep their settings)."""
     if not getattr(args, "adaptive_block", 0):
         return {}
+    from sealong.score.consensus import MIN_CLUSTER
+
     return {"adaptive_block": args.adaptive_block, "adaptive_share": args.adaptive_share,
-            "adaptive_min_samples": args.adaptive_min_samples}
+            "adaptive_min_samples": args.adaptive_min_samples, "adaptive_min_cluster": MIN_CLUSTER}
 
 
 def adaptive_rule(tokenizer, share: float, min_samples: int):
     """(more, stop): `more(key, completions)` for `stream` (True: sample the next block) and `stop(completions)`,
-    the record's `adaptive_stop`: "consensus" once the finished texts' top answer cluster holds at least
-    `share` of at least `min_samples` samples (sealong.score.consensus.reached), else "budget" (N spent)."""
+    the record's `adaptive_stop`: "consensus" once at least `min_samples` samples have finished and their top answer
+    cluster holds at least 2 of them and at least `share` of those with an answer (sealong.score.consensus.reached),
+    else "budget" (N spent)."""
     from sealong.score.consensus import answer_consensus, reached
 
     def agreed(completions) -> bool:
