@@ -546,6 +546,20 @@ def sample_prompts(args, todo, fit, tokenizer, slots, target, device, settings=N
     return params.stats
 
 
+def kept_on_interrupt(args) -> str:
+    """What a Ctrl-C leaves (sealong.interrupt): the prompts whose records are in the output and its shards."""
+    import os
+
+    from . import shards
+
+    parts = shards.shard_files(args.output)
+    paths = ([args.output] if os.path.exists(args.output) else []) + parts
+    done = {key for path in paths for _, key, _ in shards.complete_lines(path)}
+    where = args.output + (" and its shard files" if parts else "")
+    return (f"{len(done)} of {len(read_prompts(args.prompts, args.limit))} prompts' samples kept ({where}); the same "
+            "command resumes")
+
+
 def main(argv=None):
     """`python -m sealong.sample`: options are SampleConfig's (sealong/config/stages.py)."""
     from sealong.config.parser import stage_main

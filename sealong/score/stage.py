@@ -60,6 +60,15 @@ def run(args):
     return 0
 
 
+def kept_on_interrupt(args) -> str:
+    """What a Ctrl-C leaves (sealong.interrupt): the questions whose scores are in the scores file and its shards."""
+    out = args.out if args.out is not None else os.path.join(args.run_dir or "", "scores.jsonl")
+    parts = shards.shard_files(out)
+    paths = ([out] if os.path.exists(out) else []) + parts
+    done = {key for path in paths for _, key, _ in shards.complete_lines(path)}
+    return f"{len(done)} questions' scores kept ({out}{' and its shard files' if parts else ''}); the same command resumes"
+
+
 def main(argv=None):
     """`python -m sealong.score`: options are ScoreConfig's (sealong/config/stages.py)."""
     from sealong.config.parser import stage_main

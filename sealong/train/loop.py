@@ -507,9 +507,19 @@ def run(cfg: TrainConfig) -> int:
         result = train(cfg, info)
     finally:
         cleanup(info)
-    if info.is_main:
-        print(f"done: {result['steps']} steps; final checkpoint {result['checkpoint']}", flush=True)
+    if info.is_main:  # to the log (stderr), not stdout: the pipeline prints its summary there
+        log.info(f"done: {result['steps']} steps; final checkpoint {result['checkpoint']}")
     return 0
+
+
+def kept_on_interrupt(cfg: TrainConfig) -> str:
+    """What a Ctrl-C leaves (sealong.interrupt): the newest checkpoint in output_dir, and how to continue."""
+    path = ckpt.latest_checkpoint(cfg.output_dir)
+    if path is None:
+        return (f"no checkpoint in {cfg.output_dir} yet (save_every {cfg.save_every}); the same command starts "
+                "again")
+    how = "the same command resumes from it" if cfg.resume else "the same command with --resume continues from it"
+    return f"checkpoint {path} kept; {how}"
 
 
 def main(argv=None):
