@@ -94,9 +94,13 @@ def run(args) -> int:
 
 
 def _progress(items, desc):
-    from tqdm import tqdm
+    """`items`, counted by sealong.progress (a bar on a terminal, else a log line every few seconds)."""
+    from sealong.progress import Progress
 
-    return tqdm(items, desc=desc, unit="q", disable=None)
+    with Progress(len(items), "questions", desc, log) as progress:
+        for item in items:
+            yield item
+            progress.update(1)
 
 
 def main(argv=None) -> int:

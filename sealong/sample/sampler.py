@@ -506,10 +506,9 @@ def _sample(args, ranks) -> int:
 
 def sample_prompts(args, todo, fit, tokenizer, slots, target, device, settings=None, disable_bar=False) -> dict:
     """Sample `todo` through the continuous-batching stream; append each record to `target` as its prompt ends."""
-    from tqdm import tqdm
-
     from sealong.jsonl import append_jsonl
     from sealong.model import eos_token_ids, load_model
+    from sealong.progress import Progress
 
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
     params = SamplingParams(
@@ -527,22 +526,17 @@ def sample_prompts(args, todo, fit, tokenizer, slots, target, device, settings=N
             yield b, fitted[b][0], [sample_seed(args.seed, p["id"], i) for i in range(args.num_samples)]
 
     start = time.perf_counter()
-    bar = tqdm(total=len(todo), unit="prompt", file=sys.stderr, disable=disable_bar or not sys.stderr.isatty())
-    for b, completions in stream(model, requests(), params, slots, block, more):
-        ids, cut = fitted.pop(b)
-        record = samples_record(todo[b], completions, tokenizer, len(ids), cut)
-        if stop is not None:
-            record["adaptive_stop"] = stop(completions)
-        append_jsonl(target, [dict(record, sampler=settings)])
-        bar.update(1)
-        elapsed = time.perf_counter() - start
-        utilization = params.stats['busy_slot_steps'] / max(params.stats['slot_steps'], 1)
-        bar.set_postfix(prompts_s=f"{bar.n / elapsed:.3f}", tokens_s=f"{params.stats['decode_tokens'] / elapsed:.1f}",
-                        slots=f"{utilization:.0%}")
-        if bar.disable and not disable_bar:  # no terminal: log lines instead of the bar
-            log.info(f"{bar.n}/{len(todo)} prompts, {params.stats['decode_tokens'] / elapsed:.1f} tokens/s, "
-                     f"slots {utilization:.0%}")
-    bar.close()
+    # a bar on a terminal, else a line every few seconds with the count, rate and time left (sealong.progress)
+    with Progress(len(todo), "prompts", "sample", log, enabled=not disable_bar) as progress:
+        for b, completions in stream(model, requests(), params, slots, block, more):
+            ids, cut = fitted.pop(b)
+            record = samples_record(todo[b], completions, tokenizer, len(ids), cut)
+            if stop is not None:
+                record["adaptive_stop"] = stop(completions)
+            append_jsonl(target, [dict(record, sampler=settings)])
+            elapsed = time.perf_counter() - start
+            utilization = params.stats['busy_slot_steps'] / max(params.stats['slot_steps'], 1)
+            progress.update(1, tokens_s=f"{params.stats['decode_tokens'] / elapsed:.1f}", slots=f"{utilization:.0%}")
     return params.stats
 
 

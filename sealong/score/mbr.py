@@ -375,7 +375,9 @@ def _score_file(samples, out, cfg, pairs, prompts, log):
         missing = sorted(need - contexts.keys())
         if missing:
             raise ValueError(f"{prompts}: no prompt record for id(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    from tqdm import tqdm
+    import logging
+
+    from sealong.progress import Progress
 
     counts = {"questions": len(records), "already done": len(records) - len(todo), "written": 0, "pairs": 0}
     total = sum(len(r["outputs"]) for r in todo)
@@ -383,7 +385,9 @@ def _score_file(samples, out, cfg, pairs, prompts, log):
     if backlog:
         append_jsonl(pairs, [pair_record(r, r.get("context", contexts.get(r["id"])), cfg.pairs_format) for r in backlog])
         counts["pairs"] += len(backlog)
-    with tqdm(total=total, unit="out", desc=f"score ({cfg.utility})", file=log, disable=log is None) as bar:
+    # a bar on a terminal, else a line every few seconds (sealong.progress); log None: none (other ranks)
+    with Progress(total, "outputs", f"score ({cfg.utility})", logging.getLogger("sealong.score"), stream=log,
+                  enabled=log is not None) as bar:
         for i in range(0, len(todo), cfg.chunk):
             results = [dict(r, scorer=settings) for r in score_chunk(todo[i : i + cfg.chunk], cfg, bar)]
             new_pairs = [pair_record(r, r.get("context", contexts.get(r["id"])), cfg.pairs_format) for r in results

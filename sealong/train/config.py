@@ -97,7 +97,8 @@ class TrainConfig(Checked):
     resume: bool = option(False, "continue from the newest checkpoint in output_dir",
                           aliases=["resume_from_checkpoint"])
     progress: Optional[bool] = option(
-        None, "progress bar on rank 0 (default: when stderr is a terminal; otherwise one text line per logged step)")
+        None, "progress bar on rank 0 (default: when stderr is a terminal; otherwise a log line every few seconds: steps, "
+        "rate, time left, loss)")
 
     def checks(self):
         return [
