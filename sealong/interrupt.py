@@ -45,7 +45,9 @@ def stopped(prog: str, module=None, cfg=None) -> int:
     if not quiet():
         kept = getattr(module, "kept_on_interrupt", None)
         try:
-            what = kept(cfg) if kept is not None and cfg is not None else "nothing was written yet"
+            what = (kept(cfg) if kept is not None and cfg is not None
+                    else "its files are written whole at the end, so none was left half-written; the same command "
+                         "runs it again")
         except Exception as err:  # the note must not hide the interrupt
             what = f"(what was kept could not be read: {err})"
         print(f"{prog}: interrupted: {what}", file=sys.stderr, flush=True)

@@ -536,7 +536,7 @@ def sample_prompts(args, todo, fit, tokenizer, slots, target, device, settings=N
             append_jsonl(target, [dict(record, sampler=settings)])
             elapsed = time.perf_counter() - start
             utilization = params.stats['busy_slot_steps'] / max(params.stats['slot_steps'], 1)
-            progress.update(1, tokens_s=f"{params.stats['decode_tokens'] / elapsed:.1f}", slots=f"{utilization:.0%}")
+            progress.update(1, **{"tokens/s": f"{params.stats['decode_tokens'] / elapsed:.1f}"}, slots=f"{utilization:.0%}")
     return params.stats
 
 

@@ -280,7 +280,7 @@ class Logger:
                 self.wandb.log({f"train/{k}": v for k, v in record.items()}, step=step)
         if self.bar is not None:
             self.bar.update(1, loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.3g}",
-                            grad_norm=f"{record['grad_norm']:.3g}", tokens_s=f"{record['tokens_per_s']:.0f}")
+                            grad_norm=f"{record['grad_norm']:.3g}", **{"tokens/s": f"{record['tokens_per_s']:.0f}"})
 
     def close(self):
         if self.writer is not None:

@@ -30,14 +30,14 @@ def test_off_a_terminal_lines_have_real_counts_rate_and_eta_at_most_every_few_se
     assert progress.bar is None
     for i in range(100):  # one prompt every 0.3 s: 30 s in all
         clock.now += 0.3
-        progress.update(1, tokens_s="12.5")
+        progress.update(1, **{"tokens/s": "12.5"})
     progress.close()
     got = lines()
     assert stream.getvalue() == ""  # no bar written to a log
     assert 5 <= len(got) <= 30 / 5 + 1, got
     counts = [int(line.split()[1].split("/")[0]) for line in got]
     assert counts == sorted(counts) and counts[0] > 0 and counts[-1] == 100  # the count moves
-    assert got[0] == "sample 17/100 prompts (17%), 3.33 prompts/s, 25s left; tokens_s 12.5"
+    assert got[0] == "sample 17/100 prompts (17%), 3.33 prompts/s, 25s left; tokens/s 12.5"
     assert got[-1].startswith("sample 100/100 prompts (100%), 3.33 prompts/s, 30s in all")
 
 
