@@ -53,7 +53,13 @@ def train_launcher(argv: list, common: dict) -> int:
     forwarded = [t for key, value in common.items() for t in (f"--{key}", str(value))] + without_launcher_flags(argv)
     cmd = launch_command(nproc, forwarded)
     print("sealong train: " + " ".join(cmd), file=sys.stderr)
-    return run_job(cmd)  # own process group, signals forwarded, dies with this process (sealong.launch)
+    try:
+        return run_job(cmd)  # own process group, signals forwarded, dies with this process (sealong.launch)
+    except KeyboardInterrupt:  # Ctrl-C: one line of what was kept, exit code 130
+        from sealong import interrupt
+        from sealong.train import loop
+
+        return interrupt.stopped("sealong train", loop, resolved.cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,11 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     common = {k: v for k, v in vars(top_parser().parse_args(argv[:stage_at])).items() if v is not None}
     stage, rest = argv[stage_at], argv[stage_at + 1:]
     if stage == "train":
+        from sealong import interrupt
+
+        interrupt.watch()
         try:
             return train_launcher(rest, common)
         except (ValueError, FileNotFoundError) as err:  # ConfigError, JsonlError: option or file:line
             print(f"sealong train: error: {err}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:  # before the job started
+            return interrupt.stopped("sealong train")
     from sealong.config.parser import stage_main
 
     return stage_main(stage, rest, prog=f"sealong {stage}", common=common)

@@ -1,6 +1,6 @@
-"""Launching the torchrun training job so that no trainer outlives its launcher.
+"""Launching torchrun jobs so that no worker outlives its launcher.
 
-    launcher (`sealong train`, `sealong pipeline`)
+    launcher (`sealong train`, `sealong pipeline`, `sealong sample / score --nproc-per-node K`)
       └─ torchrun            own process group; SIGINT / SIGTERM / SIGHUP of the launcher forwarded to the group;
            │                 parent-death signal: dies (SIGTERM) when the launcher dies, even by SIGKILL
            └─ workers        torchrun starts each in a session of its own (its group signals miss them), so each
@@ -10,11 +10,16 @@
 The parent-death signal is Linux's prctl(PR_SET_PDEATHSIG); elsewhere a thread watches the parent pid and
 signals its own process when the parent is gone. A forwarded signal the job does not obey within `grace`
 seconds is followed by SIGKILL of the group; then the launcher stops as the signal asks.
+
+Ctrl-C: torchrun runs through this module (`python -m sealong.launch TORCHRUN-ARGS` = torchrun less its traceback
+and shutdown warnings when a signal stops it); the workers see SEALONG_LAUNCHED=1 and stop without a word
+(sealong.config.parser.stage_main), so the launcher's stage prints the one line of what was kept.
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
 import subprocess
@@ -26,10 +31,10 @@ PR_SET_PDEATHSIG = 1
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def launch_command(nproc: int, train_flags: list[str]) -> list[str]:
-    """`python -m torch.distributed.run --standalone --nproc-per-node=N -m sealong.train FLAGS`."""
+def launch_command(nproc: int, flags: list[str], module: str = "sealong.train") -> list[str]:
+    """`python -m torch.distributed.run --standalone --nproc-per-node=N -m MODULE FLAGS` (one node)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "sealong.train", *train_flags]
+            "-m", module, *flags]
 
 
 def without_launcher_flags(argv: list) -> list:
@@ -93,8 +98,8 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def run_job(cmd: list[str], grace: float = 30.0) -> int:
-    """Run `cmd` (the torchrun command) in its own process group and return its exit code.
+def run_job(cmd: list[str], grace: float = 30.0, what: str = "the training job") -> int:
+    """Run `cmd` (a torchrun command) in its own process group and return its exit code.
 
     SIGINT / SIGTERM / SIGHUP received meanwhile are forwarded to the group; if the group has not exited
     `grace` seconds later it is killed. After a forwarded signal the launcher itself stops: SIGINT raises
@@ -103,7 +108,8 @@ def run_job(cmd: list[str], grace: float = 30.0) -> int:
     """
     # without a parent-death signal the child watches nothing: an orphaned torchrun would keep training, so
     # where prctl is missing the group is at least killed on every exit from this function
-    proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_child_setup if _PRCTL is not None else None)
+    proc = subprocess.Popen(_quiet(cmd), start_new_session=True, env=dict(os.environ, SEALONG_LAUNCHED="1"),
+                            preexec_fn=_child_setup if _PRCTL is not None else None)
     received: list[int] = []
 
     def forward(sig, _frame):
@@ -131,10 +137,45 @@ def run_job(cmd: list[str], grace: float = 30.0) -> int:
             _signal_group(proc, signal.SIGKILL)
             proc.wait()
     if received:
-        name = signal.Signals(received[0]).name
-        print(f"sealong: {name} forwarded to the training job (pid {proc.pid}); it exited with {proc.returncode}",
-              file=sys.stderr)
-        if received[0] == signal.SIGINT:
+        if received[0] == signal.SIGINT:  # Ctrl-C: the stage says in one line what was kept (stage_main)
             raise KeyboardInterrupt
+        name = signal.Signals(received[0]).name
+        print(f"sealong: {name} forwarded to {what} (pid {proc.pid}); it exited with {proc.returncode}",
+              file=sys.stderr)
         raise SystemExit(128 + received[0])
     return proc.returncode
+
+
+def _quiet(cmd: list[str]) -> list[str]:
+    """`python -m torch.distributed.run ARGS` as `python -m sealong.launch ARGS` (see `torchrun`); others as given."""
+    if cmd[1:3] == ["-m", "torch.distributed.run"]:
+        return [cmd[0], "-m", "sealong.launch", *cmd[3:]]
+    return cmd
+
+
+class _ShutdownNotes(logging.Filter):
+    """Drops torchrun's notes of a shutdown by signal ("Received 2 death signal", "... closing signal SIGINT")."""
+
+    def filter(self, record):
+        message = record.getMessage()
+        return "death signal" not in message and "closing signal" not in message
+
+
+def torchrun(argv: list[str]) -> int:
+    """torchrun (torch.distributed.run.main) for `run_job`: a signal that stops it (SignalException: it has sent
+    the signal on to its workers and waited for them) ends it with 128 + signal, without a traceback or its
+    shutdown warnings; every other outcome is torchrun's own."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.run import main
+
+    for handler in logging.getLogger("torch.distributed").handlers + logging.getLogger("torch").handlers:
+        handler.addFilter(_ShutdownNotes())
+    try:
+        main(argv)
+    except SignalException as err:
+        return 128 + int(err.sigval)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(torchrun(sys.argv[1:]))

@@ -498,6 +498,12 @@ def _run(cfg, resolved, configs: dict, train_cfg) -> int:
     return 0
 
 
+def kept_on_interrupt(cfg) -> str:
+    """What a Ctrl-C leaves (sealong.interrupt): every finished step, and the interrupted step's own progress."""
+    return (f"the finished steps and the interrupted step's progress are kept in {cfg.run_dir}; the same command "
+            "resumes")
+
+
 def main(argv=None) -> int:
     from .config.parser import stage_main
 

@@ -32,7 +32,7 @@ _EXPORTS = {
     "merge_partials_": "ring", "ring_attention": "ring", "ring_schedule": "ring", "shard_ranges": "ring",
     "hybrid_attention": "ulysses", "sequence_index": "ulysses", "ulysses_attention": "ulysses",
 }
-_SUBMODULES = ("attention", "attention_kernels", "attention_op", "attention_plan", "attention_tiles", "cuda_build",
+_SUBMODULES = ("attention", "attention_kernels", "attention_plan", "attention_tiles", "cuda_build",
                "decode", "hf", "mbr", "orpo", "orpo_onepass", "reference", "ring", "ring_merge", "runtime", "trl", "ulysses")
 
 

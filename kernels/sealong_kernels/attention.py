@@ -7,8 +7,9 @@ Layers, in reading order:
   2. Launch wrappers `attention_forward` / `attention_backward`: the raw ops, same signatures as their
      twins in `sealong_kernels.reference` (the ring and Ulysses code calls them per step). Plans
      (`attention_plan`: the batch's VarlenPlan, the block classes) and tiles (`attention_tiles`) live apart.
-  3. The public `flash_attention`, with backend dispatch: the Triton path through the torch.library ops of
-     `attention_op` (torch.compile traces them), the reference path through `_FlashAttention`.
+  3. The public `flash_attention`, with backend dispatch: the Triton path through this module's torch.library
+     ops `sealong::flash_attention_fwd/bwd` (torch.compile traces them), the reference path through
+     `_FlashAttention`.
 
 Math (per query head h, kv head h // G, G = Hq // Hkv, scale = D ** -0.5 unless given):
     S = scale * Q K^T (masked: -inf where not visible),  lse = logsumexp_j S,  O = exp(S - lse) V
@@ -33,6 +34,7 @@ compile spills) runs the reference path instead (`without_tile`).
 """
 
 import importlib.util
+from typing import Optional
 
 import torch
 import triton
@@ -320,8 +322,80 @@ def attention_backward(dout, q, k, v, out, lse, *, delta=None, causal=True, soft
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 3. Autograd Function, backends, public function
+# 3. The torch.library custom ops (torch.compile traces them), autograd Function, backends, public function
 # ---------------------------------------------------------------------------------------------------------
+#
+# The Triton path as `torch.library` custom ops, so `torch.compile(fullgraph=True)` traces a layer that calls
+# `flash_attention` without a graph break: the compiler sees two opaque ops with fake (shape-only)
+# implementations and an autograd rule, never the launch code.
+#
+#     sealong::flash_attention_fwd(q, k, v, ...) -> (out [Tq, Hq, D] in q's dtype, lse [Hq, Tq] float32)
+#     sealong::flash_attention_bwd(dout, q, k, v, out, lse, ...) -> (dq, dk, dv) float32
+#
+# A varlen plan travels as its two tensors (cu_seqlens, seq_idx): the ops rebuild it without validating (the
+# caller built and validated it once per batch), so neither op reads anything on the host.
+
+
+Tensor = torch.Tensor
+
+
+def _plan(q, cu_seqlens, seq_idx):
+    return None if cu_seqlens is None else VarlenPlan(cu_seqlens, seq_idx, q.shape[0])
+
+
+@torch.library.custom_op("sealong::flash_attention_fwd", mutates_args=())
+def flash_attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: Optional[float], q_start: int,
+                        k_start: int, cu_seqlens: Optional[Tensor], seq_idx: Optional[Tensor],
+                        segment_ids: Optional[Tensor], k_segment_ids: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    return attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale, q_start=q_start, k_start=k_start,
+                             cu_seqlens=_plan(q, cu_seqlens, seq_idx), segment_ids=segment_ids,
+                             k_segment_ids=k_segment_ids)
+
+
+@flash_attention_fwd.register_fake
+def _(q, k, v, causal, softmax_scale, q_start, k_start, cu_seqlens, seq_idx, segment_ids, k_segment_ids):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("sealong::flash_attention_bwd", mutates_args=())
+def flash_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
+                        softmax_scale: Optional[float], q_start: int, k_start: int, cu_seqlens: Optional[Tensor],
+                        seq_idx: Optional[Tensor], segment_ids: Optional[Tensor],
+                        k_segment_ids: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    return attention_backward(dout, q, k, v, out, lse, causal=causal, softmax_scale=softmax_scale, q_start=q_start,
+                              k_start=k_start, cu_seqlens=_plan(q, cu_seqlens, seq_idx), segment_ids=segment_ids,
+                              k_segment_ids=k_segment_ids)
+
+
+@flash_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, causal, softmax_scale, q_start, k_start, cu_seqlens, seq_idx, segment_ids,
+      k_segment_ids):
+    f32 = dict(dtype=torch.float32)
+    return q.new_empty(q.shape, **f32), k.new_empty(k.shape, **f32), v.new_empty(v.shape, **f32)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, softmax_scale, q_start, k_start, cu_seqlens, seq_idx, segment_ids, k_segment_ids = inputs
+    ctx.save_for_backward(q, k, v, *output, cu_seqlens, seq_idx, segment_ids, k_segment_ids)
+    ctx.args = (causal, softmax_scale, q_start, k_start)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_seqlens, seq_idx, segment_ids, k_segment_ids = ctx.saved_tensors
+    dq, dk, dv = flash_attention_bwd(dout.contiguous(), q, k, v, out, lse, *ctx.args, cu_seqlens, seq_idx,
+                                     segment_ids, k_segment_ids)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None
+
+
+flash_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def flash_attention_op(q, k, v, causal, softmax_scale, q_start, k_start, plan, segment_ids, k_segment_ids):
+    """(out, lse) through the custom ops; lse carries no gradient."""
+    cu, seq_idx = (None, None) if plan is None else (plan.cu_seqlens, plan.seq_idx)
+    out, lse = flash_attention_fwd(q, k, v, bool(causal), None if softmax_scale is None else float(softmax_scale),
+                                   int(q_start), int(k_start), cu, seq_idx, segment_ids, k_segment_ids)
+    return out, lse.detach()
 
 
 class _FlashAttention(torch.autograd.Function):
@@ -427,5 +501,3 @@ def flash_attention(q, k, v, causal=True, cu_seqlens=None, softmax_scale=None, *
     return _FlashAttention.apply(q, k, v, causal, softmax_scale, q_start, k_start, cu_seqlens, segment_ids,
                                  k_segment_ids, True)
 
-
-from .attention_op import flash_attention_op  # noqa: E402 (the ops wrap this module's raw ops)

@@ -139,20 +139,29 @@ def stage_main(stage: str, argv=None, prog: str | None = None, common: dict | No
     from sealong.extras import MissingExtra
     from sealong.logs import setup_logging
 
+    from sealong import interrupt
+
     module_name = STAGES[stage][1]
     prog = prog or f"python -m {module_name}"
     argv = list(sys.argv[1:] if argv is None else argv)
+    module = cfg = None
+    interrupt.watch()
     try:
         r = resolve(stage, argv, common=common, prog=prog)
+        cfg = r.cfg
         setup_logging(r.common["log_level"])
         module = importlib.import_module(module_name)
         return module.run(r.cfg, r) if stage == "pipeline" else module.run(r.cfg)
-    except (ValueError, FileNotFoundError) as err:  # ConfigError, JsonlError: the message names option or file:line
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
-    except MissingExtra as err:  # an option whose package is in an extra
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 1
+    except BaseException as err:
+        if interrupt.interrupted(err):  # Ctrl-C: one line of what was kept, exit code 130 (sealong.interrupt)
+            return interrupt.stopped(prog, module, cfg)
+        if isinstance(err, (ValueError, FileNotFoundError)):  # ConfigError, JsonlError: names option or file:line
+            print(f"{prog}: error: {err}", file=sys.stderr)
+            return 2
+        if isinstance(err, MissingExtra):  # an option whose package is in an extra
+            print(f"{prog}: error: {err}", file=sys.stderr)
+            return 1
+        raise
 
 
 __all__ = ["CommonOptions", "LaunchOptions", "Resolved", "build_parser", "make", "presets", "resolve", "stage_main"]

@@ -103,9 +103,9 @@ class SampleConfig(Checked):
     adaptive_block: int = option(0, "adaptive sample count: sample each prompt's outputs this many at a time from its "
                                  "cached prefix and stop once they agree (--adaptive-share, --adaptive-min-samples), "
                                  "at most --num-samples; 0 = off: all N (the paper)", ge=0)
-    adaptive_share: float = option(0.75, "adaptive stop: the top answer cluster holds at least this share ...",
-                                   gt=0, le=1)
-    adaptive_min_samples: int = option(8, "... of at least this many finished samples", ge=1)
+    adaptive_share: float = option(0.75, "adaptive stop: the top answer cluster, at least 2 agreeing outputs, holds at "
+                                   "least this share of the outputs with an answer ...", gt=0, le=1)
+    adaptive_min_samples: int = option(8, "... once at least this many samples have finished", ge=1)
 
     def checks(self):
         if not self.adaptive_block:
@@ -255,7 +255,7 @@ class PipelineConfig(Checked):
 STAGES = {  # name -> (config class, module with run(cfg) and main(argv), one-line help)
     "synth": (SynthConfig, "sealong.data.synthetic", "synthesize long-context training prompts (and a held-out eval file)"),
     "sample": (SampleConfig, "sealong.sample.sampler", "sample N outputs per prompt (shared-prefix sampler)"),
-    "score": (ScoreConfig, "sealong.score.mbr", "score samples by MBR and select preference pairs"),
+    "score": (ScoreConfig, "sealong.score.stage", "score samples by MBR and select preference pairs"),
     "train": (TrainConfig, "sealong.train.loop", "fine-tune on the pairs (ORPO or SFT, LoRA), launched through torchrun"),
     "eval": (EvalConfig, "sealong.evaluate.report", "SubEM / F1 tables: greedy, MBR@N, oracle@N, random@N, and the plot"),
     "pipeline": (PipelineConfig, "sealong.pipeline", "run every stage into one run directory (no arguments: the offline demo)"),

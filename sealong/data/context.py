@@ -24,6 +24,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from sealong.config.stages import SynthConfig
+
 from .musique import MusiqueRecord, Paragraph
 
 SEPARATOR = "\n\n"
@@ -31,13 +33,15 @@ SEPARATOR = "\n\n"
 
 @dataclass
 class ContextConfig:
-    min_tokens: int = 4096  # lower end of the uniform target length (tokens of the model's tokenizer)
-    max_tokens: int = 31744  # upper end (31K, the paper's randint(4, 31) * 1024)
-    distractors: str = "random"  # "random" (paper) or "nearest" (closest to the question by embedding, via faiss)
-    own_distractors: str = "first"  # "first": the record's own non-supporting paragraphs before others (authors'
-    #                                 code); "skip": other records' paragraphs only (sealong's earlier behaviour)
-    embed_model: str | None = None  # sentence-transformers name/folder for "nearest"; None = offline all-MiniLM-L6-v2
-    seed: int = 0
+    """The builder's settings; the defaults are the `synth` stage's (SynthConfig, sealong/config/stages.py: the one
+    place they and their help are written)."""
+
+    min_tokens: int = SynthConfig.min_tokens  # lower end of the uniform target length (model tokens)
+    max_tokens: int = SynthConfig.max_tokens  # upper end (31K, the paper's randint(4, 31) * 1024)
+    distractors: str = SynthConfig.distractors  # "random" (paper) or "nearest" (by embedding, via faiss)
+    own_distractors: str = SynthConfig.own_distractors  # "first" (authors' code) or "skip" (other records only)
+    embed_model: str | None = SynthConfig.embed_model  # sentence-transformers model for "nearest"; None = offline MiniLM
+    seed: int = SynthConfig.seed
     max_misses: int = 64  # stop filling after this many consecutive distractors that do not fit
 
     def validate(self) -> None:

@@ -22,8 +22,8 @@ import random
 from dataclasses import dataclass
 
 from .musique import Paragraph
-from .synthetic import RELATIONS as SYNTHETIC_RELATIONS
-from .synthetic import Question
+from .world import RELATIONS as FIXED_RELATIONS
+from .world import Question
 
 FIRST = ("Ada Alan Anna Ben Carl Clara Dan Dora Eli Emma Eva Finn Gina Hugo Ida Ivan Jack Jane Kim Leo Lily Lola "
          "Luke Max Mia Nina Noah Omar Paul Rosa Ruth Sam Sara Tom Vera Zoe").split()
@@ -38,9 +38,9 @@ COMPANY_WORDS = ("Apex Blue Cedar Delta Echo Falcon Granite Harbor Iron Jade Lun
                  "Raven Silver Tiger Union").split()
 COMPANY_KINDS = ("Works", "Labs", "Foods", "Motors")
 
-# relation -> (subject type, object type), the fixed world's relations (sealong.data.synthetic) less `currency`, in
+# relation -> (subject type, object type), the fixed world's relations (sealong.data.world) less `currency`, in
 # this world's order (the order seeds draw from); a chain starts at a person
-RELATIONS = {r: SYNTHETIC_RELATIONS[r] for r in ("mother", "employer", "birthplace", "founder", "headquarters",
+RELATIONS = {r: FIXED_RELATIONS[r] for r in ("mother", "employer", "birthplace", "founder", "headquarters",
                                                  "country", "capital")}
 TRACE_FORMS = (
     ("The {rel} of {s} is {o}.", "The answer is {a}."),

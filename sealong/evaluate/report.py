@@ -89,6 +89,7 @@ def mbr_choices(records: list[dict], ns: list[int], embed_model: str | None = No
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     flat = [o for r in records for o in r["outputs"]]
+    log.info(f"eval: embedding {len(flat)} outputs of {len(records)} questions for MBR@n")
     emb = embed(flat, embed_model, device, 64, trust_remote_code, window).float()
     choices, start = [], 0
     for r in records:
@@ -153,6 +154,9 @@ def evaluate(greedy: list[dict] | None, sampled: list[dict] | None, ns: list[int
         spent = len(counts) > 1
         picks = (mbr_choices(sampled, sorted(set(ns) | counts) if spent else ns, embed_model, trust_remote_code, window)
                  if mbr else None)
+        from sealong.progress import Progress
+
+        progress = Progress(len(sampled), "questions", "eval", log)  # a bar on a terminal, else a line every few s
         for k, r in enumerate(sampled):
             table = [output_scores(o, r["answers"]) for o in r["outputs"]]
             for n, label in [(n, str(n)) for n in ns] + ([(len(table), "spent")] if spent else []):
@@ -163,6 +167,8 @@ def evaluate(greedy: list[dict] | None, sampled: list[dict] | None, ns: list[int
                     v = add(r["dataset"], f"MBR@{label}", r, picks[k][n], table)
                     if label == str(ns[-1]):
                         per_question.setdefault(f"MBR@{n}", {})[r["id"]] = list(v[:3])
+            progress.update(1)
+        progress.close()
     result = {"tasks": {}, "ns": ns if sampled else [], "settings": dict(settings or {}),
               "questions": len({r["id"] for r in (greedy or []) + (sampled or [])}), "per_question": per_question}
     if dropped:

@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sealong.config.stages import SampleConfig
+
 from .kv_cache import DecodeBatch, PrefixPool, SuffixCache, decode_step, prefill, prefix_attention_fn
 
 log = logging.getLogger("sealong.sample")
@@ -49,16 +51,19 @@ MASK64 = (1 << 64) - 1
 
 @dataclass
 class SamplingParams:
-    max_new_tokens: int = 1024  # generation stops with finish reason "length" after this many tokens
-    temperature: float = 0.7  # 0 = greedy (argmax)
-    top_p: float = 1.0  # nucleus: keep the smallest set of top tokens with probability >= top_p
-    top_k: int = 0  # keep the k most likely tokens (0 = all)
+    """The decoder's settings; the defaults are the `sample` stage's (SampleConfig, sealong/config/stages.py: the one
+    place they and their help are written)."""
+
+    max_new_tokens: int = SampleConfig.max_new_tokens  # then finish reason "length"
+    temperature: float = SampleConfig.temperature  # 0 = greedy (argmax)
+    top_p: float = SampleConfig.top_p  # nucleus: the smallest set of top tokens with probability >= top_p
+    top_k: int = SampleConfig.top_k  # the k most likely tokens (0 = all)
     eos_token_ids: tuple = ()  # any of these ends a sample with finish reason "stop" (the token is counted)
-    prefill_chunk: int = 4096  # prompt tokens per prefill forward
-    backend: str = "auto"  # "auto" (Triton kernels on CUDA, reference on CPU), "triton", "reference"
+    prefill_chunk: int = SampleConfig.prefill_chunk  # prompt tokens per prefill forward
+    backend: str = SampleConfig.backend  # "auto" (Triton kernels on CUDA, reference on CPU), "triton", "reference"
     decode_slots: int = 0  # samples decoded together (continuous batching); 0 = all samples of a generate() call
-    prefix_pool_tokens: int = 0  # most prompt tokens held in the prefix pool at once (0 = no limit)
-    cuda_graphs: bool = False  # replay the decode step from CUDA graphs (CUDA only; see sealong/sample/graphs.py)
+    prefix_pool_tokens: int = SampleConfig.prefix_pool_tokens  # most prompt tokens in the prefix pool (0 = no limit)
+    cuda_graphs: bool = SampleConfig.cuda_graphs  # replay the decode step from CUDA graphs (CUDA only; graphs.py)
     stats: dict = field(default_factory=lambda: {"prefill_tokens": 0, "decode_tokens": 0, "decode_steps": 0,
                                                  "busy_slot_steps": 0, "slot_steps": 0})
 
@@ -397,14 +402,17 @@ def adaptive_settings(args) -> dict:
     """The adaptive sample count's settings, only when it is on (so runs without it keep their settings)."""
     if not getattr(args, "adaptive_block", 0):
         return {}
+    from sealong.score.consensus import MIN_CLUSTER
+
     return {"adaptive_block": args.adaptive_block, "adaptive_share": args.adaptive_share,
-            "adaptive_min_samples": args.adaptive_min_samples}
+            "adaptive_min_samples": args.adaptive_min_samples, "adaptive_min_cluster": MIN_CLUSTER}
 
 
 def adaptive_rule(tokenizer, share: float, min_samples: int):
     """(more, stop): `more(key, completions)` for `stream` (True: sample the next block) and `stop(completions)`,
-    the record's `adaptive_stop`: "consensus" once the finished texts' top answer cluster holds at least
-    `share` of at least `min_samples` samples (sealong.score.consensus.reached), else "budget" (N spent)."""
+    the record's `adaptive_stop`: "consensus" once at least `min_samples` samples have finished and their top answer
+    cluster holds at least 2 of them and at least `share` of those with an answer (sealong.score.consensus.reached),
+    else "budget" (N spent)."""
     from sealong.score.consensus import answer_consensus, reached
 
     def agreed(completions) -> bool:
@@ -511,10 +519,9 @@ def _sample(args, ranks) -> int:
 
 def sample_prompts(args, todo, fit, tokenizer, slots, target, device, settings=None, disable_bar=False) -> dict:
     """Sample `todo` through the continuous-batching stream; append each record to `target` as its prompt ends."""
-    from tqdm import tqdm
-
     from sealong.jsonl import append_jsonl
     from sealong.model import eos_token_ids, load_model
+    from sealong.progress import Progress
 
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
     params = SamplingParams(
@@ -532,23 +539,32 @@ def sample_prompts(args, todo, fit, tokenizer, slots, target, device, settings=N
             yield b, fitted[b][0], [sample_seed(args.seed, p["id"], i) for i in range(args.num_samples)]
 
     start = time.perf_counter()
-    bar = tqdm(total=len(todo), unit="prompt", file=sys.stderr, disable=disable_bar or not sys.stderr.isatty())
-    for b, completions in stream(model, requests(), params, slots, block, more):
-        ids, cut = fitted.pop(b)
-        record = samples_record(todo[b], completions, tokenizer, len(ids), cut)
-        if stop is not None:
-            record["adaptive_stop"] = stop(completions)
-        append_jsonl(target, [dict(record, sampler=settings)])
-        bar.update(1)
-        elapsed = time.perf_counter() - start
-        utilization = params.stats['busy_slot_steps'] / max(params.stats['slot_steps'], 1)
-        bar.set_postfix(prompts_s=f"{bar.n / elapsed:.3f}", tokens_s=f"{params.stats['decode_tokens'] / elapsed:.1f}",
-                        slots=f"{utilization:.0%}")
-        if bar.disable and not disable_bar:  # no terminal: log lines instead of the bar
-            log.info(f"{bar.n}/{len(todo)} prompts, {params.stats['decode_tokens'] / elapsed:.1f} tokens/s, "
-                     f"slots {utilization:.0%}")
-    bar.close()
+    # a bar on a terminal, else a line every few seconds with the count, rate and time left (sealong.progress)
+    with Progress(len(todo), "prompts", "sample", log, enabled=not disable_bar) as progress:
+        for b, completions in stream(model, requests(), params, slots, block, more):
+            ids, cut = fitted.pop(b)
+            record = samples_record(todo[b], completions, tokenizer, len(ids), cut)
+            if stop is not None:
+                record["adaptive_stop"] = stop(completions)
+            append_jsonl(target, [dict(record, sampler=settings)])
+            elapsed = time.perf_counter() - start
+            utilization = params.stats['busy_slot_steps'] / max(params.stats['slot_steps'], 1)
+            progress.update(1, **{"tokens/s": f"{params.stats['decode_tokens'] / elapsed:.1f}"}, slots=f"{utilization:.0%}")
     return params.stats
+
+
+def kept_on_interrupt(args) -> str:
+    """What a Ctrl-C leaves (sealong.interrupt): the prompts whose records are in the output and its shards."""
+    import os
+
+    from . import shards
+
+    parts = shards.shard_files(args.output)
+    paths = ([args.output] if os.path.exists(args.output) else []) + parts
+    done = {key for path in paths for _, key, _ in shards.complete_lines(path)}
+    where = args.output + (" and its shard files" if parts else "")
+    return (f"{len(done)} of {len(read_prompts(args.prompts, args.limit))} prompts' samples kept ({where}); the same "
+            "command resumes")
 
 
 def main(argv=None):

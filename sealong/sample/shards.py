@@ -23,7 +23,6 @@ import glob
 import json
 import os
 import re
-import subprocess
 import sys
 from datetime import timedelta
 
@@ -166,7 +165,11 @@ def flags_of(cfg, skip=("nproc_per_node",)) -> list:
 
 
 def launch(module: str, nproc: int, flags: list) -> int:
-    """Run `torchrun --standalone --nproc-per-node nproc -m module flags` (one node) and return its exit code."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", module, *flags]
+    """Run `torchrun --standalone --nproc-per-node nproc -m module flags` (one node) and return its exit code,
+    through sealong.launch.run_job as `sealong train` does: torchrun in its own process group, signals forwarded,
+    torchrun and its workers dying with this process (even by SIGKILL)."""
+    from sealong import launch as launcher
+
+    cmd = launcher.launch_command(nproc, flags, module)
     print(f"{module}: " + " ".join(cmd), file=sys.stderr)
-    return subprocess.run(cmd).returncode
+    return launcher.run_job(cmd, what=f"the {module} job")

@@ -2,7 +2,7 @@
 
 import sys
 
-from sealong.score.mbr import main
+from sealong.score.stage import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,8 +12,10 @@ Per question (a samples record: `id`, `question`, `outputs`, optional `finish_re
     rejected = uniformly random among the n_valid // 2 lowest-scoring other outputs (sealong_kernels.select_pairs),
                seeded per question from (--seed, id), so results do not depend on order, batching or resuming
 An output that is empty (only whitespace) is invalid: never scored, chosen or rejected. A question with fewer
-than two valid outputs, or whose chosen and rejected are near-duplicates (similarity >= --dedup-threshold;
-0 keeps all), is written to the scores file with a `skipped` reason and counted, and gets no training pair.
+than two valid outputs, whose chosen and rejected score the same (a tie: no preference, e.g. every answer
+different under --utility answer), or whose chosen and rejected are near-duplicates (similarity >=
+--dedup-threshold; 0 keeps all), is written to the scores file with a `skipped` reason and counted, and gets no
+training pair.
 
 Utilities (--utility), the paper's Table 7:
     embedding  cosine of sentence-transformers embeddings (default; the offline all-MiniLM-L6-v2 from the
@@ -49,7 +51,7 @@ error naming the file and line. --utility random cannot be combined with them.
 
 --reference-mode reproduces the authors' code where sealong differs: the row mean includes the
 self-similarity (same ranking, different values), truncated outputs can be chosen, no pair is dropped as a
-near-duplicate (seeding stays on).
+near-duplicate or a tie (seeding stays on).
 
 Outputs (JSON lines, append-only, resumable: a re-run skips ids already written and cuts a torn last line;
 a re-run with other --utility / --model / --seed / --dedup-threshold / --reference-mode / --scorer /
@@ -66,9 +68,7 @@ a re-run with other --utility / --model / --seed / --dedup-threshold / --referen
 
 import functools
 import hashlib
-import logging
 import math
-import os
 import sys
 import time
 import torch
@@ -81,8 +81,6 @@ from sealong.lock import claim_outputs
 from sealong.jsonl import IdChecker, JsonlError, append_jsonl, completed_ids, numbered_records, read_jsonl
 
 from sealong.config.stages import PAIRS_FORMATS, UTILITIES, ScoreConfig  # noqa: F401 (the stage's options, one place)
-
-log = logging.getLogger("sealong.score")
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -284,6 +282,9 @@ def _pick(rec, row, valid, gen, cfg, consensus):
         return chosen, rejected, f"no finished output (all {sum(valid)} valid outputs cut at the token limit)"
     if consensus.top_share < cfg.min_consensus:
         return chosen, rejected, f"low consensus ({consensus.top_share:.4f} < {cfg.min_consensus})"
+    top, low = float(row[0, chosen]), float(row[0, rejected])
+    if top == low and not cfg.reference_mode:  # no preference between the two: the pair would be a coin flip
+        return chosen, rejected, f"tied scores (chosen and rejected both {top:.4f})"
     return chosen, rejected, None
 
 
@@ -374,7 +375,9 @@ def _score_file(samples, out, cfg, pairs, prompts, log):
         missing = sorted(need - contexts.keys())
         if missing:
             raise ValueError(f"{prompts}: no prompt record for id(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    from tqdm import tqdm
+    import logging
+
+    from sealong.progress import Progress
 
     counts = {"questions": len(records), "already done": len(records) - len(todo), "written": 0, "pairs": 0}
     total = sum(len(r["outputs"]) for r in todo)
@@ -382,7 +385,9 @@ def _score_file(samples, out, cfg, pairs, prompts, log):
     if backlog:
         append_jsonl(pairs, [pair_record(r, r.get("context", contexts.get(r["id"])), cfg.pairs_format) for r in backlog])
         counts["pairs"] += len(backlog)
-    with tqdm(total=total, unit="out", desc=f"score ({cfg.utility})", file=log, disable=log is None) as bar:
+    # a bar on a terminal, else a line every few seconds (sealong.progress); log None: none (other ranks)
+    with Progress(total, "outputs", f"score ({cfg.utility})", logging.getLogger("sealong.score"), stream=log,
+                  enabled=log is not None) as bar:
         for i in range(0, len(todo), cfg.chunk):
             results = [dict(r, scorer=settings) for r in score_chunk(todo[i : i + cfg.chunk], cfg, bar)]
             new_pairs = [pair_record(r, r.get("context", contexts.get(r["id"])), cfg.pairs_format) for r in results
@@ -398,60 +403,3 @@ def _score_file(samples, out, cfg, pairs, prompts, log):
                     counts[key] = counts.get(key, 0) + 1
     counts["outputs/s"] = round(total / max(time.perf_counter() - start, 1e-9), 1)
     return counts
-
-
-def run(args):
-    run_dir = args.run_dir
-
-    def default(value, name):
-        return value if value is not None else (os.path.join(run_dir, name) if run_dir else None)
-
-    samples, out = default(args.samples, "samples.jsonl"), default(args.out, "scores.jsonl")
-    pairs, prompts = default(args.pairs, "pairs.jsonl"), default(args.prompts, "prompts.jsonl")
-    # input errors raise (ValueError, FileNotFoundError; JsonlError names file:line): stage_main prints them as
-    # one line `sealong score: error: ...` and exits 2, as every stage does
-    if samples is None or out is None:
-        raise ValueError("give --run-dir, or --samples and --out")
-    if prompts and not os.path.exists(prompts):
-        if args.prompts is not None:
-            raise FileNotFoundError(f"--prompts {prompts} does not exist")
-        prompts = None
-    cfg = args  # ScoreConfig (sealong/config/stages.py)
-    from sealong.sample import shards
-
-    if cfg.nproc_per_node > 1 and not shards.under_torchrun():
-        read_samples(samples, cfg.scorer)  # a bad line: one `error:` line and exit 2 here, not torchrun's 1
-        return shards.launch("sealong.score", cfg.nproc_per_node, shards.flags_of(cfg))
-    ranks = shards.Ranks(cfg.device)
-    try:
-        if ranks.world > 1:  # data parallel (sealong/score/parallel.py)
-            from .parallel import score_file_parallel
-            import dataclasses
-
-            cfg = dataclasses.replace(cfg, device=cfg.device or str(ranks.device))
-            counts = score_file_parallel(samples, out, cfg, ranks, pairs=pairs, prompts=prompts)
-        else:
-            counts = score_file(samples, out, cfg, pairs=pairs, prompts=prompts)
-    finally:
-        ranks.close()
-    if ranks.rank != 0:
-        return 0
-    if pairs and not os.path.exists(pairs):  # no pair at all (all skipped, N = 1, ...): an empty file, not none
-        open(pairs, "a").close()
-    if pairs and os.path.getsize(pairs) == 0:
-        log.warning(f"no pair written to {pairs}: " + (", ".join(f"{k} {v}" for k, v in counts.items()
-                                                                if k.startswith("skipped")) or "no question scored"))
-    log.info(", ".join(f"{k} {v}" for k, v in counts.items()))
-    log.info(f"scores -> {out}" + (f", pairs -> {pairs}" if pairs else ""))
-    return 0
-
-
-def main(argv=None):
-    """`python -m sealong.score`: options are ScoreConfig's (sealong/config/stages.py)."""
-    from sealong.config.parser import stage_main
-
-    return stage_main("score", argv, prog="python -m sealong.score")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

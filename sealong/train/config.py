@@ -98,7 +98,8 @@ class TrainConfig(Checked):
     resume: bool = option(False, "continue from the newest checkpoint in output_dir",
                           aliases=["resume_from_checkpoint"])
     progress: Optional[bool] = option(
-        None, "progress bar on rank 0 (default: when stderr is a terminal; otherwise one text line per logged step)")
+        None, "progress bar on rank 0 (default: when stderr is a terminal; otherwise a log line every few seconds: steps, "
+        "rate, time left, loss)")
 
     def __post_init__(self):
         if list(self.lora_targets) == ["all-linear"]:  # peft's spelling: every linear but the output layer

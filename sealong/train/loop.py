@@ -28,7 +28,7 @@ The loop (nanoGPT's shape):
   and all-reduces gradients once, after the last micro-step;
 * AdamW, linear warmup then cosine to zero, clipping, float16 loss scaling when asked;
 * metrics.jsonl (every ORPO metric), TensorBoard or W&B (--report_to), a progress bar on rank 0 when stderr is
-  a terminal, otherwise a text log line per logged step;
+  a terminal, otherwise a log line every few seconds (steps, rate, time left, loss: sealong.progress);
 * checkpoints every `save_every` steps and at the end (sealong/train/checkpoint.py; sharded under FSDP).
 
 Reliability: rank 0 locks `output_dir` for the run (sealong.lock) and writes `output_dir/meta.json`
@@ -232,8 +232,9 @@ def train_step(model, lm_head, params, optimizer, scaler, batch, cfg, mesh, devi
 
 
 class Logger:
-    """metrics.jsonl (append; trimmed back to the resumed step), TensorBoard or W&B (`report_to`), and either a
-    tqdm bar (stderr is a terminal) or one text line per logged step: step, loss, lr, grad_norm, tokens/s."""
+    """metrics.jsonl (append; trimmed back to the resumed step), TensorBoard or W&B (`report_to`), and the progress
+    (sealong.progress): a tqdm bar when stderr is a terminal (or `progress` true), else a log line at most every
+    few seconds: steps done of all, steps/s, time left, loss, lr, grad_norm, tokens/s."""
 
     def __init__(self, cfg, is_main, start_step, total_steps):
         self.is_main, self.path = is_main, os.path.join(cfg.output_dir, "metrics.jsonl")
@@ -256,9 +257,9 @@ class Logger:
             except ImportError:
                 log.warning("report_to=wandb, but wandb is not installed (pip install 'sealong[logging]'): "
                             "metrics go to metrics.jsonl only")
-        if cfg.progress if cfg.progress is not None else sys.stderr.isatty():
-            from tqdm import tqdm
-            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        from sealong.progress import Progress
+
+        self.bar = Progress(total_steps, "steps", "train", log, bar=cfg.progress, initial=start_step)
 
     def _trim(self, start_step):
         """Drop lines of steps after the resumed checkpoint (written before a crash), atomically."""
@@ -286,12 +287,9 @@ class Logger:
                     self.writer.add_scalar(f"train/{key}", value, step)
             if self.wandb is not None:
                 self.wandb.log({f"train/{k}": v for k, v in record.items()}, step=step)
-            if self.bar is None:
-                log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3g tokens/s %.0f", step, self.total,
-                         record["loss"], record["lr"], record["grad_norm"], record["tokens_per_s"])
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            self.bar.update(1)
+            self.bar.update(1, loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.3g}",
+                            grad_norm=f"{record['grad_norm']:.3g}", **{"tokens/s": f"{record['tokens_per_s']:.0f}"})
 
     def close(self):
         if self.writer is not None:
@@ -528,9 +526,19 @@ def run(cfg: TrainConfig) -> int:
         result = train(cfg, info)
     finally:
         cleanup(info)
-    if info.is_main:
-        print(f"done: {result['steps']} steps; final checkpoint {result['checkpoint']}", flush=True)
+    if info.is_main:  # to the log (stderr), not stdout: the pipeline prints its summary there
+        log.info(f"done: {result['steps']} steps; final checkpoint {result['checkpoint']}")
     return 0
+
+
+def kept_on_interrupt(cfg: TrainConfig) -> str:
+    """What a Ctrl-C leaves (sealong.interrupt): the newest checkpoint in output_dir, and how to continue."""
+    path = ckpt.latest_checkpoint(cfg.output_dir)
+    if path is None:
+        return (f"no checkpoint in {cfg.output_dir} yet (save_every {cfg.save_every}); the same command starts "
+                "again")
+    how = "the same command resumes from it" if cfg.resume else "the same command with --resume continues from it"
+    return f"checkpoint {path} kept; {how}"
 
 
 def main(argv=None):

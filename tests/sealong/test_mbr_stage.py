@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sealong.config.parser import resolve
-from sealong.score import mbr
+from sealong.score import mbr, stage
 from sealong.jsonl import JsonlError
 from sealong_kernels import reference
 
@@ -137,11 +137,12 @@ def test_truncated_rule_dedup_and_reference_mode(tmp_path):
     assert row["chosen"] == 0 and "skipped" not in row  # the authors' code picks the first best, truncated or not
     # with self-similarity in the row mean: (sum of others + 1) / 4
     assert row["scores"][3] == pytest.approx((mbr.rouge_l("zeta", "alpha beta gamma") * 2 + mbr.rouge_l("zeta", "alpha beta delta") + 1) / 4)
-    dup = {"id": "d", "outputs": ["same text here", "same text here", "same text here"]}
+    dup = {"id": "d", "outputs": ["same text here", "same text here", "same text here now"]}  # not a tie: 0 > 2
     samples = _write(tmp_path / "d.jsonl", [dup])
     out = str(tmp_path / "do.jsonl")
-    counts = mbr.score_file(samples, out, mbr.ScoreConfig(utility="rouge", dedup_threshold=0.9), log=None)
-    assert counts["skipped: near-duplicate pair"] == 1 and _read(out)[0]["pair_similarity"] == 1.0
+    counts = mbr.score_file(samples, out, mbr.ScoreConfig(utility="rouge", dedup_threshold=0.85), log=None)
+    sim = mbr.rouge_l("same text here", "same text here now")
+    assert counts["skipped: near-duplicate pair"] == 1 and _read(out)[0]["pair_similarity"] == pytest.approx(sim)
     out0 = str(tmp_path / "keep.jsonl")
     mbr.score_file(samples, out0, mbr.ScoreConfig(utility="rouge", dedup_threshold=0), log=None)
     assert "skipped" not in _read(out0)[0] and _read(out0)[0]["rejected"] == 2
@@ -183,14 +184,33 @@ def test_answer_agreement_utility():
     assert scores.tolist() == pytest.approx([0.5, 0.5, 0.0, 0.5, 0.0])
 
 
+def test_a_tie_gives_no_pair(tmp_path):
+    """Equal MBR scores of chosen and rejected (two different answers under the answer utility: both 0) are no
+    preference: skipped with the reason, no pair, no zero margin for pair weighting; --reference-mode (the authors'
+    code) keeps the pair."""
+    records = [{"id": "tie", "question": "?", "outputs": ["the answer is x", "the answer is y"], "context": "c"},
+               {"id": "real", "question": "?", "outputs": ["the answer is x", "answer: x", "the answer is y"],
+                "context": "c"}]
+    samples, out, pairs = _write(tmp_path / "s.jsonl", records), str(tmp_path / "o.jsonl"), str(tmp_path / "p.jsonl")
+    counts = mbr.score_file(samples, out, mbr.ScoreConfig(utility="answer"), pairs=pairs, log=None)
+    assert counts["skipped: tied scores"] == 1 and counts["pairs"] == 1
+    got = _read(pairs)
+    assert [p["id"] for p in got] == ["real"] and got[0]["score_margin"] > 0
+    ref = str(tmp_path / "ref.jsonl")
+    mbr.score_file(samples, ref, mbr.ScoreConfig(utility="answer", reference_mode=True), log=None)
+    assert all("skipped" not in r for r in _read(ref))
+
+
 def test_run_cli_with_run_dir(tmp_path, capsys):
     _write(tmp_path / "samples.jsonl", SAMPLES[:2])
     _write(tmp_path / "prompts.jsonl", [{"id": r["id"], "context": "ctx"} for r in SAMPLES[:2]])
-    assert mbr.run(resolve("score", ["--run-dir", str(tmp_path), "--utility", "answer"]).cfg) == 0
-    assert len(_read(tmp_path / "scores.jsonl")) == 2 and len(_read(tmp_path / "pairs.jsonl")) == 2
+    assert stage.run(resolve("score", ["--run-dir", str(tmp_path), "--utility", "answer"]).cfg) == 0
+    scores = _read(tmp_path / "scores.jsonl")
+    assert len(scores) == 2 and [p["id"] for p in _read(tmp_path / "pairs.jsonl")] == ["q1"]
+    assert scores[1]["skipped"] == "tied scores (chosen and rejected both 0.0000)"  # q2: three different answers
     (tmp_path / "samples.jsonl").write_text("{}\n")
     with pytest.raises(JsonlError, match="samples.jsonl:1: missing field"):
-        mbr.run(resolve("score", ["--run-dir", str(tmp_path)]).cfg)
+        stage.run(resolve("score", ["--run-dir", str(tmp_path)]).cfg)
     with pytest.raises(ValueError, match="utility"):
         mbr.ScoreConfig(utility="bleu")
 
@@ -213,7 +233,12 @@ def test_demo_answer_agreement_chooses_the_gold_answer(tmp_path):
     out, pairs = str(tmp_path / "scores.jsonl"), str(tmp_path / "pairs.jsonl")
     counts = mbr.score_file(os.path.join(EXAMPLES, "musique_demo_samples.jsonl"), out, mbr.ScoreConfig(utility="answer"),
                             pairs=pairs, prompts=os.path.join(EXAMPLES, "musique_demo_prompts.jsonl"), log=None)
-    assert counts["written"] == 20 and counts["pairs"] == 20
+    # 3 questions drew a rejected from the lower half that gives the chosen's own answer (the same score): a tie,
+    # no pair
+    assert counts["written"] == 20 and counts["pairs"] == 17 and counts["skipped: tied scores"] == 3
+    for row in _read(out):
+        if "skipped" in row:
+            assert mbr.extract_final_answer(row["chosen_text"]) == mbr.extract_final_answer(row["rejected_text"])
     for row in _read(pairs):
         assert row["finish_reasons"][row["chosen"]] == "stop" and row["context"].startswith("Passage 1:")
         assert any(a in row["chosen_text"].splitlines()[-1] for a in row["answers"])  # 5 of 8 agree on the gold answer

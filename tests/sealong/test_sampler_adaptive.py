@@ -175,6 +175,22 @@ def test_stage_adaptive_records_and_settings(ckpt, tmp_path):
         S.run(stage(ckpt, tmp_path, fixed_out, *flags))
 
 
+def test_stage_adaptive_never_stops_on_a_cluster_of_one(ckpt, tmp_path):
+    """The issue's settings (blocks of 2, share 0.5, at least 2 samples): a prompt whose first two samples give
+    two different answers samples on; a "consensus" stop always has >= 2 agreeing outputs."""
+    write_prompts(tmp_path / "prompts.jsonl")
+    out = tmp_path / "adaptive.jsonl"
+    flags = ("--adaptive-block", "2", "--adaptive-share", "0.5", "--adaptive-min-samples", "2", "--temperature", "1")
+    assert S.run(stage(ckpt, tmp_path, out, *flags)) == 0
+    records = list(read_jsonl(out))
+    split = [r for r in records if answer_consensus(r["outputs"][:2]).top_size < 2]
+    assert split, [r["outputs"] for r in records]  # the tiny model's first two samples disagree somewhere
+    assert all(len(r["outputs"]) > 2 for r in split)
+    for r in records:
+        c = answer_consensus(r["outputs"])
+        assert r["adaptive_stop"] == ("consensus" if c.top_size >= 2 and c.top_size / c.answered >= 0.5 else "budget")
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--adaptive-block", "7"], r"adaptive_block \(7\) must be <= num_samples \(6\)"),
     (["--adaptive-block", "2", "--adaptive-min-samples", "9"], r"adaptive_min_samples \(9\) must be <= num_samples"),

@@ -86,14 +86,10 @@ def test_two_gloo_ranks_killed_and_resumed_equal_one_process(tmp_path):
 def test_sample_stage_and_pipeline_launch_torchrun(tmp_path, monkeypatch):
     """`sealong sample --nproc-per-node 2` starts torchrun with the stage's values (YAML < flags); the pipeline's
     sampling steps pass on its --nproc-per-node."""
-    from sealong import cli, pipeline
+    from sealong import cli, launch, pipeline
 
     calls = []
-
-    class Done:
-        returncode = 0
-
-    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd) or Done())
+    monkeypatch.setattr(launch, "run_job", lambda cmd, **kw: calls.append(cmd) or 0)  # the process-group launcher
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"id": "a", "context": "c", "question": "q"}\n')
     assert cli.main(["sample", "--nproc-per-node", "2", "--model", "m", "--prompts", str(prompts), "--output",

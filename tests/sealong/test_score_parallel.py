@@ -9,7 +9,7 @@ from test_mbr_stage import SAMPLES, _write
 from test_score_certainty import WITH_CERTAINTY
 
 from sealong.sample import shards
-from sealong.score import mbr
+from sealong.score import stage
 
 
 def test_two_ranks_resume_shards_and_equal_one_process(tmp_path):
@@ -21,7 +21,7 @@ def test_two_ranks_resume_shards_and_equal_one_process(tmp_path):
     flags = ["--samples", samples, "--prompts", prompts, "--utility", "rouge", "--dedup-threshold", "0", "--chunk", "2",
              "--scorer", "mbr+certainty", "--min-consensus", "0.2"]
     one_out, one_pairs = str(tmp_path / "one.jsonl"), str(tmp_path / "one_pairs.jsonl")
-    assert mbr.main(flags + ["--out", one_out, "--pairs", one_pairs]) == 0
+    assert stage.main(flags + ["--out", one_out, "--pairs", one_pairs]) == 0
     scores, pairs = open(one_out).read().splitlines(keepends=True), open(one_pairs).read().splitlines(keepends=True)
     assert len(scores) == 6 and len(pairs) == 2  # q1, q2 have pairs; q6 is skipped for low consensus
     assert '"skipped": "low consensus (0.1667 < 0.2)"' in scores[5]

@@ -8,7 +8,8 @@ import pytest
 
 import sealong.data
 from sealong.data.musique import parse_record, read_musique
-from sealong.data.synthetic import RELATIONS, World, WorldConfig, run, world_questions
+from sealong.data.synthetic import run
+from sealong.data.world import RELATIONS, World, WorldConfig, world_questions
 
 FACT = re.compile(r"The (\w+) of (.+?) is (.+?)\.")
 

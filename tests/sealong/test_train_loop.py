@@ -137,7 +137,7 @@ def test_qlora_trains_on_nf4_base(tmp_path):
     assert result["steps"] == 2 and all(torch.isfinite(torch.tensor(result["losses"])))
 
 
-def test_command_line_writes_metrics_config_and_text_log(tmp_path, caplog):
+def test_command_line_writes_metrics_config_and_text_log(tmp_path, caplog, capsys):
     model, data = tiny_setup(str(tmp_path), n_pairs=4)
     config = tmp_path / "c.yaml"
     config.write_text(f"train:\n  model: {model}\n  data: {data}\n  batch_pairs: 2\n  lora_r: 4\n  dtype: float32\n"
@@ -155,8 +155,10 @@ def test_command_line_writes_metrics_config_and_text_log(tmp_path, caplog):
     assert os.path.isfile(os.path.join(out, "checkpoints", "step_000001", "adapter", "adapter_config.json"))
     written = json.load(open(os.path.join(out, "config.json")))
     assert (written["lr"], written["lora_r"], written["batch_pairs"], written["max_steps"]) == (1e-3, 4, 2, 1)
-    step_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step 1/1 ")]
+    step_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train 1/1 steps ")]
     assert step_lines and all(k in step_lines[0] for k in ("loss", "lr", "grad_norm", "tokens/s"))
+    # the final line goes to the log, not stdout (the pipeline prints its summary there)
+    assert any(r.getMessage().startswith("done: 1 steps") for r in caplog.records) and capsys.readouterr().out == ""
 
 
 def test_max_steps_is_the_schedule_length(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from train_fixtures import build_tokenizer, make_model_folder, sentence, one_thread  # noqa: F401 (autouse fixture)
 
-from sealong.score import mbr
+from sealong.score import mbr, stage
 from sealong.train.pairs import load_pairs
 
 
@@ -39,7 +39,7 @@ def test_score_writes_trl_pairs_that_load_as_sealong_pairs(tmp_path):
     samples = write_samples(tmp_path / "samples.jsonl")
     ours, trl = tmp_path / "pairs.jsonl", tmp_path / "pairs_trl.jsonl"
     for pairs, fmt in ((ours, "sealong"), (trl, "trl")):
-        code = mbr.main(["--samples", str(samples), "--out", str(tmp_path / f"scores_{fmt}.jsonl"), "--pairs",
+        code = stage.main(["--samples", str(samples), "--out", str(tmp_path / f"scores_{fmt}.jsonl"), "--pairs",
                          str(pairs), "--utility", "random", "--pairs-format", fmt])
         assert code == 0
     record = json.loads(trl.read_text().splitlines()[0])
