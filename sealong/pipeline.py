@@ -483,12 +483,12 @@ def _run(cfg, resolved, configs: dict, train_cfg) -> int:
     from .evaluate import suite
 
     suite_set = suite.suite_prompts(r, model)  # RULER / LongBench v2: greedy before and after, the suite table
-    suite.suite_sample(r, model, suite_set, r.run / "before")
+    suite.suite_sample(r, model, suite_set, r.run / "before", sample)
     after, monitors = run_rounds(r, model, prompts, before)
     trained = [m for m in monitors if not m.get("stopped")]
     if after is not None:
         suite.suite_sample(r, str(round_dir(r, len(trained)) / "after_model"), suite_set,
-                           round_dir(r, len(trained)) / "after")
+                           round_dir(r, len(trained)) / "after", sample)
     text = summary(r, before, after, monitors)
     tmp = r.run / "summary.md.tmp"
     tmp.write_text(text)

@@ -33,7 +33,7 @@ _EXPORTS = {
     "hybrid_attention": "ulysses", "sequence_index": "ulysses", "ulysses_attention": "ulysses",
 }
 _SUBMODULES = ("attention", "attention_kernels", "attention_plan", "attention_tiles", "cuda_build",
-               "decode", "hf", "mbr", "orpo", "orpo_onepass", "reference", "ring", "ring_merge", "runtime", "trl", "ulysses")
+               "decode", "hf", "mbr", "orpo", "orpo_onepass", "orpo_rows", "reference", "ring", "ring_merge", "runtime", "trl", "ulysses")
 
 
 def __getattr__(name):

@@ -39,20 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from . import reference
-from .orpo import _accumulate_product, _chunk_logits, logits_rows
-
-
-def mm_float32(a, b):
-    """a @ b with a float32 result: cuBLAS computing into float32 (out_dtype) for 16-bit CUDA inputs, the
-    plain product for float32 / float64, an upcast product for 16-bit inputs elsewhere (CPU tests)."""
-    if a.dtype in (torch.float32, torch.float64):
-        return a @ b
-    if a.is_cuda:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):
-            pass
-    return a.float() @ b.float()
+from .orpo_rows import _accumulate_product, _chunk_logits, logits_rows, mm_float32
 
 
 @dataclass

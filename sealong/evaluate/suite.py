@@ -140,7 +140,7 @@ def write_suite(rows: list[dict], out_dir: str | Path) -> dict:
 
 def read_files(spec: str) -> list[dict]:
     """Samples records of comma-separated files (greedy outputs; ids unique across them)."""
-    from .report import read_samples
+    from .samples import read_samples
 
     out, seen = [], set()
     for path in (p.strip() for p in spec.split(",") if p.strip()):
@@ -245,12 +245,10 @@ def suite_prompts(r, model: str) -> Path | None:
     return out
 
 
-def suite_sample(r, model: str, prompts: Path | None, folder: Path) -> None:
+def suite_sample(r, model: str, prompts: Path | None, folder: Path, sample) -> None:
     """Greedy outputs of `model` on the suite prompts into folder/suite_greedy.jsonl (resumed by id)."""
     if prompts is None:
         return
-    from sealong.pipeline import sample
-
     folder.mkdir(parents=True, exist_ok=True)
     r.say(f"suite: greedy outputs on {prompts.name} -> {folder / 'suite_greedy.jsonl'}")
     sample(r, model, prompts, folder / "suite_greedy.jsonl", num_samples=1, temperature=0.0, adaptive_block=0)

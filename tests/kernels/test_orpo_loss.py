@@ -338,9 +338,9 @@ def test_cpu_fallback_without_the_interpreter(monkeypatch):
     # On CPU tensors without TRITON_INTERPRET the row work runs in plain torch (reference.logits_rows):
     # same loss and gradients as the float64 reference, within float32 LSE rounding (rel 1e-5).
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    import sealong_kernels.orpo as orpo
+    import sealong_kernels.orpo_rows as orpo_rows
 
-    monkeypatch.setattr(orpo, "_logits_rows_kernel", None)  # launching the Triton kernel would now fail
+    monkeypatch.setattr(orpo_rows, "_logits_rows_kernel", None)  # launching the Triton kernel would now fail
     hidden, weight, bias, labels = classic_batch(2, 11, 13, 97, [4, 6, 1, 5], "cpu")
     kernel, reference, grads = run_both(hidden, weight, bias, labels, torch.float32)
     check(kernel, reference, grads, 1e-5)
