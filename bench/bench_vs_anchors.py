@@ -201,14 +201,16 @@ def sampling_row(ours, hf, ids, n, new_tokens, runs, device, seed=0):
 
 
 def preference_pairs(tokenizer, prompt_tokens, count):
-    """TRL-format pairs: a chat-templated MuSiQue prompt (text), the gold answer and another record's answer."""
+    """TRL-format pairs: a chat-templated MuSiQue prompt (text), the gold answer and another record's answer. The
+    answers start without a space: TRL tokenizes prompt + answer as one string, sealong each alone, and a leading
+    space would merge with the prompt's last newline in a byte-level BPE (other tokens, other losses)."""
     built = musique_prompts(tokenizer, prompt_tokens, count + 1)
     pairs = []
     for i in range(count):
         rec, ids = built[i]
         other = built[i + 1][0]
         pairs.append({"id": rec.id, "prompt": tokenizer.decode(ids),
-                      "chosen": f" The answer is {rec.answers[0]}.", "rejected": f" The answer is {other.answers[0]}."})
+                      "chosen": f"The answer is {rec.answers[0]}.", "rejected": f"The answer is {other.answers[0]}."})
     return pairs
 
 
