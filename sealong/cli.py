@@ -6,6 +6,7 @@
     sealong train     the torchrun training job (ORPO / SFT, LoRA / QLoRA, data x sequence parallel) sealong.train
     sealong eval      SubEM / F1: greedy, MBR@N, oracle@N, random@N                                 sealong.evaluate
     sealong pipeline  all of the above into one run directory, resumable (no arguments: the offline demo)
+    sealong convert   a GGUF file -> a plain checkpoint folder (a tool, not a stage)               sealong.convert
 
 Each stage's options are the fields of its dataclass (sealong/config/stages.py, sealong/train/config.py).
 Precedence: flags > `--config FILE` (one section per stage) > `--preset demo|paper` > the dataclass defaults (the
@@ -23,7 +24,7 @@ from sealong.config.stages import STAGES
 
 EPILOG = "stages:\n" + "\n".join(f"  {name:9s} {entry[2]}" for name, entry in STAGES.items()) + (
     "\n\nWith no stage, `sealong` runs `sealong pipeline` (the offline demo). `sealong STAGE --help` lists a stage's "
-    "options.\nPrecedence: flags > --config FILE > --preset > defaults (the paper's settings).")
+    "options.\n`sealong convert --gguf FILE --out FOLDER` turns a GGUF into a checkpoint folder.\nPrecedence: flags > --config FILE > --preset > defaults (the paper's settings).")
 
 
 def top_parser() -> argparse.ArgumentParser:
@@ -64,6 +65,10 @@ def train_launcher(argv: list, common: dict) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["convert"]:  # a tool with its own flags, no stage options
+        from sealong.convert import main as convert_main
+
+        return convert_main(argv[1:])
     stage_at = next((i for i, a in enumerate(argv) if a in STAGES), None)
     if stage_at is None:
         top_parser().parse_args(argv)  # --help, --version, or an error

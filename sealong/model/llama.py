@@ -96,13 +96,17 @@ def flash_attention_callable(q, k, v, *, cu_seqlens=None, segment_ids=None, soft
 
 
 def default_attention(device) -> callable:
-    """The Triton kernel on CUDA when sealong_kernels provides it, else the masked-SDPA reference."""
+    """The Triton kernel on CUDA when sealong_kernels provides it; elsewhere fused SDPA without [T, T] masks
+    (sealong/model/sdpa.py). `masked_sdpa_attention` stays the readable reference."""
     if torch.device(device).type == "cuda":
         import sealong_kernels
 
         if hasattr(sealong_kernels, "flash_attention"):
             return flash_attention_callable
-    return masked_sdpa_attention
+        return masked_sdpa_attention
+    from .sdpa import sdpa_attention
+
+    return sdpa_attention
 
 
 # ---------------------------------------------------------------------------------------------- modules

@@ -31,18 +31,28 @@ def prefill_attention_fn(device, backend="auto"):
         def attend(q, k, v, q_start, scale):
             return flash_attention(q, k, v, causal=True, softmax_scale=scale, q_start=q_start, k_start=0,
                                    backend="triton" if backend == "triton" else "auto")[0]
-    else:
+    elif backend == "reference":
 
         def attend(q, k, v, q_start, scale):
             return reference.attention_forward(q, k, v, causal=True, softmax_scale=scale, q_start=q_start, k_start=0)[0]
+    else:  # the CPU: fused SDPA, the chunk's queries being the last keys (causal_block_sdpa)
+        from sealong.model.sdpa import causal_block_sdpa
+
+        def attend(q, k, v, q_start, scale):
+            return causal_block_sdpa(q, k, v, scale)
 
     return attend
 
 
 def prefix_attention_fn(device, backend="auto"):
-    """Decode queries against the prompts' prefixes: the Triton kernel on CUDA (or when asked), else the reference."""
+    """Decode queries against the prompts' prefixes: the Triton kernel on CUDA (or when asked), the reference when
+    asked, else (the CPU) one matrix product per prompt and kv head (sealong.model.sdpa.prefix_decode_sdpa)."""
     if uses_kernels(device, backend):
         return prefix_decode_attention
+    if backend == "auto":
+        from sealong.model.sdpa import prefix_decode_sdpa
+
+        return prefix_decode_sdpa
     return lambda q, k, v, cu_q, cu_p, scale, **kw: reference.prefix_decode_attention(q, k, v, cu_q, cu_p, scale)
 
 
@@ -206,7 +216,7 @@ def prefill(model, prompts, cache: PrefixCache, chunk_size: int, backend="auto")
         n = len(ids)
         ids = torch.as_tensor(ids, dtype=torch.long, device=device)
         chunk = chunk_size
-        if not uses_kernels(device, backend):  # the reference holds [Hq, chunk, n] float32 scores: keep them <= 1 GiB
+        if backend == "reference" and not uses_kernels(device, backend):  # [Hq, chunk, n] scores: keep them <= 1 GiB
             chunk = max(1, min(chunk, (1 << 28) // (model.config.num_attention_heads * n)))
         for start in range(0, n, chunk):
             end = min(n, start + chunk)
