@@ -262,9 +262,14 @@ def warm_up(model, tokenizer, questions, cfg: TinyConfig, strategy: str, log=pri
             model.eval()
             check = Path(cfg.keep_checks, f"step_{step + 1}") if cfg.keep_checks else Path(str(scratch) + ".check")
             save(check)
-            # the embedding MBR (the slow part) only once greedy is near the stopping range
-            res = dev_check(check, tokenizer, dev, cfg, strategy, mbr=False)
-            if not cfg.keep_checks:
+            # no embedding MBR here (the slow part): the final diagnosis has it
+            rows: list = []
+            res = dev_check(check, tokenizer, dev, cfg, strategy, mbr=False, rows_out=rows)
+            if cfg.keep_checks:  # the outputs this check's numbers are counted from, beside its model
+                from .jsonl import write_jsonl_atomic
+
+                write_jsonl_atomic(str(check / "dev_outputs.jsonl"), rows)
+            else:
                 shutil.rmtree(check, ignore_errors=True)
             model.train()
             checks.append({"step": step + 1, **res})
