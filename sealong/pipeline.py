@@ -90,6 +90,10 @@ def check(cfg, preset: str | None = None) -> None:
     """The inputs exist and fit together, before any work."""
     if preset is not None and preset.startswith("demo") and cfg.model is not None:
         raise ValueError(f"--preset {preset}: the demo presets build their own tiny model; drop --model")
+    if cfg.tiny_shape:
+        from .tiny import parse_overrides
+
+        parse_overrides(cfg.tiny_shape)  # a mistyped field fails here, before any work
     if cfg.model is not None and not Path(cfg.model, "config.json").is_file():
         raise FileNotFoundError(f"--model: no config.json in {cfg.model}")
     if cfg.musique is not None and not Path(cfg.musique).is_file():
@@ -177,16 +181,19 @@ def step_base_model(r: Runner) -> str:
     if (folder / "config.json").is_file():
         r.say(f"base model: {folder} exists")
         return str(folder)
-    from .tiny import TinyConfig, build_base_model
+    from .tiny import TinyConfig, build_base_model, parse_overrides
 
     r.say("base model: building a tiny Llama and a word-level tokenizer in code; labelled warm-up on other questions "
           "of the built-in world (the base model's own training, NOT part of SEALONG)")
     synth, sample_cfg = r.configs["synth"], r.configs["sample"]
     gain = r.preset == "demo-gain"  # stop the warm-up on the labelled dev slice; check consensus vs greedy there
-    cfg = TinyConfig(min_tokens=synth.min_tokens, max_tokens=synth.max_tokens, seed=synth.seed,
-                     check_every=300 if gain else 0, max_new_tokens=sample_cfg.max_new_tokens,
-                     temperature=sample_cfg.temperature,
-                     **({"warmup_steps": a.tiny_warmup_steps} if a.tiny_warmup_steps is not None else {}))
+    values = dict(min_tokens=synth.min_tokens, max_tokens=synth.max_tokens, seed=synth.seed,
+                  check_every=300 if gain else 0, max_new_tokens=sample_cfg.max_new_tokens,
+                  temperature=sample_cfg.temperature)
+    values.update(parse_overrides(a.tiny_shape or ""))  # the preset's shape (demo-gain), then --tiny-warmup-steps
+    if a.tiny_warmup_steps is not None:
+        values["warmup_steps"] = a.tiny_warmup_steps
+    cfg = TinyConfig(**values)
     stats = build_base_model(folder, cfg, skip_questions=synth.num_examples * a.rounds + synth.num_eval, log=r.say)
     if stats["warmup_steps_run"]:
         r.say(f"base model: warm-up loss {stats['warmup_loss_first']:.2f} -> {stats['warmup_loss_last']:.2f} "

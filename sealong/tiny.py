@@ -5,7 +5,8 @@ The warm-up is the base model's own training (what pretraining and instruction t
 NOT part of SEALONG: it teaches a randomly initialised model to answer (`The mother of X is Y. ... The answer is
 Z.`, in paraphrased forms) on labelled questions disjoint from the method's training and held-out questions.
 With `check_every`, a labelled dev slice of the warm-up world decides when to stop (greedy accuracy in
-`stop_greedy` and oracle@n at least `stop_oracle`: a model whose consensus can teach it something) and records,
+`stop_greedy` and oracle@n at least `stop_oracle_gap` points above it: a model whose consensus can teach it
+something) and records,
 at the end, whether the embedding consensus beats greedy there (`dev_check`). Measured on a shared 2-core CPU,
 1500 steps of the default shape did not yet teach the model to copy names from its context (README). The method
 that follows uses no label.
@@ -47,12 +48,15 @@ class TinyConfig:
     max_tokens: int = 150
     dev_questions: int = 64  # labelled dev slice of the warm-up world (never trained on, never the eval questions)
     check_every: int = 0  # steps between dev checks (0: no check, run all warmup_steps)
-    stop_greedy: tuple = (35.0, 55.0)  # stop once dev greedy accuracy (%) is in this range ...
-    stop_oracle: float = 80.0  # ... and oracle@dev_samples (%) at least this
+    stop_greedy: tuple = (30.0, 60.0)  # stop once dev greedy accuracy (%) is in this range ...
+    stop_oracle_gap: float = 25.0  # ... and oracle@dev_samples (%) at least this many points above it
     dev_samples: int = 16
     temperature: float = 1.0  # sampling temperature of the dev check (the demo samples at this temperature)
     max_new_tokens: int = 64
     keep_checks: str = ""  # folder to keep the model of every dev check in (step_N/), "" keeps none
+    warmup_hops: tuple = (2, 3)  # hop counts of the warm-up questions, cycled (the dev slice keeps the method's 2-3)
+    curriculum_steps: int = 0  # the first this many steps draw only the warm-up questions of the fewest hops
+    lr_schedule: str = "constant"  # after the linear ramp: "constant" or "cosine" (down to 10% at warmup_steps)
     seed: int = 0
 
 
@@ -92,7 +96,9 @@ def build_base_model(folder: str | Path, cfg: TinyConfig, skip_questions: int, s
     """
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from .data.fresh_world import fresh_questions
+    from .data.fresh_world import FreshWorld, FreshWorldConfig, fresh_questions
+    from .diagnosis import hop_counts
+    from .jsonl import write_jsonl_atomic
 
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
@@ -107,6 +113,9 @@ def build_base_model(folder: str | Path, cfg: TinyConfig, skip_questions: int, s
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(config)
     sets = fresh_questions(cfg.seed, skip_questions, 0, cfg.warmup_questions, cfg.dev_questions if cfg.check_every else 0)
+    if tuple(cfg.warmup_hops) != tuple(FreshWorldConfig().hops):  # the same indices, another hop mix
+        sets["warmup"] = FreshWorld(FreshWorldConfig(hops=tuple(cfg.warmup_hops), seed=cfg.seed)).questions(
+            cfg.warmup_questions, skip_questions)
 
     def save(path):
         shutil.rmtree(path, ignore_errors=True)
@@ -117,8 +126,13 @@ def build_base_model(folder: str | Path, cfg: TinyConfig, skip_questions: int, s
 
     stats = warm_up(model, tokenizer, sets["warmup"], cfg, strategy, log, dev=sets["dev"], save=save, scratch=tmp)
     save(tmp)
-    if cfg.check_every and sets["dev"]:  # does the embedding consensus beat greedy here? (labelled dev data only)
-        stats["final_dev_check"] = dev_check(tmp, tokenizer, sets["dev"], cfg, strategy, mbr=True)
+    if cfg.check_every and sets["dev"]:  # the diagnosis before any round (labelled dev data only)
+        rows: list = []
+        stats["final_dev_check"] = res = dev_check(tmp, tokenizer, sets["dev"], cfg, strategy, mbr=True, rows_out=rows)
+        write_jsonl_atomic(str(tmp / "dev_outputs.jsonl"), rows)
+        log(f"warm-up diagnosis (labelled dev slice, {res['questions']} questions, hops {hop_counts(rows)}; "
+            f"{folder.name}/dev_outputs.jsonl): " + ", ".join(
+                f"{k} {v:.1f}" for k, v in res.items() if k != "questions"))
     (tmp / "warmup.json").write_text(json.dumps({"tiny_config": asdict(cfg), **stats}, indent=1))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
@@ -148,24 +162,27 @@ def demo_prompts(tokenizer, questions, cfg: TinyConfig) -> list[dict]:
     return [builder.build(r) for r in records]
 
 
-def dev_check(folder, tokenizer, questions, cfg: TinyConfig, strategy: str, embed_model=None, mbr=True) -> dict:
-    """Greedy, oracle@n, majority@n and MBR@n final-answer accuracy (%) on labelled dev questions.
+def dev_check(folder, tokenizer, questions, cfg: TinyConfig, strategy: str, embed_model=None, mbr=True,
+              rows_out: list | None = None) -> dict:
+    """The diagnosis (`sealong.diagnosis`) of the model in `folder` on labelled dev questions: greedy final-answer
+    accuracy overall and per hop count, copy and confuser rates, oracle@n, MBR@n, random@n, majority@n (%).
 
-    The model is read from `folder` and sampled by the pipeline's own sampler (greedy and `cfg.dev_samples`
-    samples at `cfg.temperature`). MBR@n is the embedding-consensus pick (`sealong.score.embed`), so this says,
-    on labelled warm-up data only, whether the method's consensus beats greedy before the method is run.
+    The model is sampled by the pipeline's own sampler (greedy and `cfg.dev_samples` samples at
+    `cfg.temperature`). MBR@n is the embedding-consensus pick (`sealong.score.embed`), so this says, on labelled
+    warm-up data only, whether the method's consensus beats greedy before the method is run. The per-question
+    outputs the numbers are counted from go to `rows_out` (`sealong.diagnosis.dev_row`) when given.
     """
     import sealong_kernels as sk
 
     from .data.prompts import prompt_token_ids
-    from .evaluate.metrics import final_em
+    from .diagnosis import dev_row, diagnose
     from .model import eos_token_ids, load_model
     from .sample.sampler import SamplingParams, generate, sample_seed
     from .score.embed import embed
 
     model = load_model(str(folder), dtype=torch.float32)
-    prompts = [prompt_token_ids(tokenizer, r["context"], q.text, strategy)
-               for q, r in zip(questions, demo_prompts(tokenizer, questions, cfg))]
+    records = demo_prompts(tokenizer, questions, cfg)
+    prompts = [prompt_token_ids(tokenizer, r["context"], q.text, strategy) for q, r in zip(questions, records)]
     eos = tuple(eos_token_ids(str(folder), tokenizer))
     n = cfg.dev_samples
 
@@ -175,49 +192,54 @@ def dev_check(folder, tokenizer, questions, cfg: TinyConfig, strategy: str, embe
         for b in range(0, len(prompts), 8):
             seeds = [[sample_seed(cfg.seed, q.id, i) for i in range(count)] for q in questions[b:b + 8]]
             for comps in generate(model, prompts[b:b + 8], seeds, params):
-                outs.append([tokenizer.decode(c.tokens, skip_special_tokens=True) for c in comps])
+                outs.append([(tokenizer.decode(c.tokens, skip_special_tokens=True), c.finish_reason == "length")
+                             for c in comps])
         return outs
 
     greedy, sampled = run(0.0, 1), run(cfg.temperature, n)
-    right = [[final_em(o, q.answer) for o in outs] for q, outs in zip(questions, sampled)]
+    picks = [None] * len(questions)
     if mbr:
-        emb = embed([o for outs in sampled for o in outs], embed_model, "cpu", 64).view(len(questions), n, -1)
-        mbr, _ = sk.select_pairs(sk.mbr_scores(emb))
-    majority = []
-    for q, outs, r in zip(questions, sampled, right):
-        from collections import Counter
-
-        from .evaluate.metrics import final_answer, normalize_answer
-
-        votes = Counter(normalize_answer(final_answer(o)) for o in outs)
-        majority.append(float(votes.most_common(1)[0][0] == normalize_answer(q.answer)))
-    pct = lambda xs: 100.0 * sum(xs) / max(1, len(xs))  # noqa: E731
-    return {"greedy": pct([final_em(g[0], q.answer) for g, q in zip(greedy, questions)]),
-            f"oracle@{n}": pct([max(r) for r in right]),
-            **({f"mbr@{n}": pct([r[int(i)] for r, i in zip(right, mbr)])} if mbr is not False else {}),
-            f"majority@{n}": pct(majority), f"mean@{n}": pct([sum(r) / n for r in right]),
-            "cut_at_limit": pct([len(tokenizer(o)["input_ids"]) >= cfg.max_new_tokens for outs in sampled for o in outs]),
-            "questions": len(questions)}
+        emb = embed([o for outs in sampled for o, _ in outs], embed_model, "cpu", 64).view(len(questions), n, -1)
+        picks = [int(i) for i in sk.select_pairs(sk.mbr_scores(emb))[0]]
+    rows = [dev_row(q, r["context"], g[0][0], [o for o, _ in outs], pick, [c for _, c in outs])
+            for q, r, g, outs, pick in zip(questions, records, greedy, sampled, picks)]
+    if rows_out is not None:
+        rows_out[:] = rows
+    return diagnose(rows)
 
 
 def warm_up(model, tokenizer, questions, cfg: TinyConfig, strategy: str, log=print, dev=(), save=None,
             scratch=None) -> dict:
     """Plain next-token cross-entropy on the gold reasoning (answer tokens only), AdamW, linear warmup then a
-    constant learning rate; every `cfg.check_every` steps a dev check (`dev_check`) on the labelled dev slice,
-    stopping once its greedy accuracy is in `cfg.stop_greedy` and its oracle@n at least `cfg.stop_oracle`.
+    constant or cosine-decaying learning rate (`cfg.lr_schedule`), the first `cfg.curriculum_steps` steps on the
+    questions of the fewest hops only; every `cfg.check_every` steps a dev check (`dev_check`) on the labelled dev slice,
+    stopping once its greedy accuracy is in `cfg.stop_greedy` and its oracle@n at least `cfg.stop_oracle_gap` points above it.
 
     Every batch is padded to one length (the longest example): a new shape per step would re-plan the CPU kernels.
     """
+    import math
+
     examples = warmup_examples(tokenizer, questions, cfg, strategy)
     length = max(len(p) + len(a) for p, a in examples)
+    easy = [e for e, q in zip(examples, questions) if len(q.chain) == min(len(q.chain) for q in questions)]
     rng = random.Random(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr, weight_decay=0.01)
     ramp = max(1, cfg.warmup_steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / ramp))
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule: expected 'constant' or 'cosine', got {cfg.lr_schedule!r}")
+
+    def factor(step):
+        if step + 1 < ramp or cfg.lr_schedule == "constant":
+            return min(1.0, (step + 1) / ramp)
+        done = min(1.0, (step + 1 - ramp) / max(1, cfg.warmup_steps - ramp))
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * done))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     model.train()
     start, losses, checks, stopped = time.perf_counter(), [], [], None
     for step in range(cfg.warmup_steps):
-        batch = rng.sample(examples, min(cfg.warmup_batch, len(examples)))
+        pool = easy if step < cfg.curriculum_steps else examples
+        batch = rng.sample(pool, min(cfg.warmup_batch, len(pool)))
         ids = torch.full((len(batch), length), tokenizer.pad_token_id)
         labels = torch.full((len(batch), length), -100)
         mask = torch.zeros((len(batch), length), dtype=torch.long)
@@ -240,16 +262,22 @@ def warm_up(model, tokenizer, questions, cfg: TinyConfig, strategy: str, log=pri
             model.eval()
             check = Path(cfg.keep_checks, f"step_{step + 1}") if cfg.keep_checks else Path(str(scratch) + ".check")
             save(check)
-            # the embedding MBR (the slow part) only once greedy is near the stopping range
-            res = dev_check(check, tokenizer, dev, cfg, strategy, mbr=False)
-            if not cfg.keep_checks:
+            # no embedding MBR here (the slow part): the final diagnosis has it
+            rows: list = []
+            res = dev_check(check, tokenizer, dev, cfg, strategy, mbr=False, rows_out=rows)
+            if cfg.keep_checks:  # the outputs this check's numbers are counted from, beside its model
+                from .jsonl import write_jsonl_atomic
+
+                write_jsonl_atomic(str(check / "dev_outputs.jsonl"), rows)
+            else:
                 shutil.rmtree(check, ignore_errors=True)
             model.train()
             checks.append({"step": step + 1, **res})
             log(f"warm-up dev check (labelled dev slice, {res['questions']} questions) at step {step + 1}: "
                 + ", ".join(f"{k} {v:.1f}" for k, v in res.items() if k != "questions"))
             lo, hi = cfg.stop_greedy
-            if (lo <= res["greedy"] <= hi and res[f"oracle@{cfg.dev_samples}"] >= cfg.stop_oracle) or res["greedy"] > hi:
+            gap = res[f"oracle@{cfg.dev_samples}"] - res["greedy"]
+            if (lo <= res["greedy"] <= hi and gap >= cfg.stop_oracle_gap) or res["greedy"] > hi:
                 stopped = step + 1
                 break
     model.eval()
@@ -257,3 +285,26 @@ def warm_up(model, tokenizer, questions, cfg: TinyConfig, strategy: str, log=pri
     return {"warmup_loss_first": losses[0] if losses else None, "warmup_loss_last": last,
             "warmup_seconds": time.perf_counter() - start, "warmup_examples": len(examples),
             "warmup_steps_run": len(losses), "stopped_at": stopped, "dev_checks": checks}
+
+
+def parse_overrides(text: str) -> dict:
+    """`field=value,field=value` -> TinyConfig field values, each parsed by its field's default's type (a tuple
+    field takes `a+b+c`, a bool `true`/`false`); "" -> {}."""
+    fields = asdict(TinyConfig())
+    out = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in fields:
+            raise ValueError(f"tiny shape: expected field=value with a TinyConfig field ({', '.join(fields)}), "
+                             f"got {item!r}")
+        kind = type(fields[key])
+        if kind is bool:
+            if value.lower() not in ("true", "false"):
+                raise ValueError(f"tiny shape: {key} takes true or false, got {value!r}")
+            out[key] = value.lower() == "true"
+        elif kind is tuple:
+            out[key] = tuple(type(fields[key][0])(v) for v in value.split("+"))
+        else:
+            out[key] = kind(value)
+    return out

@@ -201,6 +201,9 @@ class PipelineConfig(Checked):
         None, "demo only: labelled training steps of the tiny base model before SEALONG starts (the base model's "
         "own training, not the learning-rate warmup, which is train.warmup_ratio); None: TinyConfig's (sealong/tiny.py)",
         ge=0)
+    tiny_shape: Optional[str] = option(
+        None, "demo only: the tiny base model's shape and warm-up, comma-separated TinyConfig field=value (sealong/tiny.py; "
+        "e.g. num_layers=4,hidden_size=128,tie_embeddings=true,warmup_hops=1+2+3); None: TinyConfig's defaults")
     nproc_per_node: int = option(1, "processes (GPUs) of the torchrun jobs: data-parallel sampling and scoring, and "
                                  "training", ge=1)
     train_args: str = option("", "extra sealong.train flags, one string (e.g. \"--sp 8 --ulysses 4\")")

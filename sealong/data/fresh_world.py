@@ -61,6 +61,7 @@ class FreshQuestion(Question):
     """A question of the reading world: `Question`'s text, record and MuSiQue layout, paraphrased traces."""
 
     form: int = 0  # which paraphrased trace form `reasoning()` uses by default
+    confusers: tuple = ()  # (near-name subject, relation, other object) per chain step: the careless reader's copies
 
     def reasoning(self, form: int | None = None) -> str:
         """The gold trace in one of the paraphrased forms (labelled warm-up only)."""
@@ -127,13 +128,13 @@ class FreshWorld:
             obj = self._new(RELATIONS[rel][1], rng, used)
             chain.append((node, rel, obj))
             node, kind = obj, RELATIONS[rel][1]
-        passages = []
+        passages, confusers = [], []
         for s, rel, o in chain:  # the chain's subjects, each with a near-name confuser of the same relation
             skind = RELATIONS[rel][0]
             passages.append((s, self._facts_of(s, skind, rng, used, (rel, o)), True))
             near = self._near(s, skind, rng, used)
-            passages.append((near, self._facts_of(near, skind, rng, used, (rel, self._new(RELATIONS[rel][1], rng, used))),
-                             False))
+            confusers.append((near, rel, self._new(RELATIONS[rel][1], rng, used)))
+            passages.append((near, self._facts_of(near, skind, rng, used, confusers[-1][1:]), False))
         while len(passages) < cfg.paragraphs_per_record:
             skind = rng.choice(["person", "person", "company", "city"])
             s = self._new(skind, rng, used)
@@ -141,7 +142,7 @@ class FreshWorld:
         rng.shuffle(passages)
         paragraphs = [Paragraph(i, t, text, sup) for i, (t, text, sup) in enumerate(passages)]
         return FreshQuestion(f"{hops}hop__{prefix}{cfg.seed}_{index}", chain, paragraphs,
-                             form=rng.randrange(len(TRACE_FORMS)))
+                             form=rng.randrange(len(TRACE_FORMS)), confusers=tuple(confusers))
 
     def questions(self, n: int, start: int = 0) -> list[FreshQuestion]:
         return [self.question(i) for i in range(start, start + n)]
