@@ -92,10 +92,10 @@ def test_eval_files_kinds_and_the_pipeline_check(tmp_path):
     rl.write_text(json.dumps({"id": "ruler/vt/4096/0", "kind": "ruler", "prompt": "p"}) + "\n")
     assert [suite.file_kind(str(p)) for p in (v1, v2, v2l, rl)] == ["longbench", "longbench_v2", "longbench_v2",
                                                                     "ruler"]
-    cfg = SimpleNamespace(model=None, musique=None, eval_files=f"{rl},{v2}")
+    cfg = SimpleNamespace(model=None, musique=None, tiny_shape=None, eval_files=f"{rl},{v2}")
     with pytest.raises(ValueError, match="at least one LongBench v1 file"):
         check(cfg)
-    check(SimpleNamespace(model=None, musique=None, eval_files=f"{v1},{rl},{v2}"))
+    check(SimpleNamespace(model=None, musique=None, tiny_shape=None, eval_files=f"{v1},{rl},{v2}"))
     with pytest.raises(FileNotFoundError, match="file not found"):
         suite.file_kind(str(tmp_path / "none.jsonl"))
 
