@@ -1,4 +1,7 @@
-"""The offline demo end to end (`sealong pipeline`, smaller than its defaults to fit CI), killed mid-run and resumed."""
+"""The offline demo end to end (`sealong pipeline`, smaller than its defaults to fit CI), stopped mid-training and
+resumed: killed (SIGKILL of the process group) or interrupted as a terminal's Ctrl-C does (SIGINT to the foreground
+process group: the pipeline and its torchrun job), which must print one line, exit 130, leave no process and no
+lock behind."""
 
 import json
 import os
@@ -17,22 +20,51 @@ def _lines(path):
     return path.read_text().splitlines() if path.exists() else []
 
 
+def _group_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _one_interrupt_line(log):
+    lines = log.splitlines()
+    assert not any("Traceback" in line or "KeyboardInterrupt" in line for line in lines), log[-4000:]
+    said = [line for line in lines if "interrupted:" in line]
+    assert len(said) == 1 and said[0].startswith("sealong pipeline: interrupted: "), log[-3000:]
+    assert said[0].endswith("the same command resumes") and lines[-1] == said[0], log[-3000:]
+
+
 @pytest.mark.slow
-def test_pipeline_end_to_end_killed_during_training_then_resumed(tmp_path):
+@pytest.mark.parametrize("stop", ["SIGKILL", "SIGINT"])
+def test_pipeline_end_to_end_stopped_during_training_then_resumed(tmp_path, stop):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "sealong.cli", "pipeline", "--run-dir", str(run_dir), *FLAGS]
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 400
-    try:  # kill the whole process group (the pipeline and its torchrun job) once training has started
+    try:  # stop the whole process group (the pipeline and its torchrun job) once training has started
         while not (run_dir / "train").exists():
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "training never started"
             time.sleep(0.2)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        log.close()
+        os.killpg(proc.pid, getattr(signal, stop))
+        try:
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            log.close()
+    if stop == "SIGINT":
+        assert proc.returncode == 130, (tmp_path / "first.log").read_text()[-3000:]
+        _one_interrupt_line((tmp_path / "first.log").read_text())
+        gone = time.monotonic() + 10
+        while _group_alive(proc.pid) and time.monotonic() < gone:
+            time.sleep(0.2)
+        assert not _group_alive(proc.pid), "a process of the interrupted pipeline is still running after 10 s"
+        assert not [str(p) for p in run_dir.rglob("*.lock")]  # released on the way out
     assert not (run_dir / "summary.md").exists() and not (run_dir / "train" / "DONE").exists()
     base_weights = run_dir / "base_model" / "model.safetensors"
     base_stamp = base_weights.stat().st_mtime_ns
