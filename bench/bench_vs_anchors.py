@@ -247,7 +247,7 @@ def _sealong_train(folder, data, pairs, s, workdir, ours=False):
     cfg = make_config(dict(model=folder, data=data, output_dir=os.path.join(workdir, "sealong"), batch_pairs=s["batch"],
                            lr=s["lr"], beta=s["beta"], lora_r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=0.0,
                            dtype="float32", progress=False, max_steps=s["steps"], warmup_ratio=0.0, weight_decay=0.0,
-                           nll_reduction="token", seed=s["seed"], max_length=8192, gradient_checkpointing=True)).validate()
+                           nll_reduction="token", nll_tokens="all", seed=s["seed"], max_length=8192, gradient_checkpointing=True)).validate()
     losses, stamps = [], [time.perf_counter()]
     train(cfg, setup("cpu"), on_step=lambda step, record: (losses.append(record["loss"]), stamps.append(time.perf_counter())))
     first_step_start = stamps[0]  # includes the model load: the first step's time is dropped from the median
