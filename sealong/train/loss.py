@@ -33,13 +33,13 @@ identity gradient, and every rank of the group computes the same loss and the ex
 own tokens (so the loss value is counted once per group, the gradients summed).
 """
 
-import os
 
 import torch
 
 import sealong_kernels as sk
-from sealong_kernels import reference
 from sealong_kernels.reference import orpo_objective
+
+CPU_CHUNK_BYTES = 128 * 2**20  # logits per chunk on a CPU: 512 rows at V = 49152 float32 (GPUs: the kernel's default)
 
 # TRL's ORPOTrainer metric names, all of them
 METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -64,13 +64,12 @@ def row_logp_sums(hidden, weight, labels, seq_index, num_seqs, *, bias=None, chu
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):
         raise ValueError(f"labels must be in [0, {weight.shape[0]}) or -100; got {int(targets.min())}..{int(targets.max())}")
     rows, targets, seq = (t.to(hidden.device) for t in (rows, targets, seq))
-    if hidden.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
-        return sk.sequence_logp_sums(hidden, weight, rows, targets, seq, num_seqs, bias, chunk_size=chunk_size or None,
-                                     group=group, return_logit_means=True, checked=True)
-    # CPU without the Triton interpreter: the plain-torch twins (full logits of the label rows only)
-    sums = reference.sequence_logp_sums(hidden, weight, rows, targets, seq, num_seqs, bias)
-    means = reference.sequence_logit_means(hidden, weight, rows, seq, num_seqs, bias)
-    return reference.global_sum(sums.float(), group), reference.global_sum(means.float(), group).detach()
+    # every device: the fused chunked Function (on a CPU without the Triton interpreter its row pass is the torch
+    # twin); CPU chunks of CPU_CHUNK_BYTES of logits: no [M, V] tensor, and products of a few hundred rows, which
+    # a CPU runs no slower than larger ones
+    return sk.sequence_logp_sums(hidden, weight, rows, targets, seq, num_seqs, bias, chunk_size=chunk_size or None,
+                                 chunk_bytes=None if hidden.is_cuda else CPU_CHUNK_BYTES, group=group,
+                                 return_logit_means=True, checked=True)
 
 
 def metric_means(sums, batch_pairs, batch_tokens, nll_reduction="token", nll_tokens=None):
