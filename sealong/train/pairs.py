@@ -30,7 +30,8 @@ the head of each answer segment, because its hidden state predicts the answer's 
 extra token the packed layout gives exactly the logits of the classic layout over P + C + R + 1 tokens
 instead of 2P + C + R. `labels[t]` is the target predicted from `hidden[t]` (shifted once, here).
 `seq_index[t]` says whose log-probability token t counts for: 2j = chosen of the j-th pair of a
-micro-batch, 2j + 1 = its rejected, -1 = none.
+micro-batch, 2j + 1 = its rejected, -1 = none. With `prompt_seq` (TrainConfig.nll_tokens="all", TRL's NLL over
+prompt + chosen answer) the prompt's positions 0 .. P-2 get labels p1 .. p[P-1] counted for sequence prompt_seq.
 
 A pair whose longer sequence (prompt + the longer answer) exceeds `max_length` has its prompt cut from
 the middle (head and tail kept: the chat header and the question survive); the number of such pairs is
