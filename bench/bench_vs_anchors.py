@@ -27,6 +27,7 @@ bench/results/vs_anchors_<device>_<date>.json.
 """
 
 import argparse
+import contextlib
 import ctypes
 import importlib.util
 import json
@@ -214,17 +215,34 @@ def preference_pairs(tokenizer, prompt_tokens, count):
     return pairs
 
 
+@contextlib.contextmanager
+def as_users_run(device):
+    """TRITON_INTERPRET=0 on a CPU for the block: `bench/__init__` sets 1 there (for the kernel benches), under which
+    sealong's loss would run its Triton kernels in the interpreter, which no user runs and TRL never does."""
+    before = os.environ.get("TRITON_INTERPRET")
+    if not str(device).startswith("cuda"):
+        os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+
+
 def orpo_row(folder, pairs, steps, lora_r, workdir, device):
-    """sealong train vs TRL ORPOTrainer + peft vs sealong_kernels.trl.ORPOTrainer: same pairs, LoRA, batch, steps."""
+    """sealong train vs TRL ORPOTrainer + peft vs sealong_kernels.trl.ORPOTrainer: same pairs, LoRA, batch, steps,
+    as users run them (no Triton interpreter on a CPU: `as_users_run`)."""
     settings = dict(lr=1e-4, beta=0.1, lora_r=lora_r, lora_alpha=2 * lora_r, batch=len(pairs), steps=steps, seed=0)
     data = os.path.join(workdir, "pairs.jsonl")
     with open(data, "w") as f:
         for p in pairs:
             f.write(json.dumps(p) + "\n")
-    result = {"row": "orpo", "pairs": len(pairs), "settings": settings, "load": load()}
+    result = {"row": "orpo", "pairs": len(pairs), "settings": settings, "load": load(), "triton_interpreter": False}
     for name, fn in (("sealong_train", _sealong_train), ("trl_peft", _trl_train), ("sealong_kernels_trl", _trl_train)):
         _trim()
-        with PeakMemory(device) as mem:
+        with as_users_run(device), PeakMemory(device) as mem:
             losses, step_times = fn(folder, data, pairs, settings, workdir, ours=name == "sealong_kernels_trl")
         after_first = step_times[1:] or step_times
         result[name] = {"losses": losses, "step_s": step_times, "s_per_pair": statistics.median(after_first) / len(pairs),
@@ -247,7 +265,7 @@ def _sealong_train(folder, data, pairs, s, workdir, ours=False):
     cfg = make_config(dict(model=folder, data=data, output_dir=os.path.join(workdir, "sealong"), batch_pairs=s["batch"],
                            lr=s["lr"], beta=s["beta"], lora_r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=0.0,
                            dtype="float32", progress=False, max_steps=s["steps"], warmup_ratio=0.0, weight_decay=0.0,
-                           nll_reduction="token", seed=s["seed"], max_length=8192, gradient_checkpointing=True)).validate()
+                           nll_reduction="token", nll_tokens="all", seed=s["seed"], max_length=8192, gradient_checkpointing=True)).validate()
     losses, stamps = [], [time.perf_counter()]
     train(cfg, setup("cpu"), on_step=lambda step, record: (losses.append(record["loss"]), stamps.append(time.perf_counter())))
     first_step_start = stamps[0]  # includes the model load: the first step's time is dropped from the median

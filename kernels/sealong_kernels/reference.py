@@ -365,7 +365,7 @@ def check_pair_weights(pair_weights, num_pairs):
 
 
 def orpo_objective(logp_sum, counts, *, mode="orpo", beta=0.1, nll_weight=1.0, skip_empty=False, logit_means=None,
-                   nll_reduction="token", pair_weights=None, keep=None):
+                   nll_reduction="token", pair_weights=None, keep=None, nll_extra=None):
     """ORPO / SFT loss and TRL-named metrics from per-sequence log-prob sums.
 
     logp_sum [2P] (differentiable), counts [2P]: sums and numbers of label tokens of the chosen (2p) and
@@ -390,6 +390,9 @@ def orpo_objective(logp_sum, counts, *, mode="orpo", beta=0.1, nll_weight=1.0, s
     Self-Consistency Preference Optimization (Prasad et al. 2024, arXiv 2411.04109) weights each pair's loss
     by its vote margin this way. None skips the multiply (weights of ones give the same floats). The metrics
     stay unweighted (TRL's names and definitions).
+    nll_extra (optional): (sums [P], counts [P]) of more tokens the NLL term covers besides the chosen answer's
+    (TRL's ORPOTrainer: the prompt's tokens after the first); S_c,i and n_c,i above then become S_c,i + S_x,i and
+    n_c,i + n_x,i in the NLL only (the odds ratio and logps/chosen keep the answer's mean).
     logit_means [2P] (optional, `sequence_logit_means`): per sequence, the sum over its label tokens of the
     vocabulary-mean logit; gives TRL's logits/chosen (logits/rejected) = the mean logit over every vocabulary
     entry of every chosen (rejected) label token of the kept pairs, i.e. logits[loss_mask].mean() as TRL's
@@ -418,9 +421,14 @@ def orpo_objective(logp_sum, counts, *, mode="orpo", beta=0.1, nll_weight=1.0, s
         metrics["nll_loss"] = loss.detach().float()
         return loss, metrics
     chosen = sums_k[:, 0] / n_k[:, 0]
-    nll_of = lambda c, s: -c.mean() if nll_reduction == "sequence" else -s.sum() / n_k[:, 0].sum()  # noqa: E731
-    nll = nll_of(chosen, sums_k[:, 0])
-    loss = nll_weight * (nll if w is None else nll_of(weighted(chosen), weighted(sums_k[:, 0])))
+    nll_s, nll_n = sums_k[:, 0], n_k[:, 0]
+    if nll_extra is not None:
+        nll_s = nll_s + nll_extra[0].reshape(-1).to(sums.dtype)[keep]
+        nll_n = nll_n + torch.as_tensor(nll_extra[1], device=n.device).reshape(-1).to(n.dtype)[keep]
+    nll_of = (lambda f: -f(nll_s / nll_n).mean()) if nll_reduction == "sequence" else (  # noqa: E731
+        lambda f: -f(nll_s).sum() / nll_n.sum())
+    nll = nll_of(lambda x: x)
+    loss = nll_weight * (nll if w is None else nll_of(weighted))
     metrics["nll_loss"] = nll.detach().float()
     metrics["logps/chosen"] = chosen.detach().mean().float()
     if logit_means is not None:

@@ -59,6 +59,10 @@ class TrainConfig(Checked):
     nll_reduction: Literal["sequence", "token"] = option(
         "sequence", "sequence: mean over pairs of each chosen response's token mean (XTuner, the authors' training); "
         "token: token mean over the batch's chosen tokens")
+    nll_tokens: Literal["answer", "all"] = option(
+        "answer", "tokens of the NLL term: answer: the chosen answer's (XTuner's ORPO, the authors' training); all: "
+        "every token of prompt + chosen answer after the first (TRL's ORPOTrainer; with nll_reduction=token its "
+        "exact NLL)")
     pair_weighting: Literal["none", "margin"] = option(
         "none", "none: every pair weighs 1 (the paper); margin: pair i weighs its MBR score margin m_i = "
         "score(chosen) - score(rejected) (the pairs' score_margin) divided by the mean margin over the training "

@@ -55,7 +55,7 @@ from sealong.lock import OutputError, OutputLock
 from . import checkpoint as ckpt
 from . import fsdp
 from .distributed import all_reduce_grads, all_reduce_sum, cleanup, print0, setup
-from .pairs import label_counts, load_pairs, pack_pair
+from .pairs import label_counts, load_pairs, pack_pair, prompt_label_count
 from .config import TrainConfig, lr_at
 from .loss import METRIC_NAMES, metric_means, micro_objective, row_logp_sums
 from .mesh import TrainMesh
@@ -141,11 +141,13 @@ def batch_indices(step, num_pairs, steps_per_epoch, cfg):
 def micro_step_sums(model, lm_head, pairs, cfg, mesh, device, logit_sums=None):
     """Global per-sequence log-prob sums [2p] of a micro-batch's p pairs (chosen 2j, rejected 2j + 1), and
     the number of tokens this rank ran through the model. logit_sums: an optional float32 [2p] tensor that
-    receives the per-sequence sums of the mean logit (the logits/* metrics, from the same fused row pass)."""
-    num_seqs = 2 * len(pairs)
+    receives the per-sequence sums of the mean logit (the logits/* metrics, from the same fused row pass).
+    With cfg.nll_tokens "all" the sums are [3p]: then the p prompts' sums (prompt j: 2p + j)."""
+    with_prompts = cfg.nll_tokens == "all"
+    num_seqs = (3 if with_prompts else 2) * len(pairs)
     sums, tokens = torch.zeros(num_seqs, dtype=torch.float32, device=device), 0
     for j, pair in enumerate(pairs):
-        for row in pack_pair(pair, j, cfg.layout):
+        for row in pack_pair(pair, j, cfg.layout, prompt_seq=2 * len(pairs) + j if with_prompts else None):
             local = mesh.shard_row(row)
             to_dev = lambda t: None if t is None else t.to(device)  # noqa: E731
             hidden = model(to_dev(local.input_ids), to_dev(local.position_ids), attention=mesh.attention,
@@ -154,7 +156,7 @@ def micro_step_sums(model, lm_head, pairs, cfg, mesh, device, logit_sums=None):
                                                  bias=lm_head.bias, chunk_size=cfg.loss_chunk_size, group=mesh.sp_group)
             sums = sums + row_sums
             if logit_sums is not None:
-                logit_sums += row_logits
+                logit_sums += row_logits[:2 * len(pairs)]
             tokens += local.input_ids.numel()
     return sums, tokens
 
@@ -162,6 +164,15 @@ def micro_step_sums(model, lm_head, pairs, cfg, mesh, device, logit_sums=None):
 def sequence_counts(pairs):
     """Label tokens of each sequence [2p]: chosen and rejected of every pair (rejected 0 in SFT)."""
     return torch.tensor([n for pair in pairs for n in label_counts(pair)], dtype=torch.long)
+
+
+def prompt_sums(sums, pairs, cfg):
+    """(answer sums [2p], nll_extra) from micro_step_sums: nll_extra = (the prompts' sums [p], their label counts
+    [p]) with cfg.nll_tokens "all" (TRL's NLL over prompt + chosen answer), else None."""
+    if cfg.nll_tokens != "all":
+        return sums, None
+    counts = torch.tensor([prompt_label_count(p) for p in pairs], dtype=torch.long)  # host: no sync to count them
+    return sums[:2 * len(pairs)], (sums[2 * len(pairs):], counts)
 
 
 def pair_weights(pairs, cfg, device):
@@ -180,6 +191,7 @@ def train_step(model, lm_head, params, optimizer, scaler, batch, cfg, mesh, devi
     mark = (lambda phase, waits_in: heartbeat.mark(step, phase, waits_in)) if heartbeat else (lambda *_: None)
     accum = cfg.grad_accum_steps(mesh.dp)
     chosen_tokens = sum(label_counts(p)[0] for p in batch)
+    prompt_tokens = sum(prompt_label_count(p) for p in batch) if cfg.nll_tokens == "all" else 0
     sums_of = torch.zeros(len(METRIC_NAMES) + 2, dtype=torch.float64)  # metric sums, loss, tokens
     for m in range(accum):
         start = (m * mesh.dp + mesh.dp_rank) * cfg.micro_batch_pairs
@@ -187,10 +199,12 @@ def train_step(model, lm_head, params, optimizer, scaler, batch, cfg, mesh, devi
         logit_sums = torch.zeros(2 * len(pairs), dtype=torch.float32, device=device)
         mark("forward", "the forward all-gather" if sharded else "the forward's sequence-parallel exchange")
         sums, tokens = micro_step_sums(model, lm_head, pairs, cfg, mesh, device, logit_sums)
+        sums, extra = prompt_sums(sums, pairs, cfg)
         loss, metrics = micro_objective(sums, sequence_counts(pairs).to(device), mode=cfg.mode, beta=cfg.beta,
                                         nll_weight=cfg.nll_weight, batch_chosen_tokens=chosen_tokens,
                                         batch_pairs=len(batch), logit_sums=logit_sums, nll_reduction=cfg.nll_reduction,
-                                        pair_weights=pair_weights(pairs, cfg, device))
+                                        pair_weights=pair_weights(pairs, cfg, device), nll_extra=extra,
+                                        batch_extra_tokens=prompt_tokens)
         # `loss` is this micro-batch's share of the batch loss (batch-wide denominators): no 1/accum here
         mark("backward", "the backward's all-gathers / reduce-scatters" if sharded
              else "the backward's sequence-parallel exchange")
@@ -218,7 +232,7 @@ def train_step(model, lm_head, params, optimizer, scaler, batch, cfg, mesh, devi
     record = {"loss": sums_of[-2].item()}
     names = METRIC_NAMES if cfg.mode == "orpo" else ("logps/chosen", "nll_loss", "logits/chosen")
     means = metric_means(sums_of, len(batch), [sum(label_counts(p)[k] for p in batch) for k in (0, 1)],
-                         cfg.nll_reduction)
+                         cfg.nll_reduction, nll_tokens=chosen_tokens + prompt_tokens)
     record.update({name: means[name] for name in names})
     record.update(grad_norm=float(grad_norm), tokens=int(sums_of[-1].item()))
     if scaler is not None:

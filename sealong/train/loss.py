@@ -2,7 +2,8 @@
 
 ORPO over the whole optimizer batch of P pairs (the odds-ratio term as TRL's ORPOTrainer,
 trl/trainer/orpo_trainer.py; the NLL on the chosen RESPONSE tokens only, as XTuner's ORPO and the paper; TRL's
-NLL also covers the prompt):
+NLL also covers the prompt: TrainConfig.nll_tokens="all" adds each prompt's P_i - 1 predicted tokens, S_p,i and
+n_p,i = P_i - 1, to S_c,i and n_c,i in the NLL below, which with nll_reduction="token" is TRL's NLL exactly):
 
     loss = nll_weight * NLL - beta * mean_i logsigmoid(log_odds_i)
     NLL  = -sum_i S_c,i / sum_i n_c,i          nll_reduction="token": a token mean over the batch's chosen tokens
@@ -32,13 +33,13 @@ identity gradient, and every rank of the group computes the same loss and the ex
 own tokens (so the loss value is counted once per group, the gradients summed).
 """
 
-import os
 
 import torch
 
 import sealong_kernels as sk
-from sealong_kernels import reference
 from sealong_kernels.reference import orpo_objective
+
+CPU_CHUNK_BYTES = 128 * 2**20  # logits per chunk on a CPU: 512 rows at V = 49152 float32 (GPUs: the kernel's default)
 
 # TRL's ORPOTrainer metric names, all of them
 METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -63,20 +64,22 @@ def row_logp_sums(hidden, weight, labels, seq_index, num_seqs, *, bias=None, chu
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):
         raise ValueError(f"labels must be in [0, {weight.shape[0]}) or -100; got {int(targets.min())}..{int(targets.max())}")
     rows, targets, seq = (t.to(hidden.device) for t in (rows, targets, seq))
-    if hidden.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
-        return sk.sequence_logp_sums(hidden, weight, rows, targets, seq, num_seqs, bias, chunk_size=chunk_size or None,
-                                     group=group, return_logit_means=True, checked=True)
-    # CPU without the Triton interpreter: the plain-torch twins (full logits of the label rows only)
-    sums = reference.sequence_logp_sums(hidden, weight, rows, targets, seq, num_seqs, bias)
-    means = reference.sequence_logit_means(hidden, weight, rows, seq, num_seqs, bias)
-    return reference.global_sum(sums.float(), group), reference.global_sum(means.float(), group).detach()
+    # every device: the fused chunked Function (on a CPU without the Triton interpreter its row pass is the torch
+    # twin); CPU chunks of CPU_CHUNK_BYTES of logits: no [M, V] tensor, and products of a few hundred rows, which
+    # a CPU runs no slower than larger ones
+    return sk.sequence_logp_sums(hidden, weight, rows, targets, seq, num_seqs, bias, chunk_size=chunk_size or None,
+                                 chunk_bytes=None if hidden.is_cuda else CPU_CHUNK_BYTES, group=group,
+                                 return_logit_means=True, checked=True)
 
 
-def metric_means(sums, batch_pairs, batch_tokens, nll_reduction="token"):
+def metric_means(sums, batch_pairs, batch_tokens, nll_reduction="token", nll_tokens=None):
     """{name: batch mean} from metric sums [len(METRIC_NAMES)]: TOKEN_METRICS over the batch's label tokens
     batch_tokens = (chosen, rejected), the others over its pairs; nll_loss over pairs with nll_reduction
-    "sequence" (each chosen response's token mean, averaged over pairs)."""
+    "sequence" (each chosen response's token mean, averaged over pairs), else over nll_tokens when given (the
+    NLL's tokens: chosen and prompt tokens with TrainConfig.nll_tokens="all")."""
     def denominator(name):
+        if name == "nll_loss" and nll_reduction == "token" and nll_tokens is not None:
+            return nll_tokens
         if name in TOKEN_METRICS and not (name == "nll_loss" and nll_reduction != "token"):
             return batch_tokens[TOKEN_METRICS[name]]
         return batch_pairs
@@ -85,22 +88,25 @@ def metric_means(sums, batch_pairs, batch_tokens, nll_reduction="token"):
 
 
 def micro_objective(sums, counts, *, mode, beta, nll_weight, batch_chosen_tokens, batch_pairs, logit_sums=None,
-                    nll_reduction="token", pair_weights=None):
+                    nll_reduction="token", pair_weights=None, nll_extra=None, batch_extra_tokens=0):
     """This micro-step's share of the batch loss and its metric sums.
 
     sums [2p] float32 (the global per-sequence log-prob sums of its p pairs), counts [2p] label tokens,
     logit_sums [2p] (optional, the second output of `row_logp_sums`), pair_weights [p] (optional, the pairs' loss weights; None:
-    every pair weighs 1, the multiply skipped). Returns (loss share to backpropagate, metrics float64
+    every pair weighs 1, the multiply skipped), nll_extra (optional): (sums [p], counts [p]) of the tokens the NLL
+    covers besides the chosen answers' (the prompts' with nll_tokens="all"), batch_extra_tokens their number over
+    the batch (orpo_objective's nll_extra). Returns (loss share to backpropagate, metrics float64
     [len(METRIC_NAMES)] summed over the p pairs, except TOKEN_METRICS: summed over their tokens, and nll_loss
     with nll_reduction "sequence": summed over pairs); `metric_means` turns the sums over the batch into means.
     """
     pairs = counts.numel() // 2
     chosen_tokens = float(counts[0::2].sum())
-    own = chosen_tokens if nll_reduction == "token" else float(pairs)  # this micro-step's NLL weight ...
-    total = batch_chosen_tokens if nll_reduction == "token" else batch_pairs  # ... of the batch's
+    extra_tokens = float(torch.as_tensor(nll_extra[1]).sum()) if nll_extra is not None else 0.0
+    own = chosen_tokens + extra_tokens if nll_reduction == "token" else float(pairs)  # this micro-step's NLL weight ...
+    total = batch_chosen_tokens + batch_extra_tokens if nll_reduction == "token" else batch_pairs  # ... of the batch's
     loss, m = orpo_objective(sums, counts, mode=mode, beta=beta * pairs / batch_pairs,
                              nll_weight=nll_weight * own / total, nll_reduction=nll_reduction,
-                             pair_weights=pair_weights)
+                             pair_weights=pair_weights, nll_extra=nll_extra)
     out = torch.zeros(len(METRIC_NAMES), dtype=torch.float64)
     out[METRIC_NAMES.index("nll_loss")] = float(m["nll_loss"]) * own
     out[METRIC_NAMES.index("logps/chosen")] = float(m["logps/chosen"]) * pairs

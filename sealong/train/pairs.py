@@ -30,7 +30,8 @@ the head of each answer segment, because its hidden state predicts the answer's 
 extra token the packed layout gives exactly the logits of the classic layout over P + C + R + 1 tokens
 instead of 2P + C + R. `labels[t]` is the target predicted from `hidden[t]` (shifted once, here).
 `seq_index[t]` says whose log-probability token t counts for: 2j = chosen of the j-th pair of a
-micro-batch, 2j + 1 = its rejected, -1 = none.
+micro-batch, 2j + 1 = its rejected, -1 = none. With `prompt_seq` (TrainConfig.nll_tokens="all", TRL's NLL over
+prompt + chosen answer) the prompt's positions 0 .. P-2 get labels p1 .. p[P-1] counted for sequence prompt_seq.
 
 A pair whose longer sequence (prompt + the longer answer) exceeds `max_length` has its prompt cut from
 the middle (head and tail kept: the chat header and the question survive); the number of such pairs is
@@ -340,27 +341,39 @@ def _answer_labels(answer):
     return torch.cat([answer, torch.tensor([IGNORE])])
 
 
-def pack_pair(pair, index=0, layout="packed"):
-    """Rows for the j-th pair of a micro-batch (`index` = j): one packed row or two classic rows."""
+def pack_pair(pair, index=0, layout="packed", prompt_seq=None):
+    """Rows for the j-th pair of a micro-batch (`index` = j): one packed row or two classic rows.
+
+    prompt_seq (optional, an int): the prompt's tokens after the first become labels too, counted for sequence
+    `prompt_seq` (TRL's NLL over prompt + chosen answer: the prompt's P - 1 predictions, once per pair; in the
+    classic layout on the chosen row)."""
     p, c, r = pair.prompt, pair.chosen, pair.rejected
     P = p.numel()
+
+    def prompt_labels(counted):  # labels and seq_index of the first P - 1 positions
+        if prompt_seq is None or not counted:
+            return torch.full((P - 1,), IGNORE), torch.full((P - 1,), -1)
+        return p[1:], torch.full((P - 1,), prompt_seq)
+
     if layout == "classic" or r is None:
         rows = []
         for k, answer in enumerate([c] if r is None else [c, r]):
             ids = torch.cat([p, answer])
-            labels = torch.cat([torch.full((P - 1,), IGNORE), _answer_labels(answer)])
-            seq = torch.where(labels != IGNORE, 2 * index + k, -1)
-            rows.append(Row(ids, torch.arange(ids.numel()), labels, seq))
+            head, head_seq = prompt_labels(k == 0)
+            tail = _answer_labels(answer)
+            seq = torch.cat([head_seq, torch.where(tail != IGNORE, 2 * index + k, -1)])
+            rows.append(Row(ids, torch.arange(ids.numel()), torch.cat([head, tail]), seq))
         return rows
     if layout != "packed":
         raise ValueError(f"layout must be 'packed' or 'classic', got {layout!r}")
     last = p[-1:]
     ids = torch.cat([p[:-1], last, c, last, r])
     positions = torch.cat([torch.arange(P - 1), torch.arange(P - 1, P + c.numel()), torch.arange(P - 1, P + r.numel())])
-    labels = torch.cat([torch.full((P - 1,), IGNORE), _answer_labels(c), _answer_labels(r)])
+    answers = torch.cat([_answer_labels(c), _answer_labels(r)])
     segments = torch.cat([torch.zeros(P - 1), torch.ones(c.numel() + 1), torch.full((r.numel() + 1,), 2)]).int()
-    seq = torch.where(labels == IGNORE, -1, 2 * index + segments.long() - 1)
-    return [Row(ids, positions, labels, seq, segments)]
+    head, head_seq = prompt_labels(True)
+    seq = torch.cat([head_seq, torch.where(answers == IGNORE, -1, 2 * index + segments[P - 1:].long() - 1)])
+    return [Row(ids, positions, torch.cat([head, answers]), seq, segments)]
 
 
 def pad_row(row, multiple, pad_id=0):
@@ -377,6 +390,11 @@ def pad_row(row, multiple, pad_id=0):
     positions = torch.cat([row.position_ids, torch.arange(last_pos + 1, last_pos + 1 + extra)])
     segments = None if row.segment_ids is None else grow(row.segment_ids, int(row.segment_ids[-1]))
     return Row(grow(row.input_ids, pad_id), positions, grow(row.labels, IGNORE), grow(row.seq_index, -1), segments)
+
+
+def prompt_label_count(pair):
+    """Prompt tokens a pair adds to the NLL with nll_tokens="all" (pack_pair's prompt_seq): all but the first."""
+    return pair.prompt.numel() - 1
 
 
 def label_counts(pair):

@@ -88,6 +88,43 @@ def test_micro_step_shares_sum_to_the_batch_loss(reduction, split):
     assert metric / denom == pytest.approx(float(ref["nll_loss"]), rel=1e-6)  # metrics are float32
 
 
+@pytest.mark.parametrize("reduction", ["token", "sequence"])
+@pytest.mark.parametrize("split", [[1] * 6, [2, 3, 1], [6]])
+def test_nll_over_prompts_shares_sum_to_the_batch_loss(reduction, split):
+    """nll_tokens="all" (TRL's NLL over prompt + chosen answer): the prompts' sums and counts join the chosen
+    answers' in the NLL only; micro-step shares still sum to the one-shot loss, gradients included, and
+    with "token" the NLL is TRL's -sum(S_c + S_p) / sum(n_c + n_p)."""
+    sums, counts = _batch(2)
+    g = torch.Generator().manual_seed(3)
+    n_p = torch.randint(1, 90, (6,), generator=g)
+    s_p = (-torch.rand(6, generator=g, dtype=torch.float64) * 2 * n_p).requires_grad_()
+    whole, ref = orpo_objective(sums, counts, beta=0.1, nll_reduction=reduction, nll_extra=(s_p, n_p))
+    _, answers_only = orpo_objective(sums, counts, beta=0.1, nll_reduction=reduction)
+    n_all = counts[0::2] + n_p
+    by_hand = (-(sums[0::2] + s_p).sum() / n_all.sum() if reduction == "token"
+               else -((sums[0::2] + s_p) / n_all).mean())
+    assert float(ref["nll_loss"]) == pytest.approx(float(by_hand), rel=1e-6)
+    assert float(ref["nll_loss"]) != pytest.approx(float(answers_only["nll_loss"]), rel=1e-3)
+    assert float(ref["log_odds_ratio"]) == float(answers_only["log_odds_ratio"])  # the odds ratio: answers only
+    g_whole = torch.autograd.grad(whole, (sums, s_p))
+    total, start, metric = 0.0, 0, 0.0
+    for p in split:
+        s, c = sums[2 * start:2 * (start + p)], counts[2 * start:2 * (start + p)]
+        share, m = micro_objective(s, c, mode="orpo", beta=0.1, nll_weight=1.0, nll_reduction=reduction,
+                                   batch_chosen_tokens=int(counts[0::2].sum()), batch_pairs=6,
+                                   nll_extra=(s_p[start:start + p], n_p[start:start + p]),
+                                   batch_extra_tokens=int(n_p.sum()))
+        total = total + share
+        metric += float(m[METRIC_NAMES.index("nll_loss")])
+        start += p
+    g_parts = torch.autograd.grad(total, (sums, s_p))
+    assert float(total.detach()) == pytest.approx(float(whole.detach()), rel=1e-12)
+    for a, b in zip(g_parts, g_whole):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-15)
+    denom = int(n_all.sum()) if reduction == "token" else 6
+    assert metric / denom == pytest.approx(float(ref["nll_loss"]), rel=1e-6)
+
+
 def test_fused_loss_passes_the_reduction():
     from sealong_kernels import fused_linear_orpo_loss
 

@@ -9,7 +9,7 @@ from train_fixtures import build_tokenizer, make_model_folder, write_pairs, one_
 
 from sealong.model import load_model
 from sealong.train.pairs import IGNORE, Pair, load_pairs, pack_pair, pad_row, truncate_middle
-from sealong.train.loss import micro_objective, row_logp_sums
+from sealong.train.loss import METRIC_NAMES, micro_objective, row_logp_sums
 
 RTOL = 1e-5  # float32: the two layouts differ only in the order of sums (packed attention over more keys)
 
@@ -64,6 +64,57 @@ def test_packed_layout_fields():
     assert row.seq_index.tolist() == [-1, -1, 2, 2, -1, 3, -1]
     padded = pad_row(row, 4)
     assert padded.input_ids.numel() == 8 and padded.labels[-1] == IGNORE and padded.position_ids[-1] == 4
+
+
+def test_prompt_labels_for_trl_nll():
+    """prompt_seq: the prompt's tokens after the first are labels of sequence prompt_seq (packed: the shared
+    prompt; classic: the chosen row only), the answers' labels unchanged."""
+    pair = Pair("x", torch.tensor([10, 11, 12]), torch.tensor([20, 21]), torch.tensor([30]))
+    (row,) = pack_pair(pair, index=1, prompt_seq=5)
+    assert row.labels.tolist() == [11, 12, 20, 21, IGNORE, 30, IGNORE]
+    assert row.seq_index.tolist() == [5, 5, 2, 2, -1, 3, -1]
+    chosen, rejected = pack_pair(pair, index=1, layout="classic", prompt_seq=5)
+    assert chosen.labels.tolist() == [11, 12, 20, 21, IGNORE] and chosen.seq_index.tolist() == [5, 5, 2, 2, -1]
+    assert rejected.labels.tolist() == [IGNORE, IGNORE, 30, IGNORE] and rejected.seq_index.tolist() == [-1, -1, 3, -1]
+    (sft,) = pack_pair(Pair("s", pair.prompt, pair.chosen, None), 0, prompt_seq=1)
+    assert sft.labels.tolist() == [11, 12, 20, 21, IGNORE] and sft.seq_index.tolist() == [1, 1, 0, 0, -1]
+
+
+@pytest.mark.parametrize("layout", ["packed", "classic"])
+def test_nll_over_prompt_and_answer_is_trls(tmp_path, layout):
+    """nll_tokens="all": the loss is TRL's ORPOTrainer's, computed here as TRL does (a causal LM over prompt +
+    chosen answer, cross-entropy over every token after the first, token mean over the batch's chosen rows)."""
+    from sealong_kernels.reference import orpo_objective
+
+    from sealong.train.pairs import prompt_label_count
+
+    model = load_model(make_model_folder(str(tmp_path / "m")), dtype=torch.float32)
+    w = model.lm_head.weight
+    pairs = [_random_pair(model.config.vocab_size, 23, 7, 11, 1), _random_pair(model.config.vocab_size, 9, 13, 5, 2)]
+    sums = torch.zeros(3 * len(pairs))
+    for j, pair in enumerate(pairs):
+        for row in pack_pair(pair, j, layout, prompt_seq=2 * len(pairs) + j):
+            hidden = model(row.input_ids, row.position_ids, segment_ids=row.segment_ids)
+            sums = sums + row_logp_sums(hidden, w, row.labels, row.seq_index, 3 * len(pairs))[0]
+    counts = torch.tensor([n for p in pairs for n in (p.chosen.numel(), p.rejected.numel())])
+    extra = (sums[4:], torch.tensor([prompt_label_count(p) for p in pairs]))
+    loss, metrics = micro_objective(sums[:4], counts, mode="orpo", beta=0.1, nll_weight=1.0,
+                                    batch_chosen_tokens=int(counts[0::2].sum()), batch_pairs=2, nll_extra=extra,
+                                    batch_extra_tokens=int(extra[1].sum()))
+    nll, n, answer = 0.0, 0, []
+    with torch.no_grad():
+        for pair in pairs:
+            for k, ans in enumerate((pair.chosen, pair.rejected)):
+                ids = torch.cat([pair.prompt, ans])
+                logp = torch.log_softmax(model(ids, torch.arange(ids.numel()))[:-1] @ w.T, -1)
+                logp = logp.gather(1, ids[1:, None])[:, 0]
+                answer.append(logp[-ans.numel():].sum())
+                if k == 0:
+                    nll, n = nll - logp.sum(), n + ids.numel() - 1
+    want, _ = orpo_objective(torch.stack(answer), counts, beta=0.1, nll_weight=0.0)
+    want = want + nll / n
+    assert float(loss.detach()) == pytest.approx(float(want), rel=RTOL)
+    assert float(metrics[METRIC_NAMES.index("nll_loss")]) / n == pytest.approx(float(nll / n), rel=RTOL)  # a sum over its tokens
 
 
 def test_truncate_middle_keeps_head_and_tail():
