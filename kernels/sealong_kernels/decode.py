@@ -295,7 +295,7 @@ def _cascade_decode_kernel(
     stride_os, stride_om, stride_oh, stride_ls, stride_lh, stride_lm,
     n_slots, n_kv_heads, row_tiles, keys_per_split, scale_log2,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPT: tl.constexpr, PARTIAL: tl.constexpr, IEEE: tl.constexpr,
+    SPT: tl.constexpr, SUFFIX_N: tl.constexpr, PARTIAL: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0)  # folded: ((prompt * n_kv_heads + kv head) * row_tiles + row tile), as the prefix kernel
     pid_m = pid % row_tiles
@@ -352,39 +352,31 @@ def _cascade_decode_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    # 2. the suffixes of the tile's samples t = 0..SPT-1 (sample n0 + t), packed one after the other: packed key u
-    # belongs to the sample t with start_t <= u < end_t and is its suffix position u - start_t
+    # 2. the suffixes of the tile's samples t = 0..SPT-1 (sample n0 + t) without this step's token, packed one
+    # after the other: packed key u belongs to the sample t with end_(t-1) <= u < end_t, at suffix position
+    # u - end_(t-1) (end = prefix sums of the lengths write_t; a sample not decoding or not in the tile: 0)
     n0 = (pid_m * BLOCK_M) // G
     t = tl.arange(0, SPT)
     t_ok = (n0 + t < n_samples) & ((n0 + t) * G < (pid_m + 1) * BLOCK_M)  # a sample with a row in this tile
     t_slot = tl.load(Rows + q_lo + n0 + t, mask=t_ok, other=n_slots)
     t_ok = t_ok & (t_slot < n_slots)
-    t_write = tl.load(Write + t_slot, mask=t_ok, other=-1)  # this step's suffix row: the new token
-    t_len = tl.where(t_ok, t_write + 1, 0).to(tl.int32)
-    t_end = tl.cumsum(t_len, 0)
-    t_start = t_end - t_len
+    t_write = tl.load(Write + t_slot, mask=t_ok, other=-1).to(tl.int32)  # this step's suffix row (-1: no suffix)
+    t_ok = t_ok & (t_write >= 0)
+    t_end = tl.cumsum(tl.where(t_ok, t_write, 0), 0)
     u_lo = tl.maximum(v_lo - n_prefix, 0)
-    u_hi = tl.minimum(v_hi - n_prefix, tl.sum(t_len, 0))
+    u_hi = tl.minimum(v_hi - n_prefix, tl.max(t_end, 0))
     sample_t = sample - n0  # [BLOCK_M] the row's sample within the tile
-    for u0 in range(u_lo, u_hi, BLOCK_N):
-        u = u0 + tl.arange(0, BLOCK_N)
-        own = (u[:, None] >= t_start[None, :]) & (u[:, None] < t_end[None, :])  # [BLOCK_N, SPT], one True per u < u_hi
+    for u0 in range(u_lo, u_hi, SUFFIX_N):
+        u = u0 + tl.arange(0, SUFFIX_N)
         u_ok = u < u_hi
-        owner = tl.sum(tl.where(own, t[None, :], 0), 1)
-        pos = (u - tl.sum(tl.where(own, t_start[None, :], 0), 1)).to(tl.int64)
-        k_slot = tl.sum(tl.where(own, t_slot[None, :], 0), 1).to(tl.int64)
-        new = u_ok & (pos == tl.sum(tl.where(own, t_write[None, :], 0), 1))  # read from KNew / VNew, write the cache
-        old = u_ok & ~new
-        ks_off = k_slot[None, :] * stride_kss + pos[None, :] * stride_kst + g * stride_ksh + d[:, None]
-        kn_off = k_slot[None, :] * stride_knm + g * stride_knh + d[:, None]
-        kt = tl.load(KS + ks_off, mask=old[None, :] & d_ok[:, None], other=0.0)
-        kt += tl.load(KNew + kn_off, mask=new[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-        tl.store(KS + ks_off, kt, mask=new[None, :] & d_ok[:, None])
-        vs_off = k_slot[:, None] * stride_vss + pos[:, None] * stride_vst + g * stride_vsh + d[None, :]
-        vn_off = k_slot[:, None] * stride_vnm + g * stride_vnh + d[None, :]
-        v = tl.load(VS + vs_off, mask=old[:, None] & d_ok[None, :], other=0.0)
-        v += tl.load(VNew + vn_off, mask=new[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        tl.store(VS + vs_off, v, mask=new[:, None] & d_ok[None, :])
+        before = t_end[None, :] <= u[:, None]  # [SUFFIX_N, SPT]: samples wholly before key u
+        owner = tl.sum(before.to(tl.int32), 1)
+        pos = u - tl.max(tl.where(before, t_end[None, :], 0), 1)
+        k_slot = tl.load(Rows + q_lo + n0 + owner, mask=u_ok, other=0).to(tl.int64)  # a gather of L1-cached rows
+        k_row = k_slot * stride_kss + pos.to(tl.int64) * stride_kst
+        v_row = k_slot * stride_vss + pos.to(tl.int64) * stride_vst
+        kt = tl.load(KS + k_row[None, :] + g * stride_ksh + d[:, None], mask=u_ok[None, :] & d_ok[:, None], other=0.0)
+        v = tl.load(VS + v_row[:, None] + g * stride_vsh + d[None, :], mask=u_ok[:, None] & d_ok[None, :], other=0.0)
         if IEEE:
             s = tl.dot(q, kt, input_precision="ieee")
         else:
@@ -402,6 +394,33 @@ def _cascade_decode_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
+    # 3. this step's token of each sample (one key column per tile sample, block diagonal), by the last split,
+    # which also writes it into the suffix cache at row write_t (a row no program of this launch reads)
+    if split == tl.num_programs(1) - 1:
+        kn = tl.load(KNew + t_slot[None, :].to(tl.int64) * stride_knm + g * stride_knh + d[:, None],
+                     mask=t_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, SPT]
+        vn = tl.load(VNew + t_slot[:, None].to(tl.int64) * stride_vnm + g * stride_vnh + d[None, :],
+                     mask=t_ok[:, None] & d_ok[None, :], other=0.0)  # [SPT, BLOCK_D]
+        k_row = t_slot.to(tl.int64) * stride_kss + t_write.to(tl.int64) * stride_kst
+        v_row = t_slot.to(tl.int64) * stride_vss + t_write.to(tl.int64) * stride_vst
+        tl.store(KS + k_row[None, :] + g * stride_ksh + d[:, None], kn, mask=t_ok[None, :] & d_ok[:, None])
+        tl.store(VS + v_row[:, None] + g * stride_vsh + d[None, :], vn, mask=t_ok[:, None] & d_ok[None, :])
+        if IEEE:
+            s = tl.dot(q, kn, input_precision="ieee")
+        else:
+            s = tl.dot(q, kn)
+        s = tl.where((sample_t[:, None] == t[None, :]) & t_ok[None, :], s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, vn, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(vn.dtype), vn)
+        m_i = m_new
+
     empty = l_i == 0.0  # this split saw no key of the row: out 0, lse -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)  # ln 2
@@ -415,10 +434,24 @@ def _cascade_decode_kernel(
     tl.store(LSE + split * stride_ls + head * stride_lh + dest * stride_lm, lse, mask=row_ok)
 
 
+def cascade_tile_config(rows_max, head_dim, elem=2):
+    """(BLOCK_M, BLOCK_N, num_warps) of the cascade kernel: as `_tile_config` but at most 32 rows (16 at head dim
+    256). The suffix loop's gathered key tiles and the new-token product need registers the prefix kernel does not:
+    under Triton 3.9 the 64- and 128-row tiles spill on sm_80 at head dim 128 (124-600 B per thread) and G = 1 at
+    128 rows spills on both archs; every tile this returns compiles with 0 spills for sm_80 and sm_90
+    (bench/compile_cases_kernels.py `cascade_cases`). A prompt with more than 32 rows (N_b x G) gets several row
+    tiles, each reading the prefix (adjacent programs in the folded grid: L2 serves the repeats)."""
+    block_m, block_n, _ = _tile_config(rows_max, head_dim, elem)
+    if interpreting() or elem >= 4:
+        return block_m, block_n, 1 if interpreting() else 4
+    block_m = min(block_m, 32 if head_dim <= 128 else 16)
+    return block_m, block_n, 4 if block_m * max(16, triton.next_power_of_2(head_dim)) < 4096 else 8
+
+
 def samples_per_tile(block_m, g):
-    """SPT: a power of two >= the samples a tile of block_m rows (G rows per sample) can touch (one more when G
-    does not divide block_m: a tile may start inside a sample)."""
-    return triton.next_power_of_2(block_m // g if block_m % g == 0 else (block_m + g - 2) // g + 1)
+    """SPT: a power of two >= 16 (a product's smallest width) and >= the samples a tile of block_m rows (G rows
+    per sample) can touch (one more when G does not divide block_m: a tile may start inside a sample)."""
+    return max(16, triton.next_power_of_2(block_m // g if block_m % g == 0 else (block_m + g - 2) // g + 1))
 
 
 def cascade_decode_attention(q, k_new, v_new, k_prefix, v_prefix, k_suffix, v_suffix, rows, write, cu_q, cu_prefix,
@@ -445,9 +478,11 @@ def cascade_decode_attention(q, k_new, v_new, k_prefix, v_prefix, k_suffix, v_su
     an H100). Row tiles past a prompt's rows exit at once; a sample with suffix length 0 or not decoding
     (rows[i] = S) sees no suffix key (its row is dropped).
 
-    The new token: for the packed key at suffix position write[s] the program reads k_new / v_new instead of the
-    cache and stores them into k_suffix / v_suffix[s, write[s]] (the only cache rows this launch writes, which it
-    never reads back), so no program can read it before it is written, and no scatter runs outside the kernel.
+    The new token: the suffix loop packs each sample's write[s] cached keys (positions 0 .. write[s] - 1); this
+    step's key and value are one more block-diagonal product of the tile with one column per sample, read from
+    k_new / v_new (not the cache) by the last split, which also stores them into k_suffix / v_suffix[s, write[s]]
+    (the only cache rows this launch writes, which no program of it reads), so no scatter runs outside the kernel
+    and nothing can be read before it is written.
 
     Splits: when the grid would otherwise have too few programs (long prefixes, few prompts or kv heads), the
     keys of each (prompt, kv head, row tile), prefix then packed suffixes, are split into ranges of
@@ -487,7 +522,7 @@ def cascade_decode_attention(q, k_new, v_new, k_prefix, v_prefix, k_suffix, v_su
     for t in (k_prefix, v_prefix, k_suffix, v_suffix):
         if t.stride(-1) != 1:
             raise ValueError("the prefix and suffix caches must have a contiguous last dimension (they are written in place)")
-    block_m, block_n, warps = _tile_config(max_rows * g, d, q.element_size())
+    block_m, block_n, warps = cascade_tile_config(max_rows * g, d, q.element_size())
     spt = samples_per_tile(block_m, g)
     suffix_keys = min(spt, max_rows, triton.cdiv(block_m, g) + 1) * max(span, 0)  # per tile, at most
     splits, per_split = _split_config(max_prefix + suffix_keys, n_prompts * hkv, block_n, num_splits)
@@ -506,7 +541,7 @@ def cascade_decode_attention(q, k_new, v_new, k_prefix, v_prefix, k_suffix, v_su
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
         s_slots, hkv, row_tiles, per_split, scale * LOG2E,
         G=g, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n, SPT=spt,
-        PARTIAL=splits > 1, IEEE=q.dtype == torch.float32, num_warps=warps,
+        SUFFIX_N=block_n, PARTIAL=splits > 1, IEEE=q.dtype == torch.float32, num_warps=warps,
     )
     if splits > 1:
         merge_splits(part_out, part_lse, out, lse, rows=rows)

@@ -90,3 +90,29 @@ def test_one_prompt_many_samples_and_long_suffixes(device):
         out, lse, ref_out, ref_lse, live, caches = run_both(args, num_splits=splits, span=span)
         assert rel_err(out, ref_out) < 1e-5 and rel_err(lse, ref_lse) < 1e-6
         assert torch.equal(caches[0].double(), caches[2])
+
+
+def test_gpu_tiles_under_interpreter(device, monkeypatch):
+    """The tiles and key splits a GPU would pick (32 rows x 64 keys, 8 samples per tile of G = 4, SPT 16, 4 warps, key
+    splits to fill 264 programs) instead of the interpreter's 16 x 16, float16, head dim 64, 37 samples."""
+    from unittest import mock
+
+    import sealong_kernels.decode as dec
+
+    def on_gpu(fn):
+        def config(*args):
+            with mock.patch.object(dec, "interpreting", lambda: False):
+                return fn(*args)
+        return config
+
+    tile, split = on_gpu(dec.cascade_tile_config), on_gpu(dec._split_config)
+    assert tile(37 * 4, 64) == (32, 64, 4) and tile(37 * 4, 128) == (32, 64, 8) and tile(8, 128) == (16, 64, 4) and tile(99, 256) == (16, 32, 8)
+    assert dec.samples_per_tile(32, 4) == 16 and dec.samples_per_tile(32, 3) == 16 and dec.samples_per_tile(32, 1) == 32
+    monkeypatch.setattr(dec, "cascade_tile_config", tile)
+    monkeypatch.setattr(dec, "_split_config", split)
+    gen = torch.Generator().manual_seed(5)
+    writes = torch.randint(-1, 70, (40,), generator=gen).tolist()
+    args = make([list(range(37)), [37, None, 38], [39]], [300, 1, 0], writes, 8, 2, 64, torch.float16, device, gen=gen)
+    out, lse, ref_out, ref_lse, live, caches = run_both(args)
+    assert rel_err(out[live], ref_out[live]) < 3e-3 and rel_err(lse[:, live], ref_lse[:, live]) < 1e-5
+    assert torch.equal(caches[0].double(), caches[2]) and torch.equal(caches[1].double(), caches[3])
