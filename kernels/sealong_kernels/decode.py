@@ -1,4 +1,6 @@
-"""Shared-prefix decode attention: the N decode queries of a prompt against its one prefix KV cache.
+"""Shared-prefix decode attention: the N decode queries of a prompt against its one prefix KV cache
+(`prefix_decode_attention`), and the whole attention of a decode step, prefix + each sample's own suffix + merge,
+in one kernel (`cascade_decode_attention`, at the end of this file; the sampler's Triton path).
 
 Math. Prompt b owns the decode queries q[cu_q[b]:cu_q[b+1]] (one token per sample, N_b samples) and the
 prefix keys/values k, v[cu_prefix[b]:cu_prefix[b+1]] (P_b tokens, stored once). No mask: every sample sees
@@ -448,6 +450,14 @@ def cascade_tile_config(rows_max, head_dim, elem=2):
     return block_m, block_n, 4 if block_m * max(16, triton.next_power_of_2(head_dim)) < 4096 else 8
 
 
+def cascade_compiles_clean(dtype) -> bool:
+    """Whether the cascade kernel has a spill-free tile for `dtype` on a GPU: 16-bit inputs yes (every tile of
+    `cascade_tile_config`, head dims 64 / 128 / 256, sm_80 and sm_90); float32 no (its IEEE products hold the
+    operands in registers: 16 x 16 tiles spill 8-52 B at head dim 64, 472-480 B at 128 under Triton 3.9), so the
+    sampler keeps its torch composition for float32 on a GPU. Under the interpreter every dtype runs."""
+    return interpreting() or dtype in (torch.float16, torch.bfloat16)
+
+
 def samples_per_tile(block_m, g):
     """SPT: a power of two >= 16 (a product's smallest width) and >= the samples a tile of block_m rows (G rows
     per sample) can touch (one more when G does not divide block_m: a tile may start inside a sample)."""
@@ -470,13 +480,14 @@ def cascade_decode_attention(q, k_new, v_new, k_prefix, v_prefix, k_suffix, v_su
 
     Cascade (FlashInfer's cascade attention, Hydragen): one program owns BLOCK_M rows of one (prompt, kv head),
     row r being sample r // G and head g * G + r % G, so the prompt's N_b samples x G heads multiply the prefix
-    as one [BLOCK_M, D] x [D, BLOCK_N] product (the prefix read once per kv head for all samples, as
-    `prefix_decode_attention`). The suffixes of the tile's samples are packed one after another into the key
-    dimension (the sample owning packed key u is found from the prefix sums of their lengths) and multiplied the
-    same way, masked block-diagonally so that a row sees its own sample's keys only: every suffix key is read
-    once, at a product of BLOCK_M rows of which G are useful (decode stays memory bound up to about 300 rows on
-    an H100). Row tiles past a prompt's rows exit at once; a sample with suffix length 0 or not decoding
-    (rows[i] = S) sees no suffix key (its row is dropped).
+    as one [BLOCK_M, D] x [D, BLOCK_N] product (the prefix read once per kv head and row tile for all its
+    samples, as `prefix_decode_attention`; BLOCK_M <= 32 here, see `cascade_tile_config`). The suffixes of the
+    tile's samples are packed one after another into the key dimension (the sample owning packed key u is found
+    from the prefix sums of their lengths) and multiplied the same way, masked block-diagonally so that a row
+    sees its own sample's keys only: every suffix key is read once, at a product of BLOCK_M rows of which G are
+    useful (at <= 32 rows that is about 32 flops per byte read: memory bound). Row tiles past a prompt's rows
+    exit at once; a sample with write = -1 (no suffix) or not decoding (rows[i] = S) sees no suffix key (a row
+    not decoding is dropped).
 
     The new token: the suffix loop packs each sample's write[s] cached keys (positions 0 .. write[s] - 1); this
     step's key and value are one more block-diagonal product of the tile with one column per sample, read from
@@ -494,8 +505,9 @@ def cascade_decode_attention(q, k_new, v_new, k_prefix, v_prefix, k_suffix, v_su
     Inputs: q [S, Hq, D], k_new, v_new [S, Hkv, D] (this step's token of every slot); k_prefix, v_prefix
     [P_total, Hkv, D] with cu_prefix [B+1] int32; k_suffix, v_suffix [S, L, Hkv, D]; rows [sum N_b] int64 (prompt
     b's samples rows[cu_q[b]:cu_q[b+1]], slot numbers, S = not decoding) with cu_q [B+1] int32; write [S] int64
-    (the slot's suffix row this step, its length - 1; -1: no suffix key and nothing written, prefix only). max_rows = max N_b, max_prefix >= max P_b, span >=
-    max(write) + 1 (host ints: no sync, fixed for a CUDA graph). Returns out [S, Hq, D] in q's dtype and lse
+    (the slot's suffix row this step, its length - 1; -1: no suffix key and nothing written, prefix only).
+    max_rows = max N_b, max_prefix >= max P_b, span >= max(write) + 1 (host ints: no sync, fixed for a CUDA
+    graph). Returns out [S, Hq, D] in q's dtype and lse
     [Hq, S] float32; rows of slots not in `rows` (idle slots) are left unwritten (torch.empty: garbage that stays
     in the idle slot's row). Runs the Triton kernel on CUDA tensors or under TRITON_INTERPRET=1, else the
     reference (`sealong_kernels.reference.cascade_decode_attention`).

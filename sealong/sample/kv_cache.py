@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from sealong_kernels import reference
-from sealong_kernels.decode import cascade_decode_attention, prefix_decode_attention
+from sealong_kernels.decode import cascade_compiles_clean, cascade_decode_attention, prefix_decode_attention
 
 
 def uses_kernels(device, backend="auto") -> bool:
@@ -243,14 +243,15 @@ def decode_step(model, batch: DecodeBatch, prefix, suffix: SuffixCache, prefix_a
     Idle slots compute garbage that stays in their own row (no operation mixes rows but the attention,
     which reads only live rows' prefixes and each slot's own suffix).
 
-    With the Triton kernels (prefix_attn is `prefix_decode_attention`) a layer's attention is one launch of
+    With the Triton kernels (prefix_attn is `prefix_decode_attention`; 16-bit caches, or any under the
+    interpreter: `cascade_compiles_clean`) a layer's attention is one launch of
     `cascade_decode_attention` (two when it splits the keys): prefix, suffix, their merge and the suffix cache
     write of the new token (decoding slots only; an idle slot's row is rewritten before it is read). Otherwise
     `prefix_attn` (the CPU's SDPA or the reference), the suffix scatter, `suffix_attention` and the merge in torch.
     """
     max_prefix = batch.max_prefix or max(prefix.lengths)
     cu_prefix = prefix.cu_prefix if batch.cu_prefix is None else batch.cu_prefix
-    if prefix_attn is prefix_decode_attention:  # the Triton path: the whole attention of a layer in one kernel
+    if prefix_attn is prefix_decode_attention and cascade_compiles_clean(prefix.k[0].dtype):  # one kernel a layer
         def cascade(i, q, k, v, scale):
             return cascade_decode_attention(q, k, v, prefix.k[i], prefix.v[i], suffix.k[i], suffix.v[i], batch.rows,
                                             batch.write, batch.cu_q, cu_prefix, scale, max_rows=batch.max_rows,

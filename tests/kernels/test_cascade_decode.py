@@ -69,15 +69,18 @@ def test_cascade_matches_reference(device, dtype, tol, d, hq, hkv, num_splits):
 
 
 def test_prefix_only_and_suffix_only_rows(device):
-    """A slot without suffix (write -1) gets plain prefix attention; a prompt without prefix plain suffix
-    attention; a slot with neither: out 0, lse -inf."""
-    args = make([[0, 1], [2]], [7, 0], [-1, 5, -1], 2, 1, 16, torch.float32, device)
+    """A slot without suffix (write -1) gets plain prefix attention; a slot of a prompt without prefix plain
+    attention over its cached suffix and new token; a slot with neither: out 0, lse -inf."""
+    args = make([[0, 1], [2, 3]], [7, 0], [-1, 5, 4, -1], 2, 1, 16, torch.float32, device)
     out, lse, ref_out, ref_lse, live, _ = run_both(args)
-    q, kp, vp, ks = args[0], args[3], args[4], args[5]
-    want, _ = reference.attention_forward(q[:1].double(), kp.double(), vp.double(), causal=False)
+    q, k_new, v_new, kp, vp, ks, vs = (t.double() for t in args[:7])
+    want, _ = reference.attention_forward(q[:1], kp, vp, causal=False)
     assert rel_err(out[:1], want) < 1e-5
+    want, _ = reference.attention_forward(q[2:3], torch.cat([ks[2, :4], k_new[2:3]]), torch.cat([vs[2, :4], v_new[2:3]]),
+                                          causal=False)
+    assert rel_err(out[2:3], want) < 1e-5
     assert rel_err(out[1], ref_out[1]) < 1e-5
-    assert torch.equal(out[2], torch.zeros_like(out[2])) and torch.isneginf(lse[:, 2]).all()
+    assert torch.equal(out[3], torch.zeros_like(out[3])) and torch.isneginf(lse[:, 3]).all()
 
 
 def test_one_prompt_many_samples_and_long_suffixes(device):

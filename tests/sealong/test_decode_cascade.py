@@ -1,14 +1,21 @@
 """The sampler's decode step on the Triton path: one cascade kernel per layer (sealong_kernels.decode
 `cascade_decode_attention`) gives the torch composition's step and tokens, in <= 2 launches per layer."""
 
+import pytest
 import torch
-from test_sampler_batching import decode_state, frequent_tokens, model, prompts_and_seeds  # noqa: F401 (fixture)
-from tiny_checkpoint import one_thread  # noqa: F401 (autouse fixture)
+from test_sampler_batching import decode_state, frequent_tokens, prompts_and_seeds
+from tiny_checkpoint import build_checkpoint, one_thread  # noqa: F401 (autouse fixture)
 
+from sealong.model import load_model
 from sealong.sample import sampler as S
 from sealong.sample.kv_cache import SuffixCache, decode_step, prefix_attention_fn
 
 LIVE = [0, 1, 3, 4]  # decode_state's decoding slots (slot 2 is idle)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return load_model(build_checkpoint(tmp_path_factory.mktemp("tiny")), dtype=torch.float32)
 
 
 def rel_err(a, b):
@@ -20,7 +27,7 @@ def copy(suffix):
     return SuffixCache([t.clone() for t in suffix.k], [t.clone() for t in suffix.v])
 
 
-def test_cascade_step_equals_the_composition(model):  # noqa: F811
+def test_cascade_step_equals_the_composition(model):
     """One step (3 prompts, a sample not decoding, an idle slot) through the cascade kernel (interpreted) and
     through the reference composition (prefix, suffix scatter, suffix pieces, merge): the same logits of every
     decoding slot, the same suffix rows written; the batch padded as a CUDA graph bucket gives the same."""
@@ -41,7 +48,7 @@ def test_cascade_step_equals_the_composition(model):  # noqa: F811
     assert rel_err(again[LIVE], want[LIVE]) < 1e-5
 
 
-def test_decode_launches_per_layer(model):  # noqa: F811
+def test_decode_launches_per_layer(model):
     """Counted by a launch hook on the Triton kernels and a TorchDispatchMode over the attention of every layer:
     the cascade kernel alone (1 launch), or with its split merge when the keys are split (2), and no eager torch
     op; the composition it replaces counts > 30 (the counter sees them)."""
@@ -56,7 +63,7 @@ def test_decode_launches_per_layer(model):  # noqa: F811
     assert launches == 1 and ops > 30
 
 
-def test_sampling_with_the_cascade_equals_the_reference(model):  # noqa: F811
+def test_sampling_with_the_cascade_equals_the_reference(model):
     """Continuous batching (3 slots for 3 prompts of 2 samples, EOS ending samples early: idle slots, slots
     reused, the pool compacted) gives the same tokens on the Triton path (interpreted) as with the reference."""
     prompts, seeds = prompts_and_seeds(3, 2, seed=4)
