@@ -9,7 +9,10 @@ Kernels and the launcher that picks their configuration:
                              unweighted, and with peer weights (`_block_sizes(N, D, weighted=True)`);
 * decode._prefix_decode_kernel  `decode._launch_config` (BLOCK_M 16 ... 128, BLOCK_N by head dim), partial out
                              float32 (several key splits) or in q's dtype (one split);
-* decode._merge_splits_kernel   `decode.merge_block_m(D)`, out in q's dtype;
+* decode._merge_splits_kernel   `decode.merge_block_m(D)`, out in q's dtype, by row (prefix kernel) or by slot
+                             (HAS_ROWS, the cascade's);
+* decode._cascade_decode_kernel `decode.cascade_tile_config` + `decode.samples_per_tile` (BLOCK_M 16, 32; G 4, 1),
+                             partial out float32 (several key splits) or in q's dtype (one split);
 * ring_merge._merge_kernel   `ring_merge._merge_triton` (BLOCK_T 16 for D > 64, else 32; 4 warps).
 
 Each case is a dict {fn, arg_types, constexprs, num_warps, num_stages, divisible_ints} plus labels (name,
@@ -107,13 +110,45 @@ def decode_cases():
             out.append(_case(f"decode/{dtype}/out_{out_dtype}/D{d}/M{block_m}", decode._prefix_decode_kernel, types,
                              const, warps, divisible, dtype=dtype, tile=[block_m, block_n]))
         for dtype in ("bf16",) + (("fp32",) if d == 256 else ()):
-            md = dict(PartOut="*fp32", PartLse="*fp32", Out="*" + dtype, Lse="*fp32", M="i32", n_splits="i32",
-                      stride_ps="i32", stride_pm="i32", stride_ph="i32", stride_ls="i32", stride_lh="i32",
-                      stride_om="i32", stride_oh="i32", stride_oh2="i32")
-            const = dict(HEAD_DIM=d, BLOCK_M=decode.merge_block_m(d), BLOCK_D=max(16, triton.next_power_of_2(d)))
-            divisible = ("stride_ps", "stride_pm", "stride_ph", "stride_om", "stride_oh")
-            out.append(_case(f"decode_merge/{dtype}/D{d}", decode._merge_splits_kernel, md, const, 4, divisible,
-                             dtype=dtype, tile=[const["BLOCK_M"], const["BLOCK_D"]]))
+            for has_rows in (False, True):  # the prefix kernel's merge; the cascade's, by slot (Rows)
+                md = dict(PartOut="*fp32", PartLse="*fp32", Out="*" + dtype, Lse="*fp32", Rows="*i64", M="i32",
+                          n_splits="i32", n_slots="i32", stride_ps="i32", stride_pm="i32", stride_ph="i32",
+                          stride_ls="i32", stride_lh="i32", stride_om="i32", stride_oh="i32", stride_oh2="i32")
+                const = dict(HEAD_DIM=d, BLOCK_M=decode.merge_block_m(d), BLOCK_D=max(16, triton.next_power_of_2(d)),
+                             HAS_ROWS=has_rows)
+                divisible = ("stride_ps", "stride_pm", "stride_ph", "stride_om", "stride_oh")
+                out.append(_case(f"decode_merge/{dtype}/D{d}{'/rows' if has_rows else ''}", decode._merge_splits_kernel,
+                                 md, const, 4, divisible, dtype=dtype, tile=[const["BLOCK_M"], const["BLOCK_D"]]))
+    return out
+
+
+def cascade_cases():
+    """Cascade decode: every BLOCK_M `decode.cascade_tile_config` picks (16, 32; 16 at head dim 256) for head dims
+    64, 128, 256 in bfloat16 with G = 4 (float32 partials, as when the keys are split; one split writes q's dtype
+    at the largest tile), G = 1 at the largest tile (SPT = 32: the widest ownership tile),
+    float16 at the largest tile. Not float32: it spills (16 x 16 IEEE tiles: 8-52 B at head dim 64, 472-480 B at
+    128, ~1.9 KB at 256, Triton 3.9) and the sampler does not launch it on a GPU (`decode.cascade_compiles_clean`).
+    The lse strides of a real launch are the number of slots (any value): not marked divisible."""
+    out = []
+    strides = ["stride_qm", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_kss", "stride_kst",
+               "stride_ksh", "stride_vss", "stride_vst", "stride_vsh", "stride_knm", "stride_knh", "stride_vnm",
+               "stride_vnh", "stride_os", "stride_om", "stride_oh", "stride_ls", "stride_lh", "stride_lm"]
+    for d in HEAD_DIMS:
+        top = 16 if d == 256 else 32  # cascade_tile_config's largest BLOCK_M
+        combos = [(16, 4, "bf16", "fp32"), (top, 4, "bf16", "fp32"), (top, 4, "bf16", "bf16"), (top, 1, "bf16", "fp32"),
+                  (top, 4, "fp16", "fp32")]  # float32: never launched on a GPU (decode.cascade_compiles_clean)
+        for rows, g, dtype, out_dtype in dict.fromkeys(combos):
+            block_m, block_n, warps = decode.cascade_tile_config(rows, d, ELEM[dtype])
+            spt = decode.samples_per_tile(block_m, g)
+            types = dict(Q="*" + dtype, K="*" + dtype, V="*" + dtype, KS="*" + dtype, VS="*" + dtype, KNew="*" + dtype,
+                         VNew="*" + dtype, OUT="*" + out_dtype, LSE="*fp32", Rows="*i64", Write="*i64", CuQ="*i32",
+                         CuP="*i32", n_slots="i32", n_kv_heads="i32", row_tiles="i32", keys_per_split="i32",
+                         scale_log2="fp32", **{s: "i32" for s in strides})
+            const = dict(G=g, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n,
+                         SPT=spt, SUFFIX_N=block_n, PARTIAL=out_dtype == "fp32", IEEE=False)
+            divisible = [s for s in strides if s not in ("stride_ls", "stride_lh", "stride_lm")] + ["keys_per_split"]
+            out.append(_case(f"cascade/{dtype}/out_{out_dtype}/D{d}/M{block_m}/G{g}", decode._cascade_decode_kernel,
+                             types, const, warps, divisible, dtype=dtype, tile=[block_m, block_n], spt=spt))
     return out
 
 
@@ -134,7 +169,7 @@ def ring_merge_cases():
 
 def cases():
     """Every case of every non-attention kernel (see the module docstring)."""
-    return loss_row_cases() + mbr_cases() + decode_cases() + ring_merge_cases()
+    return loss_row_cases() + mbr_cases() + decode_cases() + cascade_cases() + ring_merge_cases()
 
 
 def compile_all(case_list=None, archs=ARCHS):

@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 # public name -> submodule that defines it
 _EXPORTS = {
     "flash_attention": "attention", "VarlenPlan": "attention_plan", "varlen_plan": "attention_plan",
-    "prefix_decode_attention": "decode",
+    "prefix_decode_attention": "decode", "cascade_decode_attention": "decode",
     "mbr_scores": "mbr", "select_pairs": "mbr",
     "fused_linear_orpo_loss": "orpo", "sequence_logp_sums": "orpo", "shared_prompt_targets": "orpo",
     "merge_partials_": "ring", "ring_attention": "ring", "ring_schedule": "ring", "shard_ranges": "ring",

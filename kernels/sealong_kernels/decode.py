@@ -1,4 +1,6 @@
-"""Shared-prefix decode attention: the N decode queries of a prompt against its one prefix KV cache.
+"""Shared-prefix decode attention: the N decode queries of a prompt against its one prefix KV cache
+(`prefix_decode_attention`), and the whole attention of a decode step, prefix + each sample's own suffix + merge,
+in one kernel (`cascade_decode_attention`, at the end of this file; the sampler's Triton path).
 
 Math. Prompt b owns the decode queries q[cu_q[b]:cu_q[b+1]] (one token per sample, N_b samples) and the
 prefix keys/values k, v[cu_prefix[b]:cu_prefix[b+1]] (P_b tokens, stored once). No mask: every sample sees
@@ -56,6 +58,8 @@ def _prefix_decode_kernel(
     # token counts and loop bounds in int32 (packed caches hold < 2**31 tokens), pointer offsets in int64
     q_lo = tl.load(CuQ + b)
     n_rows = (tl.load(CuQ + b + 1) - q_lo) * G
+    if pid_m * BLOCK_M >= n_rows:  # a row tile past this prompt's rows (another prompt has more samples)
+        return
     p_hi = tl.load(CuP + b + 1)
     k_lo = tl.load(CuP + b) + split * keys_per_split
     k_hi = tl.minimum(k_lo + keys_per_split, p_hi)
@@ -106,15 +110,20 @@ def _prefix_decode_kernel(
 
 
 @triton.jit
-def _merge_splits_kernel(PartOut, PartLse, Out, Lse, M, n_splits,
+def _merge_splits_kernel(PartOut, PartLse, Out, Lse, Rows, M, n_splits, n_slots,
                          stride_ps, stride_pm, stride_ph, stride_ls, stride_lh, stride_om, stride_oh, stride_oh2,
-                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROWS: tl.constexpr):
     """out[m, h] = sum_s exp(lse_s - lse) part_out[s, m, h], lse = log sum_s exp(lse_s) for BLOCK_M rows m of
-    head h: pass 1 the max of the S lse values, pass 2 the weighted sum (weights <= 1: no overflow)."""
+    head h: pass 1 the max of the S lse values, pass 2 the weighted sum (weights <= 1: no overflow).
+    HAS_ROWS (the cascade decode): partial row m is written to out row Rows[m], skipped where Rows[m] >= n_slots."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     h = tl.program_id(1).to(tl.int64)
     row_ok = rows < M
     d = tl.arange(0, BLOCK_D)
+    dest = rows
+    if HAS_ROWS:
+        dest = tl.load(Rows + rows, mask=row_ok, other=n_slots).to(tl.int64)
+    dest_ok = row_ok & (dest < n_slots) if HAS_ROWS else row_ok
     tile_ok = row_ok[:, None] & (d < HEAD_DIM)[None, :]
     m_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     for s in range(0, n_splits):
@@ -131,9 +140,10 @@ def _merge_splits_kernel(PartOut, PartLse, Out, Lse, M, n_splits,
         total += w
         acc += w[:, None] * o
     out = acc / tl.where(empty, 1.0, total)[:, None]
-    tl.store(Out + rows[:, None] * stride_om + h * stride_oh + d[None, :], out.to(Out.dtype.element_ty), mask=tile_ok)
-    tl.store(Lse + h * stride_oh2 + rows, tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, total))),
-             mask=row_ok)
+    tl.store(Out + dest[:, None] * stride_om + h * stride_oh + d[None, :], out.to(Out.dtype.element_ty),
+             mask=dest_ok[:, None] & (d < HEAD_DIM)[None, :])
+    tl.store(Lse + h * stride_oh2 + dest, tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, total))),
+             mask=dest_ok)
 
 
 def merge_block_m(head_dim):
@@ -141,16 +151,18 @@ def merge_block_m(head_dim):
     return max(16, min(64, 2048 // max(16, triton.next_power_of_2(head_dim))))
 
 
-def merge_splits(part_out, part_lse, out, lse):
+def merge_splits(part_out, part_lse, out, lse, rows=None):
     """Merge S split-K partials part_out [S, M, Hq, D] float32, part_lse [S, Hq, M] into out [M, Hq, D] (any float
-    dtype) and lse [Hq, M] float32, in one launch (grid (row blocks, Hq))."""
+    dtype) and lse [Hq, M] float32, in one launch (grid (row blocks, Hq)). rows [M] (int64): partial row m goes to
+    out / lse row rows[m] instead, rows[m] >= out.shape[0] dropped (the cascade decode's slot indirection)."""
     s, m, hq, d = part_out.shape
     block_m = merge_block_m(d)
     _merge_splits_kernel[(triton.cdiv(m, block_m), hq)](
-        part_out, part_lse, out, lse, m, s,
+        part_out, part_lse, out, lse, part_lse if rows is None else rows, m, s, out.shape[0],
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
-        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_D=max(16, triton.next_power_of_2(d)), num_warps=4)
+        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_D=max(16, triton.next_power_of_2(d)), HAS_ROWS=rows is not None,
+        num_warps=4)
     return out, lse
 
 
@@ -171,8 +183,8 @@ def _check(q, k, v, cu_q, cu_prefix):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
-def _launch_config(rows_max, head_dim, p_max, n_programs_2d, num_splits=None, elem=2):
-    """(BLOCK_M, BLOCK_N, num_warps, splits, keys_per_split); conservative for GPUs this was not tuned on.
+def _tile_config(rows_max, head_dim, elem=2):
+    """(BLOCK_M, BLOCK_N, num_warps) of the prefix and cascade kernels; conservative for GPUs this was not tuned on.
 
     Tiles compile without register spills for sm_80 and sm_90 (bench/compile_cases_kernels.py, checked by
     tests/kernels/test_compile_cases_kernels.py, Triton 3.6 and 3.9): 16-bit inputs BLOCK_M up to 128 (64 for
@@ -180,20 +192,28 @@ def _launch_config(rows_max, head_dim, p_max, n_programs_2d, num_splits=None, el
     under Triton 3.6); float32 inputs (elem = 4) 16 x 16 tiles, since their IEEE dots run on FMA units and hold
     the operands in registers."""
     if interpreting():
-        block_m, block_n, warps, target = 16, 16, 1, 1
-    else:
-        block_d = max(16, triton.next_power_of_2(head_dim))
-        if elem >= 4:
-            block_m, block_n, warps = 16, 16, 4
-        else:
-            block_m = min(128 if head_dim <= 128 else 64, max(16, triton.next_power_of_2(rows_max)))
-            block_n = 64 if head_dim <= 128 else 32
-            warps = 4 if block_m * block_d < 4096 else 8
-        target = 264  # about two programs per SM on an H100 (132 SMs)
+        return 16, 16, 1
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if elem >= 4:
+        return 16, 16, 4
+    block_m = min(128 if head_dim <= 128 else 64, max(16, triton.next_power_of_2(rows_max)))
+    block_n = 64 if head_dim <= 128 else 32
+    return block_m, block_n, 4 if block_m * block_d < 4096 else 8
+
+
+def _split_config(p_max, n_programs_2d, block_n, num_splits=None):
+    """(splits, keys_per_split): enough key splits per (prompt, kv head) for about two programs per SM on an H100
+    (132 SMs; one split under the interpreter), at least 8 key tiles each; keys_per_split a multiple of block_n."""
+    target = 1 if interpreting() else 264
     splits = num_splits or max(1, min(triton.cdiv(target, n_programs_2d), triton.cdiv(p_max, 8 * block_n)))
     keys_per_split = triton.cdiv(triton.cdiv(max(p_max, 1), splits), block_n) * block_n
-    splits = triton.cdiv(max(p_max, 1), keys_per_split)
-    return block_m, block_n, warps, splits, keys_per_split
+    return triton.cdiv(max(p_max, 1), keys_per_split), keys_per_split
+
+
+def _launch_config(rows_max, head_dim, p_max, n_programs_2d, num_splits=None, elem=2):
+    """(BLOCK_M, BLOCK_N, num_warps, splits, keys_per_split) of the prefix kernel: `_tile_config` + `_split_config`."""
+    block_m, block_n, warps = _tile_config(rows_max, head_dim, elem)
+    return (block_m, block_n, warps) + _split_config(p_max, n_programs_2d, block_n, num_splits)
 
 
 MAX_GRID_X, MAX_GRID_YZ = 2**31 - 1, 65535  # CUDA's limits on grid dimension 1 and dimensions 2, 3
@@ -260,4 +280,281 @@ def prefix_decode_attention(q, k, v, cu_q, cu_prefix, softmax_scale=None, *, max
     )
     if splits > 1:
         merge_splits(part_out, part_lse, out, lse)
+    return out, lse
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Cascade decode: prefix + suffix + merge of one decode step in one launch
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _cascade_decode_kernel(
+    Q, K, V, KS, VS, KNew, VNew, OUT, LSE, Rows, Write, CuQ, CuP,
+    stride_qm, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_kss, stride_kst, stride_ksh, stride_vss, stride_vst, stride_vsh,
+    stride_knm, stride_knh, stride_vnm, stride_vnh,
+    stride_os, stride_om, stride_oh, stride_ls, stride_lh, stride_lm,
+    n_slots, n_kv_heads, row_tiles, keys_per_split, scale_log2,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPT: tl.constexpr, SUFFIX_N: tl.constexpr, PARTIAL: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)  # folded: ((prompt * n_kv_heads + kv head) * row_tiles + row tile), as the prefix kernel
+    pid_m = pid % row_tiles
+    b = (pid // row_tiles) // n_kv_heads
+    g = (pid // row_tiles) % n_kv_heads
+    split = tl.program_id(1)
+    q_lo = tl.load(CuQ + b)
+    n_samples = tl.load(CuQ + b + 1) - q_lo
+    if pid_m * BLOCK_M >= n_samples * G:  # early exit: a row tile past this prompt's rows
+        return
+    p_lo = tl.load(CuP + b)
+    n_prefix = tl.load(CuP + b + 1) - p_lo
+    # this split's share of the virtual keys [0, n_prefix + suffix keys of the tile); the last split takes the rest
+    v_lo = split * keys_per_split
+    v_hi = tl.where(split == tl.num_programs(1) - 1, 2147483647, v_lo + keys_per_split)
+
+    # the tile's query rows: row r is sample r // G (slot Rows[q_lo + r // G]), query head g * G + r % G
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    sample = rows // G
+    slot = tl.load(Rows + q_lo + sample, mask=rows < n_samples * G, other=n_slots)
+    row_ok = (rows < n_samples * G) & (slot < n_slots)  # slot n_slots: a sample not decoding (dropped)
+    slot = slot.to(tl.int64)
+    head = (g * G + rows % G).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    q = tl.load(Q + slot[:, None] * stride_qm + head[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # 1. the shared prefix: keys p_lo + [v_lo, v_hi) clipped to the prompt, one [BLOCK_M, D] x [D, BLOCK_N] product
+    for start in range(tl.minimum(v_lo, n_prefix), tl.minimum(v_hi, n_prefix), BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        k_ok = keys < tl.minimum(v_hi, n_prefix)
+        keys = (p_lo + keys).to(tl.int64)
+        kt = tl.load(K + keys[None, :] * stride_kt + g * stride_kh + d[:, None],
+                     mask=k_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+        v = tl.load(V + keys[:, None] * stride_vt + g * stride_vh + d[None, :],
+                    mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        if IEEE:
+            s = tl.dot(q, kt, input_precision="ieee")
+        else:
+            s = tl.dot(q, kt)
+        s = tl.where(k_ok[None, :], s * scale_log2, float("-inf"))  # base-2 logits
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every row sees every prefix key of the tile
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    # 2. the suffixes of the tile's samples t = 0..SPT-1 (sample n0 + t) without this step's token, packed one
+    # after the other: packed key u belongs to the sample t with end_(t-1) <= u < end_t, at suffix position
+    # u - end_(t-1) (end = prefix sums of the lengths write_t; a sample not decoding or not in the tile: 0)
+    n0 = (pid_m * BLOCK_M) // G
+    t = tl.arange(0, SPT)
+    t_ok = (n0 + t < n_samples) & ((n0 + t) * G < (pid_m + 1) * BLOCK_M)  # a sample with a row in this tile
+    t_slot = tl.load(Rows + q_lo + n0 + t, mask=t_ok, other=n_slots)
+    t_ok = t_ok & (t_slot < n_slots)
+    t_write = tl.load(Write + t_slot, mask=t_ok, other=-1).to(tl.int32)  # this step's suffix row (-1: no suffix)
+    t_ok = t_ok & (t_write >= 0)
+    t_end = tl.cumsum(tl.where(t_ok, t_write, 0), 0)
+    u_lo = tl.maximum(v_lo - n_prefix, 0)
+    u_hi = tl.minimum(v_hi - n_prefix, tl.max(t_end, 0))
+    sample_t = sample - n0  # [BLOCK_M] the row's sample within the tile
+    for u0 in range(u_lo, u_hi, SUFFIX_N):
+        u = u0 + tl.arange(0, SUFFIX_N)
+        u_ok = u < u_hi
+        before = t_end[None, :] <= u[:, None]  # [SUFFIX_N, SPT]: samples wholly before key u
+        owner = tl.sum(before.to(tl.int32), 1)
+        pos = u - tl.max(tl.where(before, t_end[None, :], 0), 1)
+        k_slot = tl.load(Rows + q_lo + n0 + owner, mask=u_ok, other=0).to(tl.int64)  # a gather of L1-cached rows
+        k_row = k_slot * stride_kss + pos.to(tl.int64) * stride_kst
+        v_row = k_slot * stride_vss + pos.to(tl.int64) * stride_vst
+        kt = tl.load(KS + k_row[None, :] + g * stride_ksh + d[:, None], mask=u_ok[None, :] & d_ok[:, None], other=0.0)
+        v = tl.load(VS + v_row[:, None] + g * stride_vsh + d[None, :], mask=u_ok[:, None] & d_ok[None, :], other=0.0)
+        if IEEE:
+            s = tl.dot(q, kt, input_precision="ieee")
+        else:
+            s = tl.dot(q, kt)
+        visible = (sample_t[:, None] == owner[None, :]) & u_ok[None, :]  # block diagonal: a row sees its own keys
+        s = tl.where(visible, s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # -inf for a row with no key yet
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    # 3. this step's token of each sample (one key column per tile sample, block diagonal), by the last split,
+    # which also writes it into the suffix cache at row write_t (a row no program of this launch reads)
+    if split == tl.num_programs(1) - 1:
+        kn = tl.load(KNew + t_slot[None, :].to(tl.int64) * stride_knm + g * stride_knh + d[:, None],
+                     mask=t_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, SPT]
+        vn = tl.load(VNew + t_slot[:, None].to(tl.int64) * stride_vnm + g * stride_vnh + d[None, :],
+                     mask=t_ok[:, None] & d_ok[None, :], other=0.0)  # [SPT, BLOCK_D]
+        k_row = t_slot.to(tl.int64) * stride_kss + t_write.to(tl.int64) * stride_kst
+        v_row = t_slot.to(tl.int64) * stride_vss + t_write.to(tl.int64) * stride_vst
+        tl.store(KS + k_row[None, :] + g * stride_ksh + d[:, None], kn, mask=t_ok[None, :] & d_ok[:, None])
+        tl.store(VS + v_row[:, None] + g * stride_vsh + d[None, :], vn, mask=t_ok[:, None] & d_ok[None, :])
+        if IEEE:
+            s = tl.dot(q, kn, input_precision="ieee")
+        else:
+            s = tl.dot(q, kn)
+        s = tl.where((sample_t[:, None] == t[None, :]) & t_ok[None, :], s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, vn, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(vn.dtype), vn)
+        m_i = m_new
+
+    empty = l_i == 0.0  # this split saw no key of the row: out 0, lse -inf
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)  # ln 2
+    if PARTIAL:  # split-K partials by row position q_lo + sample (unique), merged by _merge_splits_kernel
+        dest = (q_lo + sample).to(tl.int64)
+    else:  # the result itself, by slot
+        dest = slot
+    split = split.to(tl.int64)
+    tl.store(OUT + split * stride_os + dest[:, None] * stride_om + head[:, None] * stride_oh + d[None, :],
+             out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + split * stride_ls + head * stride_lh + dest * stride_lm, lse, mask=row_ok)
+
+
+def cascade_tile_config(rows_max, head_dim, elem=2):
+    """(BLOCK_M, BLOCK_N, num_warps) of the cascade kernel: as `_tile_config` but at most 32 rows (16 at head dim
+    256). The suffix loop's gathered key tiles and the new-token product need registers the prefix kernel does not:
+    under Triton 3.9 the 64- and 128-row tiles spill on sm_80 at head dim 128 (124-600 B per thread) and G = 1 at
+    128 rows spills on both archs; every tile this returns compiles with 0 spills for sm_80 and sm_90
+    (bench/compile_cases_kernels.py `cascade_cases`). A prompt with more than 32 rows (N_b x G) gets several row
+    tiles, each reading the prefix (adjacent programs in the folded grid: L2 serves the repeats)."""
+    block_m, block_n, _ = _tile_config(rows_max, head_dim, elem)
+    if interpreting() or elem >= 4:
+        return block_m, block_n, 1 if interpreting() else 4
+    block_m = min(block_m, 32 if head_dim <= 128 else 16)
+    return block_m, block_n, 4 if block_m * max(16, triton.next_power_of_2(head_dim)) < 4096 else 8
+
+
+def cascade_compiles_clean(dtype) -> bool:
+    """Whether the cascade kernel has a spill-free tile for `dtype` on a GPU: 16-bit inputs yes (every tile of
+    `cascade_tile_config`, head dims 64 / 128 / 256, sm_80 and sm_90); float32 no (its IEEE products hold the
+    operands in registers: 16 x 16 tiles spill 8-52 B at head dim 64, 472-480 B at 128 under Triton 3.9), so the
+    sampler keeps its torch composition for float32 on a GPU. Under the interpreter every dtype runs."""
+    return interpreting() or dtype in (torch.float16, torch.bfloat16)
+
+
+def samples_per_tile(block_m, g):
+    """SPT: a power of two >= 16 (a product's smallest width) and >= the samples a tile of block_m rows (G rows
+    per sample) can touch (one more when G does not divide block_m: a tile may start inside a sample)."""
+    return max(16, triton.next_power_of_2(block_m // g if block_m % g == 0 else (block_m + g - 2) // g + 1))
+
+
+def cascade_decode_attention(q, k_new, v_new, k_prefix, v_prefix, k_suffix, v_suffix, rows, write, cu_q, cu_prefix,
+                             softmax_scale=None, *, max_rows, max_prefix, span, num_splits=None):
+    """One decode step's attention for every slot: its prompt's shared prefix and its own suffix, in one launch.
+
+    Math. Slot s (a sample of prompt b, query q_s [Hq, D]) attends, without a mask, to the keys of its prompt's
+    prefix k_prefix[cu_prefix[b]:cu_prefix[b+1]] followed by its own suffix k_suffix[s, :write[s] + 1], whose last
+    row is this step's key k_new[s] (written into the cache by this launch). For query head h (kv head
+    g = h // G), over that concatenated key list j
+
+        s_j = scale * q_sh . k_jg,   lse_sh = log sum_j exp(s_j),   out_sh = sum_j exp(s_j - lse_sh) v_jg
+
+    computed as one online softmax (base 2, float32) that runs first over the prefix and then over the suffix, so
+    prefix attention, suffix attention and their log-sum-exp merge happen in registers.
+
+    Cascade (FlashInfer's cascade attention, Hydragen): one program owns BLOCK_M rows of one (prompt, kv head),
+    row r being sample r // G and head g * G + r % G, so the prompt's N_b samples x G heads multiply the prefix
+    as one [BLOCK_M, D] x [D, BLOCK_N] product (the prefix read once per kv head and row tile for all its
+    samples, as `prefix_decode_attention`; BLOCK_M <= 32 here, see `cascade_tile_config`). The suffixes of the
+    tile's samples are packed one after another into the key dimension (the sample owning packed key u is found
+    from the prefix sums of their lengths) and multiplied the same way, masked block-diagonally so that a row
+    sees its own sample's keys only: every suffix key is read once, at a product of BLOCK_M rows of which G are
+    useful (at <= 32 rows that is about 32 flops per byte read: memory bound). Row tiles past a prompt's rows
+    exit at once; a sample with write = -1 (no suffix) or not decoding (rows[i] = S) sees no suffix key (a row
+    not decoding is dropped).
+
+    The new token: the suffix loop packs each sample's write[s] cached keys (positions 0 .. write[s] - 1); this
+    step's key and value are one more block-diagonal product of the tile with one column per sample, read from
+    k_new / v_new (not the cache) by the last split, which also stores them into k_suffix / v_suffix[s, write[s]]
+    (the only cache rows this launch writes, which no program of it reads), so no scatter runs outside the kernel
+    and nothing can be read before it is written.
+
+    Splits: when the grid would otherwise have too few programs (long prefixes, few prompts or kv heads), the
+    keys of each (prompt, kv head, row tile), prefix then packed suffixes, are split into ranges of
+    keys_per_split over programs (split-K, flash-decoding); the last split takes every key past the others, so
+    the bounds max_prefix and span only balance the work, never cut it. Each split writes float32 partials
+    (out, lse) by row position and `_merge_splits_kernel` (HAS_ROWS) merges them into the slots' rows: 2
+    launches. With one split (the interpreter, or enough programs) the kernel writes out and lse itself: 1 launch.
+
+    Inputs: q [S, Hq, D], k_new, v_new [S, Hkv, D] (this step's token of every slot); k_prefix, v_prefix
+    [P_total, Hkv, D] with cu_prefix [B+1] int32; k_suffix, v_suffix [S, L, Hkv, D]; rows [sum N_b] int64 (prompt
+    b's samples rows[cu_q[b]:cu_q[b+1]], slot numbers, S = not decoding) with cu_q [B+1] int32; write [S] int64
+    (the slot's suffix row this step, its length - 1; -1: no suffix key and nothing written, prefix only).
+    max_rows = max N_b, max_prefix >= max P_b, span >= max(write) + 1 (host ints: no sync, fixed for a CUDA
+    graph). Returns out [S, Hq, D] in q's dtype and lse
+    [Hq, S] float32; rows of slots not in `rows` (idle slots) are left unwritten (torch.empty: garbage that stays
+    in the idle slot's row). Runs the Triton kernel on CUDA tensors or under TRITON_INTERPRET=1, else the
+    reference (`sealong_kernels.reference.cascade_decode_attention`).
+    """
+    _check(q, k_prefix, v_prefix, cu_q, cu_prefix)
+    if not triton_available(q):
+        return reference.cascade_decode_attention(q, k_new, v_new, k_prefix, v_prefix, k_suffix, v_suffix, rows, write,
+                                                  cu_q, cu_prefix, softmax_scale)
+    s_slots, hq, d = q.shape
+    hkv = k_prefix.shape[1]
+    g = hq // hkv
+    if k_suffix.ndim != 4 or k_suffix.shape[0] != s_slots or k_suffix.shape[2:] != k_prefix.shape[1:]:
+        raise ValueError(f"k_suffix must be [S={s_slots}, L, Hkv, D] = [S, L, {hkv}, {d}], got {tuple(k_suffix.shape)}")
+    if k_new.shape != (s_slots, hkv, d) or v_new.shape != k_new.shape or v_suffix.shape != k_suffix.shape:
+        raise ValueError(f"k_new, v_new must be [S, Hkv, D] = {(s_slots, hkv, d)} and v_suffix as k_suffix, got "
+                         f"{tuple(k_new.shape)}, {tuple(v_new.shape)}, {tuple(v_suffix.shape)}")
+    n_prompts = cu_q.shape[0] - 1
+    scale = d**-0.5 if softmax_scale is None else softmax_scale
+    out = torch.empty(s_slots, hq, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(hq, s_slots, dtype=torch.float32, device=q.device)
+    if n_prompts == 0 or rows.shape[0] == 0 or max_rows == 0:
+        return out, lse
+    q, k_new, v_new = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_new, v_new))
+    for t in (k_prefix, v_prefix, k_suffix, v_suffix):
+        if t.stride(-1) != 1:
+            raise ValueError("the prefix and suffix caches must have a contiguous last dimension (they are written in place)")
+    block_m, block_n, warps = cascade_tile_config(max_rows * g, d, q.element_size())
+    spt = samples_per_tile(block_m, g)
+    suffix_keys = min(spt, max_rows, triton.cdiv(block_m, g) + 1) * max(span, 0)  # per tile, at most
+    splits, per_split = _split_config(max_prefix + suffix_keys, n_prompts * hkv, block_n, num_splits)
+    row_tiles = triton.cdiv(max_rows * g, block_m)
+    m = rows.shape[0]
+    if splits == 1:
+        part_out, part_lse = out.unsqueeze(0), lse.unsqueeze(0)
+    else:
+        part_out = torch.empty(splits, m, hq, d, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(splits, hq, m, dtype=torch.float32, device=q.device)
+    _cascade_decode_kernel[launch_grid(row_tiles, n_prompts, hkv, splits)](
+        q, k_prefix, v_prefix, k_suffix, v_suffix, k_new, v_new, part_out, part_lse, rows, write, cu_q, cu_prefix,
+        q.stride(0), q.stride(1), k_prefix.stride(0), k_prefix.stride(1), v_prefix.stride(0), v_prefix.stride(1),
+        k_suffix.stride(0), k_suffix.stride(1), k_suffix.stride(2), v_suffix.stride(0), v_suffix.stride(1), v_suffix.stride(2),
+        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
+        part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
+        s_slots, hkv, row_tiles, per_split, scale * LOG2E,
+        G=g, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n, SPT=spt,
+        SUFFIX_N=block_n, PARTIAL=splits > 1, IEEE=q.dtype == torch.float32, num_warps=warps,
+    )
+    if splits > 1:
+        merge_splits(part_out, part_lse, out, lse, rows=rows)
     return out, lse

@@ -547,3 +547,32 @@ def prefix_decode_attention(q, k, v, cu_q, cu_prefix, softmax_scale=None):
         q0, q1, p0, p1 = int(cu_q[b]), int(cu_q[b + 1]), int(cu_prefix[b]), int(cu_prefix[b + 1])
         out[q0:q1], lse[:, q0:q1] = attention_forward(q[q0:q1], k[p0:p1], v[p0:p1], causal=False, softmax_scale=softmax_scale)
     return out, lse
+
+
+def cascade_decode_attention(q, k_new, v_new, k_prefix, v_prefix, k_suffix, v_suffix, rows, write, cu_q, cu_prefix,
+                             softmax_scale=None):
+    """One decode step's attention: each decoding slot's query against its prompt's prefix and its own suffix.
+
+    q, k_new, v_new [S, Hq|Hkv, D]: this step's token of every slot. rows [sum N_b]: prompt b's samples are
+    rows[cu_q[b]:cu_q[b+1]] (slot numbers; S = a sample not decoding); the prefix of prompt b is
+    k_prefix, v_prefix[cu_prefix[b]:cu_prefix[b+1]]; slot s's suffix is k_suffix, v_suffix[s, :write[s] + 1]
+    ([S, L, Hkv, D]). First writes k_new[s], v_new[s] at suffix row write[s] of every decoding slot (write[s] = -1:
+    none, the slot has no suffix key), then each such slot attends (no mask) over its prefix and suffix keys
+    concatenated. Returns out [S, Hq, D] (q's dtype)
+    and lse [Hq, S] (float32; float64 for float64); a slot not in `rows` gets out 0, lse -inf.
+    """
+    s_slots, hq, _ = q.shape
+    rows_h, cu_q_h, cu_p_h = rows.tolist(), cu_q.tolist(), cu_prefix.tolist()
+    live = [(b, r) for b in range(len(cu_q_h) - 1) for r in rows_h[cu_q_h[b]:cu_q_h[b + 1]] if r < s_slots]
+    for _, r in live:
+        if int(write[r]) >= 0:
+            k_suffix[r, int(write[r])], v_suffix[r, int(write[r])] = k_new[r], v_new[r]
+    out = torch.zeros_like(q)
+    lse = torch.full((hq, s_slots), float("-inf"), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+                     device=q.device)
+    for b, r in live:
+        n, (p0, p1) = int(write[r]) + 1, cu_p_h[b : b + 2]
+        keys, values = torch.cat([k_prefix[p0:p1], k_suffix[r, :n]]), torch.cat([v_prefix[p0:p1], v_suffix[r, :n]])
+        o, l_ = attention_forward(q[r : r + 1], keys, values, causal=False, softmax_scale=softmax_scale)
+        out[r], lse[:, r] = o[0], l_[:, 0]
+    return out, lse

@@ -7,7 +7,8 @@
 themselves, causally) and returns the last token's hidden state. `decode_step` runs one token per slot:
 attention of all samples against their prompt's prefix is one matrix product per (prompt, kv head)
 (`sealong_kernels.prefix_decode_attention`), attention against each sample's suffix is a batched product,
-and the two partial results are merged by log-sum-exp, which is exact.
+and the two partial results are merged by log-sum-exp, which is exact. With the Triton kernels all of that
+and the suffix cache write are one kernel per layer (`sealong_kernels.cascade_decode_attention`).
 """
 
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from sealong_kernels import reference
-from sealong_kernels.decode import prefix_decode_attention
+from sealong_kernels.decode import cascade_compiles_clean, cascade_decode_attention, prefix_decode_attention
 
 
 def uses_kernels(device, backend="auto") -> bool:
@@ -241,9 +242,22 @@ def decode_step(model, batch: DecodeBatch, prefix, suffix: SuffixCache, prefix_a
     prefix (one matrix product per prompt and kv head) and to their own suffix, merged by log-sum-exp.
     Idle slots compute garbage that stays in their own row (no operation mixes rows but the attention,
     which reads only live rows' prefixes and each slot's own suffix).
+
+    With the Triton kernels (prefix_attn is `prefix_decode_attention`; 16-bit caches, or any under the
+    interpreter: `cascade_compiles_clean`) a layer's attention is one launch of
+    `cascade_decode_attention` (two when it splits the keys): prefix, suffix, their merge and the suffix cache
+    write of the new token (decoding slots only; an idle slot's row is rewritten before it is read). Otherwise
+    `prefix_attn` (the CPU's SDPA or the reference), the suffix scatter, `suffix_attention` and the merge in torch.
     """
     max_prefix = batch.max_prefix or max(prefix.lengths)
     cu_prefix = prefix.cu_prefix if batch.cu_prefix is None else batch.cu_prefix
+    if prefix_attn is prefix_decode_attention and cascade_compiles_clean(prefix.k[0].dtype):  # one kernel a layer
+        def cascade(i, q, k, v, scale):
+            return cascade_decode_attention(q, k, v, prefix.k[i], prefix.v[i], suffix.k[i], suffix.v[i], batch.rows,
+                                            batch.write, batch.cu_q, cu_prefix, scale, max_rows=batch.max_rows,
+                                            max_prefix=max_prefix, span=batch.span)[0]
+
+        return run_layers(model, model.model.embed_tokens(batch.tokens), batch.positions, cascade)
     lengths = batch.write + 1
     slots = torch.arange(len(batch.write), device=batch.write.device)
 
