@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-SMALL = ["--preset", "demo-gain", "--tiny-warmup-steps", "6", "--num-examples", "16", "--num-eval", "6",
-         "--num-samples", "4", "--eval-samples", "4", "--max-new-tokens", "24", "--tiny-shape",
-         "num_layers=2,hidden_size=32,intermediate_size=64,tie_embeddings=true,warmup_hops=1,warmup_batch=4,"
-         "lr_schedule=cosine,warmup_questions=32,dev_questions=4,dev_samples=4,check_every=3"]
+SMALL = ["--preset", "demo-gain", "--tiny-warmup-steps", "20", "--num-examples", "16", "--num-eval", "8",
+         "--num-samples", "4", "--eval-samples", "4", "--tiny-shape",
+         "num_layers=4,hidden_size=128,intermediate_size=384,tie_embeddings=true,warmup_hops=1,warmup_batch=16,"
+         "lr_schedule=cosine,warmup_questions=64,dev_questions=8,check_every=10"]
 
 
 def _run(run_dir):
@@ -42,5 +42,5 @@ def test_demo_gain_pipeline_twice_gives_the_same_held_out_tables(tmp_path):
     assert (a / "pairs.jsonl").read_text().replace(str(a), str(b)) == (b / "pairs.jsonl").read_text()
     assert (a / "after_model" / "model.safetensors").read_bytes() == (b / "after_model" / "model.safetensors").read_bytes()
     ta, tb = (json.loads(json.dumps(_tables(d)).replace(str(d), "RUN")) for d in (a, b))
-    assert ta["before"]["questions"] == 6 and set(ta["after"]["average"]) >= {"greedy", "MBR@4", "oracle@4"}
+    assert ta["before"]["questions"] == 8 and set(ta["after"]["average"]) >= {"greedy", "MBR@4", "oracle@4"}
     assert ta == tb
