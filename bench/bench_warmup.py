@@ -29,12 +29,13 @@ def main(argv=None) -> int:
     cfg = TinyConfig(**{**base, **parse_overrides(",".join(a.set))})
     start = time.perf_counter()
     if a.diagnose:
-        from sealong.data.fresh_world import fresh_questions
+        from sealong.data.fresh_world import fresh_questions, world_config
         from sealong.jsonl import write_jsonl_atomic
         from sealong.model import load_tokenizer
         from sealong.tiny import dev_check
 
-        dev = fresh_questions(cfg.seed, a.skip, 0, cfg.warmup_questions, cfg.dev_questions)["dev"]
+        dev = fresh_questions(cfg.seed, a.skip, 0, cfg.warmup_questions, cfg.dev_questions,
+                              config=world_config(cfg.world_hops, cfg.world_passages))["dev"]
         rows: list = []
         res = dev_check(a.diagnose, load_tokenizer(a.diagnose), dev, cfg, "plan_and_solve", rows_out=rows)
         Path(a.out).mkdir(parents=True, exist_ok=True)

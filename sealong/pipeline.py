@@ -189,7 +189,8 @@ def step_base_model(r: Runner) -> str:
     gain = r.preset == "demo-gain"  # stop the warm-up on the labelled dev slice; check consensus vs greedy there
     values = dict(min_tokens=synth.min_tokens, max_tokens=synth.max_tokens, seed=synth.seed,
                   check_every=300 if gain else 0, max_new_tokens=sample_cfg.max_new_tokens,
-                  temperature=sample_cfg.temperature)
+                  temperature=sample_cfg.temperature, world_passages=synth.world_passages,
+                  world_hops=tuple(int(h) for h in synth.world_hops.split("+")))
     values.update(parse_overrides(a.tiny_shape or ""))  # the preset's shape (demo-gain), then --tiny-warmup-steps
     if a.tiny_warmup_steps is not None:
         values["warmup_steps"] = a.tiny_warmup_steps

@@ -54,7 +54,10 @@ class TinyConfig:
     temperature: float = 1.0  # sampling temperature of the dev check (the demo samples at this temperature)
     max_new_tokens: int = 64
     keep_checks: str = ""  # folder to keep the model of every dev check in (step_N/), "" keeps none
-    warmup_hops: tuple = (2, 3)  # hop counts of the warm-up questions, cycled (the dev slice keeps the method's 2-3)
+    warmup_hops: tuple = (2, 3)  # hop counts of the warm-up questions, cycled (the dev slice keeps world_hops)
+    world_hops: tuple = (2, 3)  # the method's world (synth.world_hops): the dev slice's hop counts
+    world_passages: int = 10  # ... and its passages per question (synth.world_passages), warm-up and dev alike
+    prompt_loss: float = 0.0  # weight of next-token loss on the prompt's tokens (0: the answer's tokens only)
     curriculum_steps: int = 0  # the first this many steps draw only the warm-up questions of the fewest hops
     lr_schedule: str = "constant"  # after the linear ramp: "constant" or "cosine" (down to 10% at warmup_steps)
     seed: int = 0
@@ -96,7 +99,7 @@ def build_base_model(folder: str | Path, cfg: TinyConfig, skip_questions: int, s
     """
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from .data.fresh_world import FreshWorld, FreshWorldConfig, fresh_questions
+    from .data.fresh_world import FreshWorld, fresh_questions, world_config
     from .diagnosis import hop_counts
     from .jsonl import write_jsonl_atomic
 
@@ -112,9 +115,11 @@ def build_base_model(folder: str | Path, cfg: TinyConfig, skip_questions: int, s
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(config)
-    sets = fresh_questions(cfg.seed, skip_questions, 0, cfg.warmup_questions, cfg.dev_questions if cfg.check_every else 0)
-    if tuple(cfg.warmup_hops) != tuple(FreshWorldConfig().hops):  # the same indices, another hop mix
-        sets["warmup"] = FreshWorld(FreshWorldConfig(hops=tuple(cfg.warmup_hops), seed=cfg.seed)).questions(
+    world = world_config(cfg.world_hops, cfg.world_passages)
+    sets = fresh_questions(cfg.seed, skip_questions, 0, cfg.warmup_questions, cfg.dev_questions if cfg.check_every else 0,
+                           config=world)
+    if tuple(cfg.warmup_hops) != tuple(world.hops):  # the same indices, another hop mix
+        sets["warmup"] = FreshWorld(world_config(cfg.warmup_hops, cfg.world_passages, cfg.seed)).questions(
             cfg.warmup_questions, skip_questions)
 
     def save(path):
@@ -221,7 +226,8 @@ def warm_up(model, tokenizer, questions, cfg: TinyConfig, strategy: str, log=pri
 
     examples = warmup_examples(tokenizer, questions, cfg, strategy)
     length = max(len(p) + len(a) for p, a in examples)
-    easy = [e for e, q in zip(examples, questions) if len(q.chain) == min(len(q.chain) for q in questions)]
+    fewest = min(len(q.chain) for q in questions)  # once: inside the comprehension it was quadratic
+    easy = [e for e, q in zip(examples, questions) if len(q.chain) == fewest]
     rng = random.Random(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr, weight_decay=0.01)
     ramp = max(1, cfg.warmup_steps // 20)
@@ -248,7 +254,17 @@ def warm_up(model, tokenizer, questions, cfg: TinyConfig, strategy: str, log=pri
             ids[i, :len(seq)] = torch.tensor(seq)
             labels[i, len(p):len(seq)] = torch.tensor(a)
             mask[i, :len(seq)] = 1
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        if cfg.prompt_loss:  # the prompt's tokens too, at weight prompt_loss (copying the passages' names is
+            # practice for copying them into the answer)
+            weight = (labels != -100).float()
+            for i, (p, _) in enumerate(batch):
+                weight[i, 1:len(p)] = cfg.prompt_loss
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1),
+                                                    reduction="none").view(ids.shape[0], -1)
+            loss = (nll * weight[:, 1:]).sum() / weight[:, 1:].sum()
+        else:
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

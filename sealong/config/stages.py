@@ -46,6 +46,9 @@ class SynthConfig(Checked):
     world: Literal["fresh", "fixed"] = option(
         "fresh", "built-in world without --musique: fresh facts per question (sealong.data.fresh_world: answers must "
         "be read from the context) or one fixed set of facts (a model can memorize them)")
+    world_hops: str = option("2+3", "fresh world: hop counts of its questions, cycled, `+`-separated (e.g. 1+2)")
+    world_passages: int = option(10, "fresh world: passages per question (chain, one near-name confuser per chain "
+                                 "step, fillers); at least twice the most hops", ge=2)
     embed_model: Optional[str] = option(None, "sentence-transformers model for --distractors nearest")
     seed: int = option(0, "seeds question choice, context length, distractors, world")
     include_unanswerable: bool = option(False, "keep MuSiQue's unanswerable questions")

@@ -155,6 +155,13 @@ class FreshWorld:
         return [" ".join(words), "What is the of ? The answer is .", *forms]
 
 
+def world_config(hops: str | tuple = "2+3", passages: int = 10, seed: int = 0) -> FreshWorldConfig:
+    """The world of `sealong synth --world-hops 1+2 --world-passages 6` (hops as `a+b` or a tuple)."""
+    if isinstance(hops, str):
+        hops = tuple(int(h) for h in hops.split("+"))
+    return FreshWorldConfig(paragraphs_per_record=passages, hops=tuple(hops), seed=seed)
+
+
 def fresh_questions(seed: int, num_train: int, num_eval: int = 0, num_warmup: int = 0, num_dev: int = 0,
                     config: FreshWorldConfig | None = None) -> dict[str, list[FreshQuestion]]:
     """Disjoint question sets, always in this order: train, eval, warmup, dev (dev = labelled warm-up slice

@@ -70,9 +70,11 @@ def run(args) -> int:
         train = random.Random(args.seed).sample(pool, min(args.num_examples, len(pool)))
     else:  # one world: the first questions train, the next ones are held out (distinct questions)
         if getattr(args, "world", "fresh") == "fresh":
-            from .fresh_world import fresh_questions
+            from .fresh_world import fresh_questions, world_config
 
-            questions = fresh_questions(args.seed, args.num_examples, args.num_eval if want_eval else 0)
+            questions = fresh_questions(args.seed, args.num_examples, args.num_eval if want_eval else 0,
+                                        config=world_config(getattr(args, "world_hops", "2+3"),
+                                                            getattr(args, "world_passages", 10)))
         else:
             questions = world_questions(args.seed, args.num_examples, args.num_eval if want_eval else 0)
         write_jsonl_atomic(out / "world_musique.jsonl", (q.to_json() for q in questions["train"]))  # as MuSiQue

@@ -110,3 +110,13 @@ def test_synth_stage_from_musique_files(tmp_path):
     assert len(prompts) == 5 and all("answer" not in p and p["context"].startswith("Passage 1:") for p in prompts)
     assert len(evals) == 3 and all(e["dataset"] == "musique" and e["answers"] for e in evals)
     assert not (tmp_path / "run" / "world_musique.jsonl").exists()
+
+
+def test_synth_stage_world_hops_and_passages(tmp_path):
+    """`--world-hops 1 --world-passages 4` (the demo-gain preset's world): 1-hop questions of 4 passages each,
+    the warm-up's dev slice drawn from the same world."""
+    assert run(_args(tmp_path, world_hops="1", world_passages=4, min_tokens=1000, max_tokens=1000)) == 0
+    world = read_musique(tmp_path / "run" / "world_musique.jsonl")
+    assert {r.id.split("__")[0] for r in world} == {"1hop"} and {len(r.paragraphs) for r in world} == {4}
+    evals = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").open()]
+    assert {e["_id"].split("__")[0] for e in evals} == {"1hop"}
