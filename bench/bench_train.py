@@ -25,9 +25,8 @@ from bench.common import cpu_note, is_oom, matmul_peak_tflops, time_ms
 from sealong.model import ModelConfig, Transformer
 from sealong.train.pairs import Pair
 from sealong.train.parallel import ParallelDims
-from sealong.train.loop import micro_step_sums, sequence_counts
+from sealong.train.micro import build_micro_batch, micro_step_loss
 from sealong.train.config import LORA_TARGETS, make_config
-from sealong.train.loss import micro_objective
 from sealong.train.mesh import TrainMesh
 from sealong_kernels import reference
 
@@ -84,9 +83,8 @@ def ours_step(model, lm_head, pair, device):
 
     def step():
         model.zero_grad(set_to_none=True)
-        sums, _ = micro_step_sums(model, lm_head, [pair], cfg, mesh, device)
-        loss, _ = micro_objective(sums, sequence_counts([pair]).to(device), mode="orpo", beta=0.1, nll_weight=1.0,
-                                  batch_chosen_tokens=pair.chosen.numel(), batch_pairs=1)
+        micro = build_micro_batch([pair], cfg, mesh, device, lm_head)  # the loop builds it before the forward
+        loss, _ = micro_step_loss(model, lm_head, micro, cfg, mesh, pair.chosen.numel(), 1)
         loss.backward()
     return step
 

@@ -41,7 +41,7 @@ import triton
 
 from . import reference
 from .runtime import interpreting, triton_available
-from .attention_plan import VarlenPlan, block_lists, content_version, varlen_plan  # noqa: F401 (re-exported)
+from .attention_plan import BlockPlan, VarlenPlan, block_lists, content_version, varlen_plan  # noqa: F401 (re-exported)
 from .attention_tiles import launchable_tiles
 from .attention_kernels import (  # layer 1: the @triton.jit kernels
     _attn_bwd_delta_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_fwd_kernel,
@@ -60,14 +60,24 @@ INTERPRETER_TILE = (16, 16, 1, 1)  # interpreted programs are slow per element: 
 PLAN_BLOCK = 128  # block classes are planned per 128 x 128 (every GPU tile divides it); the interpreter: its tile
 
 
-def _plan_blocks(tq, tk, flags, q_start, k_start, cu_seqlens, segment_ids, k_segment_ids, seq_idx, qseg, kseg):
+def _plan_key(tq, tk, flags, q_start, k_start):
+    plan_m = plan_n = INTERPRETER_TILE[0] if interpreting() else PLAN_BLOCK
+    return (int(tq), int(tk), plan_m, plan_n, bool(flags["CAUSAL"]), int(q_start), int(k_start), bool(flags["HAS_SEQ"]),
+            bool(flags["HAS_SEG"]))
+
+
+def _plan_blocks(tq, tk, flags, q_start, k_start, cu_seqlens, segment_ids, k_segment_ids, seq_idx, qseg, kseg,
+                 block_plan=None):
     """(block lists by query blocks, by key blocks, PLAN_M, PLAN_N) for calls with packed sequences or segments
-    (`attention_plan.block_lists`), else dummies with HAS_PLAN off. Cached on the batch's own tensor (the plan's
-    seq_idx, which the custom ops pass through unchanged, else the segment ids) under the content versions of
-    the inputs, when q and k carry the same segments: every layer's forward and backward share one build."""
+    (`attention_plan.block_lists`), else dummies with HAS_PLAN off. block_plan: the caller's BlockPlan (built
+    once per batch, `block_plan`), used as given; without one (a caller that passes none) the lists are cached
+    on the batch's own tensor (the plan's seq_idx, which the custom ops pass through unchanged, else the segment
+    ids) under the content versions of the inputs, when q and k carry the same segments."""
     plan_m = plan_n = INTERPRETER_TILE[0] if interpreting() else PLAN_BLOCK
     if not (flags["HAS_SEQ"] or flags["HAS_SEG"]) or tq == 0 or tk == 0:
         return seq_idx[:1], seq_idx[:1], plan_m, plan_n, False
+    if block_plan is not None:
+        return block_plan.rows, block_plan.cols, plan_m, plan_n, True
     plan = cu_seqlens if isinstance(cu_seqlens, VarlenPlan) else None
     # the batch's own tensors (the same objects in every layer: the custom ops pass them through)
     # a view (a ring block's slice of the segments) counts as its base plus where it lies in it
@@ -85,6 +95,45 @@ def _plan_blocks(tq, tk, flags, q_start, k_start, cu_seqlens, segment_ids, k_seg
                              kseg=kseg if flags["HAS_SEG"] else None, cache=cache, device=seq_idx.device,
                              version=version, companions=bases[1:])
     return rows, cols, plan_m, plan_n, True
+def block_plan(tq, tk=None, *, causal=True, q_start=0, k_start=0, cu_seqlens=None, segment_ids=None,
+               k_segment_ids=None, device=None):
+    """The BlockPlan of attention calls with this geometry (q of Tq tokens against Tk keys, the batch's packed
+    sequences and / or segment ids), for `flash_attention(..., block_plan=...)`: build it once per batch and
+    pass it to every layer (forward and backward), so no layer builds or looks up block lists. None where the
+    calls have nothing to plan (no sequences, no segments, no tokens). Fixed-size device ops, no host sync."""
+    tk = tq if tk is None else tk
+    flags = dict(CAUSAL=bool(causal), HAS_SEQ=cu_seqlens is not None, HAS_SEG=segment_ids is not None)
+    if not (flags["HAS_SEQ"] or flags["HAS_SEG"]) or tq == 0 or tk == 0:
+        return None
+    ref = segment_ids if segment_ids is not None else (cu_seqlens.seq_idx if isinstance(cu_seqlens, VarlenPlan)
+                                                       else cu_seqlens)
+    dev = device if device is not None else ref.device
+    seq_idx = None
+    if cu_seqlens is not None:
+        plan = cu_seqlens if isinstance(cu_seqlens, VarlenPlan) else varlen_plan(cu_seqlens, tq, device=dev)
+        seq_idx = plan.seq_idx.to(dev)
+    qseg = kseg = None
+    if segment_ids is not None:
+        qseg = segment_ids.to(device=dev, dtype=torch.int32)
+        kseg = qseg if k_segment_ids is None else k_segment_ids.to(device=dev, dtype=torch.int32)
+    key = _plan_key(tq, tk, flags, q_start, k_start)
+    rows, cols = block_lists(tq, tk, key[2], key[3], causal=flags["CAUSAL"], q_start=q_start, k_start=k_start,
+                             seq_idx=seq_idx, qseg=qseg, kseg=kseg, device=dev)
+    return BlockPlan(rows, cols, key)
+
+
+def _check_block_plan(block_plan, tq, tk, causal, q_start, k_start, cu_seqlens, segment_ids):
+    """A caller's plan must be the plan of this call's geometry (a plan of another batch shape would give the
+    wrong visibility): host-side comparison of its key, no device read."""
+    if block_plan is None:
+        return
+    flags = dict(CAUSAL=bool(causal), HAS_SEQ=cu_seqlens is not None, HAS_SEG=segment_ids is not None)
+    want = _plan_key(tq, tk, flags, q_start, k_start)
+    if block_plan.key != want:
+        raise ValueError(f"block_plan was built for (Tq, Tk, PLAN_M, PLAN_N, causal, q_start, k_start, sequences, "
+                         f"segments) = {block_plan.key}, this call is {want}")
+
+
 _TUNED = {}  # (kind, arch, BLOCK_D, dtype, flags, log2 bucket of Tq * Tk) -> the fastest launchable tile
 
 
@@ -230,12 +279,13 @@ def _launch(kernel, kind, grid, args, flags, head_dim, scores):
 
 
 def attention_forward(q, k, v, *, causal=True, softmax_scale=None, q_start=0, k_start=0,
-                      cu_seqlens=None, segment_ids=None, k_segment_ids=None, out_dtype=None):
+                      cu_seqlens=None, segment_ids=None, k_segment_ids=None, out_dtype=None, block_plan=None):
     """Raw forward: -> (out [Tq, Hq, D] in q's dtype, lse [Hq, Tq] float32, natural log). See module docstring.
 
     Runs our Triton kernel on CUDA (or on CPU under TRITON_INTERPRET=1), else (or without a launchable tile for
     this dtype and head dim) the reference. out_dtype: the
-    output's dtype (default q's; a ring asks for float32 partials, merged without a 16-bit round trip)."""
+    output's dtype (default q's; a ring asks for float32 partials, merged without a 16-bit round trip).
+    block_plan: the caller's BlockPlan of this geometry (`block_plan`; None: built or found in the cache)."""
     if _use_reference(q, ("fwd",)):
         return reference.attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale, q_start=q_start,
                                            k_start=k_start, cu_seqlens=_cu_tensor(cu_seqlens), segment_ids=segment_ids,
@@ -252,7 +302,7 @@ def attention_forward(q, k, v, *, causal=True, softmax_scale=None, q_start=0, k_
     flags = dict(CAUSAL=bool(causal), HAS_SEQ=cu_seqlens is not None, HAS_SEG=segment_ids is not None,
                  PRECISION=_precision(q.dtype))
     rows, _, plan_m, plan_n, has_plan = _plan_blocks(tq, tk, flags, q_start, k_start, cu_seqlens, segment_ids,
-                                                     k_segment_ids, seq_idx, qseg, kseg)
+                                                     k_segment_ids, seq_idx, qseg, kseg, block_plan)
     flags.update(HAS_PLAN=has_plan, PLAN_M=plan_m, PLAN_N=plan_n)
     args = (q, k, v, out, lse, seq_idx, cu, qseg, kseg, rows,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
@@ -262,7 +312,7 @@ def attention_forward(q, k, v, *, causal=True, softmax_scale=None, q_start=0, k_
 
 
 def attention_backward(dout, q, k, v, out, lse, *, delta=None, causal=True, softmax_scale=None, q_start=0, k_start=0,
-                       cu_seqlens=None, segment_ids=None, k_segment_ids=None):
+                       cu_seqlens=None, segment_ids=None, k_segment_ids=None, block_plan=None):
     """Raw backward from the given (possibly global, merged) out and lse -> (dq, dk, dv), all float32.
 
     delta = rowsum(dout * out) [Hq, Tq] float32 is computed by the preprocess kernel when not given (a ring
@@ -304,7 +354,7 @@ def attention_backward(dout, q, k, v, out, lse, *, delta=None, causal=True, soft
     flags = dict(CAUSAL=bool(causal), HAS_SEQ=cu_seqlens is not None, HAS_SEG=segment_ids is not None,
                  PRECISION=_precision(q.dtype))
     rows, cols, plan_m, plan_n, has_plan = _plan_blocks(tq, tk, flags, q_start, k_start, cu_seqlens, segment_ids,
-                                                        k_segment_ids, seq_idx, qseg, kseg)
+                                                        k_segment_ids, seq_idx, qseg, kseg, block_plan)
     flags.update(HAS_PLAN=has_plan, PLAN_M=plan_m, PLAN_N=plan_n)
     common = (tq, tk, int(q_start), int(k_start), hq // hkv, scale)
     strides_in = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1))
@@ -343,17 +393,24 @@ def _plan(q, cu_seqlens, seq_idx):
     return None if cu_seqlens is None else VarlenPlan(cu_seqlens, seq_idx, q.shape[0])
 
 
+def _blocks(rows, cols):
+    """The caller's block plan as the ops carry it (its two tensors; the geometry was checked before dispatch)."""
+    return None if rows is None else BlockPlan(rows, cols, None)
+
+
 @torch.library.custom_op("sealong::flash_attention_fwd", mutates_args=())
 def flash_attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: Optional[float], q_start: int,
                         k_start: int, cu_seqlens: Optional[Tensor], seq_idx: Optional[Tensor],
-                        segment_ids: Optional[Tensor], k_segment_ids: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+                        segment_ids: Optional[Tensor], k_segment_ids: Optional[Tensor], block_rows: Optional[Tensor],
+                        block_cols: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     return attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale, q_start=q_start, k_start=k_start,
                              cu_seqlens=_plan(q, cu_seqlens, seq_idx), segment_ids=segment_ids,
-                             k_segment_ids=k_segment_ids)
+                             k_segment_ids=k_segment_ids, block_plan=_blocks(block_rows, block_cols))
 
 
 @flash_attention_fwd.register_fake
-def _(q, k, v, causal, softmax_scale, q_start, k_start, cu_seqlens, seq_idx, segment_ids, k_segment_ids):
+def _(q, k, v, causal, softmax_scale, q_start, k_start, cu_seqlens, seq_idx, segment_ids, k_segment_ids, block_rows,
+      block_cols):
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
@@ -361,40 +418,43 @@ def _(q, k, v, causal, softmax_scale, q_start, k_start, cu_seqlens, seq_idx, seg
 def flash_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
                         softmax_scale: Optional[float], q_start: int, k_start: int, cu_seqlens: Optional[Tensor],
                         seq_idx: Optional[Tensor], segment_ids: Optional[Tensor],
-                        k_segment_ids: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+                        k_segment_ids: Optional[Tensor], block_rows: Optional[Tensor],
+                        block_cols: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     return attention_backward(dout, q, k, v, out, lse, causal=causal, softmax_scale=softmax_scale, q_start=q_start,
                               k_start=k_start, cu_seqlens=_plan(q, cu_seqlens, seq_idx), segment_ids=segment_ids,
-                              k_segment_ids=k_segment_ids)
+                              k_segment_ids=k_segment_ids, block_plan=_blocks(block_rows, block_cols))
 
 
 @flash_attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, causal, softmax_scale, q_start, k_start, cu_seqlens, seq_idx, segment_ids,
-      k_segment_ids):
+      k_segment_ids, block_rows, block_cols):
     f32 = dict(dtype=torch.float32)
     return q.new_empty(q.shape, **f32), k.new_empty(k.shape, **f32), v.new_empty(v.shape, **f32)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, softmax_scale, q_start, k_start, cu_seqlens, seq_idx, segment_ids, k_segment_ids = inputs
-    ctx.save_for_backward(q, k, v, *output, cu_seqlens, seq_idx, segment_ids, k_segment_ids)
+    q, k, v, causal, softmax_scale, q_start, k_start, cu_seqlens, seq_idx, segment_ids, k_segment_ids, rows, cols = inputs
+    ctx.save_for_backward(q, k, v, *output, cu_seqlens, seq_idx, segment_ids, k_segment_ids, rows, cols)
     ctx.args = (causal, softmax_scale, q_start, k_start)
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, cu_seqlens, seq_idx, segment_ids, k_segment_ids = ctx.saved_tensors
+    q, k, v, out, lse, cu_seqlens, seq_idx, segment_ids, k_segment_ids, rows, cols = ctx.saved_tensors
     dq, dk, dv = flash_attention_bwd(dout.contiguous(), q, k, v, out, lse, *ctx.args, cu_seqlens, seq_idx,
-                                     segment_ids, k_segment_ids)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None
+                                     segment_ids, k_segment_ids, rows, cols)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *([None] * 10)
 
 
 flash_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def flash_attention_op(q, k, v, causal, softmax_scale, q_start, k_start, plan, segment_ids, k_segment_ids):
+def flash_attention_op(q, k, v, causal, softmax_scale, q_start, k_start, plan, segment_ids, k_segment_ids,
+                       block_plan=None):
     """(out, lse) through the custom ops; lse carries no gradient."""
     cu, seq_idx = (None, None) if plan is None else (plan.cu_seqlens, plan.seq_idx)
+    rows, cols = (None, None) if block_plan is None else (block_plan.rows, block_plan.cols)
     out, lse = flash_attention_fwd(q, k, v, bool(causal), None if softmax_scale is None else float(softmax_scale),
-                                   int(q_start), int(k_start), cu, seq_idx, segment_ids, k_segment_ids)
+                                   int(q_start), int(k_start), cu, seq_idx, segment_ids, k_segment_ids, rows, cols)
     return out, lse.detach()
 
 
@@ -458,7 +518,7 @@ def flash_attention_backend(q, k, causal=True, *, q_start=0, k_start=0, segment_
 
 
 def flash_attention(q, k, v, causal=True, cu_seqlens=None, softmax_scale=None, *, segment_ids=None,
-                    k_segment_ids=None, q_start=0, k_start=0, backend="auto"):
+                    k_segment_ids=None, q_start=0, k_start=0, backend="auto", block_plan=None):
     """Exact attention over packed sequences -> (out [Tq, Hq, D], lse [Hq, Tq] float32, natural log).
 
     q [Tq, Hq, D], k, v [Tk, Hkv, D] with Hq % Hkv == 0: query head h reads kv head h // (Hq // Hkv) (GQA/MQA,
@@ -478,7 +538,10 @@ def flash_attention(q, k, v, causal=True, cu_seqlens=None, softmax_scale=None, *
     cu_seqlens may be a `VarlenPlan` (`varlen_plan(cu_seqlens, T)`, built once per batch): then the call validates
     nothing and reads nothing on the host (a raw tensor is validated here, one host sync per call).
 
-    backend: "auto" (see `flash_attention_backend`), "flash_attn", "triton" or "reference".
+    block_plan: the BlockPlan of this call's geometry (`block_plan(...)`, built once per batch and passed to
+    every layer; the Triton backend uses it as given, the others need none). None: the Triton backend builds
+    the block lists or finds them in its content-versioned cache (one build per batch when every layer
+    passes the same segment-id / plan tensors).
     """
     if cu_seqlens is not None and (q.shape[0] != k.shape[0] or q_start != k_start):
         # checked before dispatch: flash-attn's varlen call would read k with q's boundaries without complaint
@@ -497,7 +560,9 @@ def flash_attention(q, k, v, causal=True, cu_seqlens=None, softmax_scale=None, *
         raise ValueError(f"backend='triton' needs CUDA tensors or TRITON_INTERPRET=1, got device {q.device}")
     if backend == "triton":  # the torch.library ops (torch.compile traces them); cu_seqlens validated once here
         plan = None if cu_seqlens is None else varlen_plan(cu_seqlens, q.shape[0], device=q.device)
-        return flash_attention_op(q, k, v, causal, softmax_scale, q_start, k_start, plan, segment_ids, k_segment_ids)
+        _check_block_plan(block_plan, q.shape[0], k.shape[0], causal, q_start, k_start, cu_seqlens, segment_ids)
+        return flash_attention_op(q, k, v, causal, softmax_scale, q_start, k_start, plan, segment_ids, k_segment_ids,
+                                  block_plan)
     return _FlashAttention.apply(q, k, v, causal, softmax_scale, q_start, k_start, cu_seqlens, segment_ids,
                                  k_segment_ids, True)
 

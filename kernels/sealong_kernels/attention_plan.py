@@ -139,6 +139,19 @@ def pack_lists(classes):
 BUILDS = [0]  # block-list builds since import (tests count them per training step)
 
 
+@dataclass(frozen=True)
+class BlockPlan:
+    """The block lists of one attention geometry, built once per batch by the caller (`attention.block_plan`)
+    and passed to every layer's forward and backward (`flash_attention(..., block_plan=...)`): no layer
+    classifies blocks or consults a cache. rows / cols: `block_lists`' packed lists by query / key blocks;
+    key: the call it was built for (Tq, Tk, PLAN_M, PLAN_N, causal, q_start, k_start, has sequences, has
+    segments); a call with another geometry refuses it."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    key: tuple
+
+
 def content_version(*tensors):
     """The content versions (`Tensor._version`, bumped by every in-place write: copy_, fill_, a collective into
     the buffer) of the tensors a plan is computed from, or None where one has none (inference tensors): no cache

@@ -8,7 +8,7 @@
 
 import torch
 
-from .attention import flash_attention, varlen_plan
+from .attention import block_plan, content_version, flash_attention, flash_attention_backend, varlen_plan
 from .orpo import fused_linear_orpo_loss
 
 
@@ -67,12 +67,26 @@ def _assert_on_device(cond, message):
 
 def _cached_on(tensor, build):
     """build() once per batch: the result rides on the tensor every layer receives (the mask, the position ids,
-    the collator's cu_seqlens), so later layers and the backward reuse it without reading the host again."""
+    the collator's cu_seqlens), so later layers and the backward reuse it without reading the host again. It
+    is keyed by the tensor's content version (`attention_plan.content_version`): a buffer refilled in place
+    (a preallocated collate buffer, a CUDA-graph static input) gets a new plan; a tensor without a version (an
+    inference tensor) gets none cached."""
+    version = content_version(tensor)
     cached = getattr(tensor, "_sealong_varlen_plan", None)
-    if cached is None:
-        cached = build()
-        tensor._sealong_varlen_plan = cached
-    return cached
+    if cached is None or version is None or cached[0] != version:
+        cached = (version, build())
+        if version is not None:
+            tensor._sealong_varlen_plan = cached
+    return cached[1]
+
+
+def _with_blocks(q, k, causal, plan):
+    """(varlen plan, its block plan): the block lists built once per batch with the varlen plan (when the
+    Triton kernel runs the call) and passed to every layer."""
+    blocks = None
+    if flash_attention_backend(q, k, causal) == "triton":
+        blocks = block_plan(q.shape[0], k.shape[0], causal=causal, cu_seqlens=plan, device=q.device)
+    return plan, blocks
 
 
 def cu_seqlens_from_position_ids(position_ids):
@@ -95,7 +109,7 @@ def cu_seqlens_from_position_ids(position_ids):
     return cu[: t + 1].to(torch.int32)
 
 
-def _pack_valid(valid):
+def _pack_valid(valid, q=None, k=None, causal=True):
     """Order of the B * S tokens putting every row's valid tokens first (rows in order, tokens in order), padding
     last, and the varlen plan of that order (cu_seqlens [B + 2]: one sequence per row, then all padding as one
     sequence, whose rows are zeroed afterwards). Fixed shapes: no host sync, any padding pattern."""
@@ -104,7 +118,11 @@ def _pack_valid(valid):
     counts = valid.sum(1)
     cu = torch.cat([torch.zeros(1, dtype=counts.dtype, device=valid.device), torch.cumsum(counts, 0),
                     torch.full((1,), flat.numel(), dtype=counts.dtype, device=valid.device)])
-    return order, varlen_plan(cu, flat.numel(), validate=False)
+    plan = varlen_plan(cu, flat.numel(), validate=False)
+    if q is None:
+        return order, plan
+    flat_q = q.reshape(-1, *q.shape[2:])
+    return (order, *_with_blocks(flat_q, k.reshape(-1, *k.shape[2:]), causal, plan))
 
 
 def sealong_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
@@ -141,18 +159,20 @@ def sealong_attention_forward(module, query, key, value, attention_mask, dropout
                 if cu_k.shape != cu.shape:
                     raise ValueError("attn_implementation='sealong' needs cu_seq_lens_q == cu_seq_lens_k")
                 _assert_on_device((cu_k == cu).all(), "attn_implementation='sealong' needs cu_seq_lens_q == cu_seq_lens_k")
-            plan = _cached_on(cu, lambda: varlen_plan(cu, sq, device=q.device))
+            plan = _cached_on(cu, lambda: _with_blocks(q[0], k[0], causal, varlen_plan(cu, sq, device=q.device)))
         elif kwargs.get("position_ids") is not None:  # boundaries built here are valid by construction
             pos = kwargs["position_ids"]
-            plan = _cached_on(pos, lambda: varlen_plan(cu_seqlens_from_position_ids(pos), sq, validate=False))
+            plan = _cached_on(pos, lambda: _with_blocks(q[0], k[0], causal, varlen_plan(
+                cu_seqlens_from_position_ids(pos), sq, validate=False)))
         if plan is not None:
-            return flash_attention(q[0], k[0], v[0], cu_seqlens=plan, **kw)[0][None], None
+            return flash_attention(q[0], k[0], v[0], cu_seqlens=plan[0], block_plan=plan[1], **kw)[0][None], None
 
     valid = torch.ones(b, sk, dtype=torch.bool, device=q.device) if attention_mask is None else attention_mask.bool()
     if sq == sk:  # training / prefill: every row's valid tokens packed into one call
-        order, plan = _cached_on(valid if attention_mask is None else attention_mask, lambda: _pack_valid(valid))
         pack = lambda t: t.reshape(b * sk, t.shape[2], d)[order]  # noqa: E731
-        out_packed, _ = flash_attention(pack(q), pack(k), pack(v), cu_seqlens=plan, **kw)
+        order, plan, blocks = _cached_on(valid if attention_mask is None else attention_mask,
+                                         lambda: _pack_valid(valid, q, k, causal))
+        out_packed, _ = flash_attention(pack(q), pack(k), pack(v), cu_seqlens=plan, block_plan=blocks, **kw)
         out = q.new_zeros(b * sq, hq, d).index_copy(0, order, out_packed)
         return (out * valid.reshape(-1, 1, 1).to(out.dtype)).reshape(b, sq, hq, d), None
 

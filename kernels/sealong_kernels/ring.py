@@ -144,28 +144,45 @@ def ring_schedule(seq_len, world, rank, layout="zigzag", causal=True):
             for s in range(world)]
 
 
-def attend_step(q, k, v, out, lse, blocks, forward_op, *, softmax_scale, q_seg=None, k_seg=None):
-    """Run one ring step's blocks of q against (k, v) and merge each into the accumulators (out, lse)."""
-    for b in blocks:
+def step_plans(blocks, forward_op, q_seg=None, k_seg=None):
+    """The BlockPlan of every block of one ring step (`attention.block_plan`), or None where the ops are not
+    the Triton kernel's or there are no segments (nothing to plan): built once per step in the forward and
+    passed to every call of the step, forward and backward, so no call builds or looks up block lists."""
+    if q_seg is None or forward_op is not attention.attention_forward:
+        return None
+    return [attention.block_plan(b.q_hi - b.q_lo, b.k_hi - b.k_lo, causal=b.causal, q_start=b.q_start,
+                                 k_start=b.k_start, segment_ids=q_seg[b.q_lo:b.q_hi], k_segment_ids=k_seg[b.k_lo:b.k_hi])
+            for b in blocks]
+
+
+def _plan_kw(plans, i):
+    return {} if plans is None else {"block_plan": plans[i]}
+
+
+def attend_step(q, k, v, out, lse, blocks, forward_op, *, softmax_scale, q_seg=None, k_seg=None, plans=None):
+    """Run one ring step's blocks of q against (k, v) and merge each into the accumulators (out, lse).
+    plans: the step's block plans (`step_plans`) or None."""
+    for i, b in enumerate(blocks):
         o, l = forward_op(
             q[b.q_lo:b.q_hi], k[b.k_lo:b.k_hi], v[b.k_lo:b.k_hi], causal=b.causal, softmax_scale=softmax_scale,
             q_start=b.q_start, k_start=b.k_start, out_dtype=out.dtype,  # partials in the accumulator's precision
             segment_ids=None if q_seg is None else q_seg[b.q_lo:b.q_hi],
-            k_segment_ids=None if k_seg is None else k_seg[b.k_lo:b.k_hi])
+            k_segment_ids=None if k_seg is None else k_seg[b.k_lo:b.k_hi], **_plan_kw(plans, i))
         merge_partials_(out[b.q_lo:b.q_hi], lse[:, b.q_lo:b.q_hi], o, l)
     return out, lse
 
 
 def attend_step_backward(dout, q, k, v, out, lse, delta, dq, dkv, blocks, backward_op, *, softmax_scale,
-                         q_seg=None, k_seg=None, row_cache=None):
+                         q_seg=None, k_seg=None, row_cache=None, plans=None):
     """Add one ring step's gradients in place: dq [T, Hq, D] and dkv [2, Tk, Hkv, D] (dK, dV), float32.
 
     out, lse and delta = rowsum(dout * out) [Hq, T] are the final (merged) ones of the local queries.
     row_cache: a dict kept over the steps of one backward: the contiguous lse / delta of each query range are
-    copied once (a zigzag schedule has at most three ranges), not once per block.
+    copied once (a zigzag schedule has at most three ranges), not once per block. plans: the step's block
+    plans from its forward (`step_plans`) or None.
     """
     row_cache = {} if row_cache is None else row_cache
-    for b in blocks:
+    for i, b in enumerate(blocks):
         rows, cols = slice(b.q_lo, b.q_hi), slice(b.k_lo, b.k_hi)
         if (b.q_lo, b.q_hi) not in row_cache:
             row_cache[b.q_lo, b.q_hi] = (lse[:, rows].contiguous(), delta[:, rows].contiguous())
@@ -175,7 +192,7 @@ def attend_step_backward(dout, q, k, v, out, lse, delta, dq, dkv, blocks, backwa
             delta=delta_b, causal=b.causal, softmax_scale=softmax_scale,
             q_start=b.q_start, k_start=b.k_start,
             segment_ids=None if q_seg is None else q_seg[rows],
-            k_segment_ids=None if k_seg is None else k_seg[cols])
+            k_segment_ids=None if k_seg is None else k_seg[cols], **_plan_kw(plans, i))
         dq[rows] += dq_b
         dkv[0, cols] += dk_b
         dkv[1, cols] += dv_b
@@ -197,13 +214,15 @@ def simulate_ring(q, k, v, world, *, causal=True, layout="zigzag", softmax_scale
              for r in range(world)]
     acc = _acc_dtype(q)
     shards = [(q[i], k[i], v[i], None if segment_ids is None else segment_ids[i]) for i in index]
-    results = []
+    results, plans = [], {}
     for r in range(world):
         out = torch.zeros(shards[r][0].shape, dtype=acc, device=q.device)
         lse = torch.full((q.shape[1], out.shape[0]), float("-inf"), dtype=acc, device=q.device)
         for s, blocks in enumerate(ring_schedule(seq_len, world, r, layout, causal)):
             _, ks, vs, kseg = shards[(r - s) % world]
-            attend_step(shards[r][0], ks, vs, out, lse, blocks, fwd, softmax_scale=scale, q_seg=shards[r][3], k_seg=kseg)
+            plans[r, s] = step_plans(blocks, fwd, shards[r][3], kseg)
+            attend_step(shards[r][0], ks, vs, out, lse, blocks, fwd, softmax_scale=scale, q_seg=shards[r][3], k_seg=kseg,
+                        plans=plans[r, s])
         results.append((out.to(q.dtype), lse))
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[1], seq_len, dtype=acc, device=q.device)
@@ -222,7 +241,7 @@ def simulate_ring(q, k, v, world, *, causal=True, layout="zigzag", softmax_scale
             dkv_src = torch.zeros((2, src.numel(), *k.shape[1:]), dtype=acc, device=q.device)
             _, ks, vs, kseg = shards[(r - s) % world]
             attend_step_backward(dout[i], q[i], ks, vs, out[i], lse[:, i], delta, dq_r, dkv_src, blocks, bwd,
-                                 softmax_scale=scale, q_seg=shards[r][3], k_seg=kseg)
+                                 softmax_scale=scale, q_seg=shards[r][3], k_seg=kseg, plans=plans[r, s])
             dkv[:, src] += dkv_src
         dq[i] = dq_r
     return out, lse, dq, dkv[0], dkv[1]
@@ -310,7 +329,9 @@ def _acc_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _ring_forward(q, k, v, ring, causal, scale, q_seg, k_segs, layout, cu_seqlens, backend):
+def _ring_forward(q, k, v, ring, causal, scale, q_seg, k_segs, layout, cu_seqlens, backend, plans=None, given=None):
+    """(out, lse); plans: a list that receives every step's block plans (`step_plans`) for the backward;
+    given: every step's plans built by the caller (a RingPlan's), used instead of building them."""
     fwd, _ = attention_ops(q.device, backend)
     if cu_seqlens is not None:  # single process only: one call over the whole sequence
         o, l = fwd(q, k, v, causal=causal, softmax_scale=scale, cu_seqlens=cu_seqlens, segment_ids=q_seg)
@@ -328,14 +349,20 @@ def _ring_forward(q, k, v, ring, causal, scale, q_seg, k_segs, layout, cu_seqlen
             nxt = spare  # free: what it held was sent in the previous step, whose send has completed
             works = ring.start(sends=[kv], recvs=[nxt])
         src = (ring.rank - s) % ring.world
-        attend_step(q, kv[0], kv[1], out, lse, schedule[s], fwd, softmax_scale=scale,
-                    q_seg=q_seg, k_seg=None if k_segs is None else k_segs[src])
+        k_seg = None if k_segs is None else k_segs[src]
+        # once per step, for its forward and backward (or once per batch, by the caller: `ring_plan`)
+        step = given[s] if given is not None else step_plans(schedule[s], fwd, q_seg, k_seg)
+        if plans is not None:
+            plans.append(step)
+        attend_step(q, kv[0], kv[1], out, lse, schedule[s], fwd, softmax_scale=scale, q_seg=q_seg, k_seg=k_seg,
+                    plans=step)
         _wait(works)
         kv, spare = nxt, kv
     return out.to(q.dtype), lse if lse.dtype == torch.float64 else lse.float()
 
 
-def _ring_backward(dout, q, k, v, out, lse, ring, causal, scale, q_seg, k_segs, layout, cu_seqlens, backend):
+def _ring_backward(dout, q, k, v, out, lse, ring, causal, scale, q_seg, k_segs, layout, cu_seqlens, backend,
+                   plans=None):
     _, bwd = attention_ops(q.device, backend)
     acc = _acc_dtype(q)
     delta = (dout.to(acc) * out.to(acc)).sum(-1).transpose(0, 1).contiguous()  # [Hq, T_local], from the final out
@@ -374,7 +401,8 @@ def _ring_backward(dout, q, k, v, out, lse, ring, causal, scale, q_seg, k_segs, 
         if s > 0:
             dkv.zero_()
         attend_step_backward(dout, q, kv[0], kv[1], out, lse, delta, dq, dkv, schedule[s], bwd, softmax_scale=scale,
-                             q_seg=q_seg, k_seg=None if k_segs is None else k_segs[src], row_cache=row_cache)
+                             q_seg=q_seg, k_seg=None if k_segs is None else k_segs[src], row_cache=row_cache,
+                             plans=None if not plans else plans[s])
         _wait(works)
         if s > 0:
             dkv += dkv_in  # the previous ranks' part for this shard
@@ -392,18 +420,29 @@ class RingAttentionFunction(torch.autograd.Function):
     """Differentiable ring attention on local shards (q, k, v); returns (out, lse) with lse non-differentiable."""
 
     @staticmethod
-    def forward(ctx, q, k, v, group, causal, softmax_scale, segment_ids, layout, cu_seqlens, backend):
+    def forward(ctx, q, k, v, group, causal, softmax_scale, segment_ids, layout, cu_seqlens, backend, plan=None):
         ring = _Ring(group)
         if ring.world == 1 and layout in LAYOUTS:  # one shard: both layouts are the natural order
             layout = "plain"
+        if plan is not None:
+            if plan.key != (q.shape[0], ring.world, ring.rank, layout, bool(causal)) or cu_seqlens is not None:
+                raise ValueError(f"ring plan built for (T_local, world, rank, layout, causal) = {plan.key}, this call is "
+                                 f"{(q.shape[0], ring.world, ring.rank, layout, bool(causal))}"
+                                 + (" with cu_seqlens" if cu_seqlens is not None else ""))
+            segment_ids = plan.q_seg
         _check_inputs(q, k, v, ring, segment_ids, layout)
         if cu_seqlens is not None and ring.world > 1:
             raise ValueError(f"cu_seqlens (packed sequences) cannot be split over a ring of {ring.world} ranks; "
                              "use one sequence per ring or Ulysses (which sees whole sequences)")
         scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-        q_seg = None if segment_ids is None else segment_ids.to(torch.int32).contiguous()
-        k_segs = None if q_seg is None else torch.stack(ring.all_gather(q_seg))  # [W, T_local]
-        out, lse = _ring_forward(q, k, v, ring, causal, scale, q_seg, k_segs, layout, cu_seqlens, backend)
+        if plan is not None:  # the batch's segments, gathered and planned once for every layer
+            q_seg, k_segs, ctx.plans = plan.q_seg, plan.k_segs, plan.steps
+        else:
+            q_seg = None if segment_ids is None else segment_ids.to(torch.int32).contiguous()
+            k_segs = None if q_seg is None else torch.stack(ring.all_gather(q_seg))  # [W, T_local]
+            ctx.plans = []  # every step's block plans, built once in the forward, reused by the backward
+        out, lse = _ring_forward(q, k, v, ring, causal, scale, q_seg, k_segs, layout, cu_seqlens, backend,
+                                 None if plan is not None else ctx.plans, plan.steps if plan is not None else None)
         ctx.save_for_backward(q, k, v, out, lse, q_seg, k_segs)
         ctx.setup = (ring, causal, scale, layout, backend, cu_seqlens)  # cu_seqlens: a tensor or a VarlenPlan
         ctx.mark_non_differentiable(lse)
@@ -414,12 +453,39 @@ class RingAttentionFunction(torch.autograd.Function):
         q, k, v, out, lse, q_seg, k_segs = ctx.saved_tensors
         ring, causal, scale, layout, backend, cu_seqlens = ctx.setup
         dq, dk, dv = _ring_backward(dout.contiguous(), q, k, v, out, lse, ring, causal, scale, q_seg, k_segs,
-                                    layout, cu_seqlens, backend)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
+                                    layout, cu_seqlens, backend, ctx.plans)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None
+
+
+@dataclass(frozen=True)
+class RingPlan:
+    """A batch's ring attention plan, the same for every layer: this rank's segment ids q_seg [T_local] int32,
+    every rank's k_segs [W, T_local] (gathered once, not per layer), and every step's block plans (`step_plans`,
+    None where there is nothing to plan); key (T_local, world, rank, layout, causal)."""
+    q_seg: torch.Tensor
+    k_segs: torch.Tensor
+    steps: list
+    key: tuple
+
+
+def ring_plan(segment_ids, group, *, causal=True, layout="zigzag", backend="auto"):
+    """The RingPlan of a batch's local segment ids [T_local] (a collective over `group`: every rank calls it),
+    for `ring_attention(..., plan=...)` in every layer: one segment gather and one build per block of every
+    step per batch, instead of per layer call."""
+    ring = _Ring(group)
+    if ring.world == 1 and layout in LAYOUTS:
+        layout = "plain"
+    q_seg = segment_ids.to(torch.int32).contiguous()
+    k_segs = torch.stack(ring.all_gather(q_seg))
+    fwd, _ = attention_ops(q_seg.device, backend)
+    t_local = q_seg.shape[0]
+    schedule = ring_schedule(t_local * ring.world, ring.world, ring.rank, layout, causal)
+    steps = [step_plans(schedule[s], fwd, q_seg, k_segs[(ring.rank - s) % ring.world]) for s in range(ring.world)]
+    return RingPlan(q_seg, k_segs, steps, (t_local, ring.world, ring.rank, layout, bool(causal)))
 
 
 def ring_attention(q, k, v, group, causal=True, *, softmax_scale=None, segment_ids=None, layout="zigzag",
-                   cu_seqlens=None, backend="auto"):
+                   cu_seqlens=None, backend="auto", plan=None):
     """Attention over a sequence sharded across the ranks of `group`; each rank passes its own shard.
 
     q [T_local, Hq, D], k, v [T_local, Hkv, D] (Hq % Hkv == 0; query head h uses kv head h // (Hq // Hkv)),
@@ -430,6 +496,8 @@ def ring_attention(q, k, v, group, causal=True, *, softmax_scale=None, segment_i
     (natural log, no gradient), equal to attention over the whole sequence restricted to this shard's rows.
     group: the ring's process group (`torch.distributed.group.WORLD` for all ranks); None computes on this
     process alone (no communication; then cu_seqlens [S+1] for packed sequences is allowed).
-    backend: see `attention_ops`.
+    backend: see `attention_ops`. plan: the batch's RingPlan (`ring_plan`, built once per batch and passed to
+    every layer; its segments replace segment_ids), or None: each call gathers the segments and plans its steps.
     """
-    return RingAttentionFunction.apply(q, k, v, group, causal, softmax_scale, segment_ids, layout, cu_seqlens, backend)
+    return RingAttentionFunction.apply(q, k, v, group, causal, softmax_scale, segment_ids, layout, cu_seqlens, backend,
+                                       plan)

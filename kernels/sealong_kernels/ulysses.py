@@ -118,14 +118,25 @@ def _gather_segments(segment_ids, group):
     return torch.cat(parts)
 
 
+def hybrid_plan(segment_ids, ulysses_group, ring_group, *, causal=True, layout="zigzag", backend="auto"):
+    """The batch's plan for `hybrid_attention(..., plan=...)` in every layer (collectives over both groups:
+    every rank calls it): the segment ids gathered over the Ulysses group once, and the ring plan of the
+    gathered segments (`ring.ring_plan`: every step's block plans), instead of once per layer call."""
+    from .ring import ring_plan
+
+    return ring_plan(_gather_segments(segment_ids, ulysses_group), ring_group, causal=causal, layout=layout,
+                     backend=backend)
+
+
 def hybrid_attention(q, k, v, ulysses_group, ring_group, causal=True, *, softmax_scale=None, segment_ids=None,
-                     layout="zigzag", cu_seqlens=None, backend="auto"):
+                     layout="zigzag", cu_seqlens=None, backend="auto", plan=None):
     """Attention with Ulysses all-to-all inside `ulysses_group` and ring attention over `ring_group`.
 
     q [T_local, Hq, D], k, v [T_local, Hkv, D], segment_ids [T_local]: this rank's tokens, laid out as
     `sequence_index(T, ring, ulysses, sp_rank, layout)`. ring_group None is plain Ulysses (then `cu_seqlens`,
     the global packed-sequence boundaries [S+1], is allowed). Returns out [T_local, Hq, D] in q's dtype,
-    differentiable in q, k, v. See the module docstring for the GQA replication rule.
+    differentiable in q, k, v. See the module docstring for the GQA replication rule. plan: the batch's
+    `hybrid_plan` (built once per batch; its gathered segments replace segment_ids' gather), or None.
     """
     if q.ndim != 3 or k.ndim != 3 or k.shape != v.shape or q.shape[0] != k.shape[0]:
         raise ValueError(f"q must be [T, Hq, D] and k, v [T, Hkv, D]: got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -137,9 +148,9 @@ def hybrid_attention(q, k, v, ulysses_group, ring_group, causal=True, *, softmax
     if q.dtype != k.dtype or k.dtype != v.dtype:
         raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     qh, kh, vh = _ToHeads.apply(q, k, v, ulysses_group)
-    seg = _gather_segments(segment_ids, ulysses_group)
+    seg = None if plan is not None else _gather_segments(segment_ids, ulysses_group)
     out, _ = ring_attention(qh, kh, vh, ring_group, causal, softmax_scale=softmax_scale, segment_ids=seg,
-                            layout=layout, cu_seqlens=cu_seqlens, backend=backend)
+                            layout=layout, cu_seqlens=cu_seqlens, backend=backend, plan=plan)
     return _ToSequence.apply(out, ulysses_group)
 
 

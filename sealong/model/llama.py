@@ -85,14 +85,32 @@ def masked_sdpa_attention(q, k, v, *, cu_seqlens=None, segment_ids=None, softmax
     return out.transpose(0, 1)
 
 
-def flash_attention_callable(q, k, v, *, cu_seqlens=None, segment_ids=None, softmax_scale=None):
-    """Our Triton flash attention (sealong_kernels.flash_attention), output only."""
+def flash_attention_callable(q, k, v, *, cu_seqlens=None, segment_ids=None, softmax_scale=None, block_plan=None):
+    """Our Triton flash attention (sealong_kernels.flash_attention), output only. block_plan: the batch's block
+    plan (`plan_blocks`, built once per forward by the model and passed to every layer)."""
     import sealong_kernels
 
     out, _ = sealong_kernels.flash_attention(
-        q, k, v, causal=True, cu_seqlens=cu_seqlens, softmax_scale=softmax_scale, segment_ids=segment_ids
+        q, k, v, causal=True, cu_seqlens=cu_seqlens, softmax_scale=softmax_scale, segment_ids=segment_ids,
+        block_plan=block_plan,
     )
     return out
+
+
+def _flash_block_plan(t, device, *, cu_seqlens=None, segment_ids=None):
+    """The block plan of a causal self-attention over T tokens with these sequences / segments, for every layer
+    of one forward (and its backward); None when the Triton kernel will not run or has nothing to plan."""
+    from sealong_kernels.attention import block_plan
+    from sealong_kernels.runtime import triton_available
+
+    probe = segment_ids if segment_ids is not None else getattr(cu_seqlens, "seq_idx", cu_seqlens)
+    if probe is None or not triton_available(probe):
+        return None
+    return block_plan(t, causal=True, cu_seqlens=cu_seqlens, segment_ids=segment_ids, device=device)
+
+
+# an attention callable with a `plan_blocks` attribute gets `block_plan=` from the model: built once per forward
+flash_attention_callable.plan_blocks = _flash_block_plan
 
 
 def default_attention(device) -> callable:
@@ -219,6 +237,11 @@ class Transformer(nn.Module):
             kwargs["cu_seqlens"] = varlen_plan(cu_seqlens, input_ids.shape[0], device=input_ids.device)
         if segment_ids is not None:
             kwargs["segment_ids"] = segment_ids
+        plan_blocks = getattr(attention, "plan_blocks", None)
+        if plan_blocks is not None and kwargs:  # one block plan per batch, passed to every layer
+            plan = plan_blocks(input_ids.shape[0], input_ids.device, **kwargs)
+            if plan is not None:
+                kwargs["block_plan"] = plan
         for layer in self.model.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, attention, use_reentrant=False, **kwargs)

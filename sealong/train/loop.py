@@ -55,9 +55,10 @@ from sealong.lock import OutputError, OutputLock
 from . import checkpoint as ckpt
 from . import fsdp
 from .distributed import all_reduce_grads, all_reduce_sum, cleanup, print0, setup
-from .pairs import label_counts, load_pairs, pack_pair, prompt_label_count
+from .pairs import label_counts, load_pairs, prompt_label_count
 from .config import TrainConfig, lr_at
-from .loss import METRIC_NAMES, metric_means, micro_objective, row_logp_sums
+from .loss import METRIC_NAMES, metric_means
+from .micro import build_micro_batch, micro_step_loss
 from .mesh import TrainMesh
 from .watchdog import Heartbeat, check_timeout
 
@@ -138,51 +139,6 @@ def batch_indices(step, num_pairs, steps_per_epoch, cfg):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def micro_step_sums(model, lm_head, pairs, cfg, mesh, device, logit_sums=None):
-    """Global per-sequence log-prob sums [2p] of a micro-batch's p pairs (chosen 2j, rejected 2j + 1), and
-    the number of tokens this rank ran through the model. logit_sums: an optional float32 [2p] tensor that
-    receives the per-sequence sums of the mean logit (the logits/* metrics, from the same fused row pass).
-    With cfg.nll_tokens "all" the sums are [3p]: then the p prompts' sums (prompt j: 2p + j)."""
-    with_prompts = cfg.nll_tokens == "all"
-    num_seqs = (3 if with_prompts else 2) * len(pairs)
-    sums, tokens = torch.zeros(num_seqs, dtype=torch.float32, device=device), 0
-    for j, pair in enumerate(pairs):
-        for row in pack_pair(pair, j, cfg.layout, prompt_seq=2 * len(pairs) + j if with_prompts else None):
-            local = mesh.shard_row(row)
-            to_dev = lambda t: None if t is None else t.to(device)  # noqa: E731
-            hidden = model(to_dev(local.input_ids), to_dev(local.position_ids), attention=mesh.attention,
-                           segment_ids=to_dev(local.segment_ids))
-            row_sums, row_logits = row_logp_sums(hidden, lm_head.weight, local.labels, local.seq_index, num_seqs,
-                                                 bias=lm_head.bias, chunk_size=cfg.loss_chunk_size, group=mesh.sp_group)
-            sums = sums + row_sums
-            if logit_sums is not None:
-                logit_sums += row_logits[:2 * len(pairs)]
-            tokens += local.input_ids.numel()
-    return sums, tokens
-
-
-def sequence_counts(pairs):
-    """Label tokens of each sequence [2p]: chosen and rejected of every pair (rejected 0 in SFT)."""
-    return torch.tensor([n for pair in pairs for n in label_counts(pair)], dtype=torch.long)
-
-
-def prompt_sums(sums, pairs, cfg):
-    """(answer sums [2p], nll_extra) from micro_step_sums: nll_extra = (the prompts' sums [p], their label counts
-    [p]) with cfg.nll_tokens "all" (TRL's NLL over prompt + chosen answer), else None."""
-    if cfg.nll_tokens != "all":
-        return sums, None
-    counts = torch.tensor([prompt_label_count(p) for p in pairs], dtype=torch.long)  # host: no sync to count them
-    return sums[:2 * len(pairs)], (sums[2 * len(pairs):], counts)
-
-
-def pair_weights(pairs, cfg, device):
-    """The loss weights [p] of a micro-batch's pairs (float64, set by load_pairs), or None with
-    pair_weighting="none" (the loss then skips the multiply)."""
-    if cfg.pair_weighting == "none":
-        return None
-    return torch.tensor([pair.weight for pair in pairs], dtype=torch.float64, device=device)
-
-
 def train_step(model, lm_head, params, optimizer, scaler, batch, cfg, mesh, device, heartbeat=None, step=0):
     """Forward/backward over this rank's micro-batches of `batch` (a list of pairs), reduce, clip, step.
     `heartbeat` (sealong.train.watchdog) is told each phase of optimizer step `step` and the collective it waits
@@ -192,27 +148,24 @@ def train_step(model, lm_head, params, optimizer, scaler, batch, cfg, mesh, devi
     accum = cfg.grad_accum_steps(mesh.dp)
     chosen_tokens = sum(label_counts(p)[0] for p in batch)
     prompt_tokens = sum(prompt_label_count(p) for p in batch) if cfg.nll_tokens == "all" else 0
-    sums_of = torch.zeros(len(METRIC_NAMES) + 2, dtype=torch.float64)  # metric sums, loss, tokens
-    for m in range(accum):
-        start = (m * mesh.dp + mesh.dp_rank) * cfg.micro_batch_pairs
-        pairs = batch[start:start + cfg.micro_batch_pairs]
-        logit_sums = torch.zeros(2 * len(pairs), dtype=torch.float32, device=device)
+    # every micro-step's rows, loss entries and checks, on the host, before any forward (build_micro_batch)
+    micros = [build_micro_batch(batch[start:start + cfg.micro_batch_pairs], cfg, mesh, device, lm_head)
+              for start in ((m * mesh.dp + mesh.dp_rank) * cfg.micro_batch_pairs for m in range(accum))]
+    sums_of = torch.zeros(len(METRIC_NAMES) + 2, dtype=torch.float64, device=device)  # metric sums, loss, tokens
+    tokens = 0
+    for micro in micros:
         mark("forward", "the forward all-gather" if sharded else "the forward's sequence-parallel exchange")
-        sums, tokens = micro_step_sums(model, lm_head, pairs, cfg, mesh, device, logit_sums)
-        sums, extra = prompt_sums(sums, pairs, cfg)
-        loss, metrics = micro_objective(sums, sequence_counts(pairs).to(device), mode=cfg.mode, beta=cfg.beta,
-                                        nll_weight=cfg.nll_weight, batch_chosen_tokens=chosen_tokens,
-                                        batch_pairs=len(batch), logit_sums=logit_sums, nll_reduction=cfg.nll_reduction,
-                                        pair_weights=pair_weights(pairs, cfg, device), nll_extra=extra,
-                                        batch_extra_tokens=prompt_tokens)
+        loss, metrics = micro_step_loss(model, lm_head, micro, cfg, mesh, chosen_tokens, len(batch), prompt_tokens)
         # `loss` is this micro-batch's share of the batch loss (batch-wide denominators): no 1/accum here
         mark("backward", "the backward's all-gathers / reduce-scatters" if sharded
              else "the backward's sequence-parallel exchange")
         (scaler.scale(loss) if scaler is not None else loss).backward()
-        # every rank of an sp group computed the same (global) loss and metrics: count them once
+        # every rank of an sp group computed the same (global) loss and metrics: count them once; device
+        # tensors, read once per optimizer step (below)
         sums_of[:len(METRIC_NAMES)] += metrics / mesh.sp
-        sums_of[-2] += loss.item() / mesh.sp
-        sums_of[-1] += tokens
+        sums_of[-2] += loss.detach().double() / mesh.sp
+        tokens += micro.tokens
+    sums_of[-1] += tokens  # a host number added on the device: no read
     if not sharded:  # FSDP reduce-scattered the gradients (a SUM) in backward
         mark("gradient all-reduce", "the gradient all-reduce")
         all_reduce_grads(params)  # every rank holds part of the same batch: SUM over dp x sp
@@ -228,13 +181,15 @@ def train_step(model, lm_head, params, optimizer, scaler, batch, cfg, mesh, devi
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     mark("metrics all-reduce", "the metrics all-reduce")
-    sums_of = all_reduce_sum(sums_of.to(device)).cpu()  # on the device: NCCL reduces CUDA tensors only
-    record = {"loss": sums_of[-2].item()}
+    sums_of = all_reduce_sum(sums_of)  # on the device: NCCL reduces CUDA tensors only
+    # the step's one read of the device: metrics, loss, tokens and the gradient norm together
+    values = torch.cat([sums_of, grad_norm.detach().double().reshape(1).to(device)]).cpu()
+    record = {"loss": values[-3].item()}
     names = METRIC_NAMES if cfg.mode == "orpo" else ("logps/chosen", "nll_loss", "logits/chosen")
-    means = metric_means(sums_of, len(batch), [sum(label_counts(p)[k] for p in batch) for k in (0, 1)],
+    means = metric_means(values, len(batch), [sum(label_counts(p)[k] for p in batch) for k in (0, 1)],
                          cfg.nll_reduction, nll_tokens=chosen_tokens + prompt_tokens)
     record.update({name: means[name] for name in names})
-    record.update(grad_norm=float(grad_norm), tokens=int(sums_of[-1].item()))
+    record.update(grad_norm=values[-1].item(), tokens=int(values[-2].item()))
     if scaler is not None:
         record["loss_scale"] = float(scaler.get_scale())
     return record

@@ -87,37 +87,60 @@ def metric_means(sums, batch_pairs, batch_tokens, nll_reduction="token", nll_tok
     return {name: float(sums[i]) / max(denominator(name), 1) for i, name in enumerate(METRIC_NAMES)}
 
 
+def micro_shares(counts, *, mode, beta, nll_weight, batch_chosen_tokens, batch_pairs, nll_reduction="token",
+                 extra_tokens=0, batch_extra_tokens=0):
+    """(beta, nll_weight) of a micro-step's share of the batch loss (module docstring), from its host counts
+    [2p] (a CPU tensor or list: no device read); extra_tokens / batch_extra_tokens: the NLL's tokens besides the
+    chosen answers' in this micro-step / in the batch (the prompts' with nll_tokens="all")."""
+    counts = torch.as_tensor(counts).cpu()
+    pairs = counts.numel() // 2
+    own = float(counts[0::2].sum()) + extra_tokens if nll_reduction == "token" else float(pairs)  # this micro-step's NLL weight ...
+    total = batch_chosen_tokens + batch_extra_tokens if nll_reduction == "token" else batch_pairs  # ... of the batch's
+    return beta * pairs / batch_pairs, nll_weight * own / total
+
+
 def micro_objective(sums, counts, *, mode, beta, nll_weight, batch_chosen_tokens, batch_pairs, logit_sums=None,
-                    nll_reduction="token", pair_weights=None, nll_extra=None, batch_extra_tokens=0):
+                    nll_reduction="token", pair_weights=None, counts_dev=None, keep=None, nll_extra=None,
+                    batch_extra_tokens=0):
     """This micro-step's share of the batch loss and its metric sums.
 
-    sums [2p] float32 (the global per-sequence log-prob sums of its p pairs), counts [2p] label tokens,
-    logit_sums [2p] (optional, the second output of `row_logp_sums`), pair_weights [p] (optional, the pairs' loss weights; None:
-    every pair weighs 1, the multiply skipped), nll_extra (optional): (sums [p], counts [p]) of the tokens the NLL
-    covers besides the chosen answers' (the prompts' with nll_tokens="all"), batch_extra_tokens their number over
-    the batch (orpo_objective's nll_extra). Returns (loss share to backpropagate, metrics float64
-    [len(METRIC_NAMES)] summed over the p pairs, except TOKEN_METRICS: summed over their tokens, and nll_loss
-    with nll_reduction "sequence": summed over pairs); `metric_means` turns the sums over the batch into means.
+    sums [2p] float32 (the global per-sequence log-prob sums of its p pairs), counts [2p] label tokens (on the
+    host: the shares are computed there), logit_sums [2p] (optional, the second output of `row_logp_sums`),
+    pair_weights [p] (optional, the pairs' loss weights; None: every pair weighs 1, the multiply skipped);
+    counts_dev and keep (optional): counts on sums' device and the kept pairs (reference.kept_pairs), given
+    where the batch was built: the objective then checks nothing and nothing here reads the device.
+    nll_extra (optional): (sums [p], host counts [p]) of the tokens the NLL covers besides the chosen answers'
+    (the prompts' with nll_tokens="all"), batch_extra_tokens their number over the batch (orpo_objective's
+    nll_extra). Returns (loss share to backpropagate, metrics float64 [len(METRIC_NAMES)] on sums' device,
+    summed over the p pairs, except TOKEN_METRICS: summed over their tokens, and nll_loss with nll_reduction
+    "sequence": summed over pairs); `metric_means` turns the sums over the batch into means.
     """
-    pairs = counts.numel() // 2
-    chosen_tokens = float(counts[0::2].sum())
-    extra_tokens = float(torch.as_tensor(nll_extra[1]).sum()) if nll_extra is not None else 0.0
-    own = chosen_tokens + extra_tokens if nll_reduction == "token" else float(pairs)  # this micro-step's NLL weight ...
-    total = batch_chosen_tokens + batch_extra_tokens if nll_reduction == "token" else batch_pairs  # ... of the batch's
-    loss, m = orpo_objective(sums, counts, mode=mode, beta=beta * pairs / batch_pairs,
-                             nll_weight=nll_weight * own / total, nll_reduction=nll_reduction,
-                             pair_weights=pair_weights, nll_extra=nll_extra)
-    out = torch.zeros(len(METRIC_NAMES), dtype=torch.float64)
-    out[METRIC_NAMES.index("nll_loss")] = float(m["nll_loss"]) * own
-    out[METRIC_NAMES.index("logps/chosen")] = float(m["logps/chosen"]) * pairs
+    counts = torch.as_tensor(counts)
+    counts_host = counts.cpu()  # a no-op for host counts (the training loop's); a device read otherwise
+    pairs = counts_host.numel() // 2
+    extra_tokens = float(torch.as_tensor(nll_extra[1]).cpu().sum()) if nll_extra is not None else 0.0
+    share_beta, share_nll = micro_shares(counts_host, mode=mode, beta=beta, nll_weight=nll_weight,
+                                         batch_chosen_tokens=batch_chosen_tokens, batch_pairs=batch_pairs,
+                                         nll_reduction=nll_reduction, extra_tokens=extra_tokens,
+                                         batch_extra_tokens=batch_extra_tokens)
+    own = float(counts_host[0::2].sum()) + extra_tokens if nll_reduction == "token" else float(pairs)
+    if counts_dev is None:
+        counts_dev = counts.to(sums.device)
+    loss, m = orpo_objective(sums, counts_dev, mode=mode, beta=share_beta, nll_weight=share_nll,
+                             nll_reduction=nll_reduction, pair_weights=pair_weights, keep=keep, nll_extra=nll_extra)
+    out = torch.zeros(len(METRIC_NAMES), dtype=torch.float64, device=sums.device)
+    index = METRIC_NAMES.index
+    out[index("nll_loss")] = m["nll_loss"].double() * own
+    out[index("logps/chosen")] = m["logps/chosen"].double() * pairs
     if logit_sums is not None:
-        out[METRIC_NAMES.index("logits/chosen")] = float(logit_sums[0::2].sum())
-        out[METRIC_NAMES.index("logits/rejected")] = float(logit_sums[1::2].sum()) if mode == "orpo" else 0.0
+        z = logit_sums.detach().double()
+        out[index("logits/chosen")] = z[0::2].sum()
+        if mode == "orpo":
+            out[index("logits/rejected")] = z[1::2].sum()
     if mode == "orpo":
         for name in PAIR_METRICS:
-            out[METRIC_NAMES.index(name)] = float(m[name]) * pairs
+            out[index(name)] = m[name].double() * pairs
         # rewards are beta * logps with the true beta (the share above scales beta)
-        lc, lr = out[METRIC_NAMES.index("logps/chosen")], out[METRIC_NAMES.index("logps/rejected")]
+        lc, lr = out[index("logps/chosen")], out[index("logps/rejected")]
         out[0], out[1], out[3] = beta * lc, beta * lr, beta * (lc - lr)
     return loss, out
-

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from sealong_kernels.ring import LAYOUTS, ring_attention
-from sealong_kernels.ulysses import hybrid_attention, kv_replication, sequence_index
+from sealong_kernels.ring import LAYOUTS, ring_attention, ring_plan
+from sealong_kernels.ulysses import hybrid_attention, hybrid_plan, kv_replication, sequence_index
 
 AXES = ("dp", "sp", "ulysses", "ring", "dp_sp")
 
@@ -214,12 +214,23 @@ def attention_for(mesh, backend="auto"):
     ulysses_group = mesh.group("ulysses")
     ring_group = mesh.group("ring") if dims.ring > 1 else None
 
-    def attention(q, k, v, *, cu_seqlens=None, segment_ids=None, softmax_scale=None):
+    def attention(q, k, v, *, cu_seqlens=None, segment_ids=None, softmax_scale=None, block_plan=None):
         if dims.ulysses == 1:
             out, _ = ring_attention(q, k, v, ring_group, True, softmax_scale=softmax_scale, segment_ids=segment_ids,
-                                    layout=dims.layout, cu_seqlens=cu_seqlens, backend=backend)
+                                    layout=dims.layout, cu_seqlens=cu_seqlens, backend=backend, plan=block_plan)
             return out
         return hybrid_attention(q, k, v, ulysses_group, ring_group, True, softmax_scale=softmax_scale,
-                                segment_ids=segment_ids, layout=dims.layout, cu_seqlens=cu_seqlens, backend=backend)
+                                segment_ids=segment_ids, layout=dims.layout, cu_seqlens=cu_seqlens, backend=backend,
+                                plan=block_plan)
 
+    def plan_blocks(t, device, *, cu_seqlens=None, segment_ids=None):
+        """The batch's plan, once per model forward (the model passes it to every layer): segments gathered
+        and every ring step's block lists built once, not per layer. None without segments."""
+        if segment_ids is None or cu_seqlens is not None:
+            return None
+        if dims.ulysses == 1:
+            return ring_plan(segment_ids, ring_group, causal=True, layout=dims.layout, backend=backend)
+        return hybrid_plan(segment_ids, ulysses_group, ring_group, causal=True, layout=dims.layout, backend=backend)
+
+    attention.plan_blocks = plan_blocks
     return attention

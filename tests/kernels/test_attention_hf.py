@@ -127,3 +127,25 @@ def test_attention_interface_reads_nothing_on_the_host(path, device):
             assert rel(key.grad[r][:, idx].transpose(0, 1), k.grad) < 1e-4
         if path == "padding":
             assert torch.all(out[r, ~mask[r].bool()] == 0)
+
+
+def test_position_ids_buffer_refilled_in_place_gets_a_new_plan(device):
+    """The plan (varlen boundaries and block lists) rides on the position-ids tensor of a batch; a buffer
+    refilled in place with other boundaries (a preallocated collate buffer) must get a new plan, not the old
+    one (the cache is keyed by the tensor's content version, not by the object)."""
+    from sealong_kernels import reference as ref
+    from sealong_kernels.hf import sealong_attention_forward
+
+    torch.manual_seed(2)
+    s, hq, hkv, d = 12, 2, 1, 16
+    query = torch.randn(1, hq, s, d, device=device)
+    key, value = (torch.randn(1, hkv, s, d, device=device) for _ in range(2))
+    module = torch.nn.Module()
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5]], device=device)
+    sealong_attention_forward(module, query, key, value, None, position_ids=pos)
+    pos.copy_(torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 7, 8]]))  # refilled: sequences of 3 and 9
+    out, _ = sealong_attention_forward(module, query, key, value, None, position_ids=pos)
+    for idx in (torch.arange(0, 3), torch.arange(3, 12)):
+        q, k, v = (t[0][:, idx].transpose(0, 1).double() for t in (query, key, value))
+        o, _ = ref.attention_forward(q, k, v, causal=True)
+        assert rel(out[0, idx], o) < 1e-5

@@ -311,13 +311,16 @@ def test_diagonal_step_is_one_causal_call():
             assert block.q_hi == block.k_hi == 12
 
 
-def test_ring_builds_one_plan_per_block_shared_by_the_backward():
+@pytest.mark.parametrize("cache", [True, False])
+def test_ring_builds_one_plan_per_block_shared_by_the_backward(monkeypatch, cache):
     """Segments on a simulated 2-rank zigzag ring (Triton under the interpreter): the block lists are built
     once per block of each step in the forward, and the backward of the same step reuses them (the blocks'
     segment slices are views of the step's shard: the cache keys their base's version and their offset).
     Before, every forward and backward call rebuilt its lists."""
-    from sealong_kernels import attention_plan
+    from sealong_kernels import attention, attention_plan
 
+    if not cache:  # the plans are passed explicitly (step_plans): the same count with the cache switched off
+        monkeypatch.setattr(attention, "content_version", lambda *t: None)
     world, t = 2, 24
     case = make_case(t, 2, 1, 16, layout="zigzag", segments=True)
     blocks = sum(len(b) for r in range(world) for b in ring_schedule(t, world, r, "zigzag", True))
@@ -373,3 +376,39 @@ def test_ring_backward_allocations_do_not_grow_with_steps():
         counts[world] = run_distributed(ring_alloc_worker, world, args=(case,))
     # per rank at most 9 (7 on the last rank, whose zigzag steps share fewer query ranges), whatever the ring size
     assert max(counts[4]) == max(counts[2]) <= 9 and min(counts[4]) == min(counts[2]), counts
+
+
+def ring_plan_worker(rank, world, case, layers):
+    """`layers` ring attention calls (forward + backward) of one batch with the batch's RingPlan, the
+    content-version cache off: (block-list builds, builds of ring_plan alone, max error against no plan)."""
+    from sealong_kernels import attention, attention_plan
+    from sealong_kernels.ring import ring_plan
+
+    attention.content_version = lambda *t: None  # this process only
+    index = local_index(case["q"].shape[0], world, rank, "zigzag")
+    seg = case["seg"][index]
+    before = attention_plan.BUILDS[0]
+    plan = ring_plan(seg, dist.group.WORLD, backend="triton")
+    planned = attention_plan.BUILDS[0] - before
+    err = 0.0
+    for _ in range(layers):
+        q, k, v = (case[n][index].clone().requires_grad_() for n in ("q", "k", "v"))
+        out, _ = ring_attention(q, k, v, dist.group.WORLD, True, plan=plan, backend="triton")
+        out.backward(case["dout"][index])
+        q2, k2, v2 = (case[n][index].clone().requires_grad_() for n in ("q", "k", "v"))
+        ref, _ = ring_attention(q2, k2, v2, dist.group.WORLD, True, segment_ids=seg, backend="reference")
+        ref.backward(case["dout"][index])
+        err = max(err, rel_err(out, ref), rel_err(q.grad, q2.grad), rel_err(k.grad, k2.grad))
+    return attention_plan.BUILDS[0] - before, planned, err
+
+
+def test_ring_plan_built_once_per_batch_for_every_layer():
+    """2 ranks, 3 layer calls sharing the batch's RingPlan: the block lists are built once per block of each
+    step (in ring_plan), none in the layers' forwards and backwards; results equal the reference path."""
+    world, t, layers = 2, 24, 3
+    case = make_case(t, 2, 1, 16, layout="zigzag", segments=True)
+    results = run_distributed(ring_plan_worker, world, args=(case, layers))
+    for rank, (builds, planned, err) in enumerate(results):
+        blocks = sum(len(b) for b in ring_schedule(t, world, rank, "zigzag", True))
+        assert builds == planned == blocks, (rank, builds, planned, blocks)
+        assert err < TOL, (rank, err)
