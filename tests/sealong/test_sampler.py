@@ -381,3 +381,19 @@ def test_decode_step_sdpa_equals_decode_step(model):
         live = [s for s in range(4) if s in rows]
         assert torch.allclose(got[live], want[live], atol=1e-5, rtol=1e-5)
         assert all(torch.equal(x, y) for x, y in zip(suffixes[0].k + suffixes[0].v, suffixes[1].k + suffixes[1].v))
+
+
+def test_greedy_tokens_equal_transformers(ckpt, model):
+    """Greedy (temperature 0) on the tiny checkpoint: the sampler's tokens (CPU decode step) are transformers'
+    `generate(do_sample=False)` tokens, for 2 samples of each of 2 prompts decoding together."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    prompts = [torch.randint(0, 96, (19,)).tolist(), torch.randint(0, 96, (8,)).tolist()]
+    got = S.generate(model, prompts, [[1, 2], [3, 4]], S.SamplingParams(max_new_tokens=6, temperature=0.0))
+    for prompt, completions in zip(prompts, got):
+        x = torch.tensor([prompt])
+        with torch.no_grad():
+            want = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=6, min_new_tokens=6,
+                               pad_token_id=0)[0, len(prompt):].tolist()
+        assert [c.tokens for c in completions] == [want, want]
