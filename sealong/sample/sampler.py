@@ -42,8 +42,9 @@ import torch
 
 from sealong.config.stages import SampleConfig
 
-from sealong.model.sdpa import decode_step_sdpa, prefix_decode_sdpa
+from sealong.model.sdpa import prefix_decode_sdpa
 
+from .cpu_decode import decode_step_sdpa
 from .kv_cache import DecodeBatch, PrefixPool, SuffixCache, decode_step, prefill, prefix_attention_fn
 
 log = logging.getLogger("sealong.sample")

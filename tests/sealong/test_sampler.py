@@ -334,7 +334,7 @@ def test_decode_step_counts(tmp_path, monkeypatch, top_p, top_k):
     choice: no full-vocabulary sort (none without top-p; with it one sort of at most 256 candidates per row), few
     [slots x V] tensors (3 without top-k / top-p: logits / temperature, softmax, the float64 CDF; the full-sort
     rule makes 7), no host synchronization without top-p (with it one scalar read: do the candidates hold the
-    nucleus). The decode step (sealong.model.sdpa.decode_step_sdpa): no host synchronization, no factory
+    nucleus). The decode step (sealong.sample.cpu_decode.decode_step_sdpa): no host synchronization, no factory
     allocation as large as a layer's suffix cache (no cache or [slots x keys] mask rebuilt; the suffix masks are
     built once per step for all layers), at most 160 ops per layer (the whole layer, norms and MLP included)."""
     model = load_model(build_checkpoint(tmp_path, vocab_size=512), dtype=torch.float32)
@@ -359,10 +359,10 @@ def test_decode_step_counts(tmp_path, monkeypatch, top_p, top_k):
 
 
 def test_decode_step_sdpa_equals_decode_step(model):
-    """The CPU decode step (sealong.model.sdpa.decode_step_sdpa) gives the hidden states and the suffix writes of
+    """The CPU decode step (sealong.sample.cpu_decode.decode_step_sdpa) gives the hidden states and the suffix writes of
     kv_cache.decode_step with the reference attention, for slots in order, permuted, and with idle slots, over two
     prompts of the pool (float32, within 1e-5)."""
-    from sealong.model.sdpa import decode_step_sdpa
+    from sealong.sample.cpu_decode import decode_step_sdpa
     from sealong.sample.kv_cache import DecodeBatch, PrefixPool, SuffixCache, decode_step, prefill, prefix_attention_fn
 
     pool = PrefixPool(model, "cpu", torch.float32)
@@ -382,18 +382,3 @@ def test_decode_step_sdpa_equals_decode_step(model):
         assert torch.allclose(got[live], want[live], atol=1e-5, rtol=1e-5)
         assert all(torch.equal(x, y) for x, y in zip(suffixes[0].k + suffixes[0].v, suffixes[1].k + suffixes[1].v))
 
-
-def test_greedy_tokens_equal_transformers(ckpt, model):
-    """Greedy (temperature 0) on the tiny checkpoint: the sampler's tokens (CPU decode step) are transformers'
-    `generate(do_sample=False)` tokens, for 2 samples of each of 2 prompts decoding together."""
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
-    prompts = [torch.randint(0, 96, (19,)).tolist(), torch.randint(0, 96, (8,)).tolist()]
-    got = S.generate(model, prompts, [[1, 2], [3, 4]], S.SamplingParams(max_new_tokens=6, temperature=0.0))
-    for prompt, completions in zip(prompts, got):
-        x = torch.tensor([prompt])
-        with torch.no_grad():
-            want = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=6, min_new_tokens=6,
-                               pad_token_id=0)[0, len(prompt):].tolist()
-        assert [c.tokens for c in completions] == [want, want]
