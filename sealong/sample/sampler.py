@@ -42,6 +42,9 @@ import torch
 
 from sealong.config.stages import SampleConfig
 
+from sealong.model.sdpa import prefix_decode_sdpa
+
+from .cpu_decode import decode_step_sdpa
 from .kv_cache import DecodeBatch, PrefixPool, SuffixCache, decode_step, prefill, prefix_attention_fn
 
 log = logging.getLogger("sealong.sample")
@@ -111,10 +114,74 @@ def choose_tokens(logits: torch.Tensor, u: torch.Tensor, p: SamplingParams, cert
     """logits [M, V], u [M] -> (tokens [M] int64, log-prob of each token under softmax(logits) [M] float32),
     and with `certainty` a third [M]: each row's KL(U || p) (self-certainty, see `self_certainty`).
 
-    Temperature, then top-k, then top-p on the sorted distribution; the token is the inverse CDF at u. The
+    The rule (`choose_tokens_reference` writes it with a full sort): temperature, then top-k, then top-p on the
+    distribution sorted by descending logit (ties: the lower token id first); the token is the inverse CDF at u
+    of the kept tokens' renormalized probabilities in vocabulary order. Without top-k / top-p nothing is sorted
+    (transformers' sampling does not sort then either); with top-k the k candidates are a `topk` selection, and
+    top-p sorts only candidates (the top 256, doubled while they hold less than top_p of the mass). The
     log-probabilities are of the model's own distribution (temperature 1), in float32 (float64 logits stay
-    float64).
+    float64), from one logsumexp: no [M, V] log-softmax is kept.
     """
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    lse = torch.logsumexp(logits, dim=-1)
+    if p.temperature == 0:
+        tokens = logits.argmax(dim=-1)
+    else:
+        z = logits / p.temperature if p.temperature != 1 else logits
+        ids, probs = _kept_distribution(z, p)
+        cdf = probs.cumsum(-1, dtype=torch.float64)
+        idx = torch.searchsorted(cdf, (u.to(cdf.device) * cdf[:, -1])[:, None], right=True)
+        idx = idx.clamp(max=probs.shape[-1] - 1)
+        tokens = (idx if ids is None else ids.gather(-1, idx)).squeeze(-1)
+    chosen = logits.gather(-1, tokens[:, None]).squeeze(-1) - lse
+    if not certainty:
+        return tokens, chosen
+    return tokens, chosen, lse - logits.mean(dim=-1) - math.log(logits.shape[-1])
+
+
+TOP_P_CANDIDATES = 256  # top-p without top-k: the first candidates sorted (doubled until they hold top_p)
+
+
+def _kept_distribution(z: torch.Tensor, p: SamplingParams):
+    """(ids [M, K] int64 in vocabulary order or None for all V, unnormalized probabilities [M, K or V] of the kept
+    tokens, 0 for the cut ones): top-k then top-p of `choose_tokens`' rule, sorting at most the candidates."""
+    v = z.shape[-1]
+    if not p.top_k and p.top_p >= 1.0:
+        return None, torch.softmax(z, dim=-1)
+    k = min(p.top_k or TOP_P_CANDIDATES, v)
+    while True:
+        ids = _first_in_order(z, k)
+        cz = z.gather(-1, ids)  # the candidates' logits, in vocabulary order
+        if p.top_p >= 1.0:
+            return ids, torch.softmax(cz, dim=-1)
+        sz, order = torch.sort(cz, dim=-1, descending=True, stable=True)  # K candidates, not V
+        # top-k renormalizes over its k tokens before top-p; top-p alone uses the whole vocabulary's softmax
+        probs = torch.softmax(sz, dim=-1) if p.top_k else torch.exp(sz - torch.logsumexp(z, dim=-1, keepdim=True))
+        probs = probs.double()
+        mass = probs.cumsum(-1)
+        if p.top_k or k == v or bool((mass[:, -1] >= p.top_p).all()):  # the nucleus lies within the candidates
+            keep = torch.empty_like(order, dtype=torch.bool).scatter_(-1, order, (mass - probs) < p.top_p)
+            return ids, torch.softmax(cz, dim=-1).masked_fill(~keep, 0.0)
+        k = min(2 * k, v)
+
+
+def _first_in_order(z: torch.Tensor, k: int) -> torch.Tensor:
+    """The ids [M, k] (in vocabulary order) of the first k tokens of each row's stable descending order of z:
+    every token above the k-th largest value, then the lowest ids among those equal to it."""
+    m, v = z.shape
+    if k >= v:
+        return torch.arange(v, device=z.device).expand(m, v)
+    kth = torch.topk(z, k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    above, tied = z > kth, z == kth
+    keep = above | (tied & (tied.cumsum(-1) <= k - above.sum(-1, keepdim=True)))  # exactly k per row
+    slot = torch.where(keep, keep.cumsum(-1) - 1, k)  # a kept token's place among its row's k; k: dropped
+    ids = torch.empty(m, k + 1, dtype=torch.int64, device=z.device)  # scatter, not nonzero: no host sync
+    ids.scatter_(-1, slot, torch.arange(v, device=z.device).expand(m, v))
+    return ids[:, :k]
+
+
+def choose_tokens_reference(logits: torch.Tensor, u: torch.Tensor, p: SamplingParams):
+    """`choose_tokens`' rule written plainly, one full stable sort per row: (tokens [M], log-probs [M])."""
     logits = logits if logits.dtype == torch.float64 else logits.float()
     logp = torch.log_softmax(logits, dim=-1)
     if p.temperature == 0:
@@ -127,13 +194,11 @@ def choose_tokens(logits: torch.Tensor, u: torch.Tensor, p: SamplingParams, cert
         if p.top_p < 1.0:
             before = probs.cumsum(-1) - probs  # mass of the more likely tokens
             probs = probs.masked_fill(before >= p.top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, probs)  # back to vocabulary order
         cdf = probs.cumsum(-1)
         idx = torch.searchsorted(cdf, (u.to(cdf.device) * cdf[:, -1])[:, None], right=True)
-        tokens = order.gather(-1, idx.clamp(max=logits.shape[-1] - 1)).squeeze(-1)
-    chosen = logp.gather(-1, tokens[:, None]).squeeze(-1)
-    if not certainty:
-        return tokens, chosen
-    return tokens, chosen, -logp.mean(dim=-1) - math.log(logits.shape[-1])
+        tokens = idx.clamp(max=logits.shape[-1] - 1).squeeze(-1)
+    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
 # ---------------------------------------------------------------------------------------------- generation
@@ -279,6 +344,8 @@ def stream(model, requests, params: SamplingParams, slots: int, block: int = 0, 
         batch = _decode_batch(active, owner, step, tokens_host, slots, device)
         if graphs is not None:
             logits = graphs(batch, prefix)
+        elif prefix_attn is prefix_decode_sdpa:  # the CPU: the step's bookkeeping once, not once per layer
+            logits = model.lm_head(decode_step_sdpa(model, batch, prefix, suffix))
         else:
             logits = model.lm_head(decode_step(model, batch, prefix, suffix, prefix_attn))
         stats["decode_steps"] += 1
@@ -307,7 +374,8 @@ def _decode_batch(active, owner, step, tokens_host, slots, device) -> DecodeBatc
     rows = [slots if s is None else s for a in active for s in a.slot]  # `slots`: a zero query row
     cu_q = torch.tensor([0] + [len(a.slot) for a in active]).cumsum(0)
     return DecodeBatch(fed.to(device), positions.to(device), write.to(device), torch.tensor(rows, device=device),
-                       cu_q.to(device=device, dtype=torch.int32), max(len(a.slot) for a in active), int(write.max()) + 1)
+                       cu_q.to(device=device, dtype=torch.int32), max(len(a.slot) for a in active),
+                       max(step[s] for s in range(slots) if owner[s] is not None))  # span: on the host, no sync
 
 
 def generate(model, prompts: list, seeds: list, params: SamplingParams, block: int = 0, more=None) -> list:

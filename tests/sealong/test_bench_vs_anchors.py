@@ -51,3 +51,17 @@ def test_orpo_row_losses_agree_across_the_three_trainers(tiny, tmp_path):
     train = row["sealong_train"]
     assert train["losses"] == pytest.approx(base, rel=2e-4, abs=2e-5), (train["losses"], base)
     assert train["max_rel_loss_diff_vs_trl"] < 2e-4
+
+
+def test_sampling_cases_run_the_missing_rows():
+    """--cases picks the sampling rows (the ones a full run missed: N = 32 at 1K, N = 8 at 2K), cheapest first;
+    --quick keeps its tiny rows whatever --cases says."""
+    args = bench.parser().parse_args(["--rows", "sampling", "--cases", "1024:32", "2048:8"])
+    assert bench.sampling_plan(args) == [(2048, 8), (1024, 32)]
+    assert bench.sampling_plan(bench.parser().parse_args([]))[:2] == [(1024, 1), (1024, 8)]
+    with pytest.raises(SystemExit):
+        bench.parser().parse_args(["--cases", "1024x32"])
+    args = bench.parser().parse_args(["--quick", "--cases", "4096:32"])
+    for k, v in bench.QUICK.items():
+        setattr(args, k, v)
+    assert bench.sampling_plan(args) == [(96, 1), (96, 4)]

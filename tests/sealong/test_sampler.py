@@ -239,3 +239,146 @@ def test_bfloat16_sampling_runs_gpu(ckpt):
     got = S.generate(model, [torch.randint(0, 96, (300,)).tolist()], [list(range(8))], params)[0]
     assert all(1 <= len(c.tokens) <= 16 and all(0 <= t < 96 for t in c.tokens) and c.logprob_sum <= 0 for c in got)
     assert params.stats["prefill_tokens"] == 300
+
+
+# ---------------------------------------------------------------------------------------------- token choice
+
+
+SETTINGS = [(0.7, 1.0, 0), (1.0, 0.9, 0), (0.7, 0.999, 0), (1.3, 0.5, 0), (0.7, 1.0, 20), (1.0, 0.8, 50), (0.0, 1.0, 0)]
+
+
+def tied_logits(rows, vocab, seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=g) * 2
+    h = vocab // 4
+    logits[:, :h] = logits[:, h : 2 * h]  # values twice: ties at the cuts
+    return logits
+
+
+@pytest.mark.parametrize("temperature, top_p, top_k", SETTINGS)
+def test_choose_tokens_is_the_reference_rule(temperature, top_p, top_k):
+    """Fixed seeds: the tokens of choose_tokens (no sort without top-k / top-p, candidates only with them) are
+    those of the full-sort rule (choose_tokens_reference), ties included; V = 700 makes top-p alone grow its
+    candidates past the first 256; log-probabilities within float32 rounding."""
+    p = S.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+    for vocab, seed in ((7, 1), (700, 2)):
+        logits, u = tied_logits(300, vocab, seed), torch.rand(300, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        got, lp = S.choose_tokens(logits, u, p)
+        want, lp_want = S.choose_tokens_reference(logits, u, p)
+        assert torch.equal(got, want)
+        assert torch.allclose(lp, lp_want, atol=2e-6)
+
+
+@pytest.mark.parametrize("temperature, top_p, top_k", SETTINGS[:-1])
+def test_choose_tokens_distribution(temperature, top_p, top_k):
+    """u on a grid of G points: each token is chosen for a share of the grid within 1/G of its probability under
+    the rule written from the definition in float64 (temperature, the top-k tokens, the nucleus of the sorted
+    distribution, renormalized), so the draw is that distribution, not only some token of the kept set."""
+    grid = 20000
+    logits = tied_logits(1, 300, 3).double()
+    z = logits[0] / temperature
+    order = sorted(range(300), key=lambda i: (-float(z[i]), i))  # descending, ties: lower id first
+    kept = order[:top_k] if top_k else order
+    probs = torch.softmax(z[kept], 0)
+    before = probs.cumsum(0) - probs
+    want = torch.zeros(300, dtype=torch.float64)
+    want[kept] = probs.masked_fill(before >= top_p, 0.0)
+    want /= want.sum()
+    u = (torch.arange(grid, dtype=torch.float64) + 0.5) / grid
+    got, _ = S.choose_tokens(logits.float().expand(grid, 300), u, S.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k))
+    share = torch.bincount(got, minlength=300).double() / grid
+    assert (share - want).abs().max() <= 1.0 / grid + 1e-9
+    assert (want > 0).sum() > 1  # a real distribution, not a single token
+
+
+class StepCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Per phase: every op call, and each tensor an op returns that is not a view of its inputs (op, shape, dtype),
+    and the host synchronizations (bench.op_counts.is_sync). Ops outside a phase (phase None) are not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.phase, self.calls, self.new, self.syncs = None, [], [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_leaves
+
+        from bench.op_counts import is_sync
+
+        out = func(*args, **(kwargs or {}))
+        if self.phase is None:
+            return out
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        self.calls.append(self.phase)
+        self.syncs += [self.phase] if is_sync(func, args, kwargs) else []
+        self.new += [(self.phase, str(func), tuple(t.shape), t.dtype) for t in tree_leaves(out)
+                     if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs]
+        return out
+
+
+def counted(counter, phase, fn):
+    def run(*args, **kwargs):
+        counter.phase = phase
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            counter.phase = None
+    return run
+
+
+VOCAB_SIZED = {(1.0, 0): 3, (1.0, 20): 10, (0.9, 0): 10}  # [slots x V] tensors choose_tokens makes per step
+
+
+@pytest.mark.parametrize("top_p, top_k", [(1.0, 0), (1.0, 20), (0.9, 0)])
+def test_decode_step_counts(tmp_path, monkeypatch, top_p, top_k):
+    """Per decode step (4 slots, V = 512, 2 layers, 9 new tokens), counted from the ops, never timed. The token
+    choice: no full-vocabulary sort (none without top-p; with it one sort of at most 256 candidates per row), few
+    [slots x V] tensors (3 without top-k / top-p: logits / temperature, softmax, the float64 CDF; the full-sort
+    rule makes 7), no host synchronization without top-p (with it one scalar read: do the candidates hold the
+    nucleus). The decode step (sealong.sample.cpu_decode.decode_step_sdpa): no host synchronization, no factory
+    allocation as large as a layer's suffix cache (no cache or [slots x keys] mask rebuilt; the suffix masks are
+    built once per step for all layers), at most 160 ops per layer (the whole layer, norms and MLP included)."""
+    model = load_model(build_checkpoint(tmp_path, vocab_size=512), dtype=torch.float32)
+    counter = StepCounter()
+    monkeypatch.setattr(S, "decode_step_sdpa", counted(counter, "decode", S.decode_step_sdpa))
+    monkeypatch.setattr(S, "choose_tokens", counted(counter, "choose", S.choose_tokens))
+    params = S.SamplingParams(max_new_tokens=9, temperature=0.7, top_p=top_p, top_k=top_k)
+    with counter:
+        S.generate(model, [list(range(5, 40))], [[1, 2, 3, 4]], params)
+    steps = params.stats["decode_steps"]
+    assert steps == 8  # the first token comes from the prefill's logits; 9 choices in all
+    new = lambda phase: [r[1:] for r in counter.new if r[0] == phase]  # noqa: E731
+    sorts = [shape for op, shape, _ in new("choose") if op.startswith("aten.sort")]
+    assert all(shape == (4, 256) for shape in sorts) and len(sorts) == (2 * 9 if top_p < 1 else 0)  # values, ids
+    vocab_sized = sum(shape == (4, 512) for _, shape, _ in new("choose"))
+    assert vocab_sized <= VOCAB_SIZED[top_p, top_k] * 9, vocab_sized
+    assert counter.syncs.count("choose") == (9 if top_p < 1 else 0) and counter.syncs.count("decode") == 0
+    cache = 4 * 9 * model.config.num_key_value_heads * model.config.head_dim  # slots x L x Hkv x D
+    factories = ("aten.empty", "aten.zeros", "aten.full", "aten.ones", "aten.new_")
+    assert not [r for r in new("decode") if r[0].startswith(factories) and torch.Size(r[1]).numel() >= cache]
+    assert counter.calls.count("decode") <= 160 * model.config.num_hidden_layers * steps  # measured 155.5
+
+
+def test_decode_step_sdpa_equals_decode_step(model):
+    """The CPU decode step (sealong.sample.cpu_decode.decode_step_sdpa) gives the hidden states and the suffix writes of
+    kv_cache.decode_step with the reference attention, for slots in order, permuted, and with idle slots, over two
+    prompts of the pool (float32, within 1e-5)."""
+    from sealong.sample.cpu_decode import decode_step_sdpa
+    from sealong.sample.kv_cache import DecodeBatch, PrefixPool, SuffixCache, decode_step, prefill, prefix_attention_fn
+
+    pool = PrefixPool(model, "cpu", torch.float32)
+    a, b = torch.randint(0, 96, (13,)).tolist(), torch.randint(0, 96, (6,)).tolist()
+    prefill(model, [a], pool.add(13), 8)
+    prefill(model, [b], pool.add(6), 8)
+    for rows in ([0, 1, 2, 3], [0, 3, 1, 2], [4, 0, 4, 1]):  # row 4: a sample not decoding
+        suffixes = [SuffixCache.allocate(model, 4, 5, "cpu", torch.float32) for _ in range(2)]
+        for t, u in zip(suffixes[0].k + suffixes[0].v, suffixes[1].k + suffixes[1].v):
+            t.copy_(torch.randn(t.shape))
+            u.copy_(t)
+        batch = DecodeBatch(torch.tensor([5, 6, 7, 8]), torch.tensor([15, 14, 8, 9]), torch.tensor([2, 1, 2, 3]),
+                            torch.tensor(rows), torch.tensor([0, 2, 4], dtype=torch.int32), 2, 4)
+        want = decode_step(model, batch, pool, suffixes[0], prefix_attention_fn("cpu", "reference"))
+        got = decode_step_sdpa(model, batch, pool, suffixes[1])
+        live = [s for s in range(4) if s in rows]
+        assert torch.allclose(got[live], want[live], atol=1e-5, rtol=1e-5)
+        assert all(torch.equal(x, y) for x, y in zip(suffixes[0].k + suffixes[0].v, suffixes[1].k + suffixes[1].v))
+

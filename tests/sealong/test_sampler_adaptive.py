@@ -72,8 +72,7 @@ class NewMemoryRecorder(SizeRecorder):
 @pytest.mark.parametrize("temperature", [1.0, 0.0])
 def test_sampler_memory_is_one_steps_logits(tmp_path, temperature):
     """V = 4096 (logits dominate the KV caches): the largest tensor the sampler makes is one step's [slots x V]
-    (8 bytes per entry when sampling: the sort's int64 order and the float64 probabilities; 4 when greedy: the
-    float32 log-softmax), the same for 4 or 16 samples per prompt and 8 or 24 new tokens; the self-certainty
+    (8 bytes per entry when sampling: the float64 CDF of the inverse-CDF draw; 4 when greedy: the float32 logits), the same for 4 or 16 samples per prompt and 8 or 24 new tokens; the self-certainty
     keeps one float per sample."""
     model = load_model(build_checkpoint(tmp_path, vocab_size=4096), dtype=torch.float32)
     slots, vocab = 4, 4096
@@ -167,7 +166,7 @@ def test_stage_adaptive_records_and_settings(ckpt, tmp_path):
         assert a["adaptive_stop"] == stop and "adaptive_stop" not in f
         stops.append((spent, stop))
         assert len(f["self_certainty"]) == 6 and all(s > 0 for s in f["self_certainty"])
-    assert {s for s, _ in stops} == {2, 6}, stops  # the rule stopped some prompts early, others spent N
+    assert min(s for s, _ in stops) < 6 == max(s for s, _ in stops), stops  # some prompts stopped early, others spent N
     meta = lambda p: json.loads(open(f"{p}.meta.json").read())["settings"]  # noqa: E731
     assert "adaptive_block" not in meta(fixed_out)
     assert meta(adaptive_out)["adaptive_block"] == 2 and meta(adaptive_out)["adaptive_share"] == 0.75
