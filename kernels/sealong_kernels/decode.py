@@ -42,6 +42,22 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _prefix_key_tile(q, K, V, keys, k_ok, g, d, d_ok, stride_kt, stride_kh, stride_vt, stride_vh, scale_log2,
+                     IEEE: tl.constexpr):
+    """One tile of prefix keys for kv head g: (base-2 logits s = scale_log2 * q k^T, -inf where ~k_ok, and the
+    tile's values v [BLOCK_N, BLOCK_D]); keys are int64 token rows. Shared by the prefix and cascade kernels."""
+    kt = tl.load(K + keys[None, :] * stride_kt + g * stride_kh + d[:, None],
+                 mask=k_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+    v = tl.load(V + keys[:, None] * stride_vt + g * stride_vh + d[None, :],
+                mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+    if IEEE:
+        s = tl.dot(q, kt, input_precision="ieee")
+    else:
+        s = tl.dot(q, kt)
+    return tl.where(k_ok[None, :], s * scale_log2, float("-inf")), v
+
+
+@triton.jit
 def _prefix_decode_kernel(
     Q, K, V, OUT, LSE, CuQ, CuP,
     stride_qm, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -80,15 +96,8 @@ def _prefix_decode_kernel(
         keys = start + tl.arange(0, BLOCK_N)
         k_ok = keys < k_hi
         keys = keys.to(tl.int64)
-        kt = tl.load(K + keys[None, :] * stride_kt + g * stride_kh + d[:, None],
-                     mask=k_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-        v = tl.load(V + keys[:, None] * stride_vt + g * stride_vh + d[None, :],
-                    mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        if IEEE:
-            s = tl.dot(q, kt, input_precision="ieee")
-        else:
-            s = tl.dot(q, kt)
-        s = tl.where(k_ok[None, :], s * scale_log2, float("-inf"))  # base-2 logits
+        s, v = _prefix_key_tile(q, K, V, keys, k_ok, g, d, d_ok, stride_kt, stride_kh, stride_vt, stride_vh,
+                                scale_log2, IEEE)
         # update running max and normalizer (every tile has at least one valid key, so m_new is finite)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -335,15 +344,8 @@ def _cascade_decode_kernel(
         keys = start + tl.arange(0, BLOCK_N)
         k_ok = keys < tl.minimum(v_hi, n_prefix)
         keys = (p_lo + keys).to(tl.int64)
-        kt = tl.load(K + keys[None, :] * stride_kt + g * stride_kh + d[:, None],
-                     mask=k_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-        v = tl.load(V + keys[:, None] * stride_vt + g * stride_vh + d[None, :],
-                    mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        if IEEE:
-            s = tl.dot(q, kt, input_precision="ieee")
-        else:
-            s = tl.dot(q, kt)
-        s = tl.where(k_ok[None, :], s * scale_log2, float("-inf"))  # base-2 logits
+        s, v = _prefix_key_tile(q, K, V, keys, k_ok, g, d, d_ok, stride_kt, stride_kh, stride_vt, stride_vh,
+                                scale_log2, IEEE)
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every row sees every prefix key of the tile
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
