@@ -138,3 +138,36 @@ def compile_stats(fn, arg_types: dict, constexprs: dict, *, arch: int = 90, num_
                  shared_limit=SHARED_LIMIT.get(arch), triton=triton.__version__,
                  loops=loop_structure(kernel.asm["ttgir"]), wgmma=wgmma_shapes(kernel.asm["ptx"]))
     return stats
+
+
+
+_WORK: tuple = ()  # (func, items) of the fork_map call in progress: forked workers inherit it, nothing is pickled
+
+
+def _work(i):
+    func, items = _WORK
+    return func(items[i])
+
+
+def fork_map(func, items, workers=None) -> list:
+    """[func(x) for x in items], over `workers` forked processes (default: the CPUs this process may use). For
+    ahead-of-time compiles: each is one Triton frontend + ptxas run on one core, independent of the others, so
+    the results are those of the serial loop, in less wall time. Needs no CUDA context (forks would not share it)."""
+    import multiprocessing
+
+    global _WORK
+    items = list(items)
+    workers = min(len(items), workers or len(os.sched_getaffinity(0)))
+    if workers <= 1:
+        return [func(x) for x in items]
+    _WORK = (func, items)
+    try:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            return pool.map(_work, range(len(items)), chunksize=1)
+    finally:
+        _WORK = ()
+
+
+def compile_many(jobs, workers=None) -> list:
+    """compile_stats of every (fn, arg_types, constexprs, options) in `jobs`, in that order (`fork_map`)."""
+    return fork_map(lambda job: compile_stats(job[0], job[1], job[2], **job[3]), jobs, workers)

@@ -174,16 +174,16 @@ def cases():
 
 def compile_all(case_list=None, archs=ARCHS):
     """compile_stats of every case for every arch -> JSON-able rows (the case's labels, the arch, the stats)."""
-    from bench.aot import compile_stats
+    from bench.aot import compile_many
 
-    rows = []
+    jobs, labels = [], []
     for case in case_list if case_list is not None else cases():
-        opts = {k: case[k] for k in ("constexprs", "num_warps", "num_stages", "divisible_ints")}
-        labels = {k: v for k, v in case.items() if k not in ("fn", "arg_types") and k not in opts}
+        options = {k: case[k] for k in ("num_warps", "num_stages", "divisible_ints")}
+        label = {k: v for k, v in case.items() if k not in ("fn", "arg_types", "constexprs") and k not in options}
         for arch in archs:
-            stats = compile_stats(case["fn"], case["arg_types"], arch=arch, **opts)
-            rows.append(dict(labels, **stats, constexprs={k: v for k, v in case["constexprs"].items()}))
-    return rows
+            jobs.append((case["fn"], case["arg_types"], case["constexprs"], dict(options, arch=arch)))
+            labels.append(dict(label, constexprs=dict(case["constexprs"])))
+    return [dict(label, **stats, constexprs=label["constexprs"]) for label, stats in zip(labels, compile_many(jobs))]
 
 
 def problems(rows):

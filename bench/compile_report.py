@@ -173,17 +173,17 @@ def compile_case(case, arch):
 
 
 def run_cases(cases, log=None):
-    records = []
-    for i, case in enumerate(cases):
-        for arch in case.get("archs", (90, 80)):
-            records.append(compile_case(case, arch))
-            if records[-1].get("kind") in ("fwd", "dq", "dkdv") and "error" not in records[-1]:
-                records[-1]["cost"] = cost(records[-1])
-            if log:
-                r = records[-1]
-                print(f"[{i + 1}/{len(cases)}] {r['kernel']} sm_{arch} {r.get('head_dim')} {r.get('dtype')} {r.get('tile')}: "
-                      f"{r.get('error') or ''}regs {r.get('registers')} spills {r.get('spill_stores')}/{r.get('spill_loads')} "
-                      f"shared {r.get('shared')}", file=log, flush=True)
+    from bench.aot import fork_map
+
+    jobs = [(i, case, arch) for i, case in enumerate(cases) for arch in case.get("archs", (90, 80))]
+    records = fork_map(lambda job: compile_case(job[1], job[2]), jobs)  # one compile per core at a time
+    for (i, case, arch), r in zip(jobs, records):
+        if r.get("kind") in ("fwd", "dq", "dkdv") and "error" not in r:
+            r["cost"] = cost(r)
+        if log:
+            print(f"[{i + 1}/{len(cases)}] {r['kernel']} sm_{arch} {r.get('head_dim')} {r.get('dtype')} {r.get('tile')}: "
+                  f"{r.get('error') or ''}regs {r.get('registers')} spills {r.get('spill_stores')}/{r.get('spill_loads')} "
+                  f"shared {r.get('shared')}", file=log, flush=True)
     return records
 
 

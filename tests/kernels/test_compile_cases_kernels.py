@@ -16,11 +16,14 @@ SCRIPT = r"""
 import inspect, json, triton
 from bench import compile_cases_kernels as C
 from sealong_kernels import decode, mbr, orpo, ring_merge
-kernels = sorted(name for m in (decode, mbr, orpo, ring_merge) for name, f in vars(m).items()
-                 if isinstance(f, triton.runtime.jit.JITFunction))
+jitted = {name: f for m in (decode, mbr, orpo, ring_merge) for name, f in vars(m).items()
+          if isinstance(f, triton.runtime.jit.JITFunction)}
+kernels = sorted(name for name in jitted if name.endswith("_kernel"))   # launched: each needs compile cases
+helpers = sorted(name for name in jitted if not name.endswith("_kernel"))  # inlined into kernels
+callers = {h: sorted(k for k in kernels if h + "(" in jitted[k].src) for h in helpers}
 cases = C.cases()
 rows = C.compile_all(cases)
-print("RESULT" + json.dumps({"kernels": kernels, "covered": sorted({c["kernel"] for c in cases}),
+print("RESULT" + json.dumps({"kernels": kernels, "callers": callers, "covered": sorted({c["kernel"] for c in cases}),
                              "rows": len(rows), "archs": sorted({r["arch"] for r in rows}),
                              "problems": [(r["name"], r["arch"], r["registers"], r["spill_stores"], r["shared"])
                                           for r in C.problems(rows)]}))
@@ -36,5 +39,7 @@ def test_every_kernel_tile_compiles_without_spills_for_sm80_and_sm90():
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT", 1)[1])
     assert result["kernels"] == result["covered"], result         # every @triton.jit kernel has cases
+    # a @triton.jit helper (a name not ending in _kernel) is compiled inside the kernels that call it
+    assert all(result["callers"].values()), result["callers"]
     assert result["archs"] == [80, 90] and result["rows"] >= 2 * 40
     assert result["problems"] == [], result["problems"]           # no spills, shared memory within the limit
