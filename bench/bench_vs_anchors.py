@@ -113,6 +113,23 @@ def timed_runs(fn, runs, device):
     return statistics.median(times), out, mem.peak
 
 
+def timed_pair(fa, fb, runs, device):
+    """timed_runs of fa and fb, their calls alternating (a, b, a, b, ...): a change of the machine's load during the
+    row slows both contenders alike, where `runs` of one then `runs` of the other would charge it to one.
+    -> ((median s, last result, peak bytes) of fa, the same of fb); peak memory is measured per call."""
+    times, out, peak = ([], []), [None, None], [0, 0]
+    for _ in range(runs):
+        for i, fn in enumerate((fa, fb)):
+            with PeakMemory(device) as mem:
+                synchronize(device)
+                t0 = time.perf_counter()
+                out[i] = fn()
+                synchronize(device)
+                times[i].append(time.perf_counter() - t0)
+            peak[i] = max(peak[i], mem.peak)
+    return tuple((statistics.median(times[i]), out[i], peak[i]) for i in range(2))
+
+
 # ---------------------------------------------------------------------------------------------- inputs
 
 
@@ -159,9 +176,11 @@ def prefill_row(ours, hf, ids, runs, device):
         return prefill(ours, [ids], pool.add(len(ids)), 4096)
 
     x = torch.tensor([ids], device=device)
-    t_ours, _, m_ours = timed_runs(sealong_prefill, runs, device)
-    with torch.no_grad():
-        t_hf, _, m_hf = timed_runs(lambda: hf(x, use_cache=True), runs, device)
+    def hf_prefill():
+        with torch.no_grad():
+            return hf(x, use_cache=True, logits_to_keep=1)  # the last position's logits, as generate() asks
+
+    (t_ours, _, m_ours), (t_hf, _, m_hf) = timed_pair(sealong_prefill, hf_prefill, runs, device)
     return {"row": "prefill", "prompt_tokens": len(ids), "sealong_s": t_ours, "transformers_s": t_hf,
             "sealong_peak_bytes": m_ours, "transformers_peak_bytes": m_hf, "speedup": t_hf / t_ours, "load": load()}
 
@@ -191,9 +210,8 @@ def sampling_row(ours, hf, ids, n, new_tokens, runs, device, seed=0):
         stats["hf_prefill_tokens"] = counter.first
         return int((out.shape[1] - x.shape[1]) * out.shape[0])
 
-    t_ours, tokens_ours, m_ours = timed_runs(sealong_generate, runs, device)
+    (t_ours, tokens_ours, m_ours), (t_hf, tokens_hf, m_hf) = timed_pair(sealong_generate, hf_generate, runs, device)
     prefilled_ours = stats["prefill_tokens"]
-    t_hf, tokens_hf, m_hf = timed_runs(hf_generate, runs, device)
     return {"row": "sampling", "prompt_tokens": len(ids), "n": n, "new_tokens": new_tokens, "runs": runs,
             "sealong_s": t_ours, "transformers_s": t_hf, "sealong_out_tok_s": tokens_ours / t_ours,
             "transformers_out_tok_s": tokens_hf / t_hf, "output_tokens": [tokens_ours, tokens_hf],
