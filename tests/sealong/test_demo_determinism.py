@@ -3,6 +3,8 @@ pipeline (a small configuration of it: fewer warm-up steps, questions and sample
 same pairs and the same held-out tables before and after the round."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -14,10 +16,25 @@ SMALL = ["--preset", "demo-gain", "--tiny-warmup-steps", "20", "--num-examples",
          "lr_schedule=cosine,warmup_questions=64,dev_questions=8,check_every=10"]
 
 
-def _run(run_dir):
-    out = subprocess.run([sys.executable, "-m", "sealong.cli", "pipeline", "--run-dir", str(run_dir), *SMALL],
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+def _run_both(*run_dirs):
+    """The same command into each folder, the runs side by side, one torch thread each (independent processes:
+    each run's outputs are what it would write alone; the test compares two runs, not thread counts)."""
+    logs = [open(f"{d}.log", "w+") for d in run_dirs]  # files, not pipes: a full pipe would stall a run
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # one thread each: two runs on two cores, none oversubscribed
+    procs = [subprocess.Popen([sys.executable, "-m", "sealong.cli", "pipeline", "--run-dir", str(d), *SMALL],
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+             for d, log in zip(run_dirs, logs)]
+    try:
+        for proc, log in zip(procs, logs):
+            proc.wait(timeout=900)
+            log.seek(0)
+            assert proc.returncode == 0, log.read()[-6000:]
+    finally:  # a failed or timed-out run leaves no process behind
+        for proc, log in zip(procs, logs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)  # the pipeline and its torchrun job
+                proc.wait()
+            log.close()
 
 
 def _tables(run_dir):
@@ -33,8 +50,7 @@ def _tables(run_dir):
 @pytest.mark.slow
 def test_demo_gain_pipeline_twice_gives_the_same_held_out_tables(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    _run(a)
-    _run(b)
+    _run_both(a, b)
     assert (a / "base_model" / "model.safetensors").read_bytes() == (b / "base_model" / "model.safetensors").read_bytes()
     wa, wb = (json.loads((d / "base_model" / "warmup.json").read_text()) for d in (a, b))
     assert wa["final_dev_check"] == wb["final_dev_check"] and wa["dev_checks"] == wb["dev_checks"]
