@@ -8,7 +8,9 @@ With `check_every`, a labelled dev slice of the warm-up world decides when to st
 `stop_greedy` and oracle@n at least `stop_oracle_gap` points above it: a model whose consensus can teach it
 something) and records,
 at the end, whether the embedding consensus beats greedy there (`dev_check`). Measured on a shared 2-core CPU,
-1500 steps of the default shape did not yet teach the model to copy names from its context (README). The method
+1500 steps of the default shape did not yet teach the model to copy names from its context (README); the
+demo-gain preset's copy-gated learning rate (`lr_schedule=copy_gated`) keeps the peak rate until the dev check
+sees the model copy, since when that phase comes depends on the question draw. The method
 that follows uses no label.
 
 The folder written is an ordinary Hugging Face checkpoint (config.json, model.safetensors, tokenizer.json with a
