@@ -181,20 +181,12 @@ def step_base_model(r: Runner) -> str:
     if (folder / "config.json").is_file():
         r.say(f"base model: {folder} exists")
         return str(folder)
-    from .tiny import TinyConfig, build_base_model, parse_overrides
+    from .tiny import build_base_model
 
     r.say("base model: building a tiny Llama and a word-level tokenizer in code; labelled warm-up on other questions "
           "of the built-in world (the base model's own training, NOT part of SEALONG)")
-    synth, sample_cfg = r.configs["synth"], r.configs["sample"]
-    gain = r.preset == "demo-gain"  # stop the warm-up on the labelled dev slice; check consensus vs greedy there
-    values = dict(min_tokens=synth.min_tokens, max_tokens=synth.max_tokens, seed=synth.seed,
-                  check_every=300 if gain else 0, max_new_tokens=sample_cfg.max_new_tokens,
-                  temperature=sample_cfg.temperature, world_passages=synth.world_passages,
-                  world_hops=tuple(int(h) for h in synth.world_hops.split("+")))
-    values.update(parse_overrides(a.tiny_shape or ""))  # the preset's shape (demo-gain), then --tiny-warmup-steps
-    if a.tiny_warmup_steps is not None:
-        values["warmup_steps"] = a.tiny_warmup_steps
-    cfg = TinyConfig(**values)
+    cfg = tiny_config(a, r.configs, r.preset)
+    synth = r.configs["synth"]
     stats = build_base_model(folder, cfg, skip_questions=synth.num_examples * a.rounds + synth.num_eval, log=r.say)
     if stats["warmup_steps_run"]:
         r.say(f"base model: warm-up loss {stats['warmup_loss_first']:.2f} -> {stats['warmup_loss_last']:.2f} "
@@ -204,6 +196,23 @@ def step_base_model(r: Runner) -> str:
     if stats.get("final_dev_check"):
         r.say("base model: labelled dev slice: " + ", ".join(f"{k} {v:.1f}" for k, v in stats["final_dev_check"].items()))
     return str(folder)
+
+
+def tiny_config(a, configs: dict, preset: str | None):
+    """The `sealong.tiny.TinyConfig` of the demo's base model: the synth and sample stages' lengths, world and seed,
+    then the preset's `tiny_shape` (demo-gain), then `--tiny-warmup-steps`."""
+    from .tiny import TinyConfig, parse_overrides
+
+    synth, sample_cfg = configs["synth"], configs["sample"]
+    gain = preset == "demo-gain"  # stop the warm-up on the labelled dev slice; check consensus vs greedy there
+    values = dict(min_tokens=synth.min_tokens, max_tokens=synth.max_tokens, seed=synth.seed,
+                  check_every=300 if gain else 0, max_new_tokens=sample_cfg.max_new_tokens,
+                  temperature=sample_cfg.temperature, world_passages=synth.world_passages,
+                  world_hops=tuple(int(h) for h in synth.world_hops.split("+")))
+    values.update(parse_overrides(a.tiny_shape or ""))
+    if a.tiny_warmup_steps is not None:
+        values["warmup_steps"] = a.tiny_warmup_steps
+    return TinyConfig(**values)
 
 
 def step_synth(r: Runner, model: str) -> None:

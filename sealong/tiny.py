@@ -8,7 +8,9 @@ With `check_every`, a labelled dev slice of the warm-up world decides when to st
 `stop_greedy` and oracle@n at least `stop_oracle_gap` points above it: a model whose consensus can teach it
 something) and records,
 at the end, whether the embedding consensus beats greedy there (`dev_check`). Measured on a shared 2-core CPU,
-1500 steps of the default shape did not yet teach the model to copy names from its context (README). The method
+1500 steps of the default shape did not yet teach the model to copy names from its context (README); the
+demo-gain preset's copy-gated learning rate (`lr_schedule=copy_gated`) keeps the peak rate until the dev check
+sees the model copy, since when that phase comes depends on the question draw. The method
 that follows uses no label.
 
 The folder written is an ordinary Hugging Face checkpoint (config.json, model.safetensors, tokenizer.json with a
@@ -59,7 +61,11 @@ class TinyConfig:
     world_passages: int = 10  # ... and its passages per question (synth.world_passages), warm-up and dev alike
     prompt_loss: float = 0.0  # weight of next-token loss on the prompt's tokens (0: the answer's tokens only)
     curriculum_steps: int = 0  # the first this many steps draw only the warm-up questions of the fewest hops
-    lr_schedule: str = "constant"  # after the linear ramp: "constant" or "cosine" (down to 10% at warmup_steps)
+    lr_schedule: str = "constant"  # after the linear ramp: "constant", "cosine" (down to 10% at warmup_steps) or
+    # "copy_gated": constant until a dev check's copy rate reaches copy_gate, then cosine down to 10% over
+    # decay_steps and stop (at most warmup_steps in all): the decay never starts on the plateau before the copy phase
+    copy_gate: float = 50.0  # copy_gated: dev copy rate (%) that opens the decay
+    decay_steps: int = 500  # copy_gated: steps of the cosine decay once the gate opened
     seed: int = 0
 
 
@@ -216,14 +222,12 @@ def dev_check(folder, tokenizer, questions, cfg: TinyConfig, strategy: str, embe
 def warm_up(model, tokenizer, questions, cfg: TinyConfig, strategy: str, log=print, dev=(), save=None,
             scratch=None) -> dict:
     """Plain next-token cross-entropy on the gold reasoning (answer tokens only), AdamW, linear warmup then a
-    constant or cosine-decaying learning rate (`cfg.lr_schedule`), the first `cfg.curriculum_steps` steps on the
+    constant, cosine-decaying or copy-gated learning rate (`cfg.lr_schedule`, `lr_factor`), the first `cfg.curriculum_steps` steps on the
     questions of the fewest hops only; every `cfg.check_every` steps a dev check (`dev_check`) on the labelled dev slice,
     stopping once its greedy accuracy is in `cfg.stop_greedy` and its oracle@n at least `cfg.stop_oracle_gap` points above it.
 
     Every batch is padded to one length (the longest example): a new shape per step would re-plan the CPU kernels.
     """
-    import math
-
     examples = warmup_examples(tokenizer, questions, cfg, strategy)
     length = max(len(p) + len(a) for p, a in examples)
     fewest = min(len(q.chain) for q in questions)  # once: inside the comprehension it was quadratic
@@ -231,14 +235,14 @@ def warm_up(model, tokenizer, questions, cfg: TinyConfig, strategy: str, log=pri
     rng = random.Random(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr, weight_decay=0.01)
     ramp = max(1, cfg.warmup_steps // 20)
-    if cfg.lr_schedule not in ("constant", "cosine"):
-        raise ValueError(f"lr_schedule: expected 'constant' or 'cosine', got {cfg.lr_schedule!r}")
+    if cfg.lr_schedule not in ("constant", "cosine", "copy_gated"):
+        raise ValueError(f"lr_schedule: expected 'constant', 'cosine' or 'copy_gated', got {cfg.lr_schedule!r}")
+    if cfg.lr_schedule == "copy_gated" and not (cfg.check_every and dev):
+        raise ValueError("lr_schedule copy_gated: needs dev checks (check_every > 0 and dev questions)")
+    gate = None  # copy_gated: the step after which the decay started (the dev check that reached copy_gate)
 
     def factor(step):
-        if step + 1 < ramp or cfg.lr_schedule == "constant":
-            return min(1.0, (step + 1) / ramp)
-        done = min(1.0, (step + 1 - ramp) / max(1, cfg.warmup_steps - ramp))
-        return 0.1 + 0.45 * (1 + math.cos(math.pi * done))
+        return lr_factor(step, cfg, ramp, gate)
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     model.train()
@@ -296,11 +300,34 @@ def warm_up(model, tokenizer, questions, cfg: TinyConfig, strategy: str, log=pri
             if (lo <= res["greedy"] <= hi and gap >= cfg.stop_oracle_gap) or res["greedy"] > hi:
                 stopped = step + 1
                 break
+            if cfg.lr_schedule == "copy_gated" and gate is None and res["copy_rate"] >= cfg.copy_gate:
+                gate = step + 1
+                log(f"warm-up: dev copy rate {res['copy_rate']:.1f} >= {cfg.copy_gate:g} at step {gate}: the copy "
+                    f"phase; the learning rate decays over the next {cfg.decay_steps} steps, then the warm-up ends")
+        if gate is not None and step + 1 >= gate + cfg.decay_steps:
+            break
     model.eval()
     last = sum(losses[-10:]) / len(losses[-10:]) if losses else None  # warmup_steps 0: an untrained model
     return {"warmup_loss_first": losses[0] if losses else None, "warmup_loss_last": last,
             "warmup_seconds": time.perf_counter() - start, "warmup_examples": len(examples),
-            "warmup_steps_run": len(losses), "stopped_at": stopped, "dev_checks": checks}
+            "warmup_steps_run": len(losses), "stopped_at": stopped, "copy_gate_at": gate, "dev_checks": checks}
+
+
+def lr_factor(step: int, cfg: TinyConfig, ramp: int, gate: int | None = None) -> float:
+    """The warm-up's learning rate at optimizer step `step` (0-based) as a share of `cfg.warmup_lr`: a linear ramp
+    over `ramp` steps, then `cfg.lr_schedule`; for "copy_gated", `gate` is the step count at which the dev copy rate
+    reached `cfg.copy_gate` (None: not yet, the rate stays at its peak)."""
+    import math
+
+    if step + 1 < ramp or cfg.lr_schedule == "constant":
+        return min(1.0, (step + 1) / ramp)
+    if cfg.lr_schedule == "copy_gated":
+        if gate is None:
+            return 1.0
+        done = min(1.0, max(0, step - gate) / max(1, cfg.decay_steps))
+    else:
+        done = min(1.0, (step + 1 - ramp) / max(1, cfg.warmup_steps - ramp))
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * done))
 
 
 def parse_overrides(text: str) -> dict:

@@ -13,7 +13,9 @@ import pytest
 SMALL = ["--preset", "demo-gain", "--tiny-warmup-steps", "20", "--num-examples", "16", "--num-eval", "8",
          "--num-samples", "4", "--eval-samples", "4", "--tiny-shape",
          "num_layers=4,hidden_size=128,intermediate_size=384,tie_embeddings=true,warmup_hops=1,warmup_batch=16,"
-         "lr_schedule=cosine,warmup_questions=64,dev_questions=8,check_every=10"]
+         "lr_schedule=copy_gated,copy_gate=0,decay_steps=5,warmup_questions=64,dev_questions=8,check_every=10"]
+# copy_gate=0: the gate opens at the first dev check (step 10), so the preset's copy-gated schedule, its decay and
+# its early end (step 15) run in both runs
 
 
 def _run_both(*run_dirs):
@@ -54,6 +56,7 @@ def test_demo_gain_pipeline_twice_gives_the_same_held_out_tables(tmp_path):
     assert (a / "base_model" / "model.safetensors").read_bytes() == (b / "base_model" / "model.safetensors").read_bytes()
     wa, wb = (json.loads((d / "base_model" / "warmup.json").read_text()) for d in (a, b))
     assert wa["final_dev_check"] == wb["final_dev_check"] and wa["dev_checks"] == wb["dev_checks"]
+    assert wa["copy_gate_at"] == 10 and wa["warmup_steps_run"] == 15
     # the records name their run folder (the sampler's model path): the same once that is replaced
     assert (a / "pairs.jsonl").read_text().replace(str(a), str(b)) == (b / "pairs.jsonl").read_text()
     assert (a / "after_model" / "model.safetensors").read_bytes() == (b / "after_model" / "model.safetensors").read_bytes()

@@ -143,9 +143,10 @@ def test_demo_gain_preset_resolves_to_the_documented_settings(tmp_path):
     assert (configs["synth"].num_examples, configs["synth"].num_eval, configs["sample"].num_samples,
             r.cfg.eval_samples) == (512, 400, 16, 8)
     assert configs["sample"].temperature == 1.0 and configs["sample"].max_new_tokens == 32
-    assert configs["train"].mode == "orpo" and r.cfg.tiny_warmup_steps == 1500
+    assert configs["train"].mode == "orpo" and r.cfg.tiny_warmup_steps == 3000
     assert (configs["synth"].world_hops, configs["synth"].world_passages, configs["synth"].seed) == ("1", 4, 0)
     assert "tie_embeddings=true" in r.cfg.tiny_shape and "warmup_hops=1" in r.cfg.tiny_shape
+    assert "lr_schedule=copy_gated,copy_gate=40,decay_steps=500,check_every=250" in r.cfg.tiny_shape
     assert resolve("pipeline", []).common["preset"] == "demo"
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="demo presets build their own tiny model"):
