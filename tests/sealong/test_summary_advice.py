@@ -29,7 +29,12 @@ def test_mbr_below_random_and_greedy_is_pointed_out_with_what_to_try():
     assert "**MBR@8 is below random@8** (EM 0.0 vs 1.0; SubEM 0.0 vs 1.0)" in text
     assert "**MBR@8 is below greedy** (EM 0.0 vs 8.3" in text
     assert "`sealong pipeline --preset demo-gain`" in text and "`--num-samples`" in text and "`--temperature`" in text
+    assert "no better than chance" in text
     assert advice_markdown({"before": _result(9.0, 1.0, 8.3)}, 8, demo=True) == ""
+    above_chance = advice_markdown({"before": _result(5.0, 1.0, 8.3)}, 8)  # the measured demo-gain run's case
+    assert "**MBR@8 is below greedy**" in above_chance and "below random" not in above_chance
+    assert "beats a random sample but not the model's greedy answer" in above_chance
+    assert "no better than chance" not in above_chance
 
 
 def test_pipeline_summary_carries_the_advice(tmp_path):
