@@ -175,6 +175,33 @@ def _plan_row(Blocks, row, n_rows, n_cols):
 
 
 @triton.jit
+def _add_into(Ptr, rows, row_ok, tile, w_old, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              SCALE_OLD: tl.constexpr):
+    """Ptr[r, :HEAD_DIM] <- w_old[r] * Ptr[r, :HEAD_DIM] + tile[r, :] (SCALE_OLD=False: w_old = 1) for the tile's
+    rows at offsets rows [R, 1] (int64), float32: the epilogue of the accumulating (ACCUMULATE) kernels.
+
+    Done in four column quarters one after the other (a barrier between them keeps the compiler from hoisting
+    every load to the top): the old values of one quarter live beside the tile, not a second whole tile, which
+    spilled the kernels already near the register limit (forward at head dim 128 on sm_80, dQ at 256 on sm_90).
+    Quarter (i, j) holds columns i BLOCK_D / 2 + j BLOCK_D / 4 + [0, BLOCK_D / 4)."""
+    R: tl.constexpr = tile.shape[0]
+    Q: tl.constexpr = BLOCK_D // 4
+    lo, hi = tl.split(tl.permute(tl.reshape(tile, [R, 2, 2, Q]), (0, 3, 2, 1)))  # split on i: [R, Q, 2] each
+    offs = tl.arange(0, Q)
+    for i in tl.static_range(2):
+        pair = tl.split(lo if i == 0 else hi)  # split on j
+        for j in tl.static_range(2):
+            cols = i * (BLOCK_D // 2) + j * Q + offs
+            ptr = Ptr + rows + cols[None, :]
+            mask = row_ok[:, None] & (cols < HEAD_DIM)[None, :]
+            old = tl.load(ptr, mask=mask, other=0.0)
+            if SCALE_OLD:
+                old = old * w_old[:, None]
+            tl.store(ptr, old + pair[j], mask=mask)
+            tl.debug_barrier()
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, Out, Lse, SeqIdx, CuSeqlens, QSeg, KSeg, Blocks,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
@@ -236,8 +263,6 @@ def _attn_fwd_kernel(
                                         stride_vt, offs_d, d_ok, mid, hi, q_start, k_start, qk_scale,
                                         BLOCK_N, True, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
 
-    o_ptr = Out + offs_m.to(tl.int64)[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
-    o_mask = m_ok[:, None] & d_ok[None, :]
     lse_ptr = Lse + h * stride_lh + offs_m
     if ACCUMULATE:  # merge into the accumulator's (o_a, lse_a), see the docstring
         lse_a = tl.load(lse_ptr, mask=m_ok, other=float("-inf")) * 1.4426950408889634
@@ -249,27 +274,15 @@ def _attn_fwd_kernel(
         total = w_a + w_b * l_i
         inv = 1.0 / tl.where(empty, 1.0, total)
         lse = tl.where(empty, float("-inf"), (m_all + tl.log2(tl.where(empty, 1.0, total))) * 0.6931471805599453)
-        # the merge in two column halves, one after the other: the old rows of one half live beside acc, not
-        # the whole [BLOCK_M, BLOCK_D] tile (which spilled at head dim 128 on sm_80)
-        acc = acc * (w_b * inv)[:, None]
-        # quarters: chunk (i, j) holds columns i D/2 + j D/4 + [0, D/4)
-        lo, hi = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, 2, BLOCK_D // 4]), (0, 3, 2, 1)))  # split on i
-        quarter = tl.arange(0, BLOCK_D // 4)
-        rows = offs_m.to(tl.int64)[:, None] * stride_ot + h * stride_oh
-        for i in tl.static_range(2):
-            pair = tl.split(lo if i == 0 else hi)  # split on j
-            for j in tl.static_range(2):
-                cols = i * (BLOCK_D // 2) + j * (BLOCK_D // 4) + quarter
-                ptr = Out + rows + cols[None, :]
-                mask = m_ok[:, None] & (cols < HEAD_DIM)[None, :]
-                tl.store(ptr, tl.load(ptr, mask=mask, other=0.0) * (w_a * inv)[:, None] + pair[j], mask=mask)
-                tl.debug_barrier()
+        _add_into(Out, offs_m.to(tl.int64)[:, None] * stride_ot + h * stride_oh, m_ok, acc * (w_b * inv)[:, None],
+                  w_a * inv, HEAD_DIM, BLOCK_D, True)
         tl.store(lse_ptr, lse, mask=m_ok)
     else:  # normalize; empty rows: out 0, lse -inf. LSE back to natural log.
         seen = l_i > 0.0
         acc = acc / tl.where(seen, l_i, 1.0)[:, None]
         lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-        tl.store(o_ptr, acc.to(Out.dtype.element_ty), mask=o_mask)
+        tl.store(Out + offs_m.to(tl.int64)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+                 acc.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
         tl.store(lse_ptr, lse, mask=m_ok)
 
 
@@ -414,14 +427,13 @@ def _attn_bwd_dkdv_kernel(
                                           QSeg, stride_qt, stride_dot, offs_d, d_ok, mid, hi, q_start, k_start,
                                           qk_scale, BLOCK_M, False, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
 
-    dk_ptr = DK + offs_n64[:, None] * stride_dkt + hk * stride_dkh + offs_d[None, :]
-    dv_ptr = DV + offs_n64[:, None] * stride_dvt + hk * stride_dvh + offs_d[None, :]
-    dk = dk * sm_scale
     if ACCUMULATE:
-        dk += tl.load(dk_ptr, mask=kv_mask, other=0.0)
-        dv += tl.load(dv_ptr, mask=kv_mask, other=0.0)
-    tl.store(dk_ptr, dk, mask=kv_mask)
-    tl.store(dv_ptr, dv, mask=kv_mask)
+        _add_into(DK, offs_n64[:, None] * stride_dkt + hk * stride_dkh, n_ok, dk * sm_scale, 1.0, HEAD_DIM, BLOCK_D,
+                  False)
+        _add_into(DV, offs_n64[:, None] * stride_dvt + hk * stride_dvh, n_ok, dv, 1.0, HEAD_DIM, BLOCK_D, False)
+    else:
+        tl.store(DK + offs_n64[:, None] * stride_dkt + hk * stride_dkh + offs_d[None, :], dk * sm_scale, mask=kv_mask)
+        tl.store(DV + offs_n64[:, None] * stride_dvt + hk * stride_dvh + offs_d[None, :], dv, mask=kv_mask)
 
 
 @triton.jit
@@ -530,8 +542,8 @@ def _attn_bwd_dq_kernel(
         dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg, stride_kt,
                                 stride_vt, offs_d, d_ok, mid, hi, q_start, k_start, qk_scale,
                                 BLOCK_N, True, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
-    dq_ptr = DQ + offs_m64[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :]
-    dq = dq * sm_scale
     if ACCUMULATE:
-        dq += tl.load(dq_ptr, mask=q_mask, other=0.0)
-    tl.store(dq_ptr, dq, mask=q_mask)
+        _add_into(DQ, offs_m64[:, None] * stride_dqt + h * stride_dqh, m_ok, dq * sm_scale, 1.0, HEAD_DIM, BLOCK_D,
+                  False)
+    else:
+        tl.store(DQ + offs_m64[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :], dq * sm_scale, mask=q_mask)

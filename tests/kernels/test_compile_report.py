@@ -6,8 +6,11 @@ lengths multiples of 16 or not), read with ptxas -v and the TTGIR / PTX, without
   the float32 entries), at head dims 64 / 128 also with lengths not multiples of 16: spill-free at 64 / 128, within
   the documented bound at 256, within 227 KB (sm_90) / 163 KB (sm_80), every main loop (the listed loops of the
   block plan included) pipelined with >= 3 buffers.
+* The ring's accumulating variants (ACCUMULATE: the forward merges into float32 out / lse in its epilogue, the
+  backward adds into the given gradients) are in the same reports, every launchable tile in the ring's flag sets:
+  as clean as their non-accumulating twins and pipelined with the same buffers and stages.
 * A live compile, in a subprocess (this session interprets Triton), of a small subset under this machine's Triton
-  (`bench.compile_report.ci_cases`, 7 compiles).
+  (`bench.compile_report.ci_cases`, 8 compiles, the ring forward's epilogue among them).
 * The other kernels' compile cases use the num_stages their launchers run with (Triton's default).
 """
 
@@ -108,6 +111,35 @@ def test_dkdv_has_no_narrow_wgmma_at_head_dims_64_and_128():
                     assert r["wgmma"] and r["tile"][1] == 128, (version, r["tile"], r["wgmma"])
 
 
+def test_ring_accumulating_variants_are_clean_and_pipelined_like_their_twins():
+    """Every launchable tile of every kernel in the ring's flag sets (RING_COMBOS) compiled with ACCUMULATE under
+    both Tritons: 0 spills at head dims 64 / 128 (256: the BOUNDED bound), within the shared-memory limit, the
+    launched num_stages, and the same main-loop buffers as the non-accumulating compile of the same kernel, arch,
+    head dim, tile and code path (plan or key range)."""
+    from bench.compile_report import RING_COMBOS
+
+    for version, records in _reports().items():
+        twins = {}
+        for r in records:
+            if r.get("kind") in KERNEL and not r.get("accumulate") and r.get("aligned_lengths", True):
+                twins.setdefault((r["kernel"], r["arch"], r["head_dim"], tuple(r["tile"]), r["has_plan"]), r)
+        acc = {(r["kernel"], r["arch"], r["head_dim"], r["dtype"], tuple(r["tile"])): r
+               for r in records if r.get("accumulate")}
+        for kind in KINDS:
+            for arch in ARCHS:
+                for d in (64, 128, 256):
+                    for dtype, (_, _, seg) in RING_COMBOS:
+                        for tile in launchable_tiles(kind, d, dtype, arch):
+                            r = acc.get((KERNEL[kind], arch, d, dtype, tile))
+                            assert r, f"{version}: ring {kind} sm_{arch} d={d} {dtype} {tile} not compiled"
+                            bound = BOUNDED.get((kind, arch, d), (None, 0))[1] if d == 256 else 0
+                            assert "error" not in r and max(r["spill_stores"], r["spill_loads"]) <= bound, (version, r)
+                            assert r["shared"] <= LIMIT[arch] and r["num_stages"] == tile[3], (version, r)
+                            twin = twins[(KERNEL[kind], arch, d, tile, seg)]
+                            assert [lp["buffers"] for lp in r["loops"]] == [lp["buffers"] for lp in twin["loops"]], \
+                                (version, kind, arch, d, dtype, r["loops"], twin["loops"])
+
+
 def test_cost_model_prefers_wide_wgmma_resident_rows_and_occupancy():
     from sealong_kernels.attention_tiles import cost_model
 
@@ -151,7 +183,8 @@ def test_live_compile_of_the_ci_subset():
     from bench.compile_report import violations
 
     records = json.loads(proc.stdout.split("RECORDS", 1)[1])
-    assert len(records) == 7 and {r["arch"] for r in records} == {90}
+    assert len(records) == 8 and {r["arch"] for r in records} == {90}
+    assert sum(bool(r.get("accumulate")) for r in records) == 1
     assert any(not r.get("aligned_lengths", True) for r in records)  # odd lengths / offsets compiled too
     assert violations(records) == []
     for r in records:
