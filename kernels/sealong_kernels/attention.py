@@ -290,9 +290,14 @@ def _launch(kernel, kind, grid, args, flags, head_dim, scores):
         return run(INTERPRETER_TILE)
     q = args[0]
     tiles = _tiles_for(kind, head_dim, q.dtype, q.device)
-    key = (kind, _device_arch(q.device), block_d, q.dtype, tuple(sorted(flags.items())), max(int(scores), 1).bit_length())
+    same = tuple(sorted((k, v) for k, v in flags.items() if k != "ACCUMULATE"))
+    key = (kind, _device_arch(q.device), block_d, q.dtype, same, max(int(scores), 1).bit_length())
     try:
-        run(choose_tile(key, tiles, run))
+        if flags.get("ACCUMULATE"):  # adds into its outputs: launched once, never benchmarked (that would add
+            # twice); the tile its non-accumulating twin was tuned to (the same tile set, compiled clean), else the first
+            run(_TUNED.get(key, tiles[0]))
+        else:
+            run(choose_tile(key, tiles, run))
     except triton.runtime.errors.OutOfResources as err:
         raise ValueError(f"head dim {head_dim} does not fit this GPU's shared memory ({err})") from err
 

@@ -173,3 +173,30 @@ def test_ring_step_allocates_nothing_per_block(seg):
     assert counts == {1: (0, 0), 4: (0, 0)}, counts
     for a, b in zip(*results):
         assert rel_err(a[torch.isfinite(a)], b[torch.isfinite(b)]) < TOL32
+
+
+def test_accumulating_launch_runs_once_and_is_never_benchmarked(monkeypatch):
+    """On a GPU the launcher times each candidate tile once per size bucket by running the kernel; an accumulating
+    kernel run twice would add its block twice. It is launched exactly once, with the tile its non-accumulating
+    twin was tuned to (or the first), and the twin's tuning is not disturbed. (GPU path of `_launch`, with a
+    recording kernel in place of a Triton one.)"""
+    tiles = [(64, 64, 4, 3), (128, 64, 8, 3)]
+    monkeypatch.setattr(attention, "interpreting", lambda: False)
+    monkeypatch.setattr(attention, "_tiles_for", lambda *a: tiles)
+    monkeypatch.setattr(attention, "_device_arch", lambda device: 90)
+    monkeypatch.setattr(attention, "_TUNED", {})
+    runs = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: runs.append((meta["BLOCK_M"], meta["BLOCK_N"], meta["num_warps"], meta["num_stages"]))
+
+    q = torch.zeros(4, 1, 16)
+    flags = dict(CAUSAL=True, HAS_SEQ=False, HAS_SEG=False, PRECISION="ieee", HAS_PLAN=False, PLAN_M=16, PLAN_N=16)
+    grid = lambda meta: (1, 1)  # noqa: E731
+    attention._launch(Kernel(), "fwd", grid, (q,), dict(flags, ACCUMULATE=True), 16, 16)
+    assert runs == [tiles[0]] and attention._TUNED == {}
+    runs.clear()
+    attention._TUNED[("fwd", 90, 16, q.dtype, tuple(sorted(flags.items())), 5)] = tiles[1]  # the twin's tuned tile
+    attention._launch(Kernel(), "fwd", grid, (q,), dict(flags, ACCUMULATE=True), 16, 16)
+    assert runs == [tiles[1]]
