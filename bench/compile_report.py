@@ -135,15 +135,17 @@ def attention_cases(head_dims=HEAD_DIMS, combos=COMBOS, kinds=None, archs=None, 
     return cases + (_small_kernel_cases() if kinds is None else [])
 
 
-def ring_cases(head_dims=HEAD_DIMS, combos=RING_COMBOS, kinds=None, archs=None):
+def ring_cases(head_dims=HEAD_DIMS, combos=RING_COMBOS, kinds=None, archs=None, twins=True):
     """The ring's accumulating variants (`attention_forward(..., accumulate=)` / `attention_backward(...,
     accumulate=)`): every launchable tile per kernel, head dim, arch and RING_COMBOS entry, lengths multiples of 16
-    (ring blocks of a real launch: T_local / 2 and its offsets)."""
+    (ring blocks of a real launch: T_local / 2 and its offsets); twins: also the non-accumulating compile of the
+    same flags (segments without packed sequences is not a COMBOS flag set), to compare with."""
     from sealong_kernels.attention_tiles import ARCHS, KINDS, launchable_tiles
 
-    return [attention_case(kind, d, dtype, tile, flags, arch, True, accumulate=True)
+    return [attention_case(kind, d, dtype, tile, flags, arch, True, accumulate=acc)
             for kind in kinds or KINDS for arch in archs or ARCHS for d in head_dims for dtype, flags in combos
-            for tile in launchable_tiles(kind, d, dtype, arch)]
+            for tile in launchable_tiles(kind, d, dtype, arch) for acc in ((True, False) if twins else (True,))
+            if acc or flags not in [f for _, f in COMBOS]]
 
 
 def ci_cases():
@@ -156,7 +158,7 @@ def ci_cases():
                              fp32=False)
     cases += [c for c in attention_cases((128,), COMBOS[1:], kinds=("dkdv",), archs=(90,), first_only=True, fp32=False)
               if not c["labels"]["aligned_lengths"]]
-    cases += ring_cases((128,), RING_COMBOS[:1], kinds=("fwd",), archs=(90,))  # the forward's ring epilogue
+    cases += ring_cases((128,), RING_COMBOS[:1], kinds=("fwd",), archs=(90,), twins=False)  # the ring's epilogue
     small = [c for c in _small_kernel_cases() if c["labels"]["head_dim"] == 128 and c["labels"]["dtype"] == "bf16"]
     return cases + [dict(c, archs=(90,)) for c in small]
 

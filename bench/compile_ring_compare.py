@@ -9,7 +9,7 @@ spills, shared memory, main-loop buffers (bench/aot.py).
     python -m bench.compile_ring_compare --table        # both files side by side
 
 Run from the repository root (`--tag before` imports bench / sealong_kernels from the PYTHONPATH given, e.g. a
-`git archive` of the parent commit); writes bench/results/compile_ring_<tag>_triton-<version>.json.
+`git archive` of the parent commit); writes bench/results/ring_compile_<tag>_triton-<version>.json (not compile_*: the compile reports' glob).
 """
 
 import argparse
@@ -56,7 +56,7 @@ def main(argv=None):
     if args.table:
         rows = {}
         for tag in ("before", "after"):
-            path = os.path.join(RESULTS, f"compile_ring_{tag}_triton-{triton.__version__}.json")
+            path = os.path.join(RESULTS, f"ring_compile_{tag}_triton-{triton.__version__}.json")
             for r in json.load(open(path))["records"]:
                 rows.setdefault(r["name"].rsplit("/", 1)[0], {})[(tag, r["name"].rsplit("/", 1)[1])] = r
         print(f"{'case':45} {'before (plain)':22} {'after (plain)':22} {'after (accumulate)':22}")
@@ -78,7 +78,7 @@ def main(argv=None):
         records.append(r)
         print(name, r.get("error") or (r["registers"], r["spill_stores"], r["spill_loads"], r["shared"],
                                        [lp["buffers"] for lp in r["loops"]]), file=sys.stderr, flush=True)
-    path = os.path.join(RESULTS, f"compile_ring_{args.tag}_triton-{triton.__version__}.json")
+    path = os.path.join(RESULTS, f"ring_compile_{args.tag}_triton-{triton.__version__}.json")
     with open(path, "w") as f:
         json.dump(dict(name="compile_ring", triton=triton.__version__, tag=args.tag, records=records), f, indent=1)
     print(path)

