@@ -35,7 +35,12 @@ DTYPES = ("bf16", "fp16")
 COMBOS = (("bf16", (True, True, True)), ("fp16", (True, False, False)))
 FP32_NAMES = {"Lse", "Delta", "DK", "DV", "DQ"}
 I32_NAMES = {"SeqIdx", "CuSeqlens", "QSeg", "KSeg", "Blocks"}
-LEN_NAMES = ("Tq", "Tk", "q_start", "k_start")  # a long call's lengths and offsets are multiples of 16
+# a long call's lengths and offsets are multiples of 16 (stride_lh: the forward's LSE row stride, Tq, or a ring
+# accumulator's T_local)
+LEN_NAMES = ("Tq", "Tk", "q_start", "k_start", "stride_lh")
+# (dtype, (CAUSAL, HAS_SEQ, HAS_SEG)) of the ring's accumulating calls (ACCUMULATE: merged into float32 out / lse,
+# gradients added in place): packed preference pairs (segments, the plan path) and a plain causal ring
+RING_COMBOS = (("bf16", (True, False, True)), ("fp16", (True, False, False)))
 UNALIGNED_DIMS = (64, 128)  # head dims also compiled with lengths / offsets not multiples of 16 (odd T, ring blocks)
 
 
@@ -56,9 +61,10 @@ def _attention_arg_types(fn, dtype):
     return types
 
 
-def attention_case(kind, head_dim, dtype, tile, flags, arch, aligned_lengths=True):
+def attention_case(kind, head_dim, dtype, tile, flags, arch, aligned_lengths=True, accumulate=False):
     """One case for the forward ("fwd"), dQ ("dq") or dK/dV ("dkdv") kernel with this tile and flag set
-    (aligned_lengths=False: Tq, Tk, q_start, k_start not multiples of 16, as odd lengths and ring blocks)."""
+    (aligned_lengths=False: Tq, Tk, q_start, k_start not multiples of 16, as odd lengths and ring blocks;
+    accumulate: the ring's ACCUMULATE variant, the forward's Out a float32 accumulator)."""
     from sealong_kernels import attention_kernels as K
     from sealong_kernels.attention import PLAN_BLOCK
     from sealong_kernels.attention_tiles import block_d_of
@@ -70,12 +76,18 @@ def attention_case(kind, head_dim, dtype, tile, flags, arch, aligned_lengths=Tru
     # the launcher plans block classes (HAS_PLAN) whenever packed sequences or segments are on
     consts = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, HAS_SEQ=seq,
                   HAS_SEG=seg, PRECISION="ieee" if dtype == "fp32" else "tf32", HAS_PLAN=seq or seg, PLAN_M=PLAN_BLOCK, PLAN_N=PLAN_BLOCK)
-    divisible = tuple(n for n in fn.arg_names if n.startswith("stride") or (aligned_lengths and n in LEN_NAMES))
-    return dict(fn=fn, arg_types=_attention_arg_types(fn, dtype), constexprs=consts, num_warps=warps,
-                num_stages=stages, divisible_ints=divisible, archs=(arch,),
-                labels=dict(kind=kind, head_dim=head_dim, block_d=block_d, dtype=dtype, tile=list(tile),
-                            causal=causal, has_seq=seq, has_seg=seg, has_plan=seq or seg,
-                            aligned_lengths=aligned_lengths))
+    divisible = tuple(n for n in fn.arg_names if (n.startswith("stride") and n not in LEN_NAMES)
+                      or (aligned_lengths and n in LEN_NAMES))
+    arg_types = _attention_arg_types(fn, dtype)
+    labels = dict(kind=kind, head_dim=head_dim, block_d=block_d, dtype=dtype, tile=list(tile), causal=causal,
+                  has_seq=seq, has_seg=seg, has_plan=seq or seg, aligned_lengths=aligned_lengths)
+    consts["ACCUMULATE"] = accumulate
+    if accumulate:
+        labels["accumulate"] = True
+        if kind == "fwd":
+            arg_types["Out"] = "*fp32"
+    return dict(fn=fn, arg_types=arg_types, constexprs=consts, num_warps=warps,
+                num_stages=stages, divisible_ints=divisible, archs=(arch,), labels=labels)
 
 
 def _small_kernel_cases():
@@ -123,6 +135,19 @@ def attention_cases(head_dims=HEAD_DIMS, combos=COMBOS, kinds=None, archs=None, 
     return cases + (_small_kernel_cases() if kinds is None else [])
 
 
+def ring_cases(head_dims=HEAD_DIMS, combos=RING_COMBOS, kinds=None, archs=None, twins=True):
+    """The ring's accumulating variants (`attention_forward(..., accumulate=)` / `attention_backward(...,
+    accumulate=)`): every launchable tile per kernel, head dim, arch and RING_COMBOS entry, lengths multiples of 16
+    (ring blocks of a real launch: T_local / 2 and its offsets); twins: also the non-accumulating compile of the
+    same flags (segments without packed sequences is not a COMBOS flag set), to compare with."""
+    from sealong_kernels.attention_tiles import ARCHS, KINDS, launchable_tiles
+
+    return [attention_case(kind, d, dtype, tile, flags, arch, True, accumulate=acc)
+            for kind in kinds or KINDS for arch in archs or ARCHS for d in head_dims for dtype, flags in combos
+            for tile in launchable_tiles(kind, d, dtype, arch) for acc in ((True, False) if twins else (True,))
+            if acc or flags not in [f for _, f in COMBOS]]
+
+
 def ci_cases():
     """The subset the CPU test compiles live (a dozen compiles): the first launchable tile of every kernel at head
     dim 128 for sm_90 (training flags, bf16), the dK/dV kernel also with lengths not multiples of 16 (fp16, the
@@ -133,6 +158,7 @@ def ci_cases():
                              fp32=False)
     cases += [c for c in attention_cases((128,), COMBOS[1:], kinds=("dkdv",), archs=(90,), first_only=True, fp32=False)
               if not c["labels"]["aligned_lengths"]]
+    cases += ring_cases((128,), RING_COMBOS[:1], kinds=("fwd",), archs=(90,), twins=False)  # the ring's epilogue
     small = [c for c in _small_kernel_cases() if c["labels"]["head_dim"] == 128 and c["labels"]["dtype"] == "bf16"]
     return cases + [dict(c, archs=(90,)) for c in small]
 
@@ -147,7 +173,7 @@ def candidate_cases(head_dims=HEAD_DIMS):
             for (kind, arch), tiles in table.items() for d in dims for tile in tiles]
 
 
-PROVIDERS = [attention_cases]
+PROVIDERS = [attention_cases, ring_cases]
 
 
 def providers():
@@ -329,7 +355,8 @@ def main(argv=None):
 
         def key(r):
             return (r.get("kernel"), r["arch"], r.get("kind"), r.get("dtype"), r.get("head_dim"), tuple(r.get("tile", ())),
-                    r.get("causal"), r.get("has_seq"), r.get("has_seg"), r.get("aligned_lengths"), r.get("name"))
+                    r.get("causal"), r.get("has_seq"), r.get("has_seg"), r.get("aligned_lengths"), r.get("name"),
+                    r.get("accumulate", False))
 
         old = os.path.join(RESULTS_DIR, f"compile_{datetime.date.today().isoformat()}_triton-{triton.__version__}.json")
         kept = {key(r): r for r in json.load(open(old))["records"] if "error" not in r} if os.path.exists(old) else {}

@@ -198,6 +198,25 @@ def _cu_tensor(cu_seqlens):
     return cu_seqlens.cu_seqlens if isinstance(cu_seqlens, VarlenPlan) else cu_seqlens
 
 
+_DUMMIES = {}  # device -> the int32 placeholder passed for absent id / plan pointers (never read by the kernels)
+
+
+def _dummy(device):
+    """One placeholder per device, not a fresh allocation (and memset) per call."""
+    if device not in _DUMMIES:
+        _DUMMIES[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _DUMMIES[device]
+
+
+def _check_accumulators(tensors, shapes, what):
+    """Accumulators a call adds into in place: float32 (float64 on the reference path), the given shapes, last dim
+    contiguous (row strides may be those of a larger tensor: a ring block's slice)."""
+    for t, shape in zip(tensors, shapes):
+        if tuple(t.shape) != tuple(shape) or t.dtype not in (torch.float32, torch.float64) or (t.numel() and t.stride(-1) != 1):
+            raise ValueError(f"{what} accumulators must be float32 {[tuple(x) for x in shapes]} with a contiguous last dim, "
+                             f"got {[(tuple(x.shape), x.dtype, x.stride()) for x in tensors]}")
+
+
 def _check_inputs(q, k, v, q_start, k_start, cu_seqlens, segment_ids, k_segment_ids):
     """Validate shapes; return (seq_idx, cu_seqlens, qseg, kseg) int32 tensors on q's device (or dummies)."""
     if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
@@ -215,7 +234,7 @@ def _check_inputs(q, k, v, q_start, k_start, cu_seqlens, segment_ids, k_segment_
     if d > 256:
         raise ValueError(f"head dim {d} is not supported (at most 256)")
     dev = q.device
-    dummy = torch.zeros(1, dtype=torch.int32, device=dev)
+    dummy = _dummy(dev)
     seq_idx = cu = qseg = kseg = dummy
     if cu_seqlens is not None:
         if tq != tk or q_start != k_start:
@@ -271,57 +290,81 @@ def _launch(kernel, kind, grid, args, flags, head_dim, scores):
         return run(INTERPRETER_TILE)
     q = args[0]
     tiles = _tiles_for(kind, head_dim, q.dtype, q.device)
-    key = (kind, _device_arch(q.device), block_d, q.dtype, tuple(sorted(flags.items())), max(int(scores), 1).bit_length())
+    same = tuple(sorted((k, v) for k, v in flags.items() if k != "ACCUMULATE"))
+    key = (kind, _device_arch(q.device), block_d, q.dtype, same, max(int(scores), 1).bit_length())
     try:
-        run(choose_tile(key, tiles, run))
+        if flags.get("ACCUMULATE"):  # adds into its outputs: launched once, never benchmarked (that would add
+            # twice); the tile its non-accumulating twin was tuned to (the same tile set, compiled clean), else the first
+            run(_TUNED.get(key, tiles[0]))
+        else:
+            run(choose_tile(key, tiles, run))
     except triton.runtime.errors.OutOfResources as err:
         raise ValueError(f"head dim {head_dim} does not fit this GPU's shared memory ({err})") from err
 
 
 def attention_forward(q, k, v, *, causal=True, softmax_scale=None, q_start=0, k_start=0,
-                      cu_seqlens=None, segment_ids=None, k_segment_ids=None, out_dtype=None, block_plan=None):
+                      cu_seqlens=None, segment_ids=None, k_segment_ids=None, out_dtype=None, block_plan=None,
+                      accumulate=None):
     """Raw forward: -> (out [Tq, Hq, D] in q's dtype, lse [Hq, Tq] float32, natural log). See module docstring.
 
     Runs our Triton kernel on CUDA (or on CPU under TRITON_INTERPRET=1), else (or without a launchable tile for
     this dtype and head dim) the reference. out_dtype: the
-    output's dtype (default q's; a ring asks for float32 partials, merged without a 16-bit round trip).
-    block_plan: the caller's BlockPlan of this geometry (`block_plan`; None: built or found in the cache)."""
-    if _use_reference(q, ("fwd",)):
+    output's dtype (default q's). block_plan: the caller's BlockPlan of this geometry (`block_plan`; None: built
+    or found in the cache).
+
+    accumulate: (out [Tq, Hq, D], lse [Hq, Tq]) float32 accumulators holding a partial result over other keys (a
+    ring's; views of larger tensors are fine, the last dim contiguous): this call's keys are merged into them in
+    place, in the kernel's epilogue (`_attn_fwd_kernel` ACCUMULATE: no partial tensors, no merge kernel), and
+    they are returned. Rows with lse = -inf (no key seen yet) must hold out = 0."""
+    if accumulate is not None:
+        _check_accumulators(accumulate, (q.shape, (q.shape[1], q.shape[0])), "forward")
+    if _use_reference(q, ("fwd",)) or (accumulate is not None and accumulate[0].dtype != torch.float32):
         return reference.attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale, q_start=q_start,
                                            k_start=k_start, cu_seqlens=_cu_tensor(cu_seqlens), segment_ids=segment_ids,
-                                           k_segment_ids=k_segment_ids, out_dtype=out_dtype)
+                                           k_segment_ids=k_segment_ids, out_dtype=out_dtype, accumulate=accumulate)
     seq_idx, cu, qseg, kseg = _check_inputs(q, k, v, q_start, k_start, cu_seqlens, segment_ids, k_segment_ids)
     q, k, v = _last_dim_contiguous(q, k, v)
     tq, hq, d = q.shape
     tk, hkv, _ = k.shape
     scale = d**-0.5 if softmax_scale is None else float(softmax_scale)
-    out = q.new_empty(q.shape, dtype=out_dtype or q.dtype)  # contiguous, as the op's fake implementation says
-    lse = torch.empty(hq, tq, dtype=torch.float32, device=q.device)
-    if tq == 0:
+    if accumulate is not None:
+        out, lse = accumulate
+    else:
+        out = q.new_empty(q.shape, dtype=out_dtype or q.dtype)  # contiguous, as the op's fake implementation says
+        lse = torch.empty(hq, tq, dtype=torch.float32, device=q.device)
+    if tq == 0 or (accumulate is not None and tk == 0):  # no keys: the accumulators are the result
         return out, lse
     flags = dict(CAUSAL=bool(causal), HAS_SEQ=cu_seqlens is not None, HAS_SEG=segment_ids is not None,
                  PRECISION=_precision(q.dtype))
     rows, _, plan_m, plan_n, has_plan = _plan_blocks(tq, tk, flags, q_start, k_start, cu_seqlens, segment_ids,
                                                      k_segment_ids, seq_idx, qseg, kseg, block_plan)
     flags.update(HAS_PLAN=has_plan, PLAN_M=plan_m, PLAN_N=plan_n)
+    if accumulate is not None:  # a separate compile: the non-accumulating kernel is the one it always was
+        flags.update(ACCUMULATE=True)
     args = (q, k, v, out, lse, seq_idx, cu, qseg, kseg, rows,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-            tq, tk, int(q_start), int(k_start), hq // hkv, scale * LOG2E)
+            lse.stride(0), tq, tk, int(q_start), int(k_start), hq // hkv, scale * LOG2E)
     _launch(_attn_fwd_kernel, "fwd", lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), hq), args, flags, d, tq * tk)
     return out, lse
 
 
 def attention_backward(dout, q, k, v, out, lse, *, delta=None, causal=True, softmax_scale=None, q_start=0, k_start=0,
-                       cu_seqlens=None, segment_ids=None, k_segment_ids=None, block_plan=None):
+                       cu_seqlens=None, segment_ids=None, k_segment_ids=None, block_plan=None, accumulate=None):
     """Raw backward from the given (possibly global, merged) out and lse -> (dq, dk, dv), all float32.
 
     delta = rowsum(dout * out) [Hq, Tq] float32 is computed by the preprocess kernel when not given (a ring
-    passes the global one). dk, dv are summed over the query heads of each kv head inside the kernel."""
-    if _use_reference(q, ("dkdv", "dq")):
+    passes the global one). dk, dv are summed over the query heads of each kv head inside the kernel.
+    accumulate: (dq [Tq, Hq, D], dk, dv [Tk, Hkv, D]) float32 gradients (a ring step's; views are fine, the last
+    dim contiguous) that this call's gradients are added to in place, in the kernels' epilogues (ACCUMULATE), and
+    returned: no gradient tensors are allocated. The dK/dV grid then runs one split per kv head (each program
+    owns its key rows; `gqa_splits` > 1 would need a partial buffer per split)."""
+    if accumulate is not None:
+        _check_accumulators(accumulate, (q.shape, k.shape, k.shape), "backward")
+    if _use_reference(q, ("dkdv", "dq")) or (accumulate is not None and accumulate[0].dtype != torch.float32):
         return reference.attention_backward(dout, q, k, v, out, lse, delta=delta, causal=causal,
                                             softmax_scale=softmax_scale, q_start=q_start, k_start=k_start,
                                             cu_seqlens=_cu_tensor(cu_seqlens), segment_ids=segment_ids,
-                                            k_segment_ids=k_segment_ids)
+                                            k_segment_ids=k_segment_ids, accumulate=accumulate)
     seq_idx, cu, qseg, kseg = _check_inputs(q, k, v, q_start, k_start, cu_seqlens, segment_ids, k_segment_ids)
     q, k, v, dout = _last_dim_contiguous(q, k, v, dout.to(q.dtype))
     tq, hq, d = q.shape
@@ -342,17 +385,25 @@ def attention_backward(dout, q, k, v, out, lse, *, delta=None, causal=True, soft
     if delta.shape != (hq, tq):
         raise ValueError(f"delta must be [Hq, Tq]={(hq, tq)}, got {tuple(delta.shape)}")
     if tq == 0 or tk == 0:
+        if accumulate is not None:
+            return tuple(accumulate)
         return (torch.zeros(tq, hq, d, dtype=torch.float32, device=q.device),
                 torch.zeros(tk, hkv, d, dtype=torch.float32, device=q.device),
                 torch.zeros(tk, hkv, d, dtype=torch.float32, device=q.device))
     # every program stores its whole tile (zeros where it saw nothing), so no memset is needed
     group = hq // hkv
-    splits = gqa_splits(tk, hkv, group, q.device)
-    dq = torch.empty(tq, hq, d, dtype=torch.float32, device=q.device)
-    dk = torch.empty(splits, tk, hkv, d, dtype=torch.float32, device=q.device)
-    dv = torch.empty(splits, tk, hkv, d, dtype=torch.float32, device=q.device)
     flags = dict(CAUSAL=bool(causal), HAS_SEQ=cu_seqlens is not None, HAS_SEG=segment_ids is not None,
                  PRECISION=_precision(q.dtype))
+    if accumulate is not None:  # add into the caller's gradients (a separate compile, ACCUMULATE)
+        splits = 1
+        dq, dk, dv = accumulate
+        dk, dv = dk.unsqueeze(0), dv.unsqueeze(0)  # views: [1, Tk, Hkv, D]
+        flags.update(ACCUMULATE=True)
+    else:
+        splits = gqa_splits(tk, hkv, group, q.device)
+        dq = torch.empty(tq, hq, d, dtype=torch.float32, device=q.device)
+        dk = torch.empty(splits, tk, hkv, d, dtype=torch.float32, device=q.device)
+        dv = torch.empty(splits, tk, hkv, d, dtype=torch.float32, device=q.device)
     rows, cols, plan_m, plan_n, has_plan = _plan_blocks(tq, tk, flags, q_start, k_start, cu_seqlens, segment_ids,
                                                         k_segment_ids, seq_idx, qseg, kseg, block_plan)
     flags.update(HAS_PLAN=has_plan, PLAN_M=plan_m, PLAN_N=plan_n)
@@ -366,6 +417,8 @@ def attention_backward(dout, q, k, v, out, lse, *, delta=None, causal=True, soft
             (q, k, v, dout, lse, delta, dq, seq_idx, cu, qseg, kseg, rows, *strides_in, dq.stride(0), dq.stride(1),
              *common),
             flags, d, tq * tk)
+    if accumulate is not None:
+        return tuple(accumulate)
     if splits == 1:
         return dq, dk[0], dv[0]
     return dq, dk.sum(0), dv.sum(0)

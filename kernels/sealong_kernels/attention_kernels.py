@@ -175,16 +175,58 @@ def _plan_row(Blocks, row, n_rows, n_cols):
 
 
 @triton.jit
+def _add_into(Ptr, rows, row_ok, tile, w_old, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              SCALE_OLD: tl.constexpr):
+    """Ptr[r, :HEAD_DIM] <- w_old[r] * Ptr[r, :HEAD_DIM] + tile[r, :] (SCALE_OLD=False: w_old = 1) for the tile's
+    rows at offsets rows [R, 1] (int64), float32: the epilogue of the accumulating (ACCUMULATE) kernels.
+
+    Done in four column quarters one after the other (a barrier between them keeps the compiler from hoisting
+    every load to the top): the old values of one quarter live beside the tile, not a second whole tile, which
+    spilled the kernels already near the register limit (forward at head dim 128 on sm_80, dQ at 256 on sm_90).
+    Quarter (i, j) holds columns i BLOCK_D / 2 + j BLOCK_D / 4 + [0, BLOCK_D / 4)."""
+    R: tl.constexpr = tile.shape[0]
+    Q: tl.constexpr = BLOCK_D // 4
+    lo, hi = tl.split(tl.permute(tl.reshape(tile, [R, 2, 2, Q]), (0, 3, 2, 1)))  # split on i: [R, Q, 2] each
+    offs = tl.arange(0, Q)
+    for i in tl.static_range(2):
+        pair = tl.split(lo if i == 0 else hi)  # split on j
+        for j in tl.static_range(2):
+            cols = i * (BLOCK_D // 2) + j * Q + offs
+            ptr = Ptr + rows + cols[None, :]
+            mask = row_ok[:, None] & (cols < HEAD_DIM)[None, :]
+            old = tl.load(ptr, mask=mask, other=0.0)
+            if SCALE_OLD:
+                old = old * w_old[:, None]
+            tl.store(ptr, old + pair[j], mask=mask)
+            tl.debug_barrier()
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, Out, Lse, SeqIdx, CuSeqlens, QSeg, KSeg, Blocks,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
     Tq, Tk, q_start, k_start, group, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_SEG: tl.constexpr, PRECISION: tl.constexpr,
     HAS_PLAN: tl.constexpr = False, PLAN_M: tl.constexpr = 128, PLAN_N: tl.constexpr = 128,
+    ACCUMULATE: tl.constexpr = False,
 ):
     """One query block of one query head: O = softmax(S) V with an online softmax over key blocks (the key range
-    it can see, or with HAS_PLAN the full and partial key blocks of its plan row)."""
+    it can see, or with HAS_PLAN the full and partial key blocks of its plan row). Lse row h starts at
+    Lse + h * stride_lh (Tq for a fresh [Hq, Tq] tensor).
+
+    ACCUMULATE (a ring step's block): (Out, Lse) already hold a float32 partial (o_a, lse_a) over other keys, and
+    the epilogue merges this block's keys into it in place instead of storing a fresh partial. With the tile's
+    running max m and sums l = sum_j 2^(s_j - m), acc = sum_j 2^(s_j - m) v_j (log2 units, s = S log2 e) and
+    a = lse_a log2 e:
+
+        M = max(a, m),  w_a = 2^(a - M),  w_b = 2^(m - M)
+        o = (w_a o_a + w_b acc) / (w_a + w_b l),   lse = (M + log2(w_a + w_b l)) ln 2
+
+    (the weights are <= 1: no overflow). It is the pairwise merge of `ring_merge` with the tile's own
+    normalization folded in: o_b = acc / l, lse_b = (m + log2 l) ln 2. A row empty on both sides (M = -inf)
+    stays o = 0, lse = -inf; a row empty only in this block (l = 0) keeps (o_a, lse_a). Each program owns its
+    rows of one head, so the read-modify-write has no race."""
     pid = tl.program_id(0)
     if CAUSAL:  # the heaviest query blocks (last rows) first, so the tail of the grid is short work
         pid = tl.num_programs(0) - 1 - pid
@@ -221,13 +263,27 @@ def _attn_fwd_kernel(
                                         stride_vt, offs_d, d_ok, mid, hi, q_start, k_start, qk_scale,
                                         BLOCK_N, True, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
 
-    # normalize; empty rows: out 0, lse -inf. LSE back to natural log.
-    seen = l_i > 0.0
-    acc = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    tl.store(Out + offs_m.to(tl.int64)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
-             acc.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    tl.store(Lse + h * Tq + offs_m, lse, mask=m_ok)
+    lse_ptr = Lse + h * stride_lh + offs_m
+    if ACCUMULATE:  # merge into the accumulator's (o_a, lse_a), see the docstring
+        lse_a = tl.load(lse_ptr, mask=m_ok, other=float("-inf")) * 1.4426950408889634
+        m_all = tl.maximum(lse_a, m_i)
+        empty = m_all == float("-inf")
+        m_all = tl.where(empty, 0.0, m_all)
+        w_a = tl.exp2(lse_a - m_all)
+        w_b = tl.exp2(m_i - m_all)
+        total = w_a + w_b * l_i
+        inv = 1.0 / tl.where(empty, 1.0, total)
+        lse = tl.where(empty, float("-inf"), (m_all + tl.log2(tl.where(empty, 1.0, total))) * 0.6931471805599453)
+        _add_into(Out, offs_m.to(tl.int64)[:, None] * stride_ot + h * stride_oh, m_ok, acc * (w_b * inv)[:, None],
+                  w_a * inv, HEAD_DIM, BLOCK_D, True)
+        tl.store(lse_ptr, lse, mask=m_ok)
+    else:  # normalize; empty rows: out 0, lse -inf. LSE back to natural log.
+        seen = l_i > 0.0
+        acc = acc / tl.where(seen, l_i, 1.0)[:, None]
+        lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        tl.store(Out + offs_m.to(tl.int64)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+                 acc.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+        tl.store(lse_ptr, lse, mask=m_ok)
 
 
 @triton.jit
@@ -317,10 +373,12 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_SEG: tl.constexpr, PRECISION: tl.constexpr,
     HAS_PLAN: tl.constexpr = False, PLAN_M: tl.constexpr = 128, PLAN_N: tl.constexpr = 128,
+    ACCUMULATE: tl.constexpr = False,
 ):
     """One key block of one kv head: dK, dV summed over the group's query heads (or this split's group_per of
     them) and visible query blocks (the query range that can see it, or with HAS_PLAN the full and partial query
-    blocks of its plan column).
+    blocks of its plan column). ACCUMULATE: DK, DV hold float32 gradients (a ring step's), and the tile is added to
+    them in place (DK += dK, DV += dV; one split only: each program owns its key rows).
 
     Works in the transposed orientation (rows = keys): P^T = exp2(K Q^T * scale * log2e - lse * log2e).
     """
@@ -369,8 +427,13 @@ def _attn_bwd_dkdv_kernel(
                                           QSeg, stride_qt, stride_dot, offs_d, d_ok, mid, hi, q_start, k_start,
                                           qk_scale, BLOCK_M, False, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
 
-    tl.store(DK + offs_n64[:, None] * stride_dkt + hk * stride_dkh + offs_d[None, :], dk * sm_scale, mask=kv_mask)
-    tl.store(DV + offs_n64[:, None] * stride_dvt + hk * stride_dvh + offs_d[None, :], dv, mask=kv_mask)
+    if ACCUMULATE:
+        _add_into(DK, offs_n64[:, None] * stride_dkt + hk * stride_dkh, n_ok, dk * sm_scale, 1.0, HEAD_DIM, BLOCK_D,
+                  False)
+        _add_into(DV, offs_n64[:, None] * stride_dvt + hk * stride_dvh, n_ok, dv, 1.0, HEAD_DIM, BLOCK_D, False)
+    else:
+        tl.store(DK + offs_n64[:, None] * stride_dkt + hk * stride_dkh + offs_d[None, :], dk * sm_scale, mask=kv_mask)
+        tl.store(DV + offs_n64[:, None] * stride_dvt + hk * stride_dvh + offs_d[None, :], dv, mask=kv_mask)
 
 
 @triton.jit
@@ -436,8 +499,10 @@ def _attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_SEG: tl.constexpr, PRECISION: tl.constexpr,
     HAS_PLAN: tl.constexpr = False, PLAN_M: tl.constexpr = 128, PLAN_N: tl.constexpr = 128,
+    ACCUMULATE: tl.constexpr = False,
 ):
-    """One query block of one query head: dQ = scale * sum over visible key blocks of dS K."""
+    """One query block of one query head: dQ = scale * sum over visible key blocks of dS K (ACCUMULATE: DQ holds
+    float32 gradients, DQ += dQ in place; the program owns its rows of its head)."""
     pid = tl.program_id(0)
     if CAUSAL:  # heaviest query blocks first
         pid = tl.num_programs(0) - 1 - pid
@@ -477,4 +542,8 @@ def _attn_bwd_dq_kernel(
         dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, offs_m, m_ok, qseq, qseg, Kh, Vh, SeqIdx, KSeg, stride_kt,
                                 stride_vt, offs_d, d_ok, mid, hi, q_start, k_start, qk_scale,
                                 BLOCK_N, True, CAUSAL, HAS_SEQ, HAS_SEG, PRECISION)
-    tl.store(DQ + offs_m64[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :], dq * sm_scale, mask=q_mask)
+    if ACCUMULATE:
+        _add_into(DQ, offs_m64[:, None] * stride_dqt + h * stride_dqh, m_ok, dq * sm_scale, 1.0, HEAD_DIM, BLOCK_D,
+                  False)
+    else:
+        tl.store(DQ + offs_m64[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :], dq * sm_scale, mask=q_mask)

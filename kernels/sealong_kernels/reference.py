@@ -70,14 +70,26 @@ def _attention_scores(q, k, softmax_scale, mask):
 
 def attention_forward(
     q, k, v, *, causal=True, softmax_scale=None, q_start=0, k_start=0, cu_seqlens=None, segment_ids=None, k_segment_ids=None,
-    out_dtype=None,
+    out_dtype=None, accumulate=None,
 ):
     """out, lse = softmax(q k^T * scale, masked) v, logsumexp of the masked scaled scores.
 
     q [Tq, Hq, D], k, v [Tk, Hkv, D] with Hq % Hkv == 0 (query head h uses kv head h // (Hq // Hkv)).
     Returns out [Tq, Hq, D] in q's dtype and lse [Hq, Tq] (natural log; float32, float64 for float64 inputs).
     A query row that sees no key gets out = 0 and lse = -inf. Visibility: see `attention_mask`.
+    accumulate: (out, lse) accumulators over other keys (float32 / float64, views allowed): this call's result is
+    merged into them in place (`merge_attention_partials`) and they are returned (the contract of the Triton op,
+    which merges in its epilogue).
     """
+    if accumulate is not None:
+        acc_out, acc_lse = accumulate
+        o, l = attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale, q_start=q_start, k_start=k_start,
+                                 cu_seqlens=cu_seqlens, segment_ids=segment_ids, k_segment_ids=k_segment_ids,
+                                 out_dtype=acc_out.dtype)
+        merged, lse = merge_attention_partials(acc_out, acc_lse, o, l.to(acc_lse.dtype))
+        acc_out.copy_(merged)
+        acc_lse.copy_(lse)
+        return acc_out, acc_lse
     _check_attention_shapes(q, k, v)
     tq, hq, d = q.shape
     tk = k.shape[0]
@@ -93,14 +105,22 @@ def attention_forward(
 
 def attention_backward(
     dout, q, k, v, out, lse, *, delta=None, causal=True, softmax_scale=None, q_start=0, k_start=0,
-    cu_seqlens=None, segment_ids=None, k_segment_ids=None
+    cu_seqlens=None, segment_ids=None, k_segment_ids=None, accumulate=None
 ):
     """dq, dk, dv of attention from the (possibly global, merged) out and lse; no renormalization.
 
     P = exp(S - lse), dV = P^T dO, dP = dO V^T, dS = P * (dP - delta), dQ = scale * dS K, dK = scale * dS^T Q,
     with delta = rowsum(dO * O) [Hq, Tq] computed from dout and out when not given. dk, dv sum over the
     query heads sharing a kv head. All gradients float32 (float64 for float64 inputs).
+    accumulate: (dq, dk, dv) gradients that this call's are added to in place, and returned.
     """
+    if accumulate is not None:
+        grads = attention_backward(dout, q, k, v, out, lse, delta=delta, causal=causal, softmax_scale=softmax_scale,
+                                   q_start=q_start, k_start=k_start, cu_seqlens=cu_seqlens, segment_ids=segment_ids,
+                                   k_segment_ids=k_segment_ids)
+        for acc, g in zip(accumulate, grads):
+            acc.add_(g)
+        return tuple(accumulate)
     _check_attention_shapes(q, k, v)
     tq, hq, d = q.shape
     if dout.shape != q.shape or tuple(lse.shape) != (hq, tq):

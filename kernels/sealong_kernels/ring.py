@@ -10,14 +10,21 @@ Layouts (W ranks, sequence of T tokens):
 At step s rank r holds the K/V shard of rank (r - s) mod W. It sends that shard on to rank r+1 and receives
 the next one from rank r-1 (batched isend/irecv started before the step's compute, so the transfer overlaps
 it), and attends its queries to the shard's keys: the causal mask is applied by global position, so only the
-visible chunk pairs are computed (`step_blocks`). Each block returns a partial (out, lse); the partials are
-merged into float32 accumulators by the stable pairwise rule (`merge_partials_`, a Triton kernel on CUDA;
-see ring_merge.py): out <- (w out + w_b out_b) / (w + w_b) with weights exp(lse - max) <= 1, lse <-
+visible chunk pairs are computed (`step_blocks`). Each block is merged into the float32 accumulators (out, lse)
+in place by the forward op itself (`accumulate=`: the Triton kernel's epilogue reads the accumulator rows and
+writes them back merged, no partial tensors and no separate merge kernel), by the stable pairwise rule
+(ring_merge.py): out <- (w out + w_b out_b) / (w + w_b) with weights exp(lse - max) <= 1, lse <-
 logaddexp(lse, lse_b); rows that have seen no key yet (lse = -inf) stay out = 0, lse = -inf, never NaN.
 
 Backward uses the final (merged) out and lse and delta = rowsum(dO * O), so no block renormalizes. dQ
 accumulates locally in float32; dK/dV of a shard accumulate in a float32 buffer that travels round the ring
-with the shard and arrives back at its owner after W sends.
+with the shard and arrives back at its owner after W sends. The backward op adds each block's gradients into
+those buffers in its epilogues (`accumulate=`), so a step allocates nothing per block.
+
+The final dK/dV transfer (the buffer of a rank's own shard coming home after the last step) is not overlapped:
+it carries the last step's gradients, which exist only once that step's compute has finished, and nothing is
+left to compute after it in this op (the caller's backward of the layers below could overlap it, which needs the
+transfer's completion deferred past this autograd node: not done).
 
 Segment ids (the preference packing: 0 = prompt, seen by all; 1 = chosen; 2 = rejected) are all-gathered
 once per call (T/W int32 per rank), so the block of every step knows its keys' segments.
@@ -29,8 +36,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from . import attention, reference
-from .ring_merge import merge_partials_
+from . import attention, reference, ring_merge
+
+merge_partials_ = ring_merge.merge_partials_  # re-exported: the standalone merge of two partials
 
 LAYOUTS = ("zigzag", "plain")
 
@@ -160,21 +168,22 @@ def _plan_kw(plans, i):
 
 
 def attend_step(q, k, v, out, lse, blocks, forward_op, *, softmax_scale, q_seg=None, k_seg=None, plans=None):
-    """Run one ring step's blocks of q against (k, v) and merge each into the accumulators (out, lse).
-    plans: the step's block plans (`step_plans`) or None."""
+    """Run one ring step's blocks of q against (k, v), each merged into the accumulators (out, lse) in place by the
+    forward op (`accumulate=`: views of the block's rows, no partial tensors). plans: the step's block plans
+    (`step_plans`) or None."""
     for i, b in enumerate(blocks):
-        o, l = forward_op(
+        forward_op(
             q[b.q_lo:b.q_hi], k[b.k_lo:b.k_hi], v[b.k_lo:b.k_hi], causal=b.causal, softmax_scale=softmax_scale,
-            q_start=b.q_start, k_start=b.k_start, out_dtype=out.dtype,  # partials in the accumulator's precision
+            q_start=b.q_start, k_start=b.k_start, accumulate=(out[b.q_lo:b.q_hi], lse[:, b.q_lo:b.q_hi]),
             segment_ids=None if q_seg is None else q_seg[b.q_lo:b.q_hi],
             k_segment_ids=None if k_seg is None else k_seg[b.k_lo:b.k_hi], **_plan_kw(plans, i))
-        merge_partials_(out[b.q_lo:b.q_hi], lse[:, b.q_lo:b.q_hi], o, l)
     return out, lse
 
 
 def attend_step_backward(dout, q, k, v, out, lse, delta, dq, dkv, blocks, backward_op, *, softmax_scale,
                          q_seg=None, k_seg=None, row_cache=None, plans=None):
-    """Add one ring step's gradients in place: dq [T, Hq, D] and dkv [2, Tk, Hkv, D] (dK, dV), float32.
+    """Add one ring step's gradients in place: dq [T, Hq, D] and dkv [2, Tk, Hkv, D] (dK, dV), float32; the
+    backward op adds each block's into their views (`accumulate=`), so no gradient tensor is allocated per block.
 
     out, lse and delta = rowsum(dout * out) [Hq, T] are the final (merged) ones of the local queries.
     row_cache: a dict kept over the steps of one backward: the contiguous lse / delta of each query range are
@@ -187,15 +196,12 @@ def attend_step_backward(dout, q, k, v, out, lse, delta, dq, dkv, blocks, backwa
         if (b.q_lo, b.q_hi) not in row_cache:
             row_cache[b.q_lo, b.q_hi] = (lse[:, rows].contiguous(), delta[:, rows].contiguous())
         lse_b, delta_b = row_cache[b.q_lo, b.q_hi]
-        dq_b, dk_b, dv_b = backward_op(
+        backward_op(
             dout[rows], q[rows], k[cols], v[cols], out[rows], lse_b,
             delta=delta_b, causal=b.causal, softmax_scale=softmax_scale,
-            q_start=b.q_start, k_start=b.k_start,
+            q_start=b.q_start, k_start=b.k_start, accumulate=(dq[rows], dkv[0, cols], dkv[1, cols]),
             segment_ids=None if q_seg is None else q_seg[rows],
             k_segment_ids=None if k_seg is None else k_seg[cols], **_plan_kw(plans, i))
-        dq[rows] += dq_b
-        dkv[0, cols] += dk_b
-        dkv[1, cols] += dv_b
     return dq, dkv
 
 

@@ -369,7 +369,8 @@ def test_ring_backward_allocations_do_not_grow_with_steps():
     """The ring's backward loop allocates its buffers once (K/V and dK/dV double buffers, the dK/dV receive
     buffer, one contiguous lse / delta per query range): the same counts at 2 and 4 ranks (1 and 3 steps
     with transfers), where it allocated a K/V, a dK/dV and a receive buffer per step and two copies per block
-    before. (The attention ops' own outputs per block, dq / dk / dv, are not counted: the kernels write them.)"""
+    before. (The attention ops, here the reference path, are not counted; the Triton ops add into the ring's
+    buffers in place and allocate nothing per block: test_ring_accumulate.)"""
     counts = {}
     for world in (2, 4):
         case = make_case(2 * world * 3, 2, 1, 8, layout="zigzag", segments=True)
