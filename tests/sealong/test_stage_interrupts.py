@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -72,12 +73,28 @@ def test_sigkill_of_data_parallel_stage_leaves_no_process(tmp_path, stage):
     _kill_and_check(launcher, launcher.pid, signal.SIGKILL, _workers(launcher, module))  # none alive within 10 s
 
 
-def _interrupt(proc, ready, what):
-    """SIGINT to `proc` once `ready()`; returns (exit code, stderr lines)."""
-    _wait_for(lambda: ready() or proc.poll() is not None, 300, what)
+def _interrupt(proc, ready, what, freeze=None):
+    """SIGINT to `proc` once `ready()`; returns (exit code, stderr lines).
+
+    `freeze(proc)` names processes (the data-parallel workers) that are stopped (SIGSTOP) the moment `ready()`
+    holds and continued (SIGCONT) a second after the SIGINT, once the launcher has forwarded it: the interrupt
+    then lands mid-run however fast the machine is (a fast CI machine finished 4 prompts per rank within one
+    0.2 s poll)."""
+    deadline = time.monotonic() + 300
+    while not (ready() or proc.poll() is not None):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+    frozen = freeze(proc) if freeze is not None else []
+    assert freeze is None or len(frozen) == 2 or proc.poll() is not None, frozen
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
     assert proc.poll() is None, f"finished before the interrupt: {proc.stderr.read()[-2000:]}"
     tree = _descendants(proc.pid)
     proc.send_signal(signal.SIGINT)
+    if frozen:
+        time.sleep(1.0)
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
     err = proc.communicate(timeout=120)[1]
     _wait_for(lambda: not any(_alive(p) for p in tree), 10, "the job's processes to exit")
     return proc.returncode, err.splitlines()
@@ -91,24 +108,30 @@ def _one_line(lines, prog):
     return said[0]
 
 
+N_PROMPTS = 16  # 8 per rank; the workers are frozen at the first record (see _interrupt)
+
+
 def test_ctrl_c_mid_data_parallel_sampling_then_the_same_command_resumes(tmp_path):
     ckpt_dir = build_checkpoint(tmp_path / "tiny")
-    write_prompts(tmp_path / "prompts.jsonl", n=8)
+    with open(tmp_path / "prompts.jsonl", "w") as f:  # write_prompts' contexts grow past the tiny model's 256 positions
+        for i in range(N_PROMPTS):
+            f.write(json.dumps({"id": f"q{i}", "context": "passage 1 : paris is a city " * (i % 8 + 1),
+                                "question": "where is paris ?", "answers": ["paris"]}) + "\n")
     out = tmp_path / "samples.jsonl"
     argv = ["sample", *_sample_flags(ckpt_dir, tmp_path, out), "--nproc-per-node", "2"]
     proc = _sealong(*argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     shards = [tmp_path / f"samples.jsonl.shard-0000{r}" for r in range(2)]
     rc, lines = _interrupt(proc, lambda: any(s.exists() and s.read_text().count("\n") >= 1 for s in shards),
-                           "a first record")
+                           "a first record", freeze=lambda p: _workers(p, "sealong.sampler"))
     assert rc == 130
     line = _one_line(lines, "sealong sample")
     kept = int(line.split("interrupted: ")[1].split(" of ")[0])
-    assert 1 <= kept < 8 and " of 8 prompts' samples kept" in line
+    assert 1 <= kept < N_PROMPTS and f" of {N_PROMPTS} prompts' samples kept" in line
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".lock")]  # released on the way out
     done = subprocess.run([sys.executable, "-m", "sealong.cli", *argv], env=_env(), capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"8 prompts in {tmp_path / 'prompts.jsonl'}, {kept} already in {out}" in done.stderr
+    assert f"{N_PROMPTS} prompts in {tmp_path / 'prompts.jsonl'}, {kept} already in {out}" in done.stderr
     one = tmp_path / "one.jsonl"  # an uninterrupted one-process run (the same slots: byte-identical)
     assert S.run(resolve("sample", _sample_flags(ckpt_dir, tmp_path, one)).cfg) == 0
     assert out.read_bytes() == one.read_bytes()
