@@ -212,9 +212,18 @@ def _check_accumulators(tensors, shapes, what):
     """Accumulators a call adds into in place: float32 (float64 on the reference path), the given shapes, last dim
     contiguous (row strides may be those of a larger tensor: a ring block's slice)."""
     for t, shape in zip(tensors, shapes):
+        if t is None:  # a backward part not asked for (see attention_backward)
+            continue
         if tuple(t.shape) != tuple(shape) or t.dtype not in (torch.float32, torch.float64) or (t.numel() and t.stride(-1) != 1):
             raise ValueError(f"{what} accumulators must be float32 {[tuple(x) for x in shapes]} with a contiguous last dim, "
-                             f"got {[(tuple(x.shape), x.dtype, x.stride()) for x in tensors]}")
+                             f"got {[None if x is None else (tuple(x.shape), x.dtype, x.stride()) for x in tensors]}")
+
+
+def _check_parts(accumulate):
+    """A backward's accumulators name its parts: (dq, dk, dv), (dq, None, None) or (None, dk, dv)."""
+    if len(accumulate) != 3 or (accumulate[1] is None) != (accumulate[2] is None) or all(t is None for t in accumulate):
+        raise ValueError("backward accumulate must be (dq, dk, dv), (dq, None, None) or (None, dk, dv), got "
+                         f"{['None' if t is None else 'tensor' for t in accumulate]}")
 
 
 def _check_inputs(q, k, v, q_start, k_start, cu_seqlens, segment_ids, k_segment_ids):
@@ -357,10 +366,13 @@ def attention_backward(dout, q, k, v, out, lse, *, delta=None, causal=True, soft
     accumulate: (dq [Tq, Hq, D], dk, dv [Tk, Hkv, D]) float32 gradients (a ring step's; views are fine, the last
     dim contiguous) that this call's gradients are added to in place, in the kernels' epilogues (ACCUMULATE), and
     returned: no gradient tensors are allocated. The dK/dV grid then runs one split per kv head (each program
-    owns its key rows; `gqa_splits` > 1 would need a partial buffer per split)."""
+    owns its key rows; `gqa_splits` > 1 would need a partial buffer per split). (dq, None, None) runs only the dQ
+    kernel, (None, dk, dv) only the dK/dV kernel: a ring computes its own shard's two parts at different times."""
     if accumulate is not None:
+        _check_parts(accumulate)
         _check_accumulators(accumulate, (q.shape, k.shape, k.shape), "backward")
-    if _use_reference(q, ("dkdv", "dq")) or (accumulate is not None and accumulate[0].dtype != torch.float32):
+    given = None if accumulate is None else next(t for t in accumulate if t is not None)
+    if _use_reference(q, ("dkdv", "dq")) or (given is not None and given.dtype != torch.float32):
         return reference.attention_backward(dout, q, k, v, out, lse, delta=delta, causal=causal,
                                             softmax_scale=softmax_scale, q_start=q_start, k_start=k_start,
                                             cu_seqlens=_cu_tensor(cu_seqlens), segment_ids=segment_ids,
@@ -397,7 +409,8 @@ def attention_backward(dout, q, k, v, out, lse, *, delta=None, causal=True, soft
     if accumulate is not None:  # add into the caller's gradients (a separate compile, ACCUMULATE)
         splits = 1
         dq, dk, dv = accumulate
-        dk, dv = dk.unsqueeze(0), dv.unsqueeze(0)  # views: [1, Tk, Hkv, D]
+        if dk is not None:
+            dk, dv = dk.unsqueeze(0), dv.unsqueeze(0)  # views: [1, Tk, Hkv, D]
         flags.update(ACCUMULATE=True)
     else:
         splits = gqa_splits(tk, hkv, group, q.device)
@@ -409,14 +422,16 @@ def attention_backward(dout, q, k, v, out, lse, *, delta=None, causal=True, soft
     flags.update(HAS_PLAN=has_plan, PLAN_M=plan_m, PLAN_N=plan_n)
     common = (tq, tk, int(q_start), int(k_start), hq // hkv, scale)
     strides_in = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1))
-    _launch(_attn_bwd_dkdv_kernel, "dkdv", lambda meta: (triton.cdiv(tk, meta["BLOCK_N"]), hkv, splits),
-            (q, k, v, dout, lse, delta, dk, dv, seq_idx, cu, qseg, kseg, cols, *strides_in,
-             dk.stride(1), dk.stride(2), dv.stride(1), dv.stride(2), dk.stride(0), dv.stride(0),
-             tq, tk, int(q_start), int(k_start), group, group // splits, scale), flags, d, tq * tk)
-    _launch(_attn_bwd_dq_kernel, "dq", lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), hq),
-            (q, k, v, dout, lse, delta, dq, seq_idx, cu, qseg, kseg, rows, *strides_in, dq.stride(0), dq.stride(1),
-             *common),
-            flags, d, tq * tk)
+    if dk is not None:
+        _launch(_attn_bwd_dkdv_kernel, "dkdv", lambda meta: (triton.cdiv(tk, meta["BLOCK_N"]), hkv, splits),
+                (q, k, v, dout, lse, delta, dk, dv, seq_idx, cu, qseg, kseg, cols, *strides_in,
+                 dk.stride(1), dk.stride(2), dv.stride(1), dv.stride(2), dk.stride(0), dv.stride(0),
+                 tq, tk, int(q_start), int(k_start), group, group // splits, scale), flags, d, tq * tk)
+    if dq is not None:
+        _launch(_attn_bwd_dq_kernel, "dq", lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), hq),
+                (q, k, v, dout, lse, delta, dq, seq_idx, cu, qseg, kseg, rows, *strides_in, dq.stride(0),
+                 dq.stride(1), *common),
+                flags, d, tq * tk)
     if accumulate is not None:
         return tuple(accumulate)
     if splits == 1:

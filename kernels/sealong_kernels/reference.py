@@ -112,15 +112,25 @@ def attention_backward(
     P = exp(S - lse), dV = P^T dO, dP = dO V^T, dS = P * (dP - delta), dQ = scale * dS K, dK = scale * dS^T Q,
     with delta = rowsum(dO * O) [Hq, Tq] computed from dout and out when not given. dk, dv sum over the
     query heads sharing a kv head. All gradients float32 (float64 for float64 inputs).
-    accumulate: (dq, dk, dv) gradients that this call's are added to in place, and returned.
+    accumulate: (dq, dk, dv) gradients that this call's are added to in place, and returned; (dq, None, None)
+    computes only dq, (None, dk, dv) only dk and dv (the Triton op launches one kernel each).
     """
     if accumulate is not None:
-        grads = attention_backward(dout, q, k, v, out, lse, delta=delta, causal=causal, softmax_scale=softmax_scale,
-                                   q_start=q_start, k_start=k_start, cu_seqlens=cu_seqlens, segment_ids=segment_ids,
-                                   k_segment_ids=k_segment_ids)
+        if len(accumulate) != 3 or (accumulate[1] is None) != (accumulate[2] is None) or all(t is None for t in accumulate):
+            raise ValueError("backward accumulate must be (dq, dk, dv), (dq, None, None) or (None, dk, dv)")
+        grads = _attention_grads(dout, q, k, v, out, lse, delta, causal, softmax_scale, q_start, k_start, cu_seqlens,
+                                 segment_ids, k_segment_ids, accumulate[0] is not None, accumulate[1] is not None)
         for acc, g in zip(accumulate, grads):
-            acc.add_(g)
+            if acc is not None:
+                acc.add_(g)
         return tuple(accumulate)
+    return _attention_grads(dout, q, k, v, out, lse, delta, causal, softmax_scale, q_start, k_start, cu_seqlens,
+                            segment_ids, k_segment_ids, True, True)
+
+
+def _attention_grads(dout, q, k, v, out, lse, delta, causal, softmax_scale, q_start, k_start, cu_seqlens, segment_ids,
+                     k_segment_ids, want_dq, want_dkv):
+    """attention_backward's gradients; the parts not wanted are None (not computed)."""
     _check_attention_shapes(q, k, v)
     tq, hq, d = q.shape
     if dout.shape != q.shape or tuple(lse.shape) != (hq, tq):
@@ -138,11 +148,11 @@ def attention_backward(
     if delta is None:
         delta = (dout.to(ct) * out.to(ct)).sum(-1).transpose(0, 1)  # [Hq, Tq]
     delta = delta.to(ct).reshape(hkv, g, tq)
-    dv = torch.einsum("hgqk,qhgd->khd", p, do)
+    dv = torch.einsum("hgqk,qhgd->khd", p, do) if want_dkv else None
     dp = torch.einsum("qhgd,khd->hgqk", do, v.to(ct))
     ds = p * (dp - delta[..., None])
-    dq = torch.einsum("hgqk,khd->qhgd", ds, k.to(ct)).reshape(tq, hq, d) * scale
-    dk = torch.einsum("hgqk,qhgd->khd", ds, q.to(ct).reshape(tq, hkv, g, d)) * scale
+    dq = torch.einsum("hgqk,khd->qhgd", ds, k.to(ct)).reshape(tq, hq, d) * scale if want_dq else None
+    dk = torch.einsum("hgqk,qhgd->khd", ds, q.to(ct).reshape(tq, hkv, g, d)) * scale if want_dkv else None
     return dq, dk, dv
 
 

@@ -18,13 +18,14 @@ logaddexp(lse, lse_b); rows that have seen no key yet (lse = -inf) stay out = 0,
 
 Backward uses the final (merged) out and lse and delta = rowsum(dO * O), so no block renormalizes. dQ
 accumulates locally in float32; dK/dV of a shard accumulate in a float32 buffer that travels round the ring
-with the shard and arrives back at its owner after W sends. The backward op adds each block's gradients into
-those buffers in its epilogues (`accumulate=`), so a step allocates nothing per block.
+with the shard and arrives back at its owner after W - 1 sends (below). The backward op adds each block's
+gradients into those buffers in its epilogues (`accumulate=`), so a step allocates nothing per block.
 
-The final dK/dV transfer (the buffer of a rank's own shard coming home after the last step) is not overlapped:
-it carries the last step's gradients, which exist only once that step's compute has finished, and nothing is
-left to compute after it in this op (the caller's backward of the layers below could overlap it, which needs the
-transfer's completion deferred past this autograd node: not done).
+No transfer waits alone. A rank's own shard is its step 0, and its backward is split in two: the dQ part runs
+at step 0 while the first K/V transfer is in flight, the dK/dV part after the last step, while the buffer that
+carries every other rank's part of that shard's gradient makes its final hop home (the own part and the arrived
+buffer are then added). A shard's dK/dV buffer is therefore first filled by the next rank (step 1) and sent W - 1
+times, not W: the transfer that ran alone at the end of the backward now overlaps the own shard's dK/dV kernel.
 
 Segment ids (the preference packing: 0 = prompt, seen by all; 1 = chosen; 2 = rejected) are all-gathered
 once per call (T/W int32 per rank), so the block of every step knows its keys' segments.
@@ -184,6 +185,7 @@ def attend_step_backward(dout, q, k, v, out, lse, delta, dq, dkv, blocks, backwa
                          q_seg=None, k_seg=None, row_cache=None, plans=None):
     """Add one ring step's gradients in place: dq [T, Hq, D] and dkv [2, Tk, Hkv, D] (dK, dV), float32; the
     backward op adds each block's into their views (`accumulate=`), so no gradient tensor is allocated per block.
+    dq None or dkv None: only the other part is computed (the ring splits its own shard's backward in two).
 
     out, lse and delta = rowsum(dout * out) [Hq, T] are the final (merged) ones of the local queries.
     row_cache: a dict kept over the steps of one backward: the contiguous lse / delta of each query range are
@@ -199,7 +201,8 @@ def attend_step_backward(dout, q, k, v, out, lse, delta, dq, dkv, blocks, backwa
         backward_op(
             dout[rows], q[rows], k[cols], v[cols], out[rows], lse_b,
             delta=delta_b, causal=b.causal, softmax_scale=softmax_scale,
-            q_start=b.q_start, k_start=b.k_start, accumulate=(dq[rows], dkv[0, cols], dkv[1, cols]),
+            q_start=b.q_start, k_start=b.k_start,
+            accumulate=(None if dq is None else dq[rows], *((None, None) if dkv is None else (dkv[0, cols], dkv[1, cols]))),
             segment_ids=None if q_seg is None else q_seg[rows],
             k_segment_ids=None if k_seg is None else k_seg[cols], **_plan_kw(plans, i))
     return dq, dkv
@@ -369,6 +372,10 @@ def _ring_forward(q, k, v, ring, causal, scale, q_seg, k_segs, layout, cu_seqlen
 
 def _ring_backward(dout, q, k, v, out, lse, ring, causal, scale, q_seg, k_segs, layout, cu_seqlens, backend,
                    plans=None):
+    """(dq, dk, dv) of the local shards. Step 0 (the rank's own K/V shard) runs only its dQ part while the first
+    K/V transfer is in flight; steps 1 .. W-1 add dQ and the visiting shard's dK/dV, whose float32 buffer travels
+    on with the shard; the own shard's dK/dV is computed last, while the buffer of every other rank's part of it
+    makes its final hop home, and the two are added."""
     _, bwd = attention_ops(q.device, backend)
     acc = _acc_dtype(q)
     delta = (dout.to(acc) * out.to(acc)).sum(-1).transpose(0, 1).contiguous()  # [Hq, T_local], from the final out
@@ -377,49 +384,61 @@ def _ring_backward(dout, q, k, v, out, lse, ring, causal, scale, q_seg, k_segs, 
                    cu_seqlens=cu_seqlens, segment_ids=q_seg)
     schedule = ring_schedule(q.shape[0] * ring.world, ring.world, ring.rank, layout, causal)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    kv = torch.stack([k, v])
-    dkv_shape = (2, *k.shape)
-    # every buffer of the loop allocated once, whatever the number of steps: K/V and dK/dV double buffers
-    # (a step computes into one while the other is in flight) and the dK/dV receive buffer
-    kv_spare = torch.empty_like(kv) if ring.world > 1 else None
-    dkv_bufs = [torch.zeros(dkv_shape, dtype=acc, device=q.device)]
-    dkv_in = None
-    if ring.world > 1:
-        dkv_bufs.append(torch.empty(dkv_shape, dtype=acc, device=q.device))
-        dkv_in = torch.empty(dkv_shape, dtype=acc, device=q.device)
-    acc_prev = None  # dK/dV accumulated for the shard of the previous step, sent on at the start of this one
     row_cache = {}
+
+    def step(s, kv, dq_, dkv_):
+        src = (ring.rank - s) % ring.world
+        attend_step_backward(dout, q, kv[0], kv[1], out, lse, delta, dq_, dkv_, schedule[s], bwd, softmax_scale=scale,
+                             q_seg=q_seg, k_seg=None if k_segs is None else k_segs[src], row_cache=row_cache,
+                             plans=None if not plans else plans[s])
+
+    if ring.world == 1:
+        dkv = torch.zeros((2, *k.shape), dtype=acc, device=q.device)
+        step(0, (k, v), dq, dkv)
+        return dq, dkv[0], dkv[1]
+    kv = torch.stack([k, v])  # the visiting K/V shard: [2, T_local, Hkv, D]
+    # every buffer of the loop allocated once, whatever the number of steps: the K/V double buffer (a step
+    # computes with one while the next shard arrives in the other), the dK/dV double buffer (a step adds into one
+    # while the other, the previous step's, is in flight) and the dK/dV receive buffer
+    kv_spare = torch.empty_like(kv)
+    dkv_bufs = [torch.empty((2, *k.shape), dtype=acc, device=q.device) for _ in range(2)]
+    dkv_in = torch.empty_like(dkv_bufs[0])
+    sent = None  # the dK/dV buffer of the previous step's shard, sent on at the start of this step
     for s in range(ring.world):
         # One symmetric batch per step (every rank sends to the next, receives from the previous), so that
-        # NCCL groups match across ranks: the dK/dV buffer of step s-1 and the K/V shard for step s+1 out,
-        # their counterparts from the previous rank in, in the same order.
+        # NCCL groups match across ranks: the previous step's dK/dV buffer and the K/V shard for step s+1 out,
+        # their counterparts from the previous rank in, in the same order. Step 1's shard has no buffer from
+        # the previous rank (its owner adds its own part last), so dK/dV travel from step 2 on.
         sends, recvs, nxt = [], [], None
-        if s > 0:
-            sends.append(acc_prev)
+        if s >= 2:
+            sends.append(sent)
             recvs.append(dkv_in)
         if s < ring.world - 1:
             nxt = kv_spare
             sends.append(kv)
             recvs.append(nxt)
         works = ring.start(sends=sends, recvs=recvs)
-        src = (ring.rank - s) % ring.world
-        dkv = dkv_bufs[s % 2]  # not acc_prev, which is in flight
-        if s > 0:
+        if s == 0:
+            step(0, kv, dq, None)  # the own shard's dQ now, its dK/dV last
+        else:
+            dkv = dkv_bufs[s % 2]  # not `sent`, which is in flight
             dkv.zero_()
-        attend_step_backward(dout, q, kv[0], kv[1], out, lse, delta, dq, dkv, schedule[s], bwd, softmax_scale=scale,
-                             q_seg=q_seg, k_seg=None if k_segs is None else k_segs[src], row_cache=row_cache,
-                             plans=None if not plans else plans[s])
+            step(s, kv, dq, dkv)
         _wait(works)
-        if s > 0:
+        if s >= 2:
             dkv += dkv_in  # the previous ranks' part for this shard
-        acc_prev = dkv
+        if s >= 1:
+            sent = dkv
         if nxt is not None:
             kv, kv_spare = nxt, kv
-    if ring.world > 1:  # the buffer of our own shard, accumulated by every rank, comes home
-        home = dkv_bufs[ring.world % 2]  # the buffer not being sent (acc_prev is dkv_bufs[(world - 1) % 2])
-        _wait(ring.start(sends=[acc_prev], recvs=[home]))
-        return dq, home[0], home[1]
-    return dq, dkv[0], dkv[1]
+    # the buffer of rank+1's shard goes home while the one of ours arrives; meanwhile our own part of our shard
+    works = ring.start(sends=[sent], recvs=[dkv_in])
+    own = dkv_bufs[ring.world % 2]  # free: not `sent`, and its own send (step W-1's) has completed
+    own.zero_()
+    step(0, (k, v), None, own)
+    _wait(works)
+    own += dkv_in
+    return dq, own[0], own[1]
 
 
 class RingAttentionFunction(torch.autograd.Function):

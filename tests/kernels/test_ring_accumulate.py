@@ -100,6 +100,38 @@ def test_backward_op_adds_into_given_gradient_views(dtype, backend):
     assert torch.equal(big_dq[0], before_dq[0]) and torch.equal(big_dkv[:, :2], before_dkv[:, :2])
 
 
+@pytest.mark.parametrize("dtype, backend", [(torch.float32, "triton"), (torch.float64, "reference")])
+def test_backward_op_computes_only_the_parts_asked_for(dtype, backend):
+    """accumulate=(dq, None, None) adds dq only and (None, dk, dv) dK/dV only (the ring's own shard, split in two):
+    each equal to its part of the full call (float64 reference over all keys, bounds as above); on the Triton
+    path each runs one kernel, the dQ or the dK/dV one; a half-named pair is refused."""
+    torch.manual_seed(5)
+    tq, tk, hq, hkv, d = 13, 11, 4, 2, 24
+    q, dout = torch.randn(tq, hq, d, dtype=dtype), torch.randn(tq, hq, d, dtype=dtype)
+    k, v = torch.randn(tk, hkv, d, dtype=dtype), torch.randn(tk, hkv, d, dtype=dtype)
+    kw = dict(causal=True, q_start=4, k_start=0, segment_ids=segments(tq), k_segment_ids=segments(tk))
+    out, lse = reference.attention_forward(q.double(), k.double(), v.double(), **kw)
+    ref = reference.attention_backward(dout.double(), q.double(), k.double(), v.double(), out, lse, **kw)
+    _, bwd = attention_ops(q.device, backend)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    tol = TOL64 if dtype == torch.float64 else TOL32
+    dq, dk, dv = torch.zeros(tq, hq, d, dtype=acc), torch.zeros(tk, hkv, d, dtype=acc), torch.zeros(tk, hkv, d, dtype=acc)
+    args = (dout, q, k, v, out.to(dtype), lse.to(acc))
+    kw["delta"] = (dout.to(acc) * out.to(acc)).sum(-1).transpose(0, 1).contiguous()  # given, as the ring does
+    with count_launches() as launches:
+        res = bwd(*args, accumulate=(dq, None, None), **kw)
+    assert res[0] is dq and res[1] is None and res[2] is None and rel_err(dq, ref[0]) < tol
+    dq_kernels = list(launches)
+    with count_launches() as launches:
+        bwd(*args, accumulate=(None, dk, dv), **kw)
+    assert rel_err(dk, ref[1]) < tol and rel_err(dv, ref[2]) < tol
+    if backend == "triton":
+        assert dq_kernels == ["_attn_bwd_dq_kernel"] and list(launches) == ["_attn_bwd_dkdv_kernel"], (dq_kernels, launches)
+    for bad in ((None, dk, None), (dq, dk, None), (None, None, None)):
+        with pytest.raises(ValueError, match="accumulate must be"):
+            bwd(*args, accumulate=bad, **kw)
+
+
 @pytest.mark.parametrize("world, causal, seg", [(2, True, True), (3, True, False), (3, False, True), (2, False, False)])
 def test_simulated_ring_accumulating_in_place_matches_reference(world, causal, seg):
     """World 2 and 3, zigzag chunks of 5 tokens (odd), GQA, head dim 24: out, lse, dq, dk, dv against the

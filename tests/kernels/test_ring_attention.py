@@ -413,3 +413,62 @@ def test_ring_plan_built_once_per_batch_for_every_layer():
         blocks = sum(len(b) for b in ring_schedule(t, world, rank, "zigzag", True))
         assert builds == planned == blocks, (rank, builds, planned, blocks)
         assert err < TOL, (rank, err)
+
+
+def ring_order_worker(rank, world, case):
+    """The backward's transfers and attention calls in order: ("start", tensors sent), ("wait",) or ("op", part)
+    with part "dq", "dkdv" or "both" (the accumulators the backward op was given); and the gradients."""
+    from sealong_kernels import ring as ring_mod
+
+    index = local_index(case["q"].shape[0], world, rank, "zigzag")
+    q, k, v = (case[n][index].clone().requires_grad_() for n in ("q", "k", "v"))
+    events, recording = [], [False]
+    fwd, bwd = attention_ops(q.device, "reference")
+
+    def logged_bwd(*a, accumulate, **kw):
+        if recording[0]:
+            events.append(("op", "dkdv" if accumulate[0] is None else "dq" if accumulate[1] is None else "both"))
+        return bwd(*a, accumulate=accumulate, **kw)
+
+    def logged_wait(works, _orig=ring_mod._wait):
+        if recording[0] and works:
+            events.append(("wait",))
+        return _orig(works)
+
+    def logged_start(self, sends=(), recvs=(), _orig=ring_mod._Ring.start):
+        if recording[0] and (sends or recvs):
+            events.append(("start", len(sends)))
+        return _orig(self, sends, recvs)
+
+    saved = ring_mod.attention_ops, ring_mod._wait, ring_mod._Ring.start
+    ring_mod.attention_ops = lambda device, backend="auto": (fwd, logged_bwd)
+    ring_mod._wait, ring_mod._Ring.start = logged_wait, logged_start
+    try:
+        out, _ = ring_attention(q, k, v, dist.group.WORLD, True, segment_ids=case["seg"][index])
+        recording[0] = True
+        out.backward(case["dout"][index])
+    finally:
+        ring_mod.attention_ops, ring_mod._wait, ring_mod._Ring.start = saved
+    return events, dict(idx=index, out=out.detach(), dq=q.grad, dk=k.grad, dv=v.grad)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ring_backward_waits_on_no_transfer_alone(world):
+    """Every transfer of the backward is waited on only after an attention call issued while it is in flight:
+    the first K/V transfer overlaps the own shard's dQ part, the final one (every other rank's part of the own
+    shard's dK/dV coming home) its dK/dV part, which runs last. Each rank sends its K/V W - 1 times and dK/dV
+    buffers W - 1 times (the final hop included; before, the final transfer waited alone and dK/dV went W times).
+    The gradients equal the float64 reference (< 1e-5)."""
+    case = make_case(2 * world * 3, 2, 1, 8, layout="zigzag", segments=True)
+    results = run_distributed(ring_order_worker, world, args=(case,))
+    for rank, (events, _) in enumerate(results):
+        starts = [i for i, e in enumerate(events) if e[0] == "start"]
+        waits = [i for i, e in enumerate(events) if e[0] == "wait"]
+        assert len(starts) == len(waits) == (2 if world == 2 else world + 1), (rank, events)  # + the final hop
+        for begin, end in zip(starts, waits):
+            assert begin < end and any(e[0] == "op" for e in events[begin:end]), (rank, events)
+        assert sum(e[1] for e in events if e[0] == "start") == 2 * (world - 1), (rank, events)
+        ops = [e[1] for e in events if e[0] == "op"]
+        assert ops[0] == "dq" and ops[-1] == "dkdv" and "dkdv" not in ops[:-1], (rank, ops)
+        assert events[starts[-1] + 1:waits[-1]] and all(e == ("op", "dkdv") for e in events[starts[-1] + 1:waits[-1]])
+    check_against_reference([case], [[r[1]] for r in results], skip=("lse",))
