@@ -8,7 +8,11 @@ those of a real launch:
   of torch's allocations at offset 0) and every integer argument that is a multiple of 16 with
   `tt.divisibility = 16`; without it Triton emits scalar loads and no cp.async / TMA pipeline, and the
   shared-memory figure is a fraction of the real one;
-* the same options (num_warps, num_stages) and constexprs the launcher passes.
+* the same options (num_warps, num_stages) and constexprs the launcher passes;
+* the statistics of the cubin Triton itself builds: `ptxas -v` output of Triton's own ptxas call (its log,
+  `knobs.nvidia.dump_ptxas_log`), not of a second ptxas run. Triton 3.9 passes `--regAllocOptLevel=2`, which
+  allocates registers differently: a plain `ptxas -v` of the same PTX reported 168 registers and 28 B of spills
+  for a dK/dV tile whose real cubin has 177 registers and none (the reports before this were made that way).
 
 `compile_stats` returns registers per thread, spill stores / loads (bytes per thread), the stack frame, the
 shared memory the compiled kernel allocates (`metadata.shared`, what a launch requests), the software pipeline
@@ -20,6 +24,8 @@ interpreted test session.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import subprocess
@@ -65,25 +71,86 @@ def compile_kernel(fn, arg_types: dict, constexprs: dict, *, arch: int = 90, num
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
                     attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    log = io.StringIO()
+    # always compile (a cached kernel runs no ptxas, so there is no log) and print ptxas' -v log
+    with knobs_set(always_compile=True, dump_ptxas_log=True), contextlib.redirect_stdout(log):
+        kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                options=dict(num_warps=num_warps, num_stages=num_stages))
+    kernel.ptxas_log = log.getvalue()
+    return kernel
+
+
+@contextlib.contextmanager
+def knobs_set(always_compile: bool, dump_ptxas_log: bool):
+    """Triton's compile knobs set for the block, restored after."""
+    from triton import knobs
+
+    saved = knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log
+    knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log = always_compile, dump_ptxas_log
+    try:
+        yield
+    finally:
+        knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log = saved
 
 
 def ptxas_stats(kernel, arch: int) -> dict:
-    """Registers, spills and stack of the kernel's PTX as the bundled `ptxas -v` reports them."""
-    ptx = kernel.asm["ptx"]
-    target = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        out = subprocess.run([ptxas_path(arch), "-v", f"-arch={target}", path, "-o", os.path.join(tmp, "k.cubin")],
-                             capture_output=True, text=True, check=True).stderr
+    """Registers, spills and stack of the kernel's cubin, from the `ptxas -v` log of Triton's own ptxas call
+    (`compile_kernel`), so with Triton's ptxas options."""
+    out = kernel.ptxas_log
     frame = PTXAS_LINE.search(out)
     regs = REGS_LINE.search(out)
     if frame is None or regs is None:
-        raise RuntimeError(f"unexpected ptxas -v output:\n{out}")
+        raise RuntimeError(f"unexpected ptxas -v log of Triton's compile for sm_{arch}:\n{out}")
     return dict(registers=int(regs.group(1)), stack=int(frame.group(1)), spill_stores=int(frame.group(2)),
                 spill_loads=int(frame.group(3)))
+
+
+SASS_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+SASS_LABEL = re.compile(r"^(\.L_x_\d+):")
+SASS_BRANCH = re.compile(r"\bBRA\s+`\((\.L_x_\d+)\)")
+LOCAL_MEMORY = re.compile(r"^(?:@!?U?P\w+\s+)?(?:STL|LDL)\b")
+
+
+def local_memory_sites(cubin: bytes, arch: int) -> dict:
+    """Where a compiled kernel reads and writes local memory (the spill slots: STL / LDL in its SASS, from the
+    nvdisasm bundled beside ptxas): inside a loop (the address range of a backward branch, a main loop of the
+    kernel) or outside every loop (a prologue or an epilogue, run once per program).
+
+    Returns {"local_in_loops": n, "local_outside": m, "sass_loops": k}. A spill outside the loops costs a few
+    memory operations per program; one inside a main loop costs them per key (or query) block."""
+    nvdisasm = os.path.join(os.path.dirname(ptxas_path(arch)), "nvdisasm")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        sass = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True, check=True).stdout
+    return sass_local_sites(sass)
+
+
+def sass_local_sites(sass: str) -> dict:
+    """`local_memory_sites` of a disassembly (nvdisasm's text): loops are the ranges [target, branch] of the
+    branches whose target label lies at or before them."""
+    labels, pending, code = {}, [], []
+    for line in sass.splitlines():
+        label = SASS_LABEL.match(line.strip())
+        if label:
+            pending.append(label.group(1))
+            continue
+        ins = SASS_INSTRUCTION.search(line)
+        if ins:
+            addr = int(ins.group(1), 16)
+            for name in pending:
+                labels[name] = addr
+            pending = []
+            code.append((addr, ins.group(2).strip()))
+    loops = []
+    for addr, text in code:
+        branch = SASS_BRANCH.search(text)
+        if branch and labels.get(branch.group(1), addr + 1) <= addr:
+            loops.append((labels[branch.group(1)], addr))
+    local = [addr for addr, text in code if LOCAL_MEMORY.match(text)]
+    inside = sum(any(lo <= a <= hi for lo, hi in loops) for a in local)
+    return dict(local_in_loops=inside, local_outside=len(local) - inside, sass_loops=len(loops))
 
 
 MEMDESC_INDEX = re.compile(r"ttg\.memdesc_(?:index|subview)\b.*?:\s*!ttg\.memdesc<((?:\d+x)+)")
@@ -134,6 +201,8 @@ def compile_stats(fn, arg_types: dict, constexprs: dict, *, arch: int = 90, num_
     kernel = compile_kernel(fn, arg_types, constexprs, arch=arch, num_warps=num_warps, num_stages=num_stages,
                             divisible_ints=divisible_ints, unaligned=unaligned)
     stats = ptxas_stats(kernel, arch)
+    if stats["spill_stores"] or stats["spill_loads"]:  # where the spill slots are touched: in a loop or not
+        stats.update(local_memory_sites(kernel.asm["cubin"], arch))
     stats.update(kernel=fn.__name__, arch=arch, num_warps=num_warps, num_stages=num_stages, shared=kernel.metadata.shared,
                  shared_limit=SHARED_LIMIT.get(arch), triton=triton.__version__,
                  loops=loop_structure(kernel.asm["ttgir"]), wgmma=wgmma_shapes(kernel.asm["ptx"]))

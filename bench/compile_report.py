@@ -7,6 +7,7 @@ the tile's `attention_tiles.cost_model` score. No GPU needed (bench/aot.py).
 
     TRITON_INTERPRET=0 python -m bench.compile_report                 # -> bench/results/compile_<date>_triton-<v>.json
     TRITON_INTERPRET=0 python -m bench.compile_report --candidates    # every candidate tile (all flags on)
+    TRITON_INTERPRET=0 python -m bench.compile_report --fresh         # recompile all (else today's records are kept)
     python -m bench.compile_report --table                            # TILES / SHARED literals from candidate files
 
 Cases come from providers: functions returning case dicts
@@ -319,6 +320,8 @@ def main(argv=None):
     parser.add_argument("--ci", action="store_true", help="compile the CI subset only; print JSON, write nothing")
     parser.add_argument("--all-kernels", action="store_true",
                         help="also the other kernels' cases (bench/compile_cases_kernels.py; their own report and test)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="compile every case again (by default today's report of this Triton keeps its records)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     if args.table:
@@ -344,7 +347,7 @@ def main(argv=None):
 
         key = lambda r: (r["kind"], r["arch"], r["dtype"], r["head_dim"], tuple(r["tile"]))  # noqa: E731
         old = os.path.join(RESULTS_DIR, f"compile_{datetime.date.today().isoformat()}_candidates_triton-{triton.__version__}.json")
-        kept = {key(r): r for r in json.load(open(old))["records"]} if os.path.exists(old) else {}
+        kept = {key(r): r for r in json.load(open(old))["records"]} if os.path.exists(old) and not args.fresh else {}
         cases = candidate_cases()
         new = run_cases([c for c in cases if key(dict(c["labels"], arch=c["archs"][0])) not in kept], log)
         fresh = {key(r): r for r in new}
@@ -359,7 +362,8 @@ def main(argv=None):
                     r.get("accumulate", False))
 
         old = os.path.join(RESULTS_DIR, f"compile_{datetime.date.today().isoformat()}_triton-{triton.__version__}.json")
-        kept = {key(r): r for r in json.load(open(old))["records"] if "error" not in r} if os.path.exists(old) else {}
+        kept = ({key(r): r for r in json.load(open(old))["records"] if "error" not in r}
+                if os.path.exists(old) and not args.fresh else {})
         cases = [dict(c, archs=(a,)) for p in (providers() if args.all_kernels else PROVIDERS) for c in p()
                  for a in c.get("archs", (90, 80))]
         ckey = [key(dict(c.get("labels", {}), kernel=c["fn"].__name__, arch=c["archs"][0])) for c in cases]

@@ -198,15 +198,16 @@ def _tile_config(rows_max, head_dim, elem=2):
     Tiles compile without register spills for sm_80 and sm_90 (bench/compile_cases_kernels.py, checked by
     tests/kernels/test_compile_cases_kernels.py, Triton 3.6 and 3.9): 16-bit inputs BLOCK_M up to 128 (64 for
     head dim 256), 8 warps from a 4096-element [BLOCK_M, BLOCK_D] tile on (4 warps spill a 32 x 128 tile on sm_80
-    under Triton 3.6); float32 inputs (elem = 4) 16 x 16 tiles, since their IEEE dots run on FMA units and hold
-    the operands in registers."""
+    under Triton 3.6), 32 keys a tile from a 16384-element one (128 x 128 with 64 keys spills 16 B on sm_80
+    under Triton 3.6 when the output is 16-bit); float32 inputs (elem = 4) 16 x 16 tiles, since their IEEE dots
+    run on FMA units and hold the operands in registers."""
     if interpreting():
         return 16, 16, 1
     block_d = max(16, triton.next_power_of_2(head_dim))
     if elem >= 4:
         return 16, 16, 4
     block_m = min(128 if head_dim <= 128 else 64, max(16, triton.next_power_of_2(rows_max)))
-    block_n = 64 if head_dim <= 128 else 32
+    block_n = 64 if head_dim <= 128 and block_m * block_d < 16384 else 32
     return block_m, block_n, 4 if block_m * block_d < 4096 else 8
 
 
@@ -439,17 +440,22 @@ def _cascade_decode_kernel(
 
 
 def cascade_tile_config(rows_max, head_dim, elem=2):
-    """(BLOCK_M, BLOCK_N, num_warps) of the cascade kernel: as `_tile_config` but at most 32 rows (16 at head dim
-    256). The suffix loop's gathered key tiles and the new-token product need registers the prefix kernel does not:
+    """(BLOCK_M, BLOCK_N, num_warps) of the cascade kernel: at most 32 rows (16 at head dim 256); 64 keys a tile
+    below a 2048-element [BLOCK_M, BLOCK_D] tile, 32 from there; `_tile_config`'s warps.
+
+    The suffix loop's gathered key tiles and the new-token product need registers the prefix kernel does not:
     under Triton 3.9 the 64- and 128-row tiles spill on sm_80 at head dim 128 (124-600 B per thread) and G = 1 at
-    128 rows spills on both archs; every tile this returns compiles with 0 spills for sm_80 and sm_90
-    (bench/compile_cases_kernels.py `cascade_cases`). A prompt with more than 32 rows (N_b x G) gets several row
-    tiles, each reading the prefix (adjacent programs in the folded grid: L2 serves the repeats)."""
+    128 rows spills on both archs. Under Triton 3.6, 64 keys spill 8-28 B at 32 x 64, 16 x 128 and 32 x 128,
+    where 32 keys compile clean, and 32 keys spill 16 B at 16 x 64, where 64 compile clean. Every tile this
+    returns compiles with 0 spills for sm_80 and sm_90 under Triton 3.6 and 3.9 (bench/compile_cases_kernels.py
+    `cascade_cases`). A prompt with more than 32 rows (N_b x G) gets several row tiles, each reading the prefix
+    (adjacent programs in the folded grid: L2 serves the repeats)."""
     block_m, block_n, _ = _tile_config(rows_max, head_dim, elem)
     if interpreting() or elem >= 4:
         return block_m, block_n, 1 if interpreting() else 4
     block_m = min(block_m, 32 if head_dim <= 128 else 16)
-    return block_m, block_n, 4 if block_m * max(16, triton.next_power_of_2(head_dim)) < 4096 else 8
+    tile = block_m * max(16, triton.next_power_of_2(head_dim))
+    return block_m, 64 if tile < 2048 else 32, 4 if tile < 4096 else 8
 
 
 def cascade_compiles_clean(dtype) -> bool:

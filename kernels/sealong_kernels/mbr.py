@@ -122,13 +122,14 @@ def _block_sizes(n, d, weighted=False):
     """BLOCK_N covers the whole row; BLOCK_D keeps the tile near 4096 elements and num_warps gives each thread
     at most 16 of them: about 128 registers on sm_90 and no spills up to N = 512 (checked by
     tests/kernels/test_mbr_cuda_build.py with cuobjdump), so two or more programs fit on an SM. The weighted
-    kernel holds one more [BLOCK_N] vector and tile: half the BLOCK_D (at least 8) at the same num_warps, else
-    N = 512 spills on sm_80 (tests/kernels/test_compile_cases_kernels.py)."""
+    kernel holds one more [BLOCK_N] vector and tile: half the BLOCK_D (at least 8), else N = 512 spills on sm_80,
+    and num_warps from the halved tile (the unhalved one's 8 warps spill 4 B at N = 16, D = 4096 on sm_90 under
+    Triton 3.9's ptxas options; tests/kernels/test_compile_cases_kernels.py, both Tritons)."""
     block_n = max(16, triton.next_power_of_2(n))
     block_d = max(16, min(256, 4096 // block_n, triton.next_power_of_2(d)))
-    num_warps = max(4, min(16, block_n * block_d // 512))
     if weighted:
         block_d = max(8, block_d // 2)
+    num_warps = max(4, min(16, block_n * block_d // 512))
     return block_n, block_d, num_warps
 
 

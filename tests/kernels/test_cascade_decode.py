@@ -96,7 +96,7 @@ def test_one_prompt_many_samples_and_long_suffixes(device):
 
 
 def test_gpu_tiles_under_interpreter(device, monkeypatch):
-    """The tiles and key splits a GPU would pick (32 rows x 64 keys, 8 samples per tile of G = 4, SPT 16, 4 warps, key
+    """The tiles and key splits a GPU would pick (32 rows x 32 keys, 8 samples per tile of G = 4, SPT 16, 4 warps, key
     splits to fill 264 programs) instead of the interpreter's 16 x 16, float16, head dim 64, 37 samples."""
     from unittest import mock
 
@@ -109,7 +109,8 @@ def test_gpu_tiles_under_interpreter(device, monkeypatch):
         return config
 
     tile, split = on_gpu(dec.cascade_tile_config), on_gpu(dec._split_config)
-    assert tile(37 * 4, 64) == (32, 64, 4) and tile(37 * 4, 128) == (32, 64, 8) and tile(8, 128) == (16, 64, 4) and tile(99, 256) == (16, 32, 8)
+    assert tile(37 * 4, 64) == (32, 32, 4) and tile(37 * 4, 128) == (32, 32, 8) and tile(99, 256) == (16, 32, 8)
+    assert tile(8, 128) == (16, 32, 4) and tile(8, 64) == (16, 64, 4)
     assert dec.samples_per_tile(32, 4) == 16 and dec.samples_per_tile(32, 3) == 16 and dec.samples_per_tile(32, 1) == 32
     monkeypatch.setattr(dec, "cascade_tile_config", tile)
     monkeypatch.setattr(dec, "_split_config", split)
