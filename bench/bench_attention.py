@@ -273,8 +273,8 @@ def comm_rows(seq_len, world=8, shapes=LLAMA_8B, step_tflops=400.0):
     attention (q, k, v to head shards) and (u-1)/u * (N/W) * D * b * Hq after (out back); the backward moves
     the same (dout in, dq/dk/dv back). Hkv' = max(Hkv, u): K/V heads replicated when u > Hkv.
     Ring (r ranks, N/r tokens and Hkv'/u kv heads each after the all-to-all): r-1 steps of K+V,
-    2 * (N/r) * (Hkv'/u) * D * b bytes each, forward and again backward, plus r sends of the float32
-    dK+dV buffer, 2 * (N/r) * (Hkv'/u) * D * 4 bytes each.
+    2 * (N/r) * (Hkv'/u) * D * b bytes each, forward and again backward, plus r-1 sends of the float32
+    dK+dV buffer, 2 * (N/r) * (Hkv'/u) * D * 4 bytes each (the own shard's part is added at home: ring.py).
     """
     hq, hkv, d, b, layers = shapes["hq"], shapes["hkv"], shapes["d"], shapes["bytes"], shapes["layers"]
     rows = []
@@ -286,7 +286,7 @@ def comm_rows(seq_len, world=8, shapes=LLAMA_8B, step_tflops=400.0):
         kv_step = 2 * (seq_len / r) * (hkv_u / u) * d * b if r > 1 else 0.0
         dkv_step = 2 * (seq_len / r) * (hkv_u / u) * d * 4 if r > 1 else 0.0
         ring_fwd = (r - 1) * kv_step
-        ring_bwd = (r - 1) * kv_step + r * dkv_step
+        ring_bwd = (r - 1) * (kv_step + dkv_step)
         layer_fwd = a2a + ring_fwd
         layer_fwd_bwd = 2 * a2a + ring_fwd + ring_bwd
         # zigzag: each ring step computes (N/r)^2 / 2 score entries per head of the rank's Hq/u heads

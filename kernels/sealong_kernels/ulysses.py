@@ -172,14 +172,15 @@ def communication_bytes(seq_len, num_q_heads, num_kv_heads, head_dim, *, ulysses
     Ulysses (degree U, t = T / (U R) local tokens, r = K/V replication): each all-to-all keeps 1/U of its
     buffer, so forward sends (U-1)/U t (2 Hq + 2 Hkv r) D bytes (q, k, v in; out back); backward the same
     (dout in; dq, dk, dv back). Ring (degree R, on the T/R-token ring shard with Hkv r / U K/V heads): one
-    K/V shard 2 (T/R)(Hkv r / U) D per step, R-1 steps forward; backward R-1 K/V sends plus R dK/dV sends
-    in float32 (grad_acc_bytes). The segment-id gathers (T/(U R) int32) are left out.
+    K/V shard 2 (T/R)(Hkv r / U) D per step, R-1 steps forward; backward R-1 K/V sends plus R-1 dK/dV sends
+    in float32 (grad_acc_bytes; the own shard's part is added at home, see ring.py). The segment-id gathers
+    (T/(U R) int32) are left out.
     """
     r = kv_replication(num_q_heads, num_kv_heads, ulysses)
     t = seq_len // (ulysses * ring)
     a2a = (ulysses - 1) / ulysses * t * (2 * num_q_heads + 2 * num_kv_heads * r) * head_dim * dtype_bytes
     kv_elems = 2 * (seq_len // ring) * (num_kv_heads * r // ulysses) * head_dim
     step = kv_elems * dtype_bytes if ring > 1 else 0
-    ring_bwd = (ring - 1) * step + (ring * kv_elems * grad_acc_bytes if ring > 1 else 0)
+    ring_bwd = (ring - 1) * (step + kv_elems * grad_acc_bytes)
     return dict(ulysses_fwd=a2a, ulysses_bwd=a2a, ring_step_fwd=step, ring_steps=ring - 1,
                 ring_fwd=(ring - 1) * step, ring_bwd=ring_bwd, fwd=a2a + (ring - 1) * step, bwd=a2a + ring_bwd)
