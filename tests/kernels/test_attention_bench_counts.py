@@ -11,8 +11,8 @@ def test_comm_volume_formulas():
     # ring: a K+V shard of 4096 tokens x 8 kv heads x 128 x 2 bytes per step, 7 steps forward
     assert rows[(1, 8)]["kv_step_MB"] * 1e6 == pytest.approx(2 * 4096 * 8 * 128 * 2)
     assert rows[(1, 8)]["layer_fwd_MB"] * 1e6 == pytest.approx(7 * 2 * 4096 * 8 * 128 * 2)
-    # backward: K+V again (7 steps) plus the float32 dK+dV buffer 8 times
-    ring_fwd_bwd = 14 * 2 * 4096 * 8 * 128 * 2 + 8 * 2 * 4096 * 8 * 128 * 4
+    # backward: K+V again (7 steps) plus the float32 dK+dV buffer 7 times (the own shard's part is added at home)
+    ring_fwd_bwd = 14 * 2 * 4096 * 8 * 128 * 2 + 7 * 2 * 4096 * 8 * 128 * 4
     assert rows[(1, 8)]["layer_fwd_bwd_MB"] * 1e6 == pytest.approx(ring_fwd_bwd)
     # Ulysses: 7/8 of q, k, v and out (32 + 8 + 8 + 32 heads) of 4096 tokens, twice with the backward
     a2a = 7 / 8 * 4096 * 128 * 2 * (32 + 8 + 8 + 32)
