@@ -209,7 +209,6 @@ def compile_stats(fn, arg_types: dict, constexprs: dict, *, arch: int = 90, num_
     return stats
 
 
-
 _WORK: tuple = ()  # (func, items) of the fork_map call in progress: forked workers inherit it, nothing is pickled
 
 
