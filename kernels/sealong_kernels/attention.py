@@ -219,13 +219,6 @@ def _check_accumulators(tensors, shapes, what):
                              f"got {[None if x is None else (tuple(x.shape), x.dtype, x.stride()) for x in tensors]}")
 
 
-def _check_parts(accumulate):
-    """A backward's accumulators name its parts: (dq, dk, dv), (dq, None, None) or (None, dk, dv)."""
-    if len(accumulate) != 3 or (accumulate[1] is None) != (accumulate[2] is None) or all(t is None for t in accumulate):
-        raise ValueError("backward accumulate must be (dq, dk, dv), (dq, None, None) or (None, dk, dv), got "
-                         f"{['None' if t is None else 'tensor' for t in accumulate]}")
-
-
 def _check_inputs(q, k, v, q_start, k_start, cu_seqlens, segment_ids, k_segment_ids):
     """Validate shapes; return (seq_idx, cu_seqlens, qseg, kseg) int32 tensors on q's device (or dummies)."""
     if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
@@ -369,7 +362,7 @@ def attention_backward(dout, q, k, v, out, lse, *, delta=None, causal=True, soft
     owns its key rows; `gqa_splits` > 1 would need a partial buffer per split). (dq, None, None) runs only the dQ
     kernel, (None, dk, dv) only the dK/dV kernel: a ring computes its own shard's two parts at different times."""
     if accumulate is not None:
-        _check_parts(accumulate)
+        reference.check_backward_parts(accumulate)
         _check_accumulators(accumulate, (q.shape, k.shape, k.shape), "backward")
     given = None if accumulate is None else next(t for t in accumulate if t is not None)
     if _use_reference(q, ("dkdv", "dq")) or (given is not None and given.dtype != torch.float32):

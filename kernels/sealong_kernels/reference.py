@@ -116,8 +116,7 @@ def attention_backward(
     computes only dq, (None, dk, dv) only dk and dv (the Triton op launches one kernel each).
     """
     if accumulate is not None:
-        if len(accumulate) != 3 or (accumulate[1] is None) != (accumulate[2] is None) or all(t is None for t in accumulate):
-            raise ValueError("backward accumulate must be (dq, dk, dv), (dq, None, None) or (None, dk, dv)")
+        check_backward_parts(accumulate)
         grads = _attention_grads(dout, q, k, v, out, lse, delta, causal, softmax_scale, q_start, k_start, cu_seqlens,
                                  segment_ids, k_segment_ids, accumulate[0] is not None, accumulate[1] is not None)
         for acc, g in zip(accumulate, grads):
@@ -126,6 +125,13 @@ def attention_backward(
         return tuple(accumulate)
     return _attention_grads(dout, q, k, v, out, lse, delta, causal, softmax_scale, q_start, k_start, cu_seqlens,
                             segment_ids, k_segment_ids, True, True)
+
+
+def check_backward_parts(accumulate):
+    """A backward's accumulators name its parts: (dq, dk, dv), (dq, None, None) or (None, dk, dv)."""
+    if len(accumulate) != 3 or (accumulate[1] is None) != (accumulate[2] is None) or all(t is None for t in accumulate):
+        raise ValueError("backward accumulate must be (dq, dk, dv), (dq, None, None) or (None, dk, dv), got "
+                         f"{['None' if t is None else 'tensor' for t in accumulate]}")
 
 
 def _attention_grads(dout, q, k, v, out, lse, delta, causal, softmax_scale, q_start, k_start, cu_seqlens, segment_ids,

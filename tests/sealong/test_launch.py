@@ -44,12 +44,12 @@ def _descendants(pid):
     return out
 
 
-def _wait_for(condition, seconds, what):
+def _wait_for(condition, seconds, what, poll=0.2):
     deadline = time.monotonic() + seconds
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
+        time.sleep(poll)
 
 
 def _kill_and_check(launcher, victim, sig, workers):

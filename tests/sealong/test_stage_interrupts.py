@@ -80,10 +80,7 @@ def _interrupt(proc, ready, what, freeze=None):
     holds and continued (SIGCONT) a second after the SIGINT, once the launcher has forwarded it: the interrupt
     then lands mid-run however fast the machine is (a fast CI machine finished 4 prompts per rank within one
     0.2 s poll)."""
-    deadline = time.monotonic() + 300
-    while not (ready() or proc.poll() is not None):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
+    _wait_for(lambda: ready() or proc.poll() is not None, 300, what, poll=0.005)
     frozen = freeze(proc) if freeze is not None else []
     assert freeze is None or len(frozen) == 2 or proc.poll() is not None, frozen
     for pid in frozen:
